@@ -1,0 +1,1 @@
+"""Generated wire stubs (see proto/generate.py)."""
