@@ -1,0 +1,202 @@
+"""The experiment schema, shared by `fedcore simulate` and `fedcore server`.
+
+An experiment is a TOML file with the tables below; every key is optional, unknown keys are
+errors, and command-line flags override the file (`Experiment.override`).
+
+    [federation]  rounds, min_sites, sites_per_round, round_timeout, max_round_retries
+    [task]        name, model, local_epochs, batch_size, lr, weight_decay
+    [strategy]    name, proximal_mu, server_lr, beta_1, beta_2, tau
+    [data]        partition, seed
+    [simulation]  sites
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import ConfigError
+
+
+class StrategyName(enum.StrEnum):
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDADAGRAD = "fedadagrad"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 20
+    min_sites: int = 2
+    sites_per_round: int | None = None  # None: every connected site
+    round_timeout: float = 600.0  # seconds a round may take before late sites are dropped
+    max_round_retries: int = 3  # consecutive failed attempts at one round before the run stops
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "breast_cancer"
+    model: str | None = None  # None: the task's default model
+    local_epochs: int | None = None  # None: the task's default
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: StrategyName = StrategyName.FEDAVG
+    proximal_mu: float = 0.0  # FedProx's mu; only FedProx uses it
+    server_lr: float = 0.1  # FedOpt's eta
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3  # FedOpt's adaptivity
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    partition: str | None = None  # None: the task's default (dirichlet:0.5; natural for synthetic)
+    seed: int = 0  # the experiment seed: partitioning, initial model, sampling, training order
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    sites: int = 5
+
+
+@dataclass(frozen=True)
+class Experiment:
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    @property
+    def seed(self) -> int:
+        return self.data.seed
+
+    def override(self, **dotted: Any) -> Experiment:
+        """Copy with `section.key` values replaced; `None` values are ignored (flag not given)."""
+        sections: dict[str, dict[str, Any]] = {}
+        for path, value in dotted.items():
+            if value is None:
+                continue
+            section, _, key = path.partition("__")
+            sections.setdefault(section, {})[key] = value
+        raw = {s: {**_as_dict(getattr(self, s)), **v} for s, v in sections.items()}
+        return _build(raw, base=self, source="command line")
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Check a TOML value against a dataclass field's annotation (given as a string)."""
+    kind = str(kind)
+    optional = "None" in kind
+    if value is None and optional:
+        return None
+    base = kind.replace(" | None", "")
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if base == "StrategyName":
+        try:
+            return StrategyName(str(value).lower())
+        except ValueError:
+            choices = ", ".join(s.value for s in StrategyName)
+            raise ConfigError(f"{where} = {value!r} is not a strategy; choose one of: {choices}") from None
+    raise AssertionError(f"unhandled field type {kind}")
+
+
+def _build(raw: dict[str, Any], *, base: Experiment, source: str) -> Experiment:
+    sections = {f.name: f for f in fields(Experiment)}
+    built: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown table [{name}]; known tables: {', '.join(f'[{s}]' for s in sections)}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        current = getattr(base, name)
+        known = {f.name: f for f in fields(current)}
+        values = {}
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} in [{name}]; known keys: {', '.join(known)}"
+                )
+            values[key] = _coerce(value, known[key].type, f"{source}: [{name}] {key}")
+        built[name] = dataclasses.replace(current, **values)
+    experiment = dataclasses.replace(base, **built)
+    _validate(experiment, source)
+    return experiment
+
+
+def _validate(e: Experiment, source: str) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+    fed = e.federation
+    need(fed.rounds >= 1, f"[federation] rounds must be >= 1, got {fed.rounds}")
+    need(fed.min_sites >= 1, f"[federation] min_sites must be >= 1, got {fed.min_sites}")
+    need(
+        fed.sites_per_round is None or fed.sites_per_round >= fed.min_sites,
+        f"[federation] sites_per_round ({fed.sites_per_round}) must be >= min_sites ({fed.min_sites})",
+    )
+    need(fed.round_timeout > 0, "[federation] round_timeout must be > 0 seconds")
+    need(fed.max_round_retries >= 0, "[federation] max_round_retries must be >= 0")
+    t = e.task
+    need(t.local_epochs is None or t.local_epochs >= 1, "[task] local_epochs must be >= 1")
+    need(t.batch_size is None or t.batch_size >= 1, "[task] batch_size must be >= 1")
+    need(t.lr is None or t.lr > 0, "[task] lr must be > 0")
+    need(t.weight_decay is None or t.weight_decay >= 0, "[task] weight_decay must be >= 0")
+    need(e.strategy.proximal_mu >= 0, "[strategy] proximal_mu must be >= 0")
+    need(e.strategy.server_lr > 0, "[strategy] server_lr must be > 0")
+    need(0 <= e.strategy.beta_1 < 1 and 0 <= e.strategy.beta_2 < 1, "[strategy] betas must be in [0, 1)")
+    need(e.strategy.tau > 0, "[strategy] tau must be > 0")
+    need(e.simulation.sites >= 1, f"[simulation] sites must be >= 1, got {e.simulation.sites}")
+    need(
+        e.simulation.sites >= fed.min_sites,
+        f"[simulation] sites ({e.simulation.sites}) must be >= [federation] min_sites ({fed.min_sites})",
+    )
+    from fedcore.tasks.partition import parse_partition  # late: tasks import config
+
+    if e.data.partition is not None:
+        try:
+            parse_partition(e.data.partition)
+        except ValueError as err:
+            raise ConfigError(f"{source}: [data] partition: {err}") from None
+
+
+def load_experiment(path: str | Path | None = None) -> Experiment:
+    """The experiment in `path` (TOML), or the defaults when no path is given."""
+    if path is None:
+        return _build({}, base=Experiment(), source="defaults")
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    return _build(raw, base=Experiment(), source=str(path))

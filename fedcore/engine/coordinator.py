@@ -1,0 +1,209 @@
+"""The Coordinator: one run's round state machine, transport-agnostic.
+
+Per round: wait for enough sites, sample, send the fit instruction with a deadline, fold
+replies into the aggregation stage as they arrive, apply the strategy, evaluate (on the
+server's held-out split, else federated), record. A round with fewer than `min_sites`
+replies is retried; a site that vanishes or misses the deadline is data for the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedcore.aggregation import AggregationStage, WeightedMean
+from fedcore.config import Experiment
+from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
+from fedcore.engine.records import RoundRecord, RoundStore
+from fedcore.engine.transport import Transport
+from fedcore.errors import FedcoreError, ProtocolError, SiteUnavailable
+from fedcore.seeding import derive_seed, rng
+from fedcore.strategies import Strategy, build_strategy
+from fedcore.tasks import Dataset, Task
+from fedcore.tensors import Arrays
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(FedcoreError):
+    """A round could not gather enough replies within its retries."""
+
+
+@dataclass
+class RunResult:
+    parameters: Arrays
+    records: list[RoundRecord]
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        experiment: Experiment,
+        task: Task,
+        transport: Transport,
+        store: RoundStore,
+        test_data: Dataset | None,
+        strategy: Strategy | None = None,
+        aggregation: AggregationStage | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        self.experiment = experiment
+        self.task = task
+        self.transport = transport
+        self.store = store
+        self.test_data = test_data
+        self.strategy = strategy or build_strategy(experiment.strategy)
+        self.aggregation = aggregation or WeightedMean()
+        self.on_round = on_round
+        self.parameters = task.initial_parameters(derive_seed(experiment.seed, "init"))
+        self.round = 0  # last completed round
+
+    async def run(self) -> RunResult:
+        """Run every round, then tell the sites the run is over."""
+        records = []
+        completed = False
+        try:
+            while self.round < self.experiment.federation.rounds:
+                records.append(await self._round_with_retries(self.round + 1))
+            completed = True
+            return RunResult(self.parameters, records)
+        finally:
+            reason = "run complete" if completed else "run stopped"
+            await asyncio.shield(self.transport.finish(completed=completed, reason=reason))
+
+    async def _round_with_retries(self, number: int) -> RoundRecord:
+        fed = self.experiment.federation
+        for attempt in range(1, fed.max_round_retries + 2):
+            record = await self._round(number, attempt)
+            if record is not None:
+                self.round = number
+                self.store.record(record, self.parameters)
+                if self.on_round:
+                    self.on_round(record)
+                return record
+        raise RoundFailed(
+            f"round {number} got fewer than {fed.min_sites} replies in {fed.max_round_retries + 1} attempts"
+        )
+
+    def _sample(self, number: int, attempt: int) -> list[str]:
+        available = sorted(self.transport.available())
+        k = self.experiment.federation.sites_per_round
+        if k is None or k >= len(available):
+            return available
+        chosen = rng(self.experiment.seed, "sample", number, attempt).choice(len(available), size=k, replace=False)
+        return sorted(available[i] for i in chosen)
+
+    def fit_config(self, number: int, site: str) -> Config:
+        t = self.experiment.task
+        defaults = self.task.defaults
+        return {
+            "local_epochs": t.local_epochs or defaults["local_epochs"],
+            "batch_size": t.batch_size or defaults["batch_size"],
+            "lr": t.lr or defaults["lr"],
+            "weight_decay": t.weight_decay if t.weight_decay is not None else defaults["weight_decay"],
+            "seed": derive_seed(self.experiment.seed, "train", number, site),
+            **self.strategy.fit_config(number),
+        }
+
+    async def _gather(
+        self, sites: list[str], instruction_for: Callable[[str], Instruction], on_reply: Callable[[Reply], None]
+    ) -> dict[str, str]:
+        """Send to every site; call `on_reply` for each good reply as it arrives; return the
+        dropped sites with reasons. Late sites are cancelled at the round's deadline."""
+        dropped: dict[str, str] = {}
+        tasks = {asyncio.ensure_future(self.transport.request(s, instruction_for(s))): s for s in sites}
+        try:
+            async with asyncio.timeout(self.experiment.federation.round_timeout):
+                for next_done in asyncio.as_completed(tasks):
+                    try:
+                        reply = await next_done
+                    except SiteUnavailable as err:
+                        # as_completed hides which task finished; the error names the site.
+                        dropped[err.site] = f"unavailable: {err.reason}"
+                        continue
+                    if reply.refusal is not None:
+                        dropped[reply.site] = f"refused: {reply.refusal}"
+                        continue
+                    try:
+                        on_reply(reply)
+                    except ProtocolError as err:
+                        dropped[reply.site] = f"bad reply: {err}"
+        except TimeoutError:
+            pass
+        finally:
+            for task, site in tasks.items():
+                if not task.done():
+                    task.cancel()
+                    dropped.setdefault(site, "missed the round deadline")
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return dropped
+
+    async def _round(self, number: int, attempt: int) -> RoundRecord | None:
+        fed = self.experiment.federation
+        await self.transport.wait_for_sites(fed.min_sites)
+        started = time.perf_counter()
+        sampled = self._sample(number, attempt)
+        accumulator = self.aggregation.start(self.parameters)
+        losses: list[tuple[float, int]] = []
+        replied: list[str] = []
+
+        def fold(reply: Reply) -> None:
+            if reply.update is None or reply.num_examples <= 0:
+                raise ProtocolError("fit reply without an update or examples")
+            accumulator.add(reply.update, float(reply.num_examples))
+            replied.append(reply.site)
+            if "train_loss" in reply.metrics:
+                losses.append((reply.metrics["train_loss"], reply.num_examples))
+
+        dropped = await self._gather(
+            sampled,
+            lambda s: Instruction(InstructionKind.FIT, number, self.parameters, self.fit_config(number, s)),
+            fold,
+        )
+        for site, reason in dropped.items():
+            log.info("round %d: dropped %s (%s)", number, site, reason)
+        if len(replied) < fed.min_sites:
+            log.warning(
+                "round %d attempt %d: %d of %d sites replied, need %d; retrying",
+                number, attempt, len(replied), len(sampled), fed.min_sites,
+            )
+            return None
+        aggregate = accumulator.result()
+        self.parameters = self.strategy.apply(self.parameters, aggregate.mean)
+        accuracy, loss, mode = await self._evaluate(number, sorted(replied))
+        return RoundRecord(
+            round=number,
+            sites=aggregate.count,
+            accuracy=accuracy,
+            loss=loss,
+            seconds=time.perf_counter() - started,
+            sampled=sampled,
+            dropped=dropped,
+            train_loss=_weighted(losses),
+            attempt=attempt,
+            evaluation=mode,
+        )
+
+    async def _evaluate(self, number: int, sites: list[str]) -> tuple[float | None, float | None, str]:
+        if self.test_data is not None:
+            result = await asyncio.to_thread(self.task.evaluate, self.parameters, self.test_data)
+            return result.accuracy, result.loss, "central"
+        accs: list[tuple[float, int]] = []
+        losses: list[tuple[float, int]] = []
+
+        def collect(reply: Reply) -> None:
+            accs.append((reply.metrics["accuracy"], reply.num_examples))
+            losses.append((reply.metrics["loss"], reply.num_examples))
+
+        instruction = Instruction(InstructionKind.EVALUATE, number, self.parameters)
+        await self._gather(sites, lambda s: instruction, collect)
+        return _weighted(accs), _weighted(losses), "federated"
+
+
+def _weighted(values: list[tuple[float, int]]) -> float | None:
+    total = sum(n for _, n in values)
+    return sum(v * n for v, n in values) / total if total else None

@@ -1,0 +1,103 @@
+"""The Site runtime: what a data holder does with an instruction, whatever the transport."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from fedcore.aggregation import AggregationStage, WeightedMean
+from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
+from fedcore.errors import FedcoreError
+from fedcore.tasks import SiteData, Task, TrainSettings
+from fedcore.tensors import Arrays, check_finite, check_like
+
+log = logging.getLogger(__name__)
+
+
+class Site:
+    """Checks an instruction, trains or evaluates the task on the site's data, and encodes
+    its update through the aggregation stage. Synchronous: transports run it off their
+    event loop."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        task: Task,
+        data: SiteData,
+        aggregation: AggregationStage | None = None,
+    ) -> None:
+        self.name = name
+        self.task = task
+        self.data = data
+        self.aggregation = aggregation or WeightedMean()
+        self._template = task.initial_parameters(0)  # names, shapes and dtypes only
+
+    def handle(self, instruction: Instruction) -> Reply:
+        try:
+            check_like(instruction.parameters, self._template)
+            check_finite(instruction.parameters)
+            if instruction.kind is InstructionKind.FIT:
+                return self._fit(instruction)
+            return self._evaluate(instruction)
+        except (FedcoreError, ValueError) as err:
+            log.warning("site %s refused round %d: %s", self.name, instruction.round, err)
+            return Reply(self.name, instruction.kind, instruction.round, refusal=str(err))
+
+    def _fit(self, instruction: Instruction) -> Reply:
+        settings = train_settings(instruction.config)
+        outcome = self.task.fit(instruction.parameters, self.data, settings)
+        update = delta(outcome.parameters, instruction.parameters)
+        encoded = self.aggregation.encode(update, float(outcome.num_examples))
+        return Reply(
+            site=self.name,
+            kind=InstructionKind.FIT,
+            round=instruction.round,
+            num_examples=outcome.num_examples,
+            update=encoded,
+            metrics=dict(outcome.metrics),
+        )
+
+    def _evaluate(self, instruction: Instruction) -> Reply:
+        data = self.data.test if self.data.test is not None else self.data.train
+        result = self.task.evaluate(instruction.parameters, data)
+        return Reply(
+            site=self.name,
+            kind=InstructionKind.EVALUATE,
+            round=instruction.round,
+            num_examples=result.num_examples,
+            metrics={"loss": result.loss, "accuracy": result.accuracy},
+        )
+
+
+def delta(new: Arrays, old: Arrays) -> Arrays:
+    """new - old, in the parameters' own dtype (float updates only)."""
+    return {k: np.subtract(new[k], old[k], dtype=old[k].dtype) for k in old}
+
+
+def train_settings(config: Config) -> TrainSettings:
+    """TrainSettings from an instruction's config; ValueError names a missing or bad key."""
+
+    def get(key: str, kind: type, default: Any = None) -> Any:
+        value = config.get(key, default)
+        if value is None:
+            raise ValueError(f"instruction lacks {key!r}")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"instruction's {key!r} must be {kind.__name__}, got {value!r}")
+        return value
+
+    settings = TrainSettings(
+        local_epochs=get("local_epochs", int),
+        batch_size=get("batch_size", int),
+        lr=get("lr", float),
+        seed=get("seed", int),
+        proximal_mu=get("proximal_mu", float, 0.0),
+        weight_decay=get("weight_decay", float, 0.0),
+    )
+    if settings.local_epochs < 1 or settings.batch_size < 1 or not settings.lr > 0 or min(settings.proximal_mu, settings.weight_decay) < 0:
+        raise ValueError(f"instruction's training settings are out of range: {settings}")
+    return settings

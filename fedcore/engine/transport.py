@@ -1,0 +1,27 @@
+"""The Coordinator talks to sites only through a Transport: gRPC in a deployment,
+in-process in a simulation. The round code is the same for both."""
+
+from __future__ import annotations
+
+import abc
+
+from fedcore.engine.messages import Instruction, Reply
+
+
+class Transport(abc.ABC):
+    @abc.abstractmethod
+    async def wait_for_sites(self, count: int) -> None:
+        """Return once at least `count` sites are available (no polling sleeps)."""
+
+    @abc.abstractmethod
+    def available(self) -> list[str]:
+        """Names of the sites that can take work now."""
+
+    @abc.abstractmethod
+    async def request(self, site: str, instruction: Instruction) -> Reply:
+        """Send `instruction` to `site` and await its reply. Raises SiteUnavailable when the
+        site is gone; the caller bounds the wait with the round's deadline (cancellation)."""
+
+    @abc.abstractmethod
+    async def finish(self, *, completed: bool, reason: str) -> None:
+        """Tell every site the run is over."""

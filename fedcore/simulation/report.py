@@ -1,0 +1,38 @@
+"""What a person looks at after a run: report.png, summary.json and a table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedcore.engine import RoundRecord
+
+
+def plot_report(records: Sequence[RoundRecord], path: Path, *, title: str) -> None:
+    """Accuracy and loss of the global model per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round for r in records]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    acc_ax.plot(rounds, [r.accuracy for r in records], marker="o", markersize=3)
+    acc_ax.set(xlabel="round", ylabel="accuracy", title="global model accuracy", ylim=(0, 1.02))
+    loss_ax.plot(rounds, [r.loss for r in records], marker="o", markersize=3, label="test loss")
+    if any(r.train_loss is not None for r in records):
+        loss_ax.plot(rounds, [r.train_loss for r in records], marker=".", alpha=0.7, label="sites' train loss")
+    loss_ax.set(xlabel="round", ylabel="loss", title="loss")
+    loss_ax.legend()
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2) + "\n")

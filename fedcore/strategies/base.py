@@ -1,0 +1,31 @@
+"""Server-side strategies: the math applied to the aggregate of the sites' updates.
+
+A strategy sees only the weighted mean of the sites' updates (update = site's parameters
+after local training - global parameters), never one site's update, so every strategy here
+composes with secure aggregation. A strategy that needs individual updates (a robust
+aggregator) must set `needs_individual_updates`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+from fedcore.tensors import Arrays
+
+
+class Strategy(abc.ABC):
+    name: ClassVar[str]
+    needs_individual_updates: ClassVar[bool] = False
+
+    def fit_config(self, round_number: int) -> dict[str, Any]:
+        """Extra settings sent to the sites with the round (e.g. FedProx's mu)."""
+        return {}
+
+    @abc.abstractmethod
+    def apply(self, current: Arrays, mean_update: Arrays) -> Arrays:
+        """The next global model from the current one and the sites' mean update."""
+
+    def state(self) -> dict[str, Arrays]:
+        """Optimizer state to checkpoint with the model (empty when stateless)."""
+        return {}

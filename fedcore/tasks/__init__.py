@@ -1,0 +1,68 @@
+"""Learning tasks: the Task contract, built-in tasks and partitioners."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedcore.tasks.base import (
+    Dataset,
+    Evaluation,
+    FitOutcome,
+    SiteData,
+    Task,
+    TaskSpec,
+    TrainSettings,
+)
+from fedcore.tasks.breast_cancer import BreastCancer
+from fedcore.tasks.digits import Digits
+from fedcore.tasks.synthetic import Synthetic
+
+TaskFactory = Callable[[str, str | None], Task]
+
+
+def _synthetic(arg: str, model: str | None) -> Task:
+    if not arg:
+        return Synthetic(model)
+    try:
+        alpha, beta = (float(v) for v in arg.split(","))
+    except ValueError:
+        raise ValueError(f"bad task 'synthetic:{arg}'; expected synthetic:ALPHA,BETA, e.g. synthetic:1,1") from None
+    return Synthetic(model, alpha=alpha, beta=beta)
+
+
+_REGISTRY: dict[str, TaskFactory] = {
+    "breast_cancer": lambda arg, model: BreastCancer(model),
+    "digits": lambda arg, model: Digits(model),
+    "synthetic": _synthetic,
+}
+
+
+def register_task(name: str, factory: TaskFactory) -> None:
+    """Install a task under `name`; `factory(argument after ':', model)` builds it."""
+    _REGISTRY[name] = factory
+
+
+def build_task(name: str, model: str | None = None) -> Task:
+    """The task called `name` (`NAME` or `NAME:ARGUMENT`); ValueError lists what is installed."""
+    base, _, arg = name.partition(":")
+    if base not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; installed tasks: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[base](arg, model)
+
+
+def default_partition(task: Task) -> str:
+    return str(getattr(task, "default_partition", "dirichlet:0.5"))
+
+
+__all__ = [
+    "Dataset",
+    "Evaluation",
+    "FitOutcome",
+    "SiteData",
+    "Task",
+    "TaskSpec",
+    "TrainSettings",
+    "build_task",
+    "default_partition",
+    "register_task",
+]

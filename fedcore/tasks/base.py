@@ -1,0 +1,131 @@
+"""The Task contract: what a site and the server must know about a learning problem.
+
+No code travels over the network: a site runs only tasks installed on it, and the job names
+one. A task builds the model (as named numpy arrays, the framework's currency), loads a
+site's data, trains for a round and evaluates. Everything is seeded by the caller.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedcore.tensors import Arrays
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One round of local work, as the server asks for it (the site may lower, never raise)."""
+
+    local_epochs: int
+    batch_size: int
+    lr: float
+    seed: int  # derived from (experiment seed, round, site): data order
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the local loss
+    weight_decay: float = 0.0  # L2 penalty on the local objective
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled data set held in memory."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"{len(self.x)} inputs but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: np.ndarray) -> Dataset:
+        return Dataset(self.x[index], self.y[index])
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """What one site trains on and, for federated evaluation, evaluates on."""
+
+    train: Dataset
+    test: Dataset | None = None
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    parameters: Arrays
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the server tells sites about the run's task (sent in the Welcome message)."""
+
+    name: str
+    model: str
+    partition: str
+    seed: int
+    partitions: int  # how many parts `builtin:K/N` data is cut into when N is not given
+
+    def as_config(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("model", "partition", "seed", "partitions")}
+
+
+class Task(abc.ABC):
+    """A learning problem. Subclasses set `name`, `models` (the first is the default) and
+    `defaults` (local_epochs, batch_size, lr, weight_decay)."""
+
+    name: str
+    models: tuple[str, ...]
+    defaults: dict[str, Any]
+
+    def __init__(self, model: str | None = None) -> None:
+        model = model or self.models[0]
+        if model not in self.models:
+            raise ValueError(f"task {self.name!r} has no model {model!r}; choose one of {list(self.models)}")
+        self.model = model
+
+    @abc.abstractmethod
+    def initial_parameters(self, seed: int) -> Arrays:
+        """The global model before round 1."""
+
+    @abc.abstractmethod
+    def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
+        """Load a site's data. `builtin:K/N` is part K (1-based) of N of the bundled data,
+        split by `partition` with `seed`; other URIs are task-specific (e.g. a CSV path)."""
+
+    @abc.abstractmethod
+    def test_data(self, *, seed: int, partitions: int) -> Dataset | None:
+        """The server's held-out split for the global model, or None (federated evaluation)."""
+
+    @abc.abstractmethod
+    def fit(self, parameters: Arrays, data: SiteData, settings: TrainSettings) -> FitOutcome:
+        """Train from `parameters` on the site's data; return the new parameters."""
+
+    @abc.abstractmethod
+    def evaluate(self, parameters: Arrays, data: Dataset) -> Evaluation:
+        """Loss and accuracy of `parameters` on `data`."""
+
+
+def parse_builtin_uri(uri: str, partitions: int) -> tuple[int, int]:
+    """`builtin:K/N` (or `builtin:K`, N = `partitions`) -> (K - 1, N); ValueError if malformed."""
+    body = uri.removeprefix("builtin:")
+    part, _, total = body.partition("/")
+    try:
+        k, n = int(part), int(total) if total else partitions
+    except ValueError:
+        raise ValueError(f"bad data URI {uri!r}; expected builtin:K/N, e.g. builtin:1/3") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"bad data URI {uri!r}: K must be in 1..N")
+    return k - 1, n

@@ -1,0 +1,53 @@
+"""Tasks on a data set bundled with a dependency: a fixed held-out test split for the
+server, the rest partitioned across sites."""
+
+from __future__ import annotations
+
+import abc
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from fedcore.seeding import rng
+from fedcore.tasks.base import Dataset, SiteData, parse_builtin_uri
+from fedcore.tasks.partition import parse_partition, split_indices
+from fedcore.tasks.torch_task import TorchClassifierTask
+
+TEST_FRACTION = 0.2
+_SPLIT_SEED = 20240229  # the test split belongs to the task, not to an experiment
+
+
+class BundledTask(TorchClassifierTask):
+    @abc.abstractmethod
+    def load_bundled(self) -> Dataset:
+        """The whole bundled data set, preprocessed."""
+
+    @cached_property
+    def _split(self) -> tuple[Dataset, Dataset]:
+        data = self.load_bundled()
+        # Stratified: the same fraction of each class is held out.
+        generator = np.random.default_rng(_SPLIT_SEED)
+        test = np.concatenate(
+            [
+                generator.permutation(idx)[: round(TEST_FRACTION * len(idx))]
+                for idx in (np.flatnonzero(data.y == c) for c in np.unique(data.y))
+            ]
+        )
+        mask = np.zeros(len(data), dtype=bool)
+        mask[test] = True
+        return data.subset(np.flatnonzero(~mask)), data.subset(np.sort(test))
+
+    def test_data(self, *, seed: int, partitions: int) -> Dataset:
+        return self._split[1]
+
+    def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
+        if uri.startswith("builtin:"):
+            k, n = parse_builtin_uri(uri, partitions)
+            train = self._split[0]
+            parts = split_indices(train.y, n, parse_partition(partition), rng(seed, "partition", n))
+            return SiteData(train=train.subset(parts[k]))
+        return SiteData(train=self.load_file(Path(uri)))
+
+    def load_file(self, path: Path) -> Dataset:
+        raise ValueError(f"task {self.name!r} reads only builtin:K/N data, not {path}")

@@ -1,0 +1,158 @@
+"""Named arrays <-> wire payloads: raw little-endian bytes with dtype and shape, chunked.
+
+A payload is a header (`Payload`: one `TensorSpec` per array, in order, and the total byte
+count) followed by the arrays' bytes concatenated and cut into chunks of at most
+`CHUNK_BYTES`, so a model of any size crosses without nearing gRPC's message limits.
+No pickle: only the dtypes listed in `DTYPES` are accepted, and decoding checks sizes,
+shapes and (for floats) finiteness before anything is handed on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+
+from fedcore.errors import ProtocolError
+from fedcore.proto.v1 import federation_pb2 as pb
+
+Arrays = dict[str, np.ndarray]
+
+CHUNK_BYTES = 1 << 20
+MAX_TENSORS = 100_000
+
+DTYPES: dict[np.dtype, int] = {
+    np.dtype("<f2"): pb.DTYPE_FLOAT16,
+    np.dtype("<f4"): pb.DTYPE_FLOAT32,
+    np.dtype("<f8"): pb.DTYPE_FLOAT64,
+    np.dtype("i1"): pb.DTYPE_INT8,
+    np.dtype("<i2"): pb.DTYPE_INT16,
+    np.dtype("<i4"): pb.DTYPE_INT32,
+    np.dtype("<i8"): pb.DTYPE_INT64,
+    np.dtype("u1"): pb.DTYPE_UINT8,
+    np.dtype("<u2"): pb.DTYPE_UINT16,
+    np.dtype("<u4"): pb.DTYPE_UINT32,
+    np.dtype("<u8"): pb.DTYPE_UINT64,
+    np.dtype("?"): pb.DTYPE_BOOL,
+}
+_BY_CODE = {code: dtype for dtype, code in DTYPES.items()}
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    if dtype not in DTYPES:
+        raise ProtocolError(f"dtype {array.dtype} cannot travel; supported: {sorted(map(str, DTYPES))}")
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def encode(arrays: Mapping[str, np.ndarray]) -> tuple[pb.Payload, list[memoryview]]:
+    """Header and byte views of `arrays` (no copy for contiguous little-endian input)."""
+    header = pb.Payload()
+    views: list[memoryview] = []
+    total = 0
+    for name, array in arrays.items():
+        array = _little_endian(np.asarray(array))
+        header.tensors.append(pb.TensorSpec(name=name, dtype=DTYPES[array.dtype], shape=array.shape))
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        views.append(view)
+        total += view.nbytes
+    header.total_bytes = total
+    return header, views
+
+
+def chunks(views: Iterable[memoryview], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Cut the concatenation of `views` into pieces of at most `size` bytes."""
+    buffer = bytearray()
+    for view in views:
+        start = 0
+        while start < view.nbytes:
+            take = min(size - len(buffer), view.nbytes - start)
+            if not buffer and take == size:  # whole chunk straight from the array
+                yield bytes(view[start : start + take])
+            else:
+                buffer += view[start : start + take]
+                if len(buffer) == size:
+                    yield bytes(buffer)
+                    buffer.clear()
+            start += take
+    if buffer:
+        yield bytes(buffer)
+
+
+def expected_bytes(header: pb.Payload) -> int:
+    """Byte count the header's specs imply; raises if the header is malformed."""
+    if len(header.tensors) > MAX_TENSORS:
+        raise ProtocolError(f"payload names {len(header.tensors)} tensors (limit {MAX_TENSORS})")
+    total = 0
+    names = set()
+    for spec in header.tensors:
+        if spec.dtype not in _BY_CODE:
+            raise ProtocolError(f"tensor {spec.name!r} has unknown dtype code {spec.dtype}")
+        if any(d < 0 for d in spec.shape):
+            raise ProtocolError(f"tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
+        if spec.name in names:
+            raise ProtocolError(f"tensor name {spec.name!r} appears twice")
+        names.add(spec.name)
+        total += int(np.prod(spec.shape, dtype=np.int64)) * _BY_CODE[spec.dtype].itemsize
+    if total != header.total_bytes:
+        raise ProtocolError(f"payload header says {header.total_bytes} bytes, its tensors need {total}")
+    return total
+
+
+def decode(header: pb.Payload, data: bytes | bytearray | memoryview) -> Arrays:
+    """Arrays from a header and the concatenated bytes; checks every size. Zero-copy views."""
+    if len(data) != expected_bytes(header):
+        raise ProtocolError(f"payload carried {len(data)} bytes, header says {header.total_bytes}")
+    arrays: Arrays = {}
+    offset = 0
+    for spec in header.tensors:
+        dtype = _BY_CODE[spec.dtype]
+        count = int(np.prod(spec.shape, dtype=np.int64))
+        flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+        arrays[spec.name] = flat.reshape(tuple(spec.shape))
+        offset += count * dtype.itemsize
+    return arrays
+
+
+class PayloadAssembler:
+    """Collects the chunks that follow a header, refusing more bytes than announced."""
+
+    def __init__(self, header: pb.Payload) -> None:
+        self.header = header
+        self._size = expected_bytes(header)
+        self._buffer = bytearray()
+
+    @property
+    def complete(self) -> bool:
+        return len(self._buffer) == self._size
+
+    def add(self, chunk: bytes) -> None:
+        if len(self._buffer) + len(chunk) > self._size:
+            raise ProtocolError(f"more payload bytes than the announced {self._size}")
+        self._buffer += chunk
+
+    def arrays(self) -> Arrays:
+        if not self.complete:
+            raise ProtocolError(f"payload incomplete: {len(self._buffer)} of {self._size} bytes")
+        return decode(self.header, self._buffer)
+
+
+def check_finite(arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise ProtocolError if any float array holds NaN or infinity."""
+    for name, array in arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ProtocolError(f"tensor {name!r} holds non-finite values")
+
+
+def check_like(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
+    """Raise ProtocolError unless `arrays` has exactly the names, shapes and dtypes of `reference`."""
+    if list(arrays) != list(reference):
+        missing = sorted(set(reference) - set(arrays))
+        extra = sorted(set(arrays) - set(reference))
+        raise ProtocolError(f"tensor names differ from the model's (missing {missing}, unexpected {extra})")
+    for name, ref in reference.items():
+        got = arrays[name]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise ProtocolError(
+                f"tensor {name!r} is {got.dtype}{list(got.shape)}, the model needs {ref.dtype}{list(ref.shape)}"
+            )
