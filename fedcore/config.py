@@ -172,7 +172,10 @@ def _validate(e: Experiment, source: str) -> None:
     need(t.weight_decay is None or t.weight_decay >= 0, "[task] weight_decay must be >= 0")
     need(e.strategy.proximal_mu >= 0, "[strategy] proximal_mu must be >= 0")
     need(e.strategy.server_lr > 0, "[strategy] server_lr must be > 0")
-    need(0 <= e.strategy.beta_1 < 1 and 0 <= e.strategy.beta_2 < 1, "[strategy] betas must be in [0, 1)")
+    need(
+        0 <= e.strategy.beta_1 < 1 and 0 <= e.strategy.beta_2 < 1,
+        "[strategy] betas must be in [0, 1)",
+    )
     need(e.strategy.tau > 0, "[strategy] tau must be > 0")
     need(e.simulation.sites >= 1, f"[simulation] sites must be >= 1, got {e.simulation.sites}")
     need(

@@ -94,7 +94,9 @@ class Coordinator:
         k = self.experiment.federation.sites_per_round
         if k is None or k >= len(available):
             return available
-        chosen = rng(self.experiment.seed, "sample", number, attempt).choice(len(available), size=k, replace=False)
+        chosen = rng(self.experiment.seed, "sample", number, attempt).choice(
+            len(available), size=k, replace=False
+        )
         return sorted(available[i] for i in chosen)
 
     def fit_config(self, number: int, site: str) -> Config:
@@ -110,7 +112,10 @@ class Coordinator:
         }
 
     async def _gather(
-        self, sites: list[str], instruction_for: Callable[[str], Instruction], on_reply: Callable[[Reply], None]
+        self,
+        sites: list[str],
+        instruction_for: Callable[[str], Instruction],
+        on_reply: Callable[[Reply], None],
     ) -> dict[str, str]:
         """Send to every site; call `on_reply` for each good reply as it arrives; return the
         dropped sites with reasons. Late sites are cancelled at the round's deadline."""
@@ -169,7 +174,11 @@ class Coordinator:
         if len(replied) < fed.min_sites:
             log.warning(
                 "round %d attempt %d: %d of %d sites replied, need %d; retrying",
-                number, attempt, len(replied), len(sampled), fed.min_sites,
+                number,
+                attempt,
+                len(replied),
+                len(sampled),
+                fed.min_sites,
             )
             return None
         aggregate = accumulator.result()

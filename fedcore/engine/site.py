@@ -98,6 +98,11 @@ def train_settings(config: Config) -> TrainSettings:
         proximal_mu=get("proximal_mu", float, 0.0),
         weight_decay=get("weight_decay", float, 0.0),
     )
-    if settings.local_epochs < 1 or settings.batch_size < 1 or not settings.lr > 0 or min(settings.proximal_mu, settings.weight_decay) < 0:
+    if (
+        settings.local_epochs < 1
+        or settings.batch_size < 1
+        or not settings.lr > 0
+        or min(settings.proximal_mu, settings.weight_decay) < 0
+    ):
         raise ValueError(f"instruction's training settings are out of range: {settings}")
     return settings

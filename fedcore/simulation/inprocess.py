@@ -36,7 +36,9 @@ class InProcessTransport(Transport):
     async def request(self, site: str, instruction: Instruction) -> Reply:
         if site not in self._names:
             raise SiteUnavailable(site, "no such site")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._handle, site, instruction)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._handle, site, instruction
+        )
 
     async def finish(self, *, completed: bool, reason: str) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -23,7 +23,13 @@ def plot_report(records: Sequence[RoundRecord], path: Path, *, title: str) -> No
     acc_ax.set(xlabel="round", ylabel="accuracy", title="global model accuracy", ylim=(0, 1.02))
     loss_ax.plot(rounds, [r.loss for r in records], marker="o", markersize=3, label="test loss")
     if any(r.train_loss is not None for r in records):
-        loss_ax.plot(rounds, [r.train_loss for r in records], marker=".", alpha=0.7, label="sites' train loss")
+        loss_ax.plot(
+            rounds,
+            [r.train_loss for r in records],
+            marker=".",
+            alpha=0.7,
+            label="sites' train loss",
+        )
     loss_ax.set(xlabel="round", ylabel="loss", title="loss")
     loss_ax.legend()
     for ax in (acc_ax, loss_ax):

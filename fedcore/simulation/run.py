@@ -76,5 +76,9 @@ def run_simulation(
     }
     if out is not None:
         write_summary(out / "summary.json", summary)
-        plot_report(result.records, out / "report.png", title=f"{experiment.task.name}: {n} sites, {summary['strategy']}")
+        plot_report(
+            result.records,
+            out / "report.png",
+            title=f"{experiment.task.name}: {n} sites, {summary['strategy']}",
+        )
     return result, summary

@@ -9,7 +9,12 @@ from fedcore.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 
 
 def build_strategy(config: StrategyConfig) -> Strategy:
-    fedopt = {"server_lr": config.server_lr, "beta_1": config.beta_1, "beta_2": config.beta_2, "tau": config.tau}
+    fedopt = {
+        "server_lr": config.server_lr,
+        "beta_1": config.beta_1,
+        "beta_2": config.beta_2,
+        "tau": config.tau,
+    }
     match config.name:
         case StrategyName.FEDAVG:
             return FedAvg()
@@ -23,4 +28,13 @@ def build_strategy(config: StrategyConfig) -> Strategy:
             return FedYogi(**fedopt)
 
 
-__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedOpt", "FedProx", "FedYogi", "Strategy", "build_strategy"]
+__all__ = [
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedOpt",
+    "FedProx",
+    "FedYogi",
+    "Strategy",
+    "build_strategy",
+]

@@ -26,7 +26,9 @@ def _synthetic(arg: str, model: str | None) -> Task:
     try:
         alpha, beta = (float(v) for v in arg.split(","))
     except ValueError:
-        raise ValueError(f"bad task 'synthetic:{arg}'; expected synthetic:ALPHA,BETA, e.g. synthetic:1,1") from None
+        raise ValueError(
+            f"bad task 'synthetic:{arg}'; expected synthetic:ALPHA,BETA, e.g. synthetic:1,1"
+        ) from None
     return Synthetic(model, alpha=alpha, beta=beta)
 
 

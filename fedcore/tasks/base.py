@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -86,9 +86,9 @@ class Task(abc.ABC):
     """A learning problem. Subclasses set `name`, `models` (the first is the default) and
     `defaults` (local_epochs, batch_size, lr, weight_decay)."""
 
-    name: str
-    models: tuple[str, ...]
-    defaults: dict[str, Any]
+    name: ClassVar[str]
+    models: ClassVar[tuple[str, ...]]
+    defaults: ClassVar[dict[str, Any]]
 
     def __init__(self, model: str | None = None) -> None:
         model = model or self.models[0]

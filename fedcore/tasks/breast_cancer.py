@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.datasets import load_breast_cancer
@@ -19,7 +20,12 @@ FEATURES = 30
 class BreastCancer(BundledTask):
     name = "breast_cancer"
     models = ("logreg", "mlp")
-    defaults = {"local_epochs": 5, "batch_size": 16, "lr": 0.2, "weight_decay": 0.01}
+    defaults: ClassVar[dict[str, Any]] = {
+        "local_epochs": 5,
+        "batch_size": 16,
+        "lr": 0.2,
+        "weight_decay": 0.01,
+    }
 
     @cached_property
     def _scaling(self) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +56,9 @@ class BreastCancer(BundledTask):
             skip = 1
         table = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
         if table.shape[1] != FEATURES + 1:
-            raise ValueError(f"{path}: expected {FEATURES + 1} columns (30 features, label), got {table.shape[1]}")
+            raise ValueError(
+                f"{path}: expected {FEATURES + 1} columns (30 features, label), got {table.shape[1]}"
+            )
         labels = table[:, -1]
         if not np.isin(labels, (0, 1)).all():
             raise ValueError(f"{path}: the last column must be 0 (malignant) or 1 (benign)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 from sklearn.datasets import load_digits
 from torch import nn
@@ -13,7 +15,7 @@ from fedcore.tasks.bundled import BundledTask
 class Digits(BundledTask):
     name = "digits"
     models = ("cnn",)
-    defaults = {"local_epochs": 3, "batch_size": 16, "lr": 0.1, "weight_decay": 0.0}
+    defaults: ClassVar[dict[str, Any]] = {"local_epochs": 3, "batch_size": 16, "lr": 0.1, "weight_decay": 0.0}
 
     def load_bundled(self) -> Dataset:
         bunch = load_digits()

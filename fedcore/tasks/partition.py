@@ -56,7 +56,12 @@ def parse_partition(text: str) -> Partition:
 
 
 def split_indices(
-    labels: np.ndarray, sites: int, partition: Partition, rng: np.random.Generator, *, min_size: int = 2
+    labels: np.ndarray,
+    sites: int,
+    partition: Partition,
+    rng: np.random.Generator,
+    *,
+    min_size: int = 2,
 ) -> list[np.ndarray]:
     """Indices of `labels` for each of `sites` sites (sorted within each site)."""
     n = len(labels)
@@ -103,4 +108,6 @@ def _shards(labels: np.ndarray, sites: int, per_site: int, rng: np.random.Genera
     order = np.argsort(labels, kind="stable")
     shards = np.array_split(order, count)
     dealt = rng.permutation(count)
-    return [np.concatenate([shards[s] for s in dealt[i * per_site : (i + 1) * per_site]]) for i in range(sites)]
+    return [
+        np.concatenate([shards[s] for s in dealt[i * per_site : (i + 1) * per_site]]) for i in range(sites)
+    ]

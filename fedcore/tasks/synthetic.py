@@ -10,6 +10,8 @@ training; the server's test split pools the other 20% of the first TEST_DEVICES 
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 from torch import nn
 
@@ -27,10 +29,17 @@ _COV = np.arange(1, DIMENSION + 1, dtype=np.float64) ** -1.2
 class Synthetic(TorchClassifierTask):
     name = "synthetic"
     models = ("logreg",)
-    defaults = {"local_epochs": 20, "batch_size": 10, "lr": 0.01, "weight_decay": 0.0}
+    defaults: ClassVar[dict[str, Any]] = {
+        "local_epochs": 20,
+        "batch_size": 10,
+        "lr": 0.01,
+        "weight_decay": 0.0,
+    }
     default_partition = "natural"
 
-    def __init__(self, model: str | None = None, *, alpha: float = 1.0, beta: float = 1.0, **kw: object) -> None:
+    def __init__(
+        self, model: str | None = None, *, alpha: float = 1.0, beta: float = 1.0, **kw: object
+    ) -> None:
         super().__init__(model, **kw)  # type: ignore[arg-type]
         self.alpha, self.beta = alpha, beta
 
@@ -50,7 +59,9 @@ class Synthetic(TorchClassifierTask):
 
     def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
         if parse_partition(partition).kind is not PartitionKind.NATURAL:
-            raise ValueError(f"synthetic data has one device per site: use partition 'natural', not {partition!r}")
+            raise ValueError(
+                f"synthetic data has one device per site: use partition 'natural', not {partition!r}"
+            )
         if not uri.startswith("builtin:"):
             raise ValueError(f"task 'synthetic' generates its data: use --data builtin:K/N, not {uri!r}")
         k, _ = parse_builtin_uri(uri, partitions)

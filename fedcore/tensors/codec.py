@@ -9,6 +9,7 @@ shapes and (for floats) finiteness before anything is handed on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -42,7 +43,8 @@ def _little_endian(array: np.ndarray) -> np.ndarray:
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     if dtype not in DTYPES:
         raise ProtocolError(f"dtype {array.dtype} cannot travel; supported: {sorted(map(str, DTYPES))}")
-    return np.ascontiguousarray(array, dtype=dtype)
+    # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
+    return np.asarray(array, dtype=dtype, order="C")
 
 
 def encode(arrays: Mapping[str, np.ndarray]) -> tuple[pb.Payload, list[memoryview]]:
@@ -62,6 +64,8 @@ def encode(arrays: Mapping[str, np.ndarray]) -> tuple[pb.Payload, list[memoryvie
 
 def chunks(views: Iterable[memoryview], size: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Cut the concatenation of `views` into pieces of at most `size` bytes."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1 byte, got {size}")
     buffer = bytearray()
     for view in views:
         start = 0
@@ -93,7 +97,10 @@ def expected_bytes(header: pb.Payload) -> int:
         if spec.name in names:
             raise ProtocolError(f"tensor name {spec.name!r} appears twice")
         names.add(spec.name)
-        total += int(np.prod(spec.shape, dtype=np.int64)) * _BY_CODE[spec.dtype].itemsize
+        # Python ints: np.prod would wrap around silently on a hostile shape.
+        if math.prod(d for d in spec.shape if d) > np.iinfo(np.intp).max:
+            raise ProtocolError(f"tensor {spec.name!r} has an impossible shape {list(spec.shape)}")
+        total += math.prod(spec.shape) * _BY_CODE[spec.dtype].itemsize
     if total != header.total_bytes:
         raise ProtocolError(f"payload header says {header.total_bytes} bytes, its tensors need {total}")
     return total
@@ -107,7 +114,7 @@ def decode(header: pb.Payload, data: bytes | bytearray | memoryview) -> Arrays:
     offset = 0
     for spec in header.tensors:
         dtype = _BY_CODE[spec.dtype]
-        count = int(np.prod(spec.shape, dtype=np.int64))
+        count = math.prod(spec.shape)
         flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
         arrays[spec.name] = flat.reshape(tuple(spec.shape))
         offset += count * dtype.itemsize

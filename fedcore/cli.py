@@ -1,0 +1,273 @@
+"""The `fedcore` command: simulate | server | client | pki.
+
+Bad configuration or arguments exit with code 2 and one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from fedcore.config import Experiment, StrategyName, load_experiment
+from fedcore.errors import ConfigError, FedcoreError
+
+EXIT_CONFIG = 2
+EXIT_REJECTED = 3
+INSECURE_WARNING = "WARNING: --insecure: traffic is plaintext and sites are not authenticated; use only for local experiments"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"fedcore: error: {message} (see '{self.prog} --help')\n")
+
+
+def _experiment(args: argparse.Namespace) -> Experiment:
+    """The experiment file (or defaults) with the command line's flags on top."""
+    experiment = load_experiment(args.config)
+    return experiment.override(
+        task__name=args.task,
+        task__model=getattr(args, "model", None),
+        federation__rounds=args.rounds,
+        federation__min_sites=getattr(args, "min_sites", None),
+        federation__sites_per_round=getattr(args, "sites_per_round", None),
+        simulation__sites=getattr(args, "sites", None),
+        data__seed=args.seed,
+        data__partition=getattr(args, "partition", None),
+        strategy__name=getattr(args, "strategy", None),
+    )
+
+
+def _check_task(experiment: Experiment) -> None:
+    from fedcore.tasks import build_task
+
+    try:
+        build_task(experiment.task.name, experiment.task.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from fedcore.engine import RoundRecord
+    from fedcore.simulation import run_simulation
+
+    experiment = _experiment(args)
+    _check_task(experiment)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(
+            f"{experiment.task.name}, {experiment.simulation.sites} sites",
+            total=experiment.federation.rounds,
+            status="",
+        )
+
+        def on_round(record: RoundRecord) -> None:
+            status = f"accuracy {record.accuracy:.4f}  loss {record.loss:.4f}" if record.accuracy is not None else ""
+            progress.update(bar, advance=1, status=status)
+
+        try:
+            result, summary = run_simulation(experiment, out, device=args.device, on_round=on_round)
+        except ValueError as err:  # a task or partition that cannot serve this setup
+            raise ConfigError(str(err)) from None
+    table = Table(title=f"fedcore simulate: {summary['task']} ({summary['model']}), {summary['strategy']}")
+    table.add_column("round", justify="right")
+    table.add_column("sites", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("seconds", justify="right")
+    shown = result.records if len(result.records) <= 12 else [*result.records[:5], None, *result.records[-5:]]
+    for r in shown:
+        if r is None:
+            table.add_row("...", "", "", "", "")
+            continue
+        acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
+        loss = f"{r.loss:.4f}" if r.loss is not None else "-"
+        table.add_row(str(r.round), str(r.sites), acc, loss, f"{r.seconds:.2f}")
+    out_console = Console()
+    out_console.print(table)
+    out_console.print(
+        f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds "
+        f"in {summary['wall_seconds']:.1f} s; wrote {out}/metrics.jsonl, summary.json, report.png"
+    )
+    return 0
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _server(args: argparse.Namespace) -> int:
+    from fedcore.engine import RoundRecord
+    from fedcore.server.app import run_server
+
+    experiment = _experiment(args)
+    _check_task(experiment)
+    if args.insecure == (args.pki is not None):
+        raise ConfigError("give either --pki DIR (mutual TLS) or --insecure (plaintext, local experiments only)")
+    pki_dir = Path(args.pki) if args.pki else None
+    if pki_dir is not None and not (pki_dir / "server.crt").is_file():
+        raise ConfigError(f"{pki_dir} holds no server certificate; run `fedcore pki init {pki_dir} --host HOST`")
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    _logging(args.verbose)
+    log = logging.getLogger("fedcore.server")
+
+    def on_round(r: RoundRecord) -> None:
+        dropped = f", dropped {r.dropped}" if r.dropped else ""
+        log.info(
+            "round %d/%d: %d sites, accuracy %s, loss %s, %.2f s%s",
+            r.round,
+            experiment.federation.rounds,
+            r.sites,
+            f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
+            f"{r.loss:.4f}" if r.loss is not None else "-",
+            r.seconds,
+            dropped,
+        )
+
+    result = run_server(experiment, listen=args.listen, state=Path(args.state), pki_dir=pki_dir, on_round=on_round)
+    if result is None:
+        return 0  # stopped by a signal: a clean, requested shutdown
+    log.info("run complete: %d rounds; metrics in %s/metrics.jsonl", len(result.records), args.state)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from fedcore import pki
+    from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
+    from fedcore.tasks import build_task
+
+    if args.insecure == (args.pki is not None):
+        raise ConfigError("give either --pki KIT (this site's kit folder) or --insecure")
+    if args.insecure and not args.name:
+        raise ConfigError("--insecure needs --name NAME (with --pki the certificate names the site)")
+    try:
+        task = build_task(args.task, None)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if args.device:
+        task.device = args.device  # type: ignore[attr-defined]
+    tls = pki.site_files(Path(args.pki)) if args.pki else None
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    _logging(args.verbose)
+    settings = AgentSettings(
+        server=args.server,
+        task_name=args.task,
+        data_uri=args.data,
+        tls=tls,
+        site_name=args.name or "",
+        give_up_after=args.give_up_after,
+    )
+    outcome = asyncio.run(SiteAgent(settings, task).run())
+    logging.getLogger("fedcore.client").info("site agent finished: %s", outcome.value)
+    return {Outcome.COMPLETED: 0, Outcome.STOPPED: 0, Outcome.GAVE_UP: 1, Outcome.REJECTED: EXIT_REJECTED}[outcome]
+
+
+def _pki(args: argparse.Namespace) -> int:
+    from fedcore import pki
+
+    directory = Path(args.dir)
+    if args.pki_command == "init":
+        pki.init(directory, args.host)
+        print(f"created CA and server certificate for {', '.join(args.host)} in {directory}")
+    else:
+        kit = pki.add_site(directory, args.name)
+        print(f"wrote site kit {kit} (ca.crt, site.crt, site.key): hand this folder to the site")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedcore", description="Federated learning with secure aggregation and differential privacy.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def experiment_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--task", help="task name, e.g. breast_cancer, digits, synthetic")
+        p.add_argument("--model", help="the task's model (default: the task's first)")
+        p.add_argument("--rounds", type=int, help="number of rounds")
+        p.add_argument("--seed", type=int, help="experiment seed")
+        p.add_argument("--partition", help="iid, dirichlet:ALPHA, shards:K or natural")
+        p.add_argument("--strategy", type=str.lower, choices=[s.value for s in StrategyName])
+        p.add_argument("--sites-per-round", type=int, help="sites sampled per round (default: all)")
+
+    sim = sub.add_parser("simulate", help="run a federation of virtual sites on this machine")
+    sim.add_argument("config", nargs="?", help="experiment file (TOML); defaults: breast_cancer, 5 sites, 20 rounds")
+    experiment_flags(sim)
+    sim.add_argument("--sites", type=int, help="number of virtual sites")
+    sim.add_argument("--out", help="output directory (default: runs/simulate-TIMESTAMP)")
+    sim.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    sim.set_defaults(run=_simulate)
+
+    srv = sub.add_parser("server", help="run the aggregation server (the coordinator's process)")
+    srv.add_argument("--listen", required=True, help="HOST:PORT to listen on")
+    srv.add_argument("--pki", help="PKI directory from `fedcore pki init` (mutual TLS)")
+    srv.add_argument("--state", required=True, help="directory for metrics.jsonl and the model")
+    srv.add_argument("--config", help="experiment file (TOML)")
+    srv.add_argument("--min-sites", type=int, help="sites needed to start and to complete a round")
+    srv.add_argument("--insecure", action="store_true", help="plaintext, no site authentication")
+    srv.add_argument("-v", "--verbose", action="store_true")
+    experiment_flags(srv)
+    srv.set_defaults(run=_server)
+
+    cli = sub.add_parser("client", help="run a site's agent (dials out to the server)")
+    cli.add_argument("--server", required=True, help="HOST:PORT of the server")
+    cli.add_argument("--pki", help="this site's kit folder from `fedcore pki add-site`")
+    cli.add_argument("--task", required=True, help="the installed task this site trains")
+    cli.add_argument("--data", required=True, help="builtin:K/N (part K of N of the bundled data) or a CSV path")
+    cli.add_argument("--insecure", action="store_true", help="plaintext, no authentication")
+    cli.add_argument("--name", help="site name (only with --insecure)")
+    cli.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    cli.add_argument("--give-up-after", type=float, default=600.0, help="seconds without a server before exiting")
+    cli.add_argument("-v", "--verbose", action="store_true")
+    cli.set_defaults(run=_client)
+
+    p = sub.add_parser("pki", help="provision the federation's certificates")
+    psub = p.add_subparsers(dest="pki_command", required=True, parser_class=_Parser)
+    init = psub.add_parser("init", help="create the CA and the server's certificate")
+    init.add_argument("dir")
+    init.add_argument("--host", action="append", required=True, help="server host name or IP (repeatable)")
+    add = psub.add_parser("add-site", help="write a site kit DIR/sites/NAME")
+    add.add_argument("dir")
+    add.add_argument("name")
+    p.set_defaults(run=_pki)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except ConfigError as err:
+        print(f"fedcore: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FedcoreError as err:
+        print(f"fedcore: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

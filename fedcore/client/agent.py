@@ -1,0 +1,259 @@
+"""`fedcore client`: the site agent. Dials out to the server (a site accepts no inbound
+connection), holds one Session stream with heartbeats, trains what the server asks on the
+site's own data, and reconnects with exponential backoff when the connection drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from fedcore.engine import Instruction, Reply, Site
+from fedcore.errors import FedcoreError, ProtocolError
+from fedcore.pki import TlsFiles
+from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
+from fedcore.tasks import Task
+from fedcore.tensors import PayloadAssembler
+from fedcore.wire import (
+    KIND_TO_WIRE,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    config_from_wire,
+    config_to_wire,
+    kind_from_wire,
+    payload_messages,
+)
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"  # the server finished the run
+    STOPPED = "stopped"  # the server ended the run early
+    GAVE_UP = "gave up"  # no server for longer than `give_up_after`
+    REJECTED = "rejected"  # the server refused this site (wrong task, protocol, identity)
+
+
+@dataclass
+class AgentSettings:
+    server: str
+    task_name: str
+    data_uri: str
+    tls: TlsFiles | None  # None: plaintext (--insecure)
+    site_name: str = ""  # only sent on insecure connections
+    heartbeat_interval: float = 5.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    give_up_after: float = 600.0  # seconds without a working connection
+
+
+class _Rejected(FedcoreError):
+    pass
+
+
+class SiteAgent:
+    def __init__(self, settings: AgentSettings, task: Task) -> None:
+        self.settings = settings
+        self.task = task
+        self.site: Site | None = None
+        self._site_key: tuple[object, ...] | None = None
+        self.run_end: pb.RunEnd | None = None
+
+    def _channel(self) -> grpc.aio.Channel:
+        s = self.settings
+        if s.tls is None:
+            return grpc.aio.insecure_channel(s.server, options=CHANNEL_OPTIONS)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=s.tls.ca, private_key=s.tls.key, certificate_chain=s.tls.certificate
+        )
+        return grpc.aio.secure_channel(s.server, credentials, options=CHANNEL_OPTIONS)
+
+    async def run(self) -> Outcome:
+        """Connect, serve the run, reconnect on failure; return how the run ended for us."""
+        s = self.settings
+        delay = s.backoff_initial
+        last_contact = time.monotonic()
+        while True:
+            try:
+                async with self._channel() as channel:
+                    contacted = await self._session(channel)
+                if self.run_end is not None:
+                    return Outcome.COMPLETED if self.run_end.completed else Outcome.STOPPED
+                if contacted:
+                    delay, last_contact = s.backoff_initial, time.monotonic()
+            except _Rejected as err:
+                log.error("the server refused this site: %s", err)
+                return Outcome.REJECTED
+            except ProtocolError as err:
+                log.warning("the server broke the protocol: %s", err)
+            except grpc.aio.AioRpcError as err:
+                if err.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                ):
+                    log.error("the server refused this site: %s", err.details())
+                    return Outcome.REJECTED
+                log.warning("connection to %s failed: %s %s", s.server, err.code().name, err.details())
+            if time.monotonic() - last_contact > s.give_up_after:
+                log.error("no server at %s for %.0f s; giving up", s.server, s.give_up_after)
+                return Outcome.GAVE_UP
+            pause = delay * random.uniform(0.5, 1.0)
+            log.info("reconnecting in %.1f s", pause)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, s.backoff_max)
+
+    async def _session(self, channel: grpc.aio.Channel) -> bool:
+        """One stream from Hello to its end; True once the server welcomed us."""
+        stub = pb_grpc.FederationStub(channel)
+        call = stub.Session()
+        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, task=self.settings.task_name)
+        if self.settings.tls is None:
+            hello.site_name = self.settings.site_name
+        await call.write(pb.SiteMessage(hello=hello))
+        first = await call.read()
+        if first is grpc.aio.EOF:
+            await call.wait_for_connection()
+            raise ProtocolError("the server closed the stream before welcoming us")
+        if first.WhichOneof("body") == "run_end":
+            self.run_end = first.run_end
+            return True
+        if first.WhichOneof("body") != "welcome":
+            raise ProtocolError("the server's first message was not a Welcome")
+        self._prepare(first.welcome)
+        log.info("connected to %s as %s", self.settings.server, first.welcome.site_name)
+        outbound: asyncio.Queue[pb.SiteMessage] = asyncio.Queue(64)
+        work: asyncio.Queue[tuple[int, Instruction] | None] = asyncio.Queue(4)
+        tasks = [
+            asyncio.ensure_future(self._read(call, work)),
+            asyncio.ensure_future(self._work(work, outbound)),
+            asyncio.ensure_future(self._write(call, outbound)),
+            asyncio.ensure_future(self._heartbeat(outbound)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and (err := task.exception()) is not None and self.run_end is None:
+                    raise err
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            call.cancel()
+        return True
+
+    def _prepare(self, welcome: pb.Welcome) -> None:
+        """Load the site's data the way the run says (once per distinct run setup)."""
+        if welcome.task != self.settings.task_name:
+            raise _Rejected(
+                f"the server runs task {welcome.task!r}, this site has {self.settings.task_name!r}"
+            )
+        config = config_from_wire(welcome.task_config)
+        key = (welcome.task, *sorted(config.items()))
+        if self.site is not None and key == self._site_key:
+            return
+        try:
+            data = self.task.site_data(
+                self.settings.data_uri,
+                partition=str(config["partition"]),
+                seed=int(config["seed"]),
+                partitions=int(config["partitions"]),
+            )
+        except (KeyError, ValueError) as err:
+            raise _Rejected(f"cannot load data {self.settings.data_uri!r} for this run: {err}") from None
+        self.site = Site(name=welcome.site_name, task=self.task, data=data)
+        self._site_key = key
+        log.info("loaded %d training examples from %s", len(data.train), self.settings.data_uri)
+
+    async def _read(
+        self, call: grpc.aio.StreamStreamCall, work: asyncio.Queue[tuple[int, Instruction] | None]
+    ) -> None:
+        current: tuple[pb.Instruction, PayloadAssembler] | None = None
+        while (message := await call.read()) is not grpc.aio.EOF:
+            body = message.WhichOneof("body")
+            if body == "run_end":
+                self.run_end = message.run_end
+                log.info("run ended: %s", message.run_end.reason)
+                await work.put(None)
+                return
+            if body == "instruction":
+                if current is not None:
+                    raise ProtocolError("instruction began before the previous payload was complete")
+                current = (message.instruction, PayloadAssembler(message.instruction.payload))
+            elif body == "chunk" and current is not None:
+                current[1].add(message.chunk.data)
+            else:
+                raise ProtocolError(f"unexpected {body!r} message from the server")
+            if current is not None and current[1].complete:
+                ins, assembler = current
+                instruction = Instruction(
+                    kind=kind_from_wire(ins.kind),
+                    round=ins.round,
+                    parameters=assembler.arrays(),
+                    config=config_from_wire(ins.config),
+                )
+                await work.put((ins.request_id, instruction))
+                current = None
+
+    async def _work(
+        self,
+        work: asyncio.Queue[tuple[int, Instruction] | None],
+        outbound: asyncio.Queue[pb.SiteMessage],
+    ) -> None:
+        assert self.site is not None
+        while (item := await work.get()) is not None:
+            request_id, instruction = item
+            started = time.perf_counter()
+            reply = await asyncio.to_thread(self.site.handle, instruction)
+            log.info(
+                "round %d %s done in %.2f s%s",
+                instruction.round,
+                instruction.kind.value,
+                time.perf_counter() - started,
+                f" (refused: {reply.refusal})" if reply.refusal else "",
+            )
+            for message in reply_messages(reply, request_id):
+                await outbound.put(message)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, outbound: asyncio.Queue[pb.SiteMessage]) -> None:
+        while True:
+            await call.write(await outbound.get())
+
+    async def _heartbeat(self, outbound: asyncio.Queue[pb.SiteMessage]) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            await outbound.put(pb.SiteMessage(heartbeat=pb.Heartbeat()))
+
+
+def reply_messages(reply: Reply, request_id: int) -> list[pb.SiteMessage]:
+    result = pb.Result(
+        request_id=request_id,
+        round=reply.round,
+        kind=KIND_TO_WIRE[reply.kind],
+        num_examples=reply.num_examples,
+        refusal=reply.refusal or "",
+    )
+    config_to_wire(result.metrics, reply.metrics)
+    pieces: list[bytes] = []
+    if reply.update is not None and reply.refusal is None:
+        header, pieces = payload_messages(reply.update)
+        result.payload.CopyFrom(header)
+    return [
+        pb.SiteMessage(result=result),
+        *(pb.SiteMessage(chunk=pb.Chunk(data=p)) for p in pieces),
+    ]

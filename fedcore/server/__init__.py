@@ -1,0 +1,1 @@
+"""The coordinator's server: gRPC transport and the `fedcore server` process."""

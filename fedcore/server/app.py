@@ -1,0 +1,115 @@
+"""`fedcore server`: the coordinator's process. Serves the Federation service, runs the
+Coordinator's rounds over the gRPC transport, writes STATE/metrics.jsonl and the model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from fedcore import pki
+from fedcore.config import Experiment
+from fedcore.engine import Coordinator, DirectoryStore, RoundRecord, RunResult
+from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
+from fedcore.server.transport import GrpcTransport
+from fedcore.tasks import Task, TaskSpec, build_task, default_partition
+from fedcore.wire import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+# Sites ping every 10 s (see client.agent); allow it, and detect dead peers within ~30 s.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def task_spec(experiment: Experiment, task: Task) -> TaskSpec:
+    return TaskSpec(
+        name=experiment.task.name,
+        model=task.model,
+        partition=experiment.data.partition or default_partition(task),
+        seed=experiment.seed,
+        partitions=experiment.simulation.sites,
+    )
+
+
+async def serve(
+    experiment: Experiment,
+    *,
+    listen: str,
+    state: Path,
+    pki_dir: Path | None,
+    task: Task | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    on_listening: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Run the federation until every round is done (or the task is cancelled)."""
+    task = task or build_task(experiment.task.name, experiment.task.model)
+    model_bytes = sum(a.nbytes for a in task.initial_parameters(0).values())
+    transport = GrpcTransport(
+        spec=task_spec(experiment, task),
+        run_id=uuid.uuid4().hex,
+        max_payload_bytes=4 * model_bytes + (1 << 20),
+        mutual_tls=pki_dir is not None,
+    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_FederationServicer_to_server(transport, server)
+    if pki_dir is None:
+        port = server.add_insecure_port(listen)
+    else:
+        files = pki.server_files(pki_dir)
+        credentials = grpc.ssl_server_credentials(
+            [(files.key, files.certificate)], root_certificates=files.ca, require_client_auth=True
+        )
+        port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    log.info("listening on %s (port %d, %s)", listen, port, "mutual TLS" if pki_dir else "INSECURE")
+    if on_listening:
+        on_listening(port)
+    coordinator = Coordinator(
+        experiment=experiment,
+        task=task,
+        transport=transport,
+        store=DirectoryStore(state),
+        test_data=task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites),
+        on_round=on_round,
+    )
+    try:
+        return await coordinator.run()
+    finally:
+        await server.stop(grace=2.0)
+
+
+def run_server(experiment: Experiment, **kwargs: object) -> RunResult | None:
+    """`serve` with SIGTERM and Ctrl-C stopping the run cleanly; None when stopped early."""
+
+    async def main() -> RunResult | None:
+        current = asyncio.current_task()
+        assert current is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, current.cancel)
+        try:
+            return await serve(experiment, **kwargs)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            log.warning("stopped by signal; sites were told the run ended")
+            return None
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+
+    return asyncio.run(main())

@@ -1,0 +1,278 @@
+"""The gRPC transport, server side: one long-lived Session stream per connected site.
+
+A site dials out and says Hello; the server names it (by its certificate under mutual TLS),
+welcomes it with the run's task, then pushes instructions the moment the Coordinator has
+them. Replies come back as a Result header plus payload chunks and resolve the request's
+future. A site whose stream ends or whose heartbeats stop is gone: its pending requests
+fail with SiteUnavailable, which the round treats as a dropout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from fedcore.engine import Instruction, Reply, Transport
+from fedcore.errors import ProtocolError, SiteUnavailable
+from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
+from fedcore.tasks import TaskSpec
+from fedcore.tensors import PayloadAssembler
+from fedcore.wire import (
+    KIND_TO_WIRE,
+    PROTOCOL_VERSION,
+    config_from_wire,
+    config_to_wire,
+    kind_from_wire,
+    payload_messages,
+)
+
+log = logging.getLogger(__name__)
+
+QUEUE_MESSAGES = 64  # per-site outbound buffer; a slow site applies backpressure, not memory growth
+HELLO_TIMEOUT = 10.0
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[Reply]
+    instruction: Instruction
+
+
+@dataclass
+class _Session:
+    name: str
+    outbound: asyncio.Queue[pb.ServerMessage | None] = field(
+        default_factory=lambda: asyncio.Queue(QUEUE_MESSAGES)
+    )
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def fail_pending(self, reason: str) -> None:
+        for item in self.pending.values():
+            if not item.future.done():
+                item.future.set_exception(SiteUnavailable(self.name, reason))
+        self.pending.clear()
+
+
+class GrpcTransport(Transport, pb_grpc.FederationServicer):
+    """Both the Coordinator's Transport and the gRPC servicer sites connect to."""
+
+    def __init__(
+        self,
+        *,
+        spec: TaskSpec,
+        run_id: str,
+        max_payload_bytes: int,
+        heartbeat_timeout: float = 30.0,
+        mutual_tls: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.run_id = run_id
+        self.max_payload_bytes = max_payload_bytes
+        self.heartbeat_timeout = heartbeat_timeout
+        self.mutual_tls = mutual_tls
+        self._sessions: dict[str, _Session] = {}
+        self._changed = asyncio.Condition()
+        self._ids = itertools.count(1)
+        self._finished: pb.RunEnd | None = None
+        self._encoded: tuple[object, pb.Payload, list[bytes]] | None = None
+
+    # ----- Transport -----
+
+    async def wait_for_sites(self, count: int) -> None:
+        async with self._changed:
+            if len(self._sessions) < count:
+                log.info("waiting for %d sites (%d connected)", count, len(self._sessions))
+            await self._changed.wait_for(lambda: len(self._sessions) >= count)
+
+    def available(self) -> list[str]:
+        return list(self._sessions)
+
+    def _payload(self, instruction: Instruction) -> tuple[pb.Payload, list[bytes]]:
+        # Every site gets the same global model in a round: encode it once.
+        if self._encoded is None or self._encoded[0] is not instruction.parameters:
+            self._encoded = (instruction.parameters, *payload_messages(instruction.parameters))
+        return self._encoded[1], self._encoded[2]
+
+    async def request(self, site: str, instruction: Instruction) -> Reply:
+        session = self._sessions.get(site)
+        if session is None:
+            raise SiteUnavailable(site, "not connected")
+        request_id = next(self._ids)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        session.pending[request_id] = _Pending(future, instruction)
+        header, pieces = self._payload(instruction)
+        message = pb.Instruction(
+            request_id=request_id,
+            round=instruction.round,
+            kind=KIND_TO_WIRE[instruction.kind],
+            payload=header,
+        )
+        config_to_wire(message.config, instruction.config)
+        try:
+            await session.outbound.put(pb.ServerMessage(instruction=message))
+            for piece in pieces:
+                await session.outbound.put(pb.ServerMessage(chunk=pb.Chunk(data=piece)))
+            return await future
+        finally:
+            session.pending.pop(request_id, None)
+
+    async def finish(self, *, completed: bool, reason: str) -> None:
+        self._finished = pb.RunEnd(completed=completed, reason=reason)
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            await session.outbound.put(pb.ServerMessage(run_end=self._finished))
+            await session.outbound.put(None)
+        if sessions:
+            # Give the sites a moment to read RunEnd; their streams close on their side.
+            await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in sessions], timeout=5.0)
+
+    # ----- servicer -----
+
+    def _identify(self, hello: pb.Hello, context: grpc.aio.ServicerContext) -> str:
+        if self.mutual_tls:
+            names = context.auth_context().get("x509_common_name", [])
+            if len(names) != 1:
+                raise ProtocolError("the client certificate names no site")
+            return bytes(names[0]).decode()
+        if not hello.site_name:
+            raise ProtocolError("on an insecure connection the Hello must carry a site name")
+        return hello.site_name
+
+    async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        peer = context.peer()
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await context.read()
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello received")
+        if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+        hello = first.hello
+        try:
+            name = self._identify(hello, context)
+        except ProtocolError as err:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+        if hello.protocol_version != PROTOCOL_VERSION:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {hello.protocol_version} unsupported; the server speaks {PROTOCOL_VERSION}",
+            )
+        if self._finished is not None:
+            await context.write(pb.ServerMessage(run_end=self._finished))
+            return
+        if hello.task != self.spec.name:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this run trains task {self.spec.name!r}; the site offered {hello.task!r}",
+            )
+        welcome = pb.Welcome(run_id=self.run_id, site_name=name, task=self.spec.name)
+        config_to_wire(welcome.task_config, self.spec.as_config())
+        await context.write(pb.ServerMessage(welcome=welcome))
+
+        session = _Session(name)
+        async with self._changed:
+            previous = self._sessions.pop(name, None)
+            if previous is not None:  # a reconnect: the old stream is dead or a duplicate
+                previous.fail_pending("reconnected")
+                for task in previous.tasks:
+                    task.cancel()
+            self._sessions[name] = session
+            self._changed.notify_all()
+        log.info("site %s connected from %s (%d connected)", name, peer, len(self._sessions))
+        session.tasks = tasks = [
+            asyncio.ensure_future(self._read(session, context)),
+            asyncio.ensure_future(self._write(session, context)),
+            asyncio.ensure_future(self._watch(session)),
+        ]
+        reason = "stream ended"
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    reason = f"{type(task.exception()).__name__}: {task.exception()}"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            async with self._changed:
+                if self._sessions.get(name) is session:
+                    del self._sessions[name]
+                self._changed.notify_all()
+            session.fail_pending(reason)
+            session.closed.set()
+            log.info("site %s disconnected: %s (%d connected)", name, reason, len(self._sessions))
+
+    async def _write(self, session: _Session, context: grpc.aio.ServicerContext) -> None:
+        while (message := await session.outbound.get()) is not None:
+            await context.write(message)
+
+    async def _watch(self, session: _Session) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_timeout / 3)
+            if time.monotonic() - session.last_seen > self.heartbeat_timeout:
+                raise SiteUnavailable(session.name, f"no heartbeat for {self.heartbeat_timeout:.0f} s")
+
+    async def _read(self, session: _Session, context: grpc.aio.ServicerContext) -> None:
+        assembling: tuple[pb.Result, PayloadAssembler] | None = None
+        while (message := await context.read()) is not grpc.aio.EOF:
+            session.last_seen = time.monotonic()
+            body = message.WhichOneof("body")
+            if body == "heartbeat":
+                continue
+            if body == "result":
+                if assembling is not None:
+                    raise ProtocolError("a new Result began before the previous payload was complete")
+                result = message.result
+                if result.payload.total_bytes > self.max_payload_bytes:
+                    raise ProtocolError(
+                        f"payload of {result.payload.total_bytes} bytes exceeds the limit {self.max_payload_bytes}"
+                    )
+                assembler = PayloadAssembler(result.payload)
+                assembling = (result, assembler)
+            elif body == "chunk":
+                if assembling is None:
+                    raise ProtocolError("payload chunk without a Result header")
+                assembling[1].add(message.chunk.data)
+            else:
+                raise ProtocolError(f"unexpected {body!r} message from a connected site")
+            if assembling is not None and assembling[1].complete:
+                self._resolve(session, *assembling)
+                assembling = None
+
+    def _resolve(self, session: _Session, result: pb.Result, assembler: PayloadAssembler) -> None:
+        pending = session.pending.get(result.request_id)
+        if pending is None:
+            log.warning(
+                "site %s answered unknown or expired request %d; ignored",
+                session.name,
+                result.request_id,
+            )
+            return
+        instruction = pending.instruction
+        kind = kind_from_wire(result.kind)
+        if result.round != instruction.round or kind is not instruction.kind:
+            raise ProtocolError(
+                f"reply for round {result.round} {kind.value} to a round {instruction.round} {instruction.kind.value}"
+            )
+        metrics = {k: v for k, v in config_from_wire(result.metrics).items() if isinstance(v, int | float)}
+        arrays = assembler.arrays() if assembler.header.tensors else None
+        reply = Reply(
+            site=session.name,
+            kind=kind,
+            round=result.round,
+            num_examples=result.num_examples,
+            update=arrays,
+            metrics={k: float(v) for k, v in metrics.items()},
+            refusal=result.refusal or None,
+        )
+        if not pending.future.done():
+            pending.future.set_result(reply)
