@@ -79,7 +79,11 @@ def _simulate(args: argparse.Namespace) -> int:
         )
 
         def on_round(record: RoundRecord) -> None:
-            status = f"accuracy {record.accuracy:.4f}  loss {record.loss:.4f}" if record.accuracy is not None else ""
+            status = (
+                f"accuracy {record.accuracy:.4f}  loss {record.loss:.4f}"
+                if record.accuracy is not None
+                else ""
+            )
             progress.update(bar, advance=1, status=status)
 
         try:
@@ -124,10 +128,14 @@ def _server(args: argparse.Namespace) -> int:
     experiment = _experiment(args)
     _check_task(experiment)
     if args.insecure == (args.pki is not None):
-        raise ConfigError("give either --pki DIR (mutual TLS) or --insecure (plaintext, local experiments only)")
+        raise ConfigError(
+            "give either --pki DIR (mutual TLS) or --insecure (plaintext, local experiments only)"
+        )
     pki_dir = Path(args.pki) if args.pki else None
     if pki_dir is not None and not (pki_dir / "server.crt").is_file():
-        raise ConfigError(f"{pki_dir} holds no server certificate; run `fedcore pki init {pki_dir} --host HOST`")
+        raise ConfigError(
+            f"{pki_dir} holds no server certificate; run `fedcore pki init {pki_dir} --host HOST`"
+        )
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     _logging(args.verbose)
@@ -146,7 +154,9 @@ def _server(args: argparse.Namespace) -> int:
             dropped,
         )
 
-    result = run_server(experiment, listen=args.listen, state=Path(args.state), pki_dir=pki_dir, on_round=on_round)
+    result = run_server(
+        experiment, listen=args.listen, state=Path(args.state), pki_dir=pki_dir, on_round=on_round
+    )
     if result is None:
         return 0  # stopped by a signal: a clean, requested shutdown
     log.info("run complete: %d rounds; metrics in %s/metrics.jsonl", len(result.records), args.state)
@@ -182,7 +192,9 @@ def _client(args: argparse.Namespace) -> int:
     )
     outcome = asyncio.run(SiteAgent(settings, task).run())
     logging.getLogger("fedcore.client").info("site agent finished: %s", outcome.value)
-    return {Outcome.COMPLETED: 0, Outcome.STOPPED: 0, Outcome.GAVE_UP: 1, Outcome.REJECTED: EXIT_REJECTED}[outcome]
+    return {Outcome.COMPLETED: 0, Outcome.STOPPED: 0, Outcome.GAVE_UP: 1, Outcome.REJECTED: EXIT_REJECTED}[
+        outcome
+    ]
 
 
 def _pki(args: argparse.Namespace) -> int:
@@ -199,7 +211,9 @@ def _pki(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedcore", description="Federated learning with secure aggregation and differential privacy.")
+    parser = _Parser(
+        prog="fedcore", description="Federated learning with secure aggregation and differential privacy."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def experiment_flags(p: argparse.ArgumentParser) -> None:
@@ -212,7 +226,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--sites-per-round", type=int, help="sites sampled per round (default: all)")
 
     sim = sub.add_parser("simulate", help="run a federation of virtual sites on this machine")
-    sim.add_argument("config", nargs="?", help="experiment file (TOML); defaults: breast_cancer, 5 sites, 20 rounds")
+    sim.add_argument(
+        "config", nargs="?", help="experiment file (TOML); defaults: breast_cancer, 5 sites, 20 rounds"
+    )
     experiment_flags(sim)
     sim.add_argument("--sites", type=int, help="number of virtual sites")
     sim.add_argument("--out", help="output directory (default: runs/simulate-TIMESTAMP)")
@@ -234,11 +250,15 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_argument("--server", required=True, help="HOST:PORT of the server")
     cli.add_argument("--pki", help="this site's kit folder from `fedcore pki add-site`")
     cli.add_argument("--task", required=True, help="the installed task this site trains")
-    cli.add_argument("--data", required=True, help="builtin:K/N (part K of N of the bundled data) or a CSV path")
+    cli.add_argument(
+        "--data", required=True, help="builtin:K/N (part K of N of the bundled data) or a CSV path"
+    )
     cli.add_argument("--insecure", action="store_true", help="plaintext, no authentication")
     cli.add_argument("--name", help="site name (only with --insecure)")
     cli.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    cli.add_argument("--give-up-after", type=float, default=600.0, help="seconds without a server before exiting")
+    cli.add_argument(
+        "--give-up-after", type=float, default=600.0, help="seconds without a server before exiting"
+    )
     cli.add_argument("-v", "--verbose", action="store_true")
     cli.set_defaults(run=_client)
 

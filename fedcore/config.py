@@ -3,7 +3,7 @@
 An experiment is a TOML file with the tables below; every key is optional, unknown keys are
 errors, and command-line flags override the file (`Experiment.override`).
 
-    [federation]  rounds, min_sites, sites_per_round, round_timeout, max_round_retries
+    [federation]  rounds, min_sites, sites_per_round, start_sites, round_timeout, max_round_retries
     [task]        name, model, local_epochs, batch_size, lr, weight_decay
     [strategy]    name, proximal_mu, server_lr, beta_1, beta_2, tau
     [data]        partition, seed
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,6 +36,7 @@ class FederationConfig:
     rounds: int = 20
     min_sites: int = 2
     sites_per_round: int | None = None  # None: every connected site
+    start_sites: int | None = None  # sites connected before round 1 starts (None: min_sites)
     round_timeout: float = 600.0  # seconds a round may take before late sites are dropped
     max_round_retries: int = 3  # consecutive failed attempts at one round before the run stops
 
@@ -90,12 +92,8 @@ class Experiment:
                 continue
             section, _, key = path.partition("__")
             sections.setdefault(section, {})[key] = value
-        raw = {s: {**_as_dict(getattr(self, s)), **v} for s, v in sections.items()}
-        return _build(raw, base=self, source="command line")
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+        # _build replaces only the given keys; it also reports an unknown section or key.
+        return _build(sections, base=self, source="command line")
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
@@ -110,8 +108,8 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if base == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if base == "str":
         if not isinstance(value, str):
@@ -163,6 +161,10 @@ def _validate(e: Experiment, source: str) -> None:
         fed.sites_per_round is None or fed.sites_per_round >= fed.min_sites,
         f"[federation] sites_per_round ({fed.sites_per_round}) must be >= min_sites ({fed.min_sites})",
     )
+    need(
+        fed.start_sites is None or fed.start_sites >= fed.min_sites,
+        f"[federation] start_sites ({fed.start_sites}) must be >= min_sites ({fed.min_sites})",
+    )
     need(fed.round_timeout > 0, "[federation] round_timeout must be > 0 seconds")
     need(fed.max_round_retries >= 0, "[federation] max_round_retries must be >= 0")
     t = e.task
@@ -178,10 +180,6 @@ def _validate(e: Experiment, source: str) -> None:
     )
     need(e.strategy.tau > 0, "[strategy] tau must be > 0")
     need(e.simulation.sites >= 1, f"[simulation] sites must be >= 1, got {e.simulation.sites}")
-    need(
-        e.simulation.sites >= fed.min_sites,
-        f"[simulation] sites ({e.simulation.sites}) must be >= [federation] min_sites ({fed.min_sites})",
-    )
     from fedcore.tasks.partition import parse_partition  # late: tasks import config
 
     if e.data.partition is not None:

@@ -149,7 +149,8 @@ class Coordinator:
 
     async def _round(self, number: int, attempt: int) -> RoundRecord | None:
         fed = self.experiment.federation
-        await self.transport.wait_for_sites(fed.min_sites)
+        first = number == 1 and attempt == 1
+        await self.transport.wait_for_sites((fed.start_sites or fed.min_sites) if first else fed.min_sites)
         started = time.perf_counter()
         sampled = self._sample(number, attempt)
         accumulator = self.aggregation.start(self.parameters)

@@ -194,11 +194,13 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
             asyncio.ensure_future(self._watch(session)),
         ]
         reason = "stream ended"
+        violation: ProtocolError | None = None
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    reason = f"{type(task.exception()).__name__}: {task.exception()}"
+                if not task.cancelled() and (err := task.exception()) is not None:
+                    reason = f"{type(err).__name__}: {err}"
+                    violation = err if isinstance(err, ProtocolError) else violation
         finally:
             for task in tasks:
                 task.cancel()
@@ -210,6 +212,8 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
             session.fail_pending(reason)
             session.closed.set()
             log.info("site %s disconnected: %s (%d connected)", name, reason, len(self._sessions))
+        if violation is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(violation))
 
     async def _write(self, session: _Session, context: grpc.aio.ServicerContext) -> None:
         while (message := await session.outbound.get()) is not None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from fedcore.config import Experiment
 from fedcore.engine import Coordinator, DirectoryStore, MemoryStore, RoundRecord, RunResult, Site
+from fedcore.errors import ConfigError
 from fedcore.simulation.inprocess import InProcessTransport
 from fedcore.simulation.report import plot_report, write_summary
 from fedcore.tasks import Task, build_task, default_partition
@@ -42,6 +43,11 @@ def run_simulation(
     """Run the experiment; write metrics.jsonl, model.safetensors, summary.json and
     report.png into `out` (when given). Returns the result and the summary."""
     started = time.perf_counter()
+    if experiment.simulation.sites < experiment.federation.min_sites:
+        raise ConfigError(
+            f"[simulation] sites ({experiment.simulation.sites}) must be >= [federation] min_sites "
+            f"({experiment.federation.min_sites}); lower min_sites or add sites"
+        )
     task = build_task(experiment.task.name, experiment.task.model)
     if device is not None:
         task.device = device  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from fedcore.tasks.base import (
     TaskSpec,
     TrainSettings,
 )
+from fedcore.tasks.bench import Bench
 from fedcore.tasks.breast_cancer import BreastCancer
 from fedcore.tasks.digits import Digits
 from fedcore.tasks.synthetic import Synthetic
@@ -32,7 +33,15 @@ def _synthetic(arg: str, model: str | None) -> Task:
     return Synthetic(model, alpha=alpha, beta=beta)
 
 
+def _bench(arg: str, model: str | None) -> Task:
+    try:
+        return Bench(int(arg or 100_000))
+    except ValueError:
+        raise ValueError(f"bad task 'bench:{arg}'; expected bench:PARAMS, e.g. bench:100000") from None
+
+
 _REGISTRY: dict[str, TaskFactory] = {
+    "bench": _bench,
     "breast_cancer": lambda arg, model: BreastCancer(model),
     "digits": lambda arg, model: Digits(model),
     "synthetic": _synthetic,

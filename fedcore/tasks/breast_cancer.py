@@ -62,6 +62,8 @@ class BreastCancer(BundledTask):
         labels = table[:, -1]
         if not np.isin(labels, (0, 1)).all():
             raise ValueError(f"{path}: the last column must be 0 (malignant) or 1 (benign)")
+        if not np.isfinite(table).all():  # loadtxt reads "nan" and "inf" as numbers
+            raise ValueError(f"{path}: the features must be finite numbers (found nan or inf)")
         return Dataset(self._scale(table[:, :-1]), labels.astype(np.int64))
 
     def build_model(self) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ def parse_partition(text: str) -> Partition:
     try:
         if parsed is PartitionKind.DIRICHLET:
             alpha = float(arg)
-            if not alpha > 0:
+            if not 0 < alpha < math.inf:  # also refuses nan
                 raise ValueError
             return Partition(parsed, alpha=alpha)
         if parsed is PartitionKind.SHARDS:

@@ -43,7 +43,7 @@ class Synthetic(TorchClassifierTask):
         super().__init__(model, **kw)  # type: ignore[arg-type]
         self.alpha, self.beta = alpha, beta
 
-    def device(self, k: int, seed: int) -> tuple[Dataset, Dataset]:
+    def device_data(self, k: int, seed: int) -> tuple[Dataset, Dataset]:
         """Train and test data of device k (0-based), generated from the seed alone."""
         g = rng(seed, "synthetic", self.alpha, self.beta, k)
         u, b_mean = g.normal(0, np.sqrt(self.alpha)), g.normal(0, np.sqrt(self.beta))
@@ -65,11 +65,11 @@ class Synthetic(TorchClassifierTask):
         if not uri.startswith("builtin:"):
             raise ValueError(f"task 'synthetic' generates its data: use --data builtin:K/N, not {uri!r}")
         k, _ = parse_builtin_uri(uri, partitions)
-        train, test = self.device(k, seed)
+        train, test = self.device_data(k, seed)
         return SiteData(train=train, test=test)
 
     def test_data(self, *, seed: int, partitions: int) -> Dataset:
-        tests = [self.device(k, seed)[1] for k in range(min(partitions, TEST_DEVICES))]
+        tests = [self.device_data(k, seed)[1] for k in range(min(partitions, TEST_DEVICES))]
         return Dataset(np.concatenate([t.x for t in tests]), np.concatenate([t.y for t in tests]))
 
     def build_model(self) -> nn.Module:

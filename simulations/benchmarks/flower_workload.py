@@ -52,8 +52,7 @@ def run_flower_simulation(
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
-            f"Flower simulation failed (exit {proc.returncode}); stdout tail:\n"
-            + proc.stdout[-2000:]
+            f"Flower simulation failed (exit {proc.returncode}); stdout tail:\n" + proc.stdout[-2000:]
         )
     result: dict[str, Any] = json.loads(lines[-1])
     return result
@@ -99,9 +98,7 @@ class _PeakRss(threading.Thread):
         self.sample()
 
 
-def _simulate(
-    *, sites: int, params: int, rounds: int, seed: int, client_num_cpus: float
-) -> dict[str, Any]:
+def _simulate(*, sites: int, params: int, rounds: int, seed: int, client_num_cpus: float) -> dict[str, Any]:
     """Run the simulation in this process. Call only in a fresh interpreter (see above)."""
     for k, v in _QUIET_ENV.items():
         os.environ.setdefault(k, v)
@@ -162,8 +159,7 @@ def _simulate(
             time.sleep(0.05)
         t0 = time.perf_counter()
         pings = [
-            Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-            for n in node_ids
+            Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
         ]
         pongs = list(grid.send_and_receive(pings, timeout=600))
         if len(pongs) != sites or any(m.has_error() for m in pongs):
@@ -177,9 +173,7 @@ def _simulate(
             min_evaluate_nodes=0,
             min_available_nodes=sites,
         )
-        result = strategy.start(
-            grid=grid, initial_arrays=ArrayRecord([initial.copy()]), num_rounds=rounds
-        )
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord([initial.copy()]), num_rounds=rounds)
         timings["final"] = result.arrays.to_numpy_ndarrays()
 
     client_app = ClientApp()
@@ -230,8 +224,7 @@ def _simulate(
     (final,) = timings["final"]
     if not np.allclose(final, initial + np.float32(rounds), rtol=1e-5, atol=1e-4):
         raise RuntimeError(
-            f"final params != initial + {rounds}: max err "
-            f"{float(np.max(np.abs(final - initial - rounds)))}"
+            f"final params != initial + {rounds}: max err {float(np.max(np.abs(final - initial - rounds)))}"
         )
 
     starts, ends = timings["start"], timings["end"]

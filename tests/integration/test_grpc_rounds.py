@@ -1,0 +1,187 @@
+"""The real gRPC server and site agents on 127.0.0.1, in one process: a site that vanishes
+mid-round is dropped, malformed messages are refused and change nothing, a site offering
+another task is rejected."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedcore import load_experiment
+from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
+from fedcore.config import Experiment
+from fedcore.engine import RunResult
+from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
+from fedcore.server.app import serve
+from fedcore.tasks import SiteData, TrainSettings, build_task
+from fedcore.tasks.bench import Bench
+from fedcore.tensors import PayloadAssembler
+from fedcore.wire import PROTOCOL_VERSION, payload_messages
+
+PARAMS = 64
+
+
+class SlowBench(Bench):
+    """Takes a while to train; from round `signal_from` on, signals when training starts
+    (time to kill the site mid-round)."""
+
+    def __init__(self, signal_from: int = 10**9) -> None:
+        super().__init__(PARAMS)
+        self.signal_from = signal_from
+        self.training = threading.Event()
+
+    def fit(self, parameters, data: SiteData, settings: TrainSettings):  # type: ignore[no-untyped-def]
+        if self.rounds_seen >= self.signal_from - 1:
+            self.training.set()
+        self.rounds_seen += 1
+        time.sleep(0.5)
+        return super().fit(parameters, data, settings)
+
+    rounds_seen = 0
+
+
+def experiment(**overrides: object) -> Experiment:
+    settings: dict[str, object] = {"federation__rounds": 2, "federation__round_timeout": 20.0, **overrides}
+    return load_experiment().override(task__name=f"bench:{PARAMS}", **settings)
+
+
+def agent(port: int, name: str, task: Bench | None = None, task_name: str = f"bench:{PARAMS}") -> SiteAgent:
+    settings = AgentSettings(
+        server=f"127.0.0.1:{port}",
+        task_name=task_name,
+        data_uri="builtin:1/1",
+        tls=None,
+        site_name=name,
+        heartbeat_interval=0.5,
+        give_up_after=5.0,
+    )
+    return SiteAgent(settings, task or Bench(PARAMS))
+
+
+async def federation(
+    exp: Experiment, tmp_path: Path, start_sites: Callable[[int], Awaitable[list[object]]]
+) -> tuple[RunResult, list[object]]:
+    """Serve `exp` insecurely on a free port and run the sites `start_sites(port)` returns."""
+    listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    server = asyncio.ensure_future(
+        serve(
+            exp,
+            listen="127.0.0.1:0",
+            state=tmp_path / "state",
+            pki_dir=None,
+            on_listening=listening.set_result,
+        )
+    )
+    port = await listening
+    outcomes = await start_sites(port)
+    result = await asyncio.wait_for(server, 60)
+    return result, outcomes
+
+
+def test_a_site_killed_mid_round_is_dropped_and_the_run_completes(tmp_path: Path) -> None:
+    # All three are connected before round 1; in round 2 the victim's process dies while it trains.
+    victim_task = SlowBench(signal_from=2)
+
+    async def sites(port: int) -> list[object]:
+        victim = asyncio.ensure_future(agent(port, "site-3", victim_task).run())
+        others = [asyncio.ensure_future(agent(port, f"site-{k}", SlowBench()).run()) for k in (1, 2)]
+        await asyncio.to_thread(victim_task.training.wait, 30)
+        victim.cancel()  # its connection closes mid-round
+        return [*await asyncio.gather(*others), await asyncio.gather(victim, return_exceptions=True)]
+
+    result, outcomes = asyncio.run(
+        federation(experiment(federation__start_sites=3, federation__rounds=3), tmp_path, sites)
+    )
+    second = result.records[1]
+    assert second.sampled == ["site-1", "site-2", "site-3"]
+    assert second.sites == 2 and list(second.dropped) == ["site-3"] and second.attempt == 1
+    assert result.records[2].sampled == ["site-1", "site-2"]
+    np.testing.assert_allclose(result.parameters["w"], 0.03, rtol=1e-6)
+    assert outcomes[:2] == [Outcome.COMPLETED, Outcome.COMPLETED]
+
+
+async def _evil(port: int, name: str, act: str) -> grpc.StatusCode | None:
+    """A hand-written site that follows the protocol until the payload, then misbehaves."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = pb_grpc.FederationStub(channel).Session()
+        await call.write(
+            pb.SiteMessage(
+                hello=pb.Hello(protocol_version=PROTOCOL_VERSION, task=f"bench:{PARAMS}", site_name=name)
+            )
+        )
+        assert (await call.read()).WhichOneof("body") == "welcome"
+        ins = (await call.read()).instruction
+        assembler = PayloadAssembler(ins.payload)
+        while not assembler.complete:
+            assembler.add((await call.read()).chunk.data)
+        good = {"w": np.full(PARAMS, 0.01, np.float32)}
+        result = pb.Result(request_id=ins.request_id, round=ins.round, kind=ins.kind, num_examples=1)
+        if act == "wrong-round":
+            result.round = ins.round + 7
+        if act == "orphan-chunk":
+            await call.write(pb.SiteMessage(chunk=pb.Chunk(data=b"\x00" * 16)))
+        else:
+            update = {"w": np.full(PARAMS, np.nan, np.float32)} if act == "nan" else good
+            if act == "huge-header":
+                update = {"w": np.zeros(10_000_000, np.float32)}
+            header, pieces = payload_messages(update)
+            result.payload.CopyFrom(header)
+            await call.write(pb.SiteMessage(result=result))
+            if act == "too-many-bytes":  # the last chunk runs past the announced size
+                pieces = [*pieces[:-1], pieces[-1] + b"\x00" * 8]
+            if act != "huge-header":
+                for piece in pieces:
+                    await call.write(pb.SiteMessage(chunk=pb.Chunk(data=piece)))
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                if message.WhichOneof("body") == "run_end":
+                    return None
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+        return None
+
+
+def test_malformed_messages_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    acts = ["wrong-round", "orphan-chunk", "nan", "huge-header", "too-many-bytes"]
+
+    async def sites(port: int) -> list[object]:
+        honest = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2)]
+        evil = [asyncio.ensure_future(_evil(port, f"evil-{act}", act)) for act in acts]
+        return list(await asyncio.gather(*honest, *evil))
+
+    result, outcomes = asyncio.run(
+        federation(experiment(federation__start_sites=7, federation__rounds=1), tmp_path, sites)
+    )
+    record = result.records[0]
+    assert record.sites == 2
+    assert set(record.dropped) == {f"evil-{a}" for a in acts}
+    # Exactly the honest sites' mean: nothing the evil sites sent reached the model.
+    np.testing.assert_array_equal(result.parameters["w"], np.full(PARAMS, 0.01, np.float32))
+    assert outcomes[:2] == [Outcome.COMPLETED, Outcome.COMPLETED]
+    protocol_breakers = dict(zip(acts, outcomes[2:], strict=True))
+    for act in ("wrong-round", "orphan-chunk", "huge-header", "too-many-bytes"):
+        assert protocol_breakers[act] == grpc.StatusCode.INVALID_ARGUMENT, protocol_breakers
+
+
+def test_a_site_offering_another_task_is_rejected(tmp_path: Path) -> None:
+    async def sites(port: int) -> list[object]:
+        wrong = await agent(port, "wrong", task=None, task_name="digits").run()
+        good = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2)]
+        return [wrong, *await asyncio.gather(*good)]
+
+    result, outcomes = asyncio.run(federation(experiment(federation__rounds=1), tmp_path, sites))
+    assert outcomes == [Outcome.REJECTED, Outcome.COMPLETED, Outcome.COMPLETED]
+    assert result.records[0].sampled == ["site-1", "site-2"]
+
+
+@pytest.mark.parametrize("uri", ["builtin:1/1"])
+def test_bench_task_is_installed(uri: str) -> None:
+    assert build_task(f"bench:{PARAMS}").site_data(uri, partition="iid", seed=0, partitions=1)
