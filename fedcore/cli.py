@@ -166,29 +166,45 @@ def _server(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> int:
     from fedcore import pki
     from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
+    from fedcore.client.site_config import load_site_config
     from fedcore.tasks import build_task
 
-    if args.insecure == (args.pki is not None):
+    site = load_site_config(args.config) if args.config else {}
+
+    def pick(flag: object, key: str, what: str | None = None) -> object:
+        value = flag if flag is not None else site.get(key)
+        if value is None and what:
+            raise ConfigError(f"give {what} (or set {key.replace('.', ' ')} in the site file)")
+        return value
+
+    server = str(pick(args.server, "server.address", "--server HOST:PORT"))
+    task_name = str(pick(args.task, "data.task", "--task TASK"))
+    data_uri = str(pick(args.data, "data.uri", "--data URI"))
+    kit = pick(args.pki, "identity.kit")
+    insecure = bool(args.insecure or site.get("identity.insecure", False))
+    name = pick(args.name, "identity.name")
+    if insecure == (kit is not None):
         raise ConfigError("give either --pki KIT (this site's kit folder) or --insecure")
-    if args.insecure and not args.name:
+    if insecure and not name:
         raise ConfigError("--insecure needs --name NAME (with --pki the certificate names the site)")
     try:
-        task = build_task(args.task, None)
+        task = build_task(task_name, None)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if args.device:
-        task.device = args.device  # type: ignore[attr-defined]
-    tls = pki.site_files(Path(args.pki)) if args.pki else None
-    if args.insecure:
+    device = pick(args.device, "agent.device")
+    if device:
+        task.device = device  # type: ignore[attr-defined]
+    tls = pki.site_files(Path(str(kit))) if kit else None
+    if insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     _logging(args.verbose)
     settings = AgentSettings(
-        server=args.server,
-        task_name=args.task,
-        data_uri=args.data,
+        server=server,
+        task_name=task_name,
+        data_uri=data_uri,
         tls=tls,
-        site_name=args.name or "",
-        give_up_after=args.give_up_after,
+        site_name=str(name or ""),
+        give_up_after=float(pick(args.give_up_after, "agent.give_up_after") or 600.0),  # type: ignore[arg-type]
     )
     outcome = asyncio.run(SiteAgent(settings, task).run())
     logging.getLogger("fedcore.client").info("site agent finished: %s", outcome.value)
@@ -247,17 +263,16 @@ def _parser() -> argparse.ArgumentParser:
     srv.set_defaults(run=_server)
 
     cli = sub.add_parser("client", help="run a site's agent (dials out to the server)")
-    cli.add_argument("--server", required=True, help="HOST:PORT of the server")
+    cli.add_argument("--config", help="site file (TOML, see client/site.toml); flags override it")
+    cli.add_argument("--server", help="HOST:PORT of the server")
     cli.add_argument("--pki", help="this site's kit folder from `fedcore pki add-site`")
-    cli.add_argument("--task", required=True, help="the installed task this site trains")
-    cli.add_argument(
-        "--data", required=True, help="builtin:K/N (part K of N of the bundled data) or a CSV path"
-    )
+    cli.add_argument("--task", help="the installed task this site trains")
+    cli.add_argument("--data", help="builtin:K/N (part K of N of the bundled data) or a CSV path")
     cli.add_argument("--insecure", action="store_true", help="plaintext, no authentication")
     cli.add_argument("--name", help="site name (only with --insecure)")
     cli.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     cli.add_argument(
-        "--give-up-after", type=float, default=600.0, help="seconds without a server before exiting"
+        "--give-up-after", type=float, help="seconds without a server before exiting (default 600)"
     )
     cli.add_argument("-v", "--verbose", action="store_true")
     cli.set_defaults(run=_client)

@@ -23,6 +23,7 @@ class _MeanAccumulator(Accumulator):
     def __init__(self, template: Arrays) -> None:
         self._template = template
         self._sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
+        self._scratch = {k: np.empty(v.shape, dtype=np.float64) for k, v in template.items()}
         self._weight = 0.0
         self._count = 0
 
@@ -33,7 +34,9 @@ class _MeanAccumulator(Accumulator):
         if not (np.isfinite(weight) and weight > 0):
             raise ProtocolError(f"contribution weight must be a positive number, got {weight}")
         for k, v in contribution.items():
-            self._sums[k] += weight * v.astype(np.float64, copy=False)
+            # weight * v into a reused float64 buffer, then add: no per-site allocations.
+            np.multiply(v, weight, out=self._scratch[k])
+            self._sums[k] += self._scratch[k]
         self._weight += weight
         self._count += 1
 

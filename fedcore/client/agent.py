@@ -18,16 +18,21 @@ from fedcore.engine import Instruction, Reply, Site
 from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.pki import TlsFiles
 from fedcore.proto.v1 import federation_pb2 as pb
-from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
 from fedcore.tasks import Task
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import (
     KIND_TO_WIRE,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    SERVER_CHUNK_FIELD,
+    SESSION_METHOD,
+    SITE_CHUNK_FIELD,
+    chunk_data,
+    chunk_frame,
     config_from_wire,
     config_to_wire,
     kind_from_wire,
+    parse,
     payload_messages,
 )
 
@@ -120,16 +125,17 @@ class SiteAgent:
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
         """One stream from Hello to its end; True once the server welcomed us."""
-        stub = pb_grpc.FederationStub(channel)
-        call = stub.Session()
+        # Messages cross the call as bytes: payload chunks are framed by fedcore.wire.
+        call = channel.stream_stream(SESSION_METHOD)()
         hello = pb.Hello(protocol_version=PROTOCOL_VERSION, task=self.settings.task_name)
         if self.settings.tls is None:
             hello.site_name = self.settings.site_name
-        await call.write(pb.SiteMessage(hello=hello))
-        first = await call.read()
-        if first is grpc.aio.EOF:
+        await call.write(pb.SiteMessage(hello=hello).SerializeToString())
+        raw = await call.read()
+        if raw is grpc.aio.EOF:
             await call.wait_for_connection()
             raise ProtocolError("the server closed the stream before welcoming us")
+        first = parse(pb.ServerMessage, raw)
         if first.WhichOneof("body") == "run_end":
             self.run_end = first.run_end
             return True
@@ -137,7 +143,7 @@ class SiteAgent:
             raise ProtocolError("the server's first message was not a Welcome")
         self._prepare(first.welcome)
         log.info("connected to %s as %s", self.settings.server, first.welcome.site_name)
-        outbound: asyncio.Queue[pb.SiteMessage] = asyncio.Queue(64)
+        outbound: asyncio.Queue[bytes] = asyncio.Queue(64)
         work: asyncio.Queue[tuple[int, Instruction] | None] = asyncio.Queue(4)
         tasks = [
             asyncio.ensure_future(self._read(call, work)),
@@ -184,21 +190,28 @@ class SiteAgent:
         self, call: grpc.aio.StreamStreamCall, work: asyncio.Queue[tuple[int, Instruction] | None]
     ) -> None:
         current: tuple[pb.Instruction, PayloadAssembler] | None = None
-        while (message := await call.read()) is not grpc.aio.EOF:
-            body = message.WhichOneof("body")
-            if body == "run_end":
-                self.run_end = message.run_end
-                log.info("run ended: %s", message.run_end.reason)
-                await work.put(None)
-                return
-            if body == "instruction":
-                if current is not None:
-                    raise ProtocolError("instruction began before the previous payload was complete")
-                current = (message.instruction, PayloadAssembler(message.instruction.payload))
-            elif body == "chunk" and current is not None:
-                current[1].add(message.chunk.data)
+        while (raw := await call.read()) is not grpc.aio.EOF:
+            data = chunk_data(SERVER_CHUNK_FIELD, raw)
+            if data is not None:
+                if current is None:
+                    raise ProtocolError("payload chunk without an instruction")
+                current[1].add(data)
             else:
-                raise ProtocolError(f"unexpected {body!r} message from the server")
+                message = parse(pb.ServerMessage, raw)
+                body = message.WhichOneof("body")
+                if body == "run_end":
+                    self.run_end = message.run_end
+                    log.info("run ended: %s", message.run_end.reason)
+                    await work.put(None)
+                    return
+                if body == "instruction":
+                    if current is not None:
+                        raise ProtocolError("instruction began before the previous payload was complete")
+                    current = (message.instruction, PayloadAssembler(message.instruction.payload))
+                elif body == "chunk" and current is not None:
+                    current[1].add(message.chunk.data)
+                else:
+                    raise ProtocolError(f"unexpected {body!r} message from the server")
             if current is not None and current[1].complete:
                 ins, assembler = current
                 instruction = Instruction(
@@ -213,7 +226,7 @@ class SiteAgent:
     async def _work(
         self,
         work: asyncio.Queue[tuple[int, Instruction] | None],
-        outbound: asyncio.Queue[pb.SiteMessage],
+        outbound: asyncio.Queue[bytes],
     ) -> None:
         assert self.site is not None
         while (item := await work.get()) is not None:
@@ -230,17 +243,18 @@ class SiteAgent:
             for message in reply_messages(reply, request_id):
                 await outbound.put(message)
 
-    async def _write(self, call: grpc.aio.StreamStreamCall, outbound: asyncio.Queue[pb.SiteMessage]) -> None:
+    async def _write(self, call: grpc.aio.StreamStreamCall, outbound: asyncio.Queue[bytes]) -> None:
         while True:
             await call.write(await outbound.get())
 
-    async def _heartbeat(self, outbound: asyncio.Queue[pb.SiteMessage]) -> None:
+    async def _heartbeat(self, outbound: asyncio.Queue[bytes]) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            await outbound.put(pb.SiteMessage(heartbeat=pb.Heartbeat()))
+            await outbound.put(pb.SiteMessage(heartbeat=pb.Heartbeat()).SerializeToString())
 
 
-def reply_messages(reply: Reply, request_id: int) -> list[pb.SiteMessage]:
+def reply_messages(reply: Reply, request_id: int) -> list[bytes]:
+    """The serialized Result header, then the frames of its payload."""
     result = pb.Result(
         request_id=request_id,
         round=reply.round,
@@ -249,11 +263,11 @@ def reply_messages(reply: Reply, request_id: int) -> list[pb.SiteMessage]:
         refusal=reply.refusal or "",
     )
     config_to_wire(result.metrics, reply.metrics)
-    pieces: list[bytes] = []
+    pieces: list[bytes | memoryview] = []
     if reply.update is not None and reply.refusal is None:
         header, pieces = payload_messages(reply.update)
         result.payload.CopyFrom(header)
     return [
-        pb.SiteMessage(result=result),
-        *(pb.SiteMessage(chunk=pb.Chunk(data=p)) for p in pieces),
+        pb.SiteMessage(result=result).SerializeToString(),
+        *(chunk_frame(SITE_CHUNK_FIELD, p) for p in pieces),
     ]

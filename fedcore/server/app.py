@@ -16,7 +16,6 @@ import grpc
 from fedcore import pki
 from fedcore.config import Experiment
 from fedcore.engine import Coordinator, DirectoryStore, RoundRecord, RunResult
-from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
 from fedcore.server.transport import GrpcTransport
 from fedcore.tasks import Task, TaskSpec, build_task, default_partition
 from fedcore.wire import MAX_MESSAGE_BYTES
@@ -64,7 +63,7 @@ async def serve(
         mutual_tls=pki_dir is not None,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_FederationServicer_to_server(transport, server)
+    server.add_generic_rpc_handlers((transport.handler(),))
     if pki_dir is None:
         port = server.add_insecure_port(listen)
     else:

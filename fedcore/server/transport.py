@@ -20,15 +20,20 @@ import grpc
 from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
-from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
 from fedcore.tasks import TaskSpec
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import (
     KIND_TO_WIRE,
     PROTOCOL_VERSION,
+    SERVER_CHUNK_FIELD,
+    SERVICE,
+    SITE_CHUNK_FIELD,
+    chunk_data,
+    chunk_frame,
     config_from_wire,
     config_to_wire,
     kind_from_wire,
+    parse,
     payload_messages,
 )
 
@@ -47,7 +52,7 @@ class _Pending:
 @dataclass
 class _Session:
     name: str
-    outbound: asyncio.Queue[pb.ServerMessage | None] = field(
+    outbound: asyncio.Queue[bytes | None] = field(  # serialized ServerMessages
         default_factory=lambda: asyncio.Queue(QUEUE_MESSAGES)
     )
     pending: dict[int, _Pending] = field(default_factory=dict)
@@ -62,8 +67,9 @@ class _Session:
         self.pending.clear()
 
 
-class GrpcTransport(Transport, pb_grpc.FederationServicer):
-    """Both the Coordinator's Transport and the gRPC servicer sites connect to."""
+class GrpcTransport(Transport):
+    """Both the Coordinator's Transport and the gRPC service sites connect to. Messages
+    cross the handler as bytes: a round's model is serialized once for all sites."""
 
     def __init__(
         self,
@@ -85,6 +91,11 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
         self._finished: pb.RunEnd | None = None
         self._encoded: tuple[object, pb.Payload, list[bytes]] | None = None
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The Federation service, taking and giving serialized messages."""
+        session = grpc.stream_stream_rpc_method_handler(self.Session)
+        return grpc.method_handlers_generic_handler(SERVICE, {"Session": session})
+
     # ----- Transport -----
 
     async def wait_for_sites(self, count: int) -> None:
@@ -99,7 +110,9 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
     def _payload(self, instruction: Instruction) -> tuple[pb.Payload, list[bytes]]:
         # Every site gets the same global model in a round: encode it once.
         if self._encoded is None or self._encoded[0] is not instruction.parameters:
-            self._encoded = (instruction.parameters, *payload_messages(instruction.parameters))
+            header, pieces = payload_messages(instruction.parameters)
+            frames = [chunk_frame(SERVER_CHUNK_FIELD, p) for p in pieces]
+            self._encoded = (instruction.parameters, header, frames)
         return self._encoded[1], self._encoded[2]
 
     async def request(self, site: str, instruction: Instruction) -> Reply:
@@ -109,7 +122,7 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
         request_id = next(self._ids)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         session.pending[request_id] = _Pending(future, instruction)
-        header, pieces = self._payload(instruction)
+        header, frames = self._payload(instruction)
         message = pb.Instruction(
             request_id=request_id,
             round=instruction.round,
@@ -118,9 +131,9 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
         )
         config_to_wire(message.config, instruction.config)
         try:
-            await session.outbound.put(pb.ServerMessage(instruction=message))
-            for piece in pieces:
-                await session.outbound.put(pb.ServerMessage(chunk=pb.Chunk(data=piece)))
+            await session.outbound.put(pb.ServerMessage(instruction=message).SerializeToString())
+            for frame in frames:
+                await session.outbound.put(frame)
             return await future
         finally:
             session.pending.pop(request_id, None)
@@ -129,7 +142,7 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
         self._finished = pb.RunEnd(completed=completed, reason=reason)
         sessions = list(self._sessions.values())
         for session in sessions:
-            await session.outbound.put(pb.ServerMessage(run_end=self._finished))
+            await session.outbound.put(pb.ServerMessage(run_end=self._finished).SerializeToString())
             await session.outbound.put(None)
         if sessions:
             # Give the sites a moment to read RunEnd; their streams close on their side.
@@ -151,10 +164,13 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
         peer = context.peer()
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
-                first = await context.read()
+                raw = await context.read()
+            first = None if raw is grpc.aio.EOF else parse(pb.SiteMessage, raw)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello received")
-        if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
+        except ProtocolError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if first is None or first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
         hello = first.hello
         try:
@@ -167,7 +183,7 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
                 f"protocol version {hello.protocol_version} unsupported; the server speaks {PROTOCOL_VERSION}",
             )
         if self._finished is not None:
-            await context.write(pb.ServerMessage(run_end=self._finished))
+            await context.write(pb.ServerMessage(run_end=self._finished).SerializeToString())
             return
         if hello.task != self.spec.name:
             await context.abort(
@@ -176,7 +192,7 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
             )
         welcome = pb.Welcome(run_id=self.run_id, site_name=name, task=self.spec.name)
         config_to_wire(welcome.task_config, self.spec.as_config())
-        await context.write(pb.ServerMessage(welcome=welcome))
+        await context.write(pb.ServerMessage(welcome=welcome).SerializeToString())
 
         session = _Session(name)
         async with self._changed:
@@ -227,8 +243,18 @@ class GrpcTransport(Transport, pb_grpc.FederationServicer):
 
     async def _read(self, session: _Session, context: grpc.aio.ServicerContext) -> None:
         assembling: tuple[pb.Result, PayloadAssembler] | None = None
-        while (message := await context.read()) is not grpc.aio.EOF:
+        while (raw := await context.read()) is not grpc.aio.EOF:
             session.last_seen = time.monotonic()
+            data = chunk_data(SITE_CHUNK_FIELD, raw)
+            if data is not None:
+                if assembling is None:
+                    raise ProtocolError("payload chunk without a Result header")
+                assembling[1].add(data)
+                if assembling[1].complete:
+                    self._resolve(session, *assembling)
+                    assembling = None
+                continue
+            message = parse(pb.SiteMessage, raw)
             body = message.WhichOneof("body")
             if body == "heartbeat":
                 continue

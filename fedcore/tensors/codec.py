@@ -62,8 +62,9 @@ def encode(arrays: Mapping[str, np.ndarray]) -> tuple[pb.Payload, list[memoryvie
     return header, views
 
 
-def chunks(views: Iterable[memoryview], size: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Cut the concatenation of `views` into pieces of at most `size` bytes."""
+def chunks(views: Iterable[memoryview], size: int = CHUNK_BYTES) -> Iterator[bytes | memoryview]:
+    """Cut the concatenation of `views` into pieces of at most `size` bytes (whole pieces
+    are views into the arrays: no copy until the wire frame is built)."""
     if size < 1:
         raise ValueError(f"chunk size must be >= 1 byte, got {size}")
     buffer = bytearray()
@@ -72,7 +73,7 @@ def chunks(views: Iterable[memoryview], size: int = CHUNK_BYTES) -> Iterator[byt
         while start < view.nbytes:
             take = min(size - len(buffer), view.nbytes - start)
             if not buffer and take == size:  # whole chunk straight from the array
-                yield bytes(view[start : start + take])
+                yield view[start : start + take]
             else:
                 buffer += view[start : start + take]
                 if len(buffer) == size:
@@ -122,25 +123,29 @@ def decode(header: pb.Payload, data: bytes | bytearray | memoryview) -> Arrays:
 
 
 class PayloadAssembler:
-    """Collects the chunks that follow a header, refusing more bytes than announced."""
+    """Collects the chunks that follow a header into one buffer of the announced size,
+    refusing more bytes than announced."""
 
     def __init__(self, header: pb.Payload) -> None:
         self.header = header
         self._size = expected_bytes(header)
-        self._buffer = bytearray()
+        self._buffer = bytearray(self._size)
+        self._filled = 0
 
     @property
     def complete(self) -> bool:
-        return len(self._buffer) == self._size
+        return self._filled == self._size
 
-    def add(self, chunk: bytes) -> None:
-        if len(self._buffer) + len(chunk) > self._size:
+    def add(self, chunk: bytes | memoryview) -> None:
+        end = self._filled + len(chunk)
+        if end > self._size:
             raise ProtocolError(f"more payload bytes than the announced {self._size}")
-        self._buffer += chunk
+        self._buffer[self._filled : end] = chunk
+        self._filled = end
 
     def arrays(self) -> Arrays:
         if not self.complete:
-            raise ProtocolError(f"payload incomplete: {len(self._buffer)} of {self._size} bytes")
+            raise ProtocolError(f"payload incomplete: {self._filled} of {self._size} bytes")
         return decode(self.header, self._buffer)
 
 

@@ -9,9 +9,8 @@ transport and aggregation. All three systems run in one invocation on the same m
   with mutual TLS, and real ``SiteAgent`` objects hosted in 2 worker processes.
 - Flower: its Simulation Runtime (Ray backend) via ``flower_workload.run_flower_simulation``.
 
-Not quite like for like, to fedcore's disadvantage: ``bench`` has no test set, so every
-fedcore round also runs a federated evaluation (the model goes to every site a second time),
-while Flower's workload skips evaluation (``fraction_evaluate=0``).
+Like for like: ``bench`` holds a one-example held-out split, so fedcore's evaluation is a
+central no-op, as Flower's workload skips evaluation (``fraction_evaluate=0``).
 
 Per-round figures are medians over rounds 2..R: round 1 is warm-up (first encodes, lazy
 imports, connection setup) for every system alike.

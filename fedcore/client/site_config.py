@@ -1,0 +1,49 @@
+"""`site.toml`: a site's own settings for `fedcore client --config`. Flags override it.
+
+[server]    address
+[identity]  kit, insecure, name
+[data]      task, uri
+[agent]     device, give_up_after
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import ConfigError
+
+SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "server": {"address": str},
+    "identity": {"kit": str, "insecure": bool, "name": str},
+    "data": {"task": str, "uri": str},
+    "agent": {"device": str, "give_up_after": (int, float)},
+}
+
+
+def load_site_config(path: str | Path) -> dict[str, Any]:
+    """Flat {"section.key": value} from a site.toml, checked against SCHEMA."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"site file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    flat: dict[str, Any] = {}
+    for section, table in raw.items():
+        if section not in SCHEMA or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown table [{section}]; known tables: {', '.join(SCHEMA)}")
+        for key, value in table.items():
+            kind = SCHEMA[section].get(key)
+            if kind is None:
+                raise ConfigError(
+                    f"{path}: unknown key {key!r} in [{section}]; known keys: {', '.join(SCHEMA[section])}"
+                )
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise ConfigError(f"{path}: [{section}] {key} has the wrong type ({value!r})")
+            flat[f"{section}.{key}"] = value
+    if "identity.kit" in flat:  # relative to the file, so a site folder can be moved whole
+        flat["identity.kit"] = str((path.parent / flat["identity.kit"]).resolve())
+    return flat
