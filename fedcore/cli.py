@@ -58,10 +58,10 @@ def _simulate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fedcore.engine import RoundRecord
-    from fedcore.simulation import run_simulation
+    from fedcore.simulation.run import check_simulation, run_simulation
 
     experiment = _experiment(args)
-    _check_task(experiment)
+    check_simulation(experiment)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     console = Console(stderr=True)
     columns = (
@@ -86,10 +86,7 @@ def _simulate(args: argparse.Namespace) -> int:
             )
             progress.update(bar, advance=1, status=status)
 
-        try:
-            result, summary = run_simulation(experiment, out, device=args.device, on_round=on_round)
-        except ValueError as err:  # a task or partition that cannot serve this setup
-            raise ConfigError(str(err)) from None
+        result, summary = run_simulation(experiment, out, device=args.device, on_round=on_round)
     table = Table(title=f"fedcore simulate: {summary['task']} ({summary['model']}), {summary['strategy']}")
     table.add_column("round", justify="right")
     table.add_column("sites", justify="right")

@@ -33,6 +33,21 @@ def make_site(task: Task, experiment: Experiment, k: int) -> Site:
     return Site(name=site_name(k), task=task, data=data)
 
 
+def check_simulation(experiment: Experiment) -> Task:
+    """The experiment's task, once it is clear the simulation can run; ConfigError says why not."""
+    if experiment.simulation.sites < experiment.federation.min_sites:
+        raise ConfigError(
+            f"[simulation] sites ({experiment.simulation.sites}) must be >= [federation] min_sites "
+            f"({experiment.federation.min_sites}); lower min_sites or add sites"
+        )
+    try:
+        task = build_task(experiment.task.name, experiment.task.model)
+        make_site(task, experiment, 1)  # the partition fits the task and the number of sites
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return task
+
+
 def run_simulation(
     experiment: Experiment,
     out: Path | None,
@@ -43,12 +58,7 @@ def run_simulation(
     """Run the experiment; write metrics.jsonl, model.safetensors, summary.json and
     report.png into `out` (when given). Returns the result and the summary."""
     started = time.perf_counter()
-    if experiment.simulation.sites < experiment.federation.min_sites:
-        raise ConfigError(
-            f"[simulation] sites ({experiment.simulation.sites}) must be >= [federation] min_sites "
-            f"({experiment.federation.min_sites}); lower min_sites or add sites"
-        )
-    task = build_task(experiment.task.name, experiment.task.model)
+    task = check_simulation(experiment)
     if device is not None:
         task.device = device  # type: ignore[attr-defined]
     n = experiment.simulation.sites
