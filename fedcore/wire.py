@@ -28,7 +28,7 @@ KIND_TO_WIRE = {
     InstructionKind.FIT: pb.INSTRUCTION_KIND_FIT,
     InstructionKind.EVALUATE: pb.INSTRUCTION_KIND_EVALUATE,
 }
-KIND_FROM_WIRE = {v: k for k, v in KIND_TO_WIRE.items()}
+KIND_FROM_WIRE: dict[int, InstructionKind] = {v: k for k, v in KIND_TO_WIRE.items()}
 
 
 def scalar_to_wire(value: Scalar) -> pb.Scalar:

@@ -58,7 +58,7 @@ class _Session:
     pending: dict[int, _Pending] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Future[None]] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def fail_pending(self, reason: str) -> None:
         for item in self.pending.values():
@@ -172,6 +172,7 @@ class GrpcTransport(Transport):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if first is None or first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+        assert first is not None  # abort() raised otherwise
         hello = first.hello
         try:
             name = self._identify(hello, context)
@@ -214,9 +215,9 @@ class GrpcTransport(Transport):
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if not task.cancelled() and (err := task.exception()) is not None:
-                    reason = f"{type(err).__name__}: {err}"
-                    violation = err if isinstance(err, ProtocolError) else violation
+                if not task.cancelled() and (error := task.exception()) is not None:
+                    reason = f"{type(error).__name__}: {error}"
+                    violation = error if isinstance(error, ProtocolError) else violation
         finally:
             for task in tasks:
                 task.cancel()

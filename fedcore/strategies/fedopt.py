@@ -50,14 +50,14 @@ class FedAdagrad(FedOpt):
     name = "fedadagrad"
 
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        return v + delta * delta
+        return np.asarray(v + delta * delta)
 
 
 class FedAdam(FedOpt):
     name = "fedadam"
 
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        return self.beta_2 * v + (1 - self.beta_2) * delta * delta
+        return np.asarray(self.beta_2 * v + (1 - self.beta_2) * delta * delta)
 
     def step_size(self) -> float:
         t = self.steps
@@ -69,4 +69,4 @@ class FedYogi(FedOpt):
 
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         d2 = delta * delta
-        return v - (1 - self.beta_2) * d2 * np.sign(v - d2)
+        return np.asarray(v - (1 - self.beta_2) * d2 * np.sign(v - d2))

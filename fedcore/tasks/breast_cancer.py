@@ -36,7 +36,7 @@ class BreastCancer(BundledTask):
 
     def _scale(self, x: np.ndarray) -> np.ndarray:
         mean, std = self._scaling
-        return ((x - mean) / std).astype(np.float32)
+        return np.asarray((x - mean) / std, dtype=np.float32)
 
     def load_bundled(self) -> Dataset:
         bunch = load_breast_cancer()

@@ -62,7 +62,7 @@ class TorchClassifierTask(Task):
                 if anchor is not None:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
                     loss = loss + 0.5 * settings.proximal_mu * prox
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
         return FitOutcome(
             parameters=to_arrays(model),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ Arrays = dict[str, np.ndarray]
 CHUNK_BYTES = 1 << 20
 MAX_TENSORS = 100_000
 
-DTYPES: dict[np.dtype, int] = {
+DTYPES: dict[np.dtype[Any], pb.DType] = {
     np.dtype("<f2"): pb.DTYPE_FLOAT16,
     np.dtype("<f4"): pb.DTYPE_FLOAT32,
     np.dtype("<f8"): pb.DTYPE_FLOAT64,
@@ -55,7 +56,7 @@ def encode(arrays: Mapping[str, np.ndarray]) -> tuple[pb.Payload, list[memoryvie
     for name, array in arrays.items():
         array = _little_endian(np.asarray(array))
         header.tensors.append(pb.TensorSpec(name=name, dtype=DTYPES[array.dtype], shape=array.shape))
-        view = memoryview(array.reshape(-1).view(np.uint8))
+        view = array.reshape(-1).view(np.uint8).data
         views.append(view)
         total += view.nbytes
     header.total_bytes = total
