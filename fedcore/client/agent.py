@@ -6,6 +6,7 @@ site's own data, and reconnects with exponential backoff when the connection dro
 from __future__ import annotations
 
 import asyncio
+import gc
 import enum
 import logging
 import random
@@ -92,6 +93,7 @@ class SiteAgent:
     async def run(self) -> Outcome:
         """Connect, serve the run, reconnect on failure; return how the run ended for us."""
         s = self.settings
+        gc.freeze()  # start-up objects live for the whole run: keep them out of every GC pass
         delay = s.backoff_initial
         last_contact = time.monotonic()
         while True:

@@ -4,6 +4,7 @@ Coordinator's rounds over the gRPC transport, writes STATE/metrics.jsonl and the
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import logging
 import signal
@@ -74,6 +75,8 @@ async def serve(
         port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
+    # Imports and start-up objects live for the whole run: keep them out of every GC pass.
+    gc.freeze()
     await server.start()
     log.info("listening on %s (port %d, %s)", listen, port, "mutual TLS" if pki_dir else "INSECURE")
     if on_listening:

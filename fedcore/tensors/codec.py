@@ -124,13 +124,15 @@ def decode(header: pb.Payload, data: bytes | bytearray | memoryview) -> Arrays:
 
 
 class PayloadAssembler:
-    """Collects the chunks that follow a header into one buffer of the announced size,
-    refusing more bytes than announced."""
+    """Collects the chunks that follow a header, refusing more bytes than announced. A
+    payload that arrives in one chunk is kept as it is (no copy); others are gathered into
+    one buffer of the announced size."""
 
     def __init__(self, header: pb.Payload) -> None:
         self.header = header
         self._size = expected_bytes(header)
-        self._buffer = bytearray(self._size)
+        self._whole: bytes | memoryview | None = None
+        self._buffer: bytearray | None = None
         self._filled = 0
 
     @property
@@ -141,13 +143,19 @@ class PayloadAssembler:
         end = self._filled + len(chunk)
         if end > self._size:
             raise ProtocolError(f"more payload bytes than the announced {self._size}")
-        self._buffer[self._filled : end] = chunk
+        if self._filled == 0 and end == self._size:
+            self._whole = chunk
+        else:
+            if self._buffer is None:
+                self._buffer = bytearray(self._size)
+            self._buffer[self._filled : end] = chunk
         self._filled = end
 
     def arrays(self) -> Arrays:
         if not self.complete:
             raise ProtocolError(f"payload incomplete: {self._filled} of {self._size} bytes")
-        return decode(self.header, self._buffer)
+        data = self._whole if self._whole is not None else (self._buffer or b"")
+        return decode(self.header, data)
 
 
 def check_finite(arrays: Mapping[str, np.ndarray]) -> None:
