@@ -5,6 +5,7 @@ another task is rejected."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -185,3 +186,19 @@ def test_a_site_offering_another_task_is_rejected(tmp_path: Path) -> None:
 @pytest.mark.parametrize("uri", ["builtin:1/1"])
 def test_bench_task_is_installed(uri: str) -> None:
     assert build_task(f"bench:{PARAMS}").site_data(uri, partition="iid", seed=0, partitions=1)
+
+
+def test_sites_started_before_the_server_connect_with_backoff(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+
+    async def scenario() -> tuple[RunResult, list[Outcome]]:
+        sites = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2)]
+        await asyncio.sleep(1.5)  # the sites retry against a closed port meanwhile
+        result = await serve(experiment(), listen=f"127.0.0.1:{port}", state=tmp_path / "state", pki_dir=None)
+        return result, list(await asyncio.gather(*sites))
+
+    result, outcomes = asyncio.run(scenario())
+    assert outcomes == [Outcome.COMPLETED, Outcome.COMPLETED]
+    assert [r.sites for r in result.records] == [2, 2]
