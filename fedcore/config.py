@@ -193,11 +193,15 @@ def load_experiment(path: str | Path | None = None) -> Experiment:
     """The experiment in `path` (TOML), or the defaults when no path is given."""
     if path is None:
         return _build({}, base=Experiment(), source="defaults")
+    return _build(read_toml(path, "experiment"), base=Experiment(), source=str(path))
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file's tables; ConfigError when it is missing or malformed."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"experiment file {path} does not exist") from None
+        raise ConfigError(f"{what} file {path} does not exist") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    return _build(raw, base=Experiment(), source=str(path))

@@ -102,3 +102,24 @@ def test_committed_protocol_stubs_are_up_to_date() -> None:
         [sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_annotated_site_file_parses_and_unknown_keys_are_errors(tmp_path: Path) -> None:
+    from fedcore.client.site_config import load_site_config
+    from fedcore.errors import ConfigError
+
+    site = load_site_config(ROOT / "client" / "site.toml")
+    assert site["server.address"] == "fl.example.org:7443"
+    assert site["identity.kit"] == str((ROOT / "pki" / "sites" / "st-marys").resolve())
+    bad = tmp_path / "site.toml"
+    bad.write_text('[data]\ntask = "digits"\nurl = "x"\n')
+    with pytest.raises(ConfigError, match="unknown key 'url' in \\[data\\]"):
+        load_site_config(bad)
+
+
+@pytest.mark.parametrize("name", ["breast_cancer.toml", "digits.toml", "synthetic_fedprox.toml"])
+def test_shipped_experiment_files_are_valid(name: str) -> None:
+    from fedcore import load_experiment
+
+    load_experiment(ROOT / "simulations" / name)
+    load_experiment(ROOT / "server" / "server.toml")

@@ -6,8 +6,8 @@ site's own data, and reconnects with exponential backoff when the connection dro
 from __future__ import annotations
 
 import asyncio
-import gc
 import enum
+import gc
 import logging
 import random
 import time

@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from fedcore.config import read_toml
 from fedcore.errors import ConfigError
 
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -25,12 +25,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 def load_site_config(path: str | Path) -> dict[str, Any]:
     """Flat {"section.key": value} from a site.toml, checked against SCHEMA."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"site file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    raw = read_toml(path, "site")
     flat: dict[str, Any] = {}
     for section, table in raw.items():
         if section not in SCHEMA or not isinstance(table, dict):

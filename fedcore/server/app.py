@@ -4,8 +4,8 @@ Coordinator's rounds over the gRPC transport, writes STATE/metrics.jsonl and the
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import signal
 import uuid
