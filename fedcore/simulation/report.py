@@ -32,8 +32,11 @@ def plot_report(records: Sequence[RoundRecord], path: Path, *, title: str) -> No
         )
     loss_ax.set(xlabel="round", ylabel="loss", title="loss")
     loss_ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
