@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from fedcore.config import Experiment, StrategyName, load_experiment
+from fedcore.config import Backend, Experiment, StrategyName, load_experiment
 from fedcore.errors import ConfigError, FedcoreError
 
 EXIT_CONFIG = 2
@@ -37,6 +37,9 @@ def _experiment(args: argparse.Namespace) -> Experiment:
         federation__min_sites=getattr(args, "min_sites", None),
         federation__sites_per_round=getattr(args, "sites_per_round", None),
         simulation__sites=getattr(args, "sites", None),
+        simulation__workers=getattr(args, "workers", None),
+        simulation__backend=getattr(args, "backend", None),
+        simulation__ray_address=getattr(args, "ray_address", None),
         data__seed=args.seed,
         data__partition=getattr(args, "partition", None),
         strategy__name=getattr(args, "strategy", None),
@@ -244,6 +247,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     experiment_flags(sim)
     sim.add_argument("--sites", type=int, help="number of virtual sites")
+    sim.add_argument("--workers", type=int, help="sites trained in parallel (default: the number of cores)")
+    sim.add_argument(
+        "--backend", type=str.lower, choices=[b.value for b in Backend], help="local (default) or ray"
+    )
+    sim.add_argument("--ray-address", help="an existing Ray cluster (with --backend ray)")
     sim.add_argument("--out", help="output directory (default: runs/simulate-TIMESTAMP)")
     sim.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     sim.set_defaults(run=_simulate)

@@ -7,7 +7,7 @@ errors, and command-line flags override the file (`Experiment.override`).
     [task]        name, model, local_epochs, batch_size, lr, weight_decay
     [strategy]    name, proximal_mu, server_lr, beta_1, beta_2, tau
     [data]        partition, seed
-    [simulation]  sites
+    [simulation]  sites, workers, backend, ray_address, stragglers, dropout
 """
 
 from __future__ import annotations
@@ -67,9 +67,19 @@ class DataConfig:
     seed: int = 0  # the experiment seed: partitioning, initial model, sampling, training order
 
 
+class Backend(enum.StrEnum):
+    LOCAL = "local"  # worker processes on this machine
+    RAY = "ray"  # Ray tasks, on a local Ray instance or a cluster (ray_address)
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     sites: int = 5
+    workers: int | None = None  # parallel site trainings; None: the number of cores
+    backend: Backend = Backend.LOCAL
+    ray_address: str | None = None  # an existing Ray cluster; None: start one locally
+    stragglers: float = 0.0  # fraction of each round's sites that do only part of their local work
+    dropout: float = 0.0  # fraction of each round's sites that vanish mid-round
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,12 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if base == "Backend":
+        try:
+            return Backend(str(value).lower())
+        except ValueError:
+            choices = ", ".join(b.value for b in Backend)
+            raise ConfigError(f"{where} = {value!r} is not a backend; choose one of: {choices}") from None
     if base == "StrategyName":
         try:
             return StrategyName(str(value).lower())
@@ -179,7 +195,11 @@ def _validate(e: Experiment, source: str) -> None:
         "[strategy] betas must be in [0, 1)",
     )
     need(e.strategy.tau > 0, "[strategy] tau must be > 0")
-    need(e.simulation.sites >= 1, f"[simulation] sites must be >= 1, got {e.simulation.sites}")
+    sim = e.simulation
+    need(sim.sites >= 1, f"[simulation] sites must be >= 1, got {sim.sites}")
+    need(sim.workers is None or sim.workers >= 1, f"[simulation] workers must be >= 1, got {sim.workers}")
+    need(0 <= sim.stragglers <= 1, f"[simulation] stragglers is a fraction in [0, 1], got {sim.stragglers}")
+    need(0 <= sim.dropout <= 1, f"[simulation] dropout is a fraction in [0, 1], got {sim.dropout}")
     from fedcore.tasks.partition import parse_partition  # late: tasks import config
 
     if e.data.partition is not None:

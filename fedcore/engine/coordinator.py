@@ -117,34 +117,57 @@ class Coordinator:
         instruction_for: Callable[[str], Instruction],
         on_reply: Callable[[Reply], None],
     ) -> dict[str, str]:
-        """Send to every site; call `on_reply` for each good reply as it arrives; return the
-        dropped sites with reasons. Late sites are cancelled at the round's deadline."""
+        """Send to every site; hand each good reply to `on_reply`; return the dropped sites
+        with reasons. Late sites are cancelled at the round's deadline.
+
+        Replies are handed on in `sites` order whatever order they arrive in (early ones wait
+        in a buffer), so the floating-point sum, and so the model, does not depend on timing:
+        the same seed gives the same model with any number of workers or any transport."""
         dropped: dict[str, str] = {}
+        settled: dict[str, Reply | str] = {}  # site -> its reply, or why it has none
+        order = iter(sites)
+        upcoming = next(order, None)
+
+        def hand_on() -> None:
+            nonlocal upcoming
+            while upcoming is not None and upcoming in settled:
+                outcome = settled.pop(upcoming)
+                if isinstance(outcome, str):
+                    dropped[upcoming] = outcome
+                elif outcome.refusal is not None:
+                    dropped[upcoming] = f"refused: {outcome.refusal}"
+                else:
+                    try:
+                        on_reply(outcome)
+                    except ProtocolError as err:
+                        dropped[upcoming] = f"bad reply: {err}"
+                upcoming = next(order, None)
+
         tasks = {asyncio.ensure_future(self.transport.request(s, instruction_for(s))): s for s in sites}
+        waiting = set(tasks)
         try:
             async with asyncio.timeout(self.experiment.federation.round_timeout):
-                for next_done in asyncio.as_completed(tasks):
-                    try:
-                        reply = await next_done
-                    except SiteUnavailable as err:
-                        # as_completed hides which task finished; the error names the site.
-                        dropped[err.site] = f"unavailable: {err.reason}"
-                        continue
-                    if reply.refusal is not None:
-                        dropped[reply.site] = f"refused: {reply.refusal}"
-                        continue
-                    try:
-                        on_reply(reply)
-                    except ProtocolError as err:
-                        dropped[reply.site] = f"bad reply: {err}"
+                while waiting:
+                    done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        site = tasks[task]
+                        try:
+                            settled[site] = task.result()
+                        except SiteUnavailable as err:
+                            settled[site] = f"unavailable: {err.reason}"
+                        except Exception as err:  # a site's crash is data for the round
+                            log.exception("site %s failed", site)
+                            settled[site] = f"failed: {type(err).__name__}: {err}"
+                    hand_on()
         except TimeoutError:
             pass
         finally:
             for task, site in tasks.items():
                 if not task.done():
                     task.cancel()
-                    dropped.setdefault(site, "missed the round deadline")
+                    settled[site] = "missed the round deadline"
             await asyncio.gather(*tasks, return_exceptions=True)
+        hand_on()
         return dropped
 
     async def _round(self, number: int, attempt: int) -> RoundRecord | None:

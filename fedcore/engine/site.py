@@ -28,12 +28,14 @@ class Site:
         task: Task,
         data: SiteData,
         aggregation: AggregationStage | None = None,
+        template: Arrays | None = None,
     ) -> None:
         self.name = name
         self.task = task
         self.data = data
         self.aggregation = aggregation or WeightedMean()
-        self._template = task.initial_parameters(0)  # names, shapes and dtypes only
+        # Names, shapes and dtypes that incoming models must have.
+        self._template = template if template is not None else task.initial_parameters(0)
 
     def handle(self, instruction: Instruction) -> Reply:
         try:

@@ -1,44 +1,57 @@
-"""The in-process transport: virtual sites in this process, same round code as gRPC."""
+"""The in-process transport: virtual sites, the same round code as over gRPC.
+
+It also plays the federation's system heterogeneity, seeded by (seed, round, site): a
+sampled site drops out mid-round with probability `dropout`, and is a straggler with
+probability `stragglers`. A straggler does only part of its local epochs; its partial work
+counts when the strategy accepts partial work (FedProx) and is dropped otherwise (FedAvg),
+as in the FedProx paper.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 
-from fedcore.engine import Instruction, Reply, Site, Transport
+from fedcore.config import Experiment
+from fedcore.engine import Instruction, InstructionKind, Reply, Transport
 from fedcore.errors import SiteUnavailable
+from fedcore.seeding import rng
+from fedcore.simulation.runners import SiteRunner, site_name
 
 
 class InProcessTransport(Transport):
-    """Sites are built on first use by `site_factory(name)` and run on a worker thread, so
-    the event loop stays free while they train."""
-
-    def __init__(self, names: list[str], site_factory: Callable[[str], Site], *, workers: int = 1) -> None:
-        self._names = list(names)
-        self._factory = site_factory
-        self._sites: dict[str, Site] = {}
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="site")
+    def __init__(self, experiment: Experiment, runner: SiteRunner, *, accepts_partial_work: bool) -> None:
+        self.experiment = experiment
+        self.runner = runner
+        self.accepts_partial_work = accepts_partial_work
+        self._index = {site_name(k): k for k in range(1, experiment.simulation.sites + 1)}
 
     async def wait_for_sites(self, count: int) -> None:
-        if count > len(self._names):
-            raise SiteUnavailable("*", f"the simulation has {len(self._names)} sites, the run needs {count}")
+        if count > len(self._index):
+            raise SiteUnavailable("*", f"the simulation has {len(self._index)} sites, the run needs {count}")
 
     def available(self) -> list[str]:
-        return list(self._names)
+        return list(self._index)
 
-    def _handle(self, name: str, instruction: Instruction) -> Reply:
-        site = self._sites.get(name)
-        if site is None:
-            site = self._sites[name] = self._factory(name)
-        return site.handle(instruction)
+    def _heterogeneity(self, site: str, instruction: Instruction) -> Instruction:
+        sim, seed, number = self.experiment.simulation, self.experiment.seed, instruction.round
+        if sim.dropout and rng(seed, "dropout", number, site).random() < sim.dropout:
+            raise SiteUnavailable(site, "dropped out mid-round (simulated)")
+        draw = rng(seed, "straggler", number, site)
+        if sim.stragglers and draw.random() < sim.stragglers:
+            if not self.accepts_partial_work:
+                raise SiteUnavailable(site, "straggler: did not finish its local epochs (simulated)")
+            epochs = int(instruction.config["local_epochs"])
+            partial = int(draw.integers(1, epochs)) if epochs > 1 else 1
+            return dataclasses.replace(instruction, config={**instruction.config, "local_epochs": partial})
+        return instruction
 
     async def request(self, site: str, instruction: Instruction) -> Reply:
-        if site not in self._names:
+        k = self._index.get(site)
+        if k is None:
             raise SiteUnavailable(site, "no such site")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._handle, site, instruction
-        )
+        if instruction.kind is InstructionKind.FIT:
+            instruction = self._heterogeneity(site, instruction)
+        return await self.runner.run(k, instruction)
 
     async def finish(self, *, completed: bool, reason: str) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.runner.close()

@@ -9,28 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedcore.config import Experiment
-from fedcore.engine import Coordinator, DirectoryStore, MemoryStore, RoundRecord, RunResult, Site
+from fedcore.engine import Coordinator, DirectoryStore, MemoryStore, RoundRecord, RunResult
 from fedcore.errors import ConfigError
 from fedcore.simulation.inprocess import InProcessTransport
 from fedcore.simulation.report import plot_report, write_summary
+from fedcore.simulation.runners import make_runner, make_site
+from fedcore.strategies import build_strategy
 from fedcore.tasks import Task, build_task, default_partition
-
-
-def site_name(k: int) -> str:
-    """Virtual site k (1-based) holds part k of the data, like `--data builtin:k/N`."""
-    return f"site-{k}"
-
-
-def make_site(task: Task, experiment: Experiment, k: int) -> Site:
-    n = experiment.simulation.sites
-    data = task.site_data(
-        f"builtin:{k}/{n}",
-        partition=experiment.data.partition or default_partition(task),
-        seed=experiment.seed,
-        partitions=n,
-    )
-    return Site(name=site_name(k), task=task, data=data)
 
 
 def check_simulation(experiment: Experiment) -> Task:
@@ -42,7 +30,7 @@ def check_simulation(experiment: Experiment) -> Task:
         )
     try:
         task = build_task(experiment.task.name, experiment.task.model)
-        make_site(task, experiment, 1)  # the partition fits the task and the number of sites
+        make_site(experiment, 1)  # the partition fits the task and the number of sites
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return task
@@ -60,11 +48,12 @@ def run_simulation(
     started = time.perf_counter()
     task = check_simulation(experiment)
     if device is not None:
-        task.device = device  # type: ignore[attr-defined]
+        task.device = torch.device(device)  # type: ignore[attr-defined]
     n = experiment.simulation.sites
-    names = [site_name(k) for k in range(1, n + 1)]
-    by_name = {site_name(k): k for k in range(1, n + 1)}
-    transport = InProcessTransport(names, lambda name: make_site(task, experiment, by_name[name]))
+    strategy = build_strategy(experiment.strategy)
+    transport = InProcessTransport(
+        experiment, make_runner(experiment, device), accepts_partial_work=strategy.accepts_partial_work
+    )
     store = DirectoryStore(out) if out is not None else MemoryStore()
     coordinator = Coordinator(
         experiment=experiment,
@@ -72,6 +61,7 @@ def run_simulation(
         transport=transport,
         store=store,
         test_data=task.test_data(seed=experiment.seed, partitions=n),
+        strategy=strategy,
         on_round=on_round,
     )
     result = asyncio.run(coordinator.run())

@@ -17,6 +17,9 @@ from fedcore.tensors import Arrays
 class Strategy(abc.ABC):
     name: ClassVar[str]
     needs_individual_updates: ClassVar[bool] = False
+    # Whether a site that did only part of its local work still contributes (FedProx keeps a
+    # straggler's partial solution; FedAvg, as in the FedProx paper, drops the straggler).
+    accepts_partial_work: ClassVar[bool] = False
 
     def fit_config(self, round_number: int) -> dict[str, Any]:
         """Extra settings sent to the sites with the round (e.g. FedProx's mu)."""

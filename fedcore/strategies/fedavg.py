@@ -23,6 +23,7 @@ class FedProx(FedAvg):
     """FedAvg on the server; the sites add mu/2 * ||w - w_global||^2 to their local loss."""
 
     name = "fedprox"
+    accepts_partial_work = True
 
     def __init__(self, *, proximal_mu: float) -> None:
         self.proximal_mu = proximal_mu

@@ -4,6 +4,7 @@ server, the rest partitioned across sites."""
 from __future__ import annotations
 
 import abc
+import functools
 from functools import cached_property
 from pathlib import Path
 
@@ -38,15 +39,18 @@ class BundledTask(TorchClassifierTask):
         mask[test] = True
         return data.subset(np.flatnonzero(~mask)), data.subset(np.sort(test))
 
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - tasks live as long as the process
+    def _parts(self, n: int, partition: str, seed: int) -> list[np.ndarray]:
+        """The training split cut into n parts (virtual sites ask for theirs every round)."""
+        return split_indices(self._split[0].y, n, parse_partition(partition), rng(seed, "partition", n))
+
     def test_data(self, *, seed: int, partitions: int) -> Dataset:
         return self._split[1]
 
     def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
         if uri.startswith("builtin:"):
             k, n = parse_builtin_uri(uri, partitions)
-            train = self._split[0]
-            parts = split_indices(train.y, n, parse_partition(partition), rng(seed, "partition", n))
-            return SiteData(train=train.subset(parts[k]))
+            return SiteData(train=self._split[0].subset(self._parts(n, partition, seed)[k]))
         return SiteData(train=self.load_file(Path(uri)))
 
     def load_file(self, path: Path) -> Dataset:

@@ -1,0 +1,145 @@
+"""Where virtual sites train: worker threads or processes on this machine, or Ray tasks.
+
+A virtual site exists only while it handles an instruction: the runner builds it from the
+experiment and its index (its data is regenerated or re-sliced from the seed), runs the
+instruction and forgets it. Memory therefore grows with the sites trained at once, not
+with the federation's size. Each worker builds the task once and sets torch's thread count
+so that the workers together use the machine's cores without oversubscribing them.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from fedcore.config import Backend, Experiment
+from fedcore.engine import Instruction, Reply, Site
+from fedcore.tasks import Task, build_task, default_partition
+from fedcore.tensors import Arrays
+
+_TASKS: dict[tuple[str, str | None, str | None], tuple[Task, Arrays]] = {}
+
+
+def site_name(k: int) -> str:
+    """Virtual site k (1-based) holds part k of the data, like `--data builtin:k/N`."""
+    return f"site-{k}"
+
+
+def make_site(experiment: Experiment, k: int, device: str | None = None) -> Site:
+    """Virtual site k of the experiment, built from the seed (task cached per process)."""
+    key = (experiment.task.name, experiment.task.model, device)
+    if key not in _TASKS:
+        task = build_task(experiment.task.name, experiment.task.model)
+        if device is not None:
+            task.device = torch.device(device)  # type: ignore[attr-defined]
+        _TASKS[key] = (task, task.initial_parameters(0))
+    task, template = _TASKS[key]
+    n = experiment.simulation.sites
+    data = task.site_data(
+        f"builtin:{k}/{n}",
+        partition=experiment.data.partition or default_partition(task),
+        seed=experiment.seed,
+        partitions=n,
+    )
+    return Site(name=site_name(k), task=task, data=data, template=template)
+
+
+def handle(experiment: Experiment, k: int, instruction: Instruction, device: str | None = None) -> Reply:
+    """Run one instruction at virtual site k; the site is gone afterwards."""
+    return make_site(experiment, k, device).handle(instruction)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+class SiteRunner(abc.ABC):
+    @abc.abstractmethod
+    async def run(self, k: int, instruction: Instruction) -> Reply:
+        """Site k's reply to `instruction`."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class LocalRunner(SiteRunner):
+    """One worker: a thread of this process. More: spawned worker processes (spawn, not
+    fork: torch and gRPC hold threads that fork would copy in a broken state)."""
+
+    def __init__(self, experiment: Experiment, *, workers: int, device: str | None = None) -> None:
+        self.experiment = experiment
+        self.device = device
+        threads = max(1, cores() // workers)
+        self._executor: Executor
+        if workers == 1:
+            _set_threads(threads)
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="site")
+        else:
+            self._executor = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_set_threads,
+                initargs=(threads,),
+            )
+
+    async def run(self, k: int, instruction: Instruction) -> Reply:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, handle, self.experiment, k, instruction, self.device
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class RayRunner(SiteRunner):
+    """Each site's work is a Ray task (one CPU each) on a local Ray instance or a cluster."""
+
+    def __init__(self, experiment: Experiment, *, workers: int | None, address: str | None) -> None:
+        try:
+            import ray
+        except ImportError:
+            from fedcore.errors import ConfigError
+
+            raise ConfigError("backend 'ray' needs Ray: pip install 'fedcore[ray]'") from None
+        self._ray = ray
+        self._started = not ray.is_initialized()
+        if self._started:
+            options: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
+            if address is None:
+                options["num_cpus"] = workers or cores()
+            ray.init(**options)
+        self._experiment = ray.put(experiment)
+        self._remote = ray.remote(num_cpus=1)(_ray_handle)
+
+    async def run(self, k: int, instruction: Instruction) -> Reply:
+        reply: Reply = await self._remote.remote(self._experiment, k, instruction)
+        return reply
+
+    def close(self) -> None:
+        if self._started:
+            self._ray.shutdown()
+
+
+def _ray_handle(experiment: Experiment, k: int, instruction: Instruction) -> Reply:
+    if torch.get_num_threads() != 1:  # a Ray task holds one CPU
+        _set_threads(1)
+    return handle(experiment, k, instruction)
+
+
+def make_runner(experiment: Experiment, device: str | None = None) -> SiteRunner:
+    sim = experiment.simulation
+    if sim.backend is Backend.RAY:
+        return RayRunner(experiment, workers=sim.workers, address=sim.ray_address)
+    return LocalRunner(experiment, workers=sim.workers or cores(), device=device)
