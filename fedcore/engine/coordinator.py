@@ -179,12 +179,15 @@ class Coordinator:
         accumulator = self.aggregation.start(self.parameters)
         losses: list[tuple[float, int]] = []
         replied: list[str] = []
+        received = 0
 
         def fold(reply: Reply) -> None:
+            nonlocal received
             if reply.update is None or reply.num_examples <= 0:
                 raise ProtocolError("fit reply without an update or examples")
             accumulator.add(reply.update, float(reply.num_examples))
             replied.append(reply.site)
+            received += sum(a.nbytes for a in reply.update.values())
             if "train_loss" in reply.metrics:
                 losses.append((reply.metrics["train_loss"], reply.num_examples))
 
@@ -206,6 +209,7 @@ class Coordinator:
             )
             return None
         aggregate = accumulator.result()
+        sent = sum(a.nbytes for a in self.parameters.values()) * len(sampled)
         self.parameters = self.strategy.apply(self.parameters, aggregate.mean)
         accuracy, loss, mode = await self._evaluate(number, sorted(replied))
         return RoundRecord(
@@ -219,6 +223,8 @@ class Coordinator:
             train_loss=_weighted(losses),
             attempt=attempt,
             evaluation=mode,
+            bytes_sent=sent,
+            bytes_received=received,
         )
 
     async def _evaluate(self, number: int, sites: list[str]) -> tuple[float | None, float | None, str]:

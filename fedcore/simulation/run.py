@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +14,9 @@ from fedcore.config import Experiment
 from fedcore.engine import Coordinator, DirectoryStore, MemoryStore, RoundRecord, RunResult
 from fedcore.errors import ConfigError
 from fedcore.simulation.inprocess import InProcessTransport
+from fedcore.simulation.memory import PeakMemory
 from fedcore.simulation.report import plot_report, write_summary
-from fedcore.simulation.runners import make_runner, make_site
+from fedcore.simulation.runners import make_runner, make_site, set_threads
 from fedcore.strategies import build_strategy
 from fedcore.tasks import Task, build_task, default_partition
 
@@ -46,6 +46,7 @@ def run_simulation(
     """Run the experiment; write metrics.jsonl, model.safetensors, summary.json and
     report.png into `out` (when given). Returns the result and the summary."""
     started = time.perf_counter()
+    set_threads(1)  # see fedcore.simulation.runners: workers give the parallelism
     task = check_simulation(experiment)
     if device is not None:
         task.device = torch.device(device)  # type: ignore[attr-defined]
@@ -64,7 +65,8 @@ def run_simulation(
         strategy=strategy,
         on_round=on_round,
     )
-    result = asyncio.run(coordinator.run())
+    with PeakMemory() as peak:
+        result = asyncio.run(coordinator.run())
     last = result.records[-1]
     summary = {
         "task": experiment.task.name,
@@ -78,7 +80,9 @@ def run_simulation(
         "final_loss": last.loss,
         "best_accuracy": max((r.accuracy for r in result.records if r.accuracy is not None), default=None),
         "wall_seconds": time.perf_counter() - started,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak.bytes,  # the whole process tree: this process and its workers
+        "bytes_sent_per_round": [r.bytes_sent for r in result.records],
+        "bytes_received_per_round": [r.bytes_received for r in result.records],
     }
     if out is not None:
         write_summary(out / "summary.json", summary)

@@ -3,8 +3,12 @@
 A virtual site exists only while it handles an instruction: the runner builds it from the
 experiment and its index (its data is regenerated or re-sliced from the seed), runs the
 instruction and forgets it. Memory therefore grows with the sites trained at once, not
-with the federation's size. Each worker builds the task once and sets torch's thread count
-so that the workers together use the machine's cores without oversubscribing them.
+with the federation's size. Each worker builds the task once.
+
+Parallelism comes from workers, never from torch's intra-op threads: every worker (and the
+coordinator's evaluation) runs torch with one thread. That uses the cores without
+oversubscribing them, and it keeps results bit-identical for any number of workers, since
+a multi-threaded reduction adds in a different order.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _set_threads(threads: int) -> None:
+def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
@@ -80,17 +84,15 @@ class LocalRunner(SiteRunner):
     def __init__(self, experiment: Experiment, *, workers: int, device: str | None = None) -> None:
         self.experiment = experiment
         self.device = device
-        threads = max(1, cores() // workers)
         self._executor: Executor
         if workers == 1:
-            _set_threads(threads)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="site")
         else:
             self._executor = ProcessPoolExecutor(
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_set_threads,
-                initargs=(threads,),
+                initializer=set_threads,
+                initargs=(1,),
             )
 
     async def run(self, k: int, instruction: Instruction) -> Reply:
@@ -116,6 +118,9 @@ class RayRunner(SiteRunner):
         self._ray = ray
         self._started = not ray.is_initialized()
         if self._started:
+            # Offline and CPU-only by default: no usage reports, no rewriting of CUDA_VISIBLE_DEVICES.
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
             options: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
             if address is None:
                 options["num_cpus"] = workers or cores()
@@ -134,7 +139,7 @@ class RayRunner(SiteRunner):
 
 def _ray_handle(experiment: Experiment, k: int, instruction: Instruction) -> Reply:
     if torch.get_num_threads() != 1:  # a Ray task holds one CPU
-        _set_threads(1)
+        set_threads(1)
     return handle(experiment, k, instruction)
 
 
