@@ -117,7 +117,7 @@ def test_the_annotated_site_file_parses_and_unknown_keys_are_errors(tmp_path: Pa
         load_site_config(bad)
 
 
-@pytest.mark.parametrize("name", ["breast_cancer.toml", "digits.toml", "synthetic_fedprox.toml"])
+@pytest.mark.parametrize("name", ["breast_cancer.toml", "digits.toml", "fedprox_synthetic.toml"])
 def test_shipped_experiment_files_are_valid(name: str) -> None:
     from fedcore import load_experiment
 

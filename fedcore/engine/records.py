@@ -65,6 +65,17 @@ class MemoryStore:
         self.records.append(record)
 
 
+class FanOutStore:
+    """Hands every round to several stores."""
+
+    def __init__(self, stores: list[RoundStore]) -> None:
+        self.stores = stores
+
+    def record(self, record: RoundRecord, parameters: Arrays) -> None:
+        for store in self.stores:
+            store.record(record, parameters)
+
+
 def save_model(path: Path, parameters: Arrays, metadata: dict[str, str] | None = None) -> None:
     """Write parameters as safetensors, atomically (never a torn file after a crash)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

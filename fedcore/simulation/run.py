@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedcore.config import Experiment
-from fedcore.engine import Coordinator, DirectoryStore, MemoryStore, RoundRecord, RunResult
+from fedcore.engine import Coordinator, DirectoryStore, MemoryStore, RoundRecord, RoundStore, RunResult
+from fedcore.engine.records import FanOutStore
 from fedcore.errors import ConfigError
 from fedcore.simulation.inprocess import InProcessTransport
 from fedcore.simulation.memory import PeakMemory
@@ -42,9 +43,11 @@ def run_simulation(
     *,
     device: str | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    observers: Sequence[RoundStore] = (),
 ) -> tuple[RunResult, dict[str, Any]]:
     """Run the experiment; write metrics.jsonl, model.safetensors, summary.json and
-    report.png into `out` (when given). Returns the result and the summary."""
+    report.png into `out` (when given). `observers` also see every round's record and global
+    model. Returns the result and the summary."""
     started = time.perf_counter()
     set_threads(1)  # see fedcore.simulation.runners: workers give the parallelism
     task = check_simulation(experiment)
@@ -55,7 +58,7 @@ def run_simulation(
     transport = InProcessTransport(
         experiment, make_runner(experiment, device), accepts_partial_work=strategy.accepts_partial_work
     )
-    store = DirectoryStore(out) if out is not None else MemoryStore()
+    store = FanOutStore([DirectoryStore(out) if out is not None else MemoryStore(), *observers])
     coordinator = Coordinator(
         experiment=experiment,
         task=task,
