@@ -55,6 +55,20 @@ def _check_task(experiment: Experiment) -> None:
         raise ConfigError(str(err)) from None
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from fedcore.simulation.report import plot_compare, read_metrics
+
+    runs = {Path(d).name or d: read_metrics(Path(d)) for d in args.compare}
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_compare(runs, out / "compare.png")
+    for label, rows in runs.items():
+        last = rows[-1] if rows else {}
+        print(f"{label}: {len(rows)} rounds, final accuracy {last.get('accuracy')}, loss {last.get('loss')}")
+    print(f"wrote {out / 'compare.png'}")
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -63,6 +77,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedcore.engine import RoundRecord
     from fedcore.simulation.run import check_simulation, run_simulation
 
+    if args.compare:
+        return _compare(args)
     experiment = _experiment(args)
     check_simulation(experiment)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
@@ -254,6 +270,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--ray-address", help="an existing Ray cluster (with --backend ray)")
     sim.add_argument("--out", help="output directory (default: runs/simulate-TIMESTAMP)")
     sim.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    sim.add_argument(
+        "--compare", nargs="+", metavar="DIR", help="plot the curves of earlier runs in one figure"
+    )
     sim.set_defaults(run=_simulate)
 
     srv = sub.add_parser("server", help="run the aggregation server (the coordinator's process)")

@@ -123,3 +123,26 @@ def test_shipped_experiment_files_are_valid(name: str) -> None:
 
     load_experiment(ROOT / "simulations" / name)
     load_experiment(ROOT / "server" / "server.toml")
+
+
+def test_compare_draws_several_runs_in_one_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, strategy in (("avg", "fedavg"), ("adam", "fedadam")):
+        argv = ["simulate", "--rounds", "2", "--strategy", strategy, "--out", str(tmp_path / name)]
+        assert main([*argv, "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--compare",
+                str(tmp_path / "avg"),
+                str(tmp_path / "adam"),
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "c" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "avg: 2 rounds" in out and "adam: 2 rounds" in out
+    assert main(["simulate", "--compare", str(tmp_path / "nothing-here")]) == 2

@@ -45,3 +45,39 @@ def plot_report(records: Sequence[RoundRecord], path: Path, *, title: str) -> No
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def read_metrics(directory: Path) -> list[dict[str, Any]]:
+    """The rounds recorded in DIR/metrics.jsonl."""
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        from fedcore.errors import ConfigError
+
+        raise ConfigError(
+            f"{directory} holds no metrics.jsonl; give directories written by fedcore simulate or server"
+        )
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_compare(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Accuracy and loss per round of several runs in one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in runs.items():
+        rounds = [r["round"] for r in rows]
+        acc_ax.plot(rounds, [r.get("accuracy") for r in rows], label=label)
+        loss_ax.plot(rounds, [r.get("loss") for r in rows], label=label)
+    acc_ax.set(xlabel="round", ylabel="accuracy", title="global model accuracy")
+    loss_ax.set(xlabel="round", ylabel="loss", title="global model loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -16,6 +16,7 @@ from fedcore.tasks.base import (
 from fedcore.tasks.bench import Bench
 from fedcore.tasks.breast_cancer import BreastCancer
 from fedcore.tasks.digits import Digits
+from fedcore.tasks.flower import FlowerTask
 from fedcore.tasks.synthetic import Synthetic
 
 TaskFactory = Callable[[str, str | None], Task]
@@ -44,6 +45,7 @@ _REGISTRY: dict[str, TaskFactory] = {
     "bench": _bench,
     "breast_cancer": lambda arg, model: BreastCancer(model),
     "digits": lambda arg, model: Digits(model),
+    "flower": lambda arg, model: FlowerTask(arg, model),  # flower:MODULE:ATTR, a Flower client_fn
     "synthetic": _synthetic,
 }
 
