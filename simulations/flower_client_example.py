@@ -6,7 +6,8 @@ and fedcore give the same model. Partition `partition-id` of `num-partitions` is
 slice of a seeded permutation; 80% of it trains, 20% evaluates.
 
 fedcore imports this module by name: put `simulations/` on PYTHONPATH or run from there, e.g.
-    cd simulations && fedcore simulate flower_client.toml
+    cd simulations && python -m fedcore simulate flower_client.toml   (the `fedcore` script
+    does not put the current directory on sys.path: use PYTHONPATH=. with it)
     PYTHONPATH=simulations fedcore client --task flower:flower_client_example:client_fn --data builtin:1/3 ...
 In Flower: `ClientApp(client_fn=client_fn)`.
 """
@@ -30,7 +31,12 @@ def load_partition(partition_id: int, num_partitions: int) -> tuple[np.ndarray, 
     cut = int(0.8 * len(part))
     train, test = part[:cut], part[cut:]
     mean, std = x[train].mean(0), x[train].std(0) + 1e-8
-    return (x[train] - mean) / std, y[train].astype(np.float64), (x[test] - mean) / std, y[test].astype(np.float64)
+    return (
+        (x[train] - mean) / std,
+        y[train].astype(np.float64),
+        (x[test] - mean) / std,
+        y[test].astype(np.float64),
+    )
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -65,7 +71,9 @@ class LogRegClient(NumPyClient):
         loss, accuracy = _loss_and_accuracy(w, b, self.x_train, self.y_train)
         return [w, b], n, {"train_loss": loss, "train_accuracy": accuracy}
 
-    def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+    def evaluate(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
         w, b = parameters
         loss, accuracy = _loss_and_accuracy(w, b, self.x_test, self.y_test)
         return loss, len(self.y_test), {"accuracy": accuracy}

@@ -3,7 +3,8 @@
 ATTR is a Flower `client_fn(context)` in MODULE returning a `flwr.client.NumPyClient` or a
 `flwr.client.Client`. MODULE is imported with importlib, so it must be importable where the
 task is built (the server, every site, every simulation worker): installed, or on
-`sys.path` (PYTHONPATH, or the current directory). This module adds nothing to `sys.path`.
+`sys.path` (PYTHONPATH; the current directory only with `python -m fedcore`, not with the
+`fedcore` script). This module adds nothing to `sys.path`.
 
 The client is driven as Flower's simulation drives it:
 - Site K of N (`builtin:K/N`) is Flower node K with `node_config = {"partition-id": K - 1,
@@ -48,7 +49,7 @@ from fedcore.tasks.base import (
 )
 from fedcore.tensors import Arrays
 
-_EMPTY = np.zeros((0, 0), dtype=np.float32)
+_EMPTY = np.zeros(0, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,16 @@ def load_client_fn(spec: str) -> Callable[[Any], Any]:
     """`MODULE:ATTR` -> the callable; ValueError says why not (and where MODULE must be)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"bad task 'flower:{spec}'; expected flower:MODULE:ATTR, e.g. flower:my_app:client_fn")
+        raise ValueError(
+            f"bad task 'flower:{spec}'; expected flower:MODULE:ATTR, e.g. flower:my_app:client_fn"
+        )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name is not None and module_name.startswith(err.name):
             raise ValueError(
                 f"cannot import Flower client module {module_name!r}: it must be installed or on "
-                "sys.path (add its directory to PYTHONPATH, or run from that directory)"
+                "sys.path (add its directory to PYTHONPATH, or run `python -m fedcore` from that directory)"
             ) from None
         raise ValueError(f"Flower client module {module_name!r} failed to import: {err}") from err
     fn = getattr(module, attr, None)
@@ -145,7 +148,9 @@ class FlowerTask(Task):
         if isinstance(client, NumPyClient):
             client = client.to_client()
         if not isinstance(client, Client):
-            raise ValueError(f"{self.spec} returned {type(client).__name__}, not a Flower NumPyClient or Client")
+            raise ValueError(
+                f"{self.spec} returned {type(client).__name__}, not a Flower NumPyClient or Client"
+            )
         return client
 
     def initial_parameters(self, seed: int) -> Arrays:
@@ -159,9 +164,11 @@ class FlowerTask(Task):
 
     def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
         if not uri.startswith("builtin:"):
-            raise ValueError(f"task flower:{self.spec} takes data builtin:K/N (Flower partition K-1 of N), not {uri!r}")
+            raise ValueError(
+                f"task flower:{self.spec} takes data builtin:K/N (Flower partition K-1 of N), not {uri!r}"
+            )
         k, n = parse_builtin_uri(uri, partitions)
-        return SiteData(train=FlowerPartition(_EMPTY, _EMPTY[:, 0], partition_id=k, num_partitions=n))
+        return SiteData(train=FlowerPartition(_EMPTY, _EMPTY, partition_id=k, num_partitions=n))
 
     def test_data(self, *, seed: int, partitions: int) -> Dataset | None:
         return None
@@ -183,7 +190,9 @@ class FlowerTask(Task):
         res = client.fit(FitIns(ndarrays_to_parameters(to_list(parameters)), config))
         _check_status(res, "fit")
         metrics = {
-            k: float(v) for k, v in res.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            k: float(v)
+            for k, v in res.metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
         }
         return FitOutcome(to_named(parameters_to_ndarrays(res.parameters)), int(res.num_examples), metrics)
 

@@ -1,0 +1,398 @@
+"""Whole simulations, fedcore vs Flower: wall time, peak memory and final accuracy.
+
+One run, the same workloads in both frameworks, one after the other:
+
+- A. ``digits`` CNN: 100 sites, 10 per round, 1 local epoch, 20 rounds, ``dirichlet:0.5``.
+- B. ``synthetic`` (FedProx's Synthetic(1,1), logistic regression): 1,000 devices, 100 per
+  round, 5 rounds, ``--synthetic-epochs`` local epochs (default 1; fedcore's task default
+  is FedProx's 20, which would take roughly 20x as long: ~10 min per framework on 2 cores).
+
+Both use FedAvg with centralised evaluation on the task's test split, the same initial
+model, the same sites each round and the same per-site work, since the Flower ClientApp
+trains with fedcore's own task objects (see ``flower_tasks.py``).
+
+- fedcore: ``fedcore.run_simulation`` (in-process transport, ``workers`` = number of cores,
+  spawned worker processes), writing its outputs to a temporary directory.
+- Flower: its Simulation Runtime (``flwr.simulation.run_simulation``, Ray backend,
+  ``num_cpus`` = number of cores, one CPU per client actor) with the message-API ``FedAvg``.
+
+Each framework runs in its own fresh interpreter. This process samples the summed RSS of
+that interpreter and all its descendants (fedcore's workers; Ray's GCS, raylet and actors)
+every 0.2 s: the same measurement for both. Wall time is the ``run_simulation`` call itself
+(setup, every round, evaluation and teardown; not interpreter start-up and imports, which
+are reported separately as ``process_seconds``).
+
+    python simulations/benchmarks/simulation_vs_flower.py [--quick] [--only digits|synthetic]
+        [--synthetic-epochs N] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "simulation_vs_flower.json"
+FRAMEWORKS = ("fedcore", "flower")
+TARGET_SPEEDUP = 3.0  # issue 3: fedcore >= 3x faster than Flower ...
+TARGET_MEMORY = 0.5  # ... with at most half its peak memory, at equal accuracy
+ACCURACY_TOLERANCE = 0.02  # "equal accuracy": within 2 percentage points
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    key: str
+    label: str
+    task: str
+    sites: int
+    per_round: int
+    rounds: int
+    local_epochs: int
+    partition: str | None  # None: the task's default
+
+    def overrides(self) -> dict[str, Any]:
+        """``Experiment.override`` keywords; both frameworks build the same Experiment."""
+        return {
+            "task__name": self.task,
+            "simulation__sites": self.sites,
+            "federation__sites_per_round": self.per_round,
+            "federation__min_sites": self.per_round,
+            "task__local_epochs": self.local_epochs,
+            "federation__rounds": self.rounds,
+            "data__partition": self.partition,
+        }
+
+
+def workloads(*, quick: bool, synthetic_epochs: int) -> list[Workload]:
+    def make(
+        key: str, task: str, sites: int, per_round: int, rounds: int, epochs: int, part: str | None
+    ) -> Workload:
+        label = (
+            f"{key}: {sites} sites, {per_round}/round, {rounds} rounds, {epochs} epoch{'s' * (epochs > 1)}"
+        )
+        return Workload(key, label, task, sites, per_round, rounds, epochs, part)
+
+    if quick:
+        return [
+            make("digits", "digits", 10, 3, 2, 1, "dirichlet:0.5"),
+            make("synthetic", "synthetic", 20, 5, 2, synthetic_epochs, None),
+        ]
+    return [
+        make("digits", "digits", 100, 10, 20, 1, "dirichlet:0.5"),
+        make("synthetic", "synthetic", 1000, 100, 5, synthetic_epochs, None),
+    ]
+
+
+# ----- children: one framework's run in a fresh interpreter -----
+
+
+def _fedcore_child(overrides: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    import fedcore
+    from fedcore.engine import RoundRecord
+    from fedcore.simulation.runners import cores
+
+    experiment = fedcore.load_experiment().override(**overrides)
+
+    def on_round(record: RoundRecord) -> None:
+        emit({"event": "round", "round": record.round, "accuracy": record.accuracy})
+
+    with tempfile.TemporaryDirectory(prefix="fedcore-vs-flower-") as out:
+        started = time.perf_counter()
+        result, summary = fedcore.run_simulation(experiment, Path(out), on_round=on_round)
+        seconds = time.perf_counter() - started
+    return {
+        "run_seconds": seconds,
+        "final_accuracy": summary["final_accuracy"],
+        "final_loss": summary["final_loss"],
+        "accuracy_per_round": [r.accuracy for r in result.records],
+        "sampled_per_round": [[int(s.removeprefix("site-")) for s in r.sampled] for r in result.records],
+        "workers": experiment.simulation.workers or cores(),
+        "own_peak_rss_bytes": summary["peak_rss_bytes"],  # fedcore's own sampler, a cross-check
+    }
+
+
+def _child(framework: str, overrides: dict[str, Any], events_fd: int) -> None:
+    with os.fdopen(events_fd, "w", buffering=1) as events:
+
+        def emit(event: dict[str, Any]) -> None:
+            events.write(json.dumps(event) + "\n")
+
+        if framework == "fedcore":
+            result = _fedcore_child(overrides, emit)
+        else:
+            import flower_tasks  # by name, not __main__: see its docstring
+
+            result = flower_tasks.simulate(overrides, emit)
+        emit({"event": "result", **result})
+
+
+# ----- parent: run a child, sample its process tree, follow its progress -----
+
+
+class TreeMemory(threading.Thread):
+    """Peak summed RSS of a process and all its descendants, sampled every `interval` s.
+
+    Summed RSS counts shared pages once per process (torch's libraries in every worker,
+    Ray's object store), so it is an upper bound on real use, for both frameworks alike."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(name="tree-memory", daemon=True)
+        self._root = psutil.Process(pid)
+        self._interval = interval
+        self._halt = threading.Event()
+        self.peak_bytes = 0
+        self.peak_processes = 0
+
+    def sample(self) -> None:
+        try:
+            procs = [self._root, *self._root.children(recursive=True)]
+        except psutil.Error:  # the child has exited
+            return
+        total = 0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):  # exited after listing
+                total += p.memory_info().rss
+        self.peak_bytes = max(self.peak_bytes, total)
+        self.peak_processes = max(self.peak_processes, len(procs))
+
+    def run(self) -> None:
+        while not self._halt.wait(self._interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def run_framework(framework: str, workload: Workload, on_round: Callable[[int], None]) -> dict[str, Any]:
+    """Run `workload` in `framework` in a fresh interpreter; its output goes to a log file
+    (printed on failure), its progress events come through a pipe."""
+    read_fd, write_fd = os.pipe()
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        # Ray's workers import flower_tasks (the ClientApp's helpers) by name.
+        "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p),
+    }
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()),
+        "--child", framework, "--overrides", json.dumps(workload.overrides()), "--events-fd", str(write_fd),
+    ]  # fmt: skip
+    result: dict[str, Any] | None = None
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,))
+        os.close(write_fd)
+        memory = TreeMemory(proc.pid)
+        memory.start()
+        try:
+            events: IO[str]
+            with os.fdopen(read_fd) as events:
+                for line in events:
+                    event = json.loads(line)
+                    if event["event"] == "round" and event["round"] >= 1:
+                        on_round(event["round"])
+                    elif event["event"] == "result":
+                        result = event
+            code = proc.wait()
+        finally:
+            memory.stop()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        process_seconds = time.perf_counter() - started
+        if code != 0 or result is None:
+            log.seek(0)
+            tail = log.read()[-4000:]
+            raise RuntimeError(f"{framework} run of {workload.key} failed (exit {code}); log tail:\n{tail}")
+    result.pop("event")
+    return {
+        **result,
+        "peak_rss_bytes": memory.peak_bytes,
+        "peak_process_count": memory.peak_processes,
+        "process_seconds": process_seconds,
+    }
+
+
+# ----- driver -----
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def compare(fedcore_run: dict[str, Any], flower_run: dict[str, Any]) -> dict[str, Any]:
+    speedup = flower_run["run_seconds"] / fedcore_run["run_seconds"]
+    memory = fedcore_run["peak_rss_bytes"] / flower_run["peak_rss_bytes"]
+    accuracy_gap = fedcore_run["final_accuracy"] - flower_run["final_accuracy"]
+    equal_accuracy = abs(accuracy_gap) <= ACCURACY_TOLERANCE
+    return {
+        "flower_over_fedcore_time": speedup,
+        "flower_over_fedcore_process_time": flower_run["process_seconds"] / fedcore_run["process_seconds"],
+        "fedcore_over_flower_memory": memory,
+        "accuracy_gap": accuracy_gap,
+        "same_sites_every_round": fedcore_run["sampled_per_round"] == flower_run["sampled_per_round"],
+        "target_met": speedup >= TARGET_SPEEDUP and memory <= TARGET_MEMORY and equal_accuracy,
+    }
+
+
+def _set_completed(progress: Progress, task_id: TaskID, rounds: int) -> None:
+    progress.update(task_id, completed=rounds)
+
+
+def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    chosen = [
+        w
+        for w in workloads(quick=args.quick, synthetic_epochs=args.synthetic_epochs)
+        if args.only in (None, w.key)
+    ]
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        for workload in chosen:
+            row: dict[str, Any] = {"workload": dataclasses.asdict(workload)}
+            for framework in FRAMEWORKS:
+                name = "fedcore" if framework == "fedcore" else "Flower"
+                task_id = progress.add_task(f"{workload.key}: {name}", total=workload.rounds)
+                advance = functools.partial(_set_completed, progress, task_id)
+                row[framework] = run_framework(framework, workload, advance)
+            row["comparison"] = compare(row["fedcore"], row["flower"])
+            rows.append(row)
+    return {
+        "benchmark": "simulation_vs_flower",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "target": {
+            "flower_over_fedcore_time_at_least": TARGET_SPEEDUP,
+            "fedcore_over_flower_memory_at_most": TARGET_MEMORY,
+            "accuracy_gap_at_most": ACCURACY_TOLERANCE,
+        },
+        "measurement": {
+            "run_seconds": "the run_simulation call (setup, rounds, central evaluation, teardown)",
+            "process_seconds": "the child interpreter from spawn to exit (adds imports)",
+            "peak_rss_bytes": "max over 0.2 s samples of summed RSS of the child and all descendants",
+        },
+        "strategy": "FedAvg, central evaluation on the task's test split",
+        "versions": {
+            "fedcore": _version("fedcore"),
+            "flwr": _version("flwr"),
+            "ray": _version("ray"),
+            "torch": _version("torch"),
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "nproc": os.cpu_count(),
+            "platform": platform.platform(),
+            # The machine is shared: load shows how much else was competing for the cores.
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "workloads": rows,
+    }
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    title = f"Simulation, fedcore vs Flower ({report['machine']['nproc']} CPUs{', quick' if report['quick'] else ''})"
+    table = Table(title=title)
+    for name in ("workload", "framework", "wall s", "process s", "peak MiB", "final accuracy"):
+        table.add_column(name, justify="left" if name in ("workload", "framework") else "right")
+    for i, row in enumerate(report["workloads"]):
+        w = row["workload"]
+        label = f"{w['task']}: {w['sites']} sites, {w['per_round']}/round, {w['rounds']} rounds, {w['local_epochs']} ep"
+        for framework in FRAMEWORKS:
+            run = row[framework]
+            table.add_row(
+                label if framework == "fedcore" else "",
+                "fedcore" if framework == "fedcore" else f"Flower {run['flower_version']}",
+                f"{run['run_seconds']:.1f}",
+                f"{run['process_seconds']:.1f}",
+                f"{run['peak_rss_bytes'] / 2**20:,.0f}",
+                f"{run['final_accuracy']:.3f}",
+            )
+        c = row["comparison"]
+        ok = "[green]met[/green]" if c["target_met"] else "[red]not met[/red]"
+        table.add_row(
+            "",
+            f"ratio (target {ok})",
+            f"Flower/fedcore {c['flower_over_fedcore_time']:.2f}x",
+            f"{c['flower_over_fedcore_process_time']:.2f}x",
+            f"fedcore/Flower {c['fedcore_over_flower_memory']:.2f}",
+            f"gap {c['accuracy_gap']:+.3f}",
+            end_section=i < len(report["workloads"]) - 1,
+        )
+    console.print(table)
+    console.print(
+        f"target: Flower/fedcore time >= {TARGET_SPEEDUP:g}x, fedcore/Flower memory <= {TARGET_MEMORY:g}, "
+        f"|accuracy gap| <= {ACCURACY_TOLERANCE:g}. Same sites every round: "
+        + ", ".join(
+            f"{r['workload']['key']} {r['comparison']['same_sites_every_round']}" for r in report["workloads"]
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="tiny workloads (smoke test)")
+    ap.add_argument("--only", choices=("digits", "synthetic"), help="run one workload only")
+    ap.add_argument(
+        "--synthetic-epochs",
+        type=int,
+        default=1,
+        help="local epochs for the synthetic workload (default 1; FedProx's setting is 20)",
+    )
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    # Internal: child mode, one framework's run.
+    ap.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    ap.add_argument("--overrides", help=argparse.SUPPRESS)
+    ap.add_argument("--events-fd", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        _child(args.child, json.loads(args.overrides), args.events_fd)
+        return
+    if args.synthetic_epochs < 1:
+        ap.error("--synthetic-epochs must be >= 1")
+
+    console = Console()
+    report = benchmark(args, console)
+    render(report, console)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
