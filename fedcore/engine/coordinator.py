@@ -223,6 +223,7 @@ class Coordinator:
             train_loss=_weighted(losses),
             attempt=attempt,
             evaluation=mode,
+            examples=round(aggregate.total_weight),
             bytes_sent=sent,
             bytes_received=received,
         )

@@ -27,6 +27,7 @@ class RoundRecord:
     train_loss: float | None = None  # sites' mean local training loss, example-weighted
     attempt: int = 1  # > 1 when earlier attempts at this round failed
     evaluation: str = "central"  # or "federated"
+    examples: int = 0  # training examples behind the aggregated updates
     bytes_sent: int = 0  # model payload bytes sent to sites this round (all attempts)
     bytes_received: int = 0  # update payload bytes received from sites
 
