@@ -177,7 +177,7 @@ class Coordinator:
         started = time.perf_counter()
         sampled = self._sample(number, attempt)
         accumulator = self.aggregation.start(self.parameters)
-        losses: list[tuple[float, int]] = []
+        fit_metrics: dict[str, list[tuple[float, int]]] = {}
         replied: list[str] = []
         received = 0
 
@@ -188,8 +188,8 @@ class Coordinator:
             accumulator.add(reply.update, float(reply.num_examples))
             replied.append(reply.site)
             received += sum(a.nbytes for a in reply.update.values())
-            if "train_loss" in reply.metrics:
-                losses.append((reply.metrics["train_loss"], reply.num_examples))
+            for key, value in reply.metrics.items():
+                fit_metrics.setdefault(key, []).append((value, reply.num_examples))
 
         dropped = await self._gather(
             sampled,
@@ -220,7 +220,10 @@ class Coordinator:
             seconds=time.perf_counter() - started,
             sampled=sampled,
             dropped=dropped,
-            train_loss=_weighted(losses),
+            train_loss=_weighted(fit_metrics.get("train_loss", [])),
+            fit_metrics={
+                k: v for k, values in sorted(fit_metrics.items()) if (v := _weighted(values)) is not None
+            },
             attempt=attempt,
             evaluation=mode,
             examples=round(aggregate.total_weight),

@@ -25,6 +25,7 @@ class RoundRecord:
     sampled: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)  # site -> reason
     train_loss: float | None = None  # sites' mean local training loss, example-weighted
+    fit_metrics: dict[str, float] = field(default_factory=dict)  # every numeric fit metric, example-weighted
     attempt: int = 1  # > 1 when earlier attempts at this round failed
     evaluation: str = "central"  # or "federated"
     examples: int = 0  # training examples behind the aggregated updates

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -49,7 +50,7 @@ class Site:
             return Reply(self.name, instruction.kind, instruction.round, refusal=str(err))
 
     def _fit(self, instruction: Instruction) -> Reply:
-        settings = train_settings(instruction.config)
+        settings = dataclasses.replace(train_settings(instruction.config), round=instruction.round)
         outcome = self.task.fit(instruction.parameters, self.data, settings)
         update = delta(outcome.parameters, instruction.parameters)
         encoded = self.aggregation.encode(update, float(outcome.num_examples))

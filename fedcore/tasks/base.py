@@ -26,6 +26,7 @@ class TrainSettings:
     seed: int  # derived from (experiment seed, round, site): data order
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the local loss
     weight_decay: float = 0.0  # L2 penalty on the local objective
+    round: int = 0  # the server's round number (Flower clients read it as server_round)
 
 
 @dataclass(frozen=True)

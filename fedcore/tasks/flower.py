@@ -184,6 +184,7 @@ class FlowerTask(Task):
             "weight_decay": settings.weight_decay,
             "proximal_mu": settings.proximal_mu,
             "seed": settings.seed,
+            "server_round": settings.round,
         }
         seed_globals(settings.seed)
         client = self.client(self.context(part.partition_id, part.num_partitions))

@@ -196,6 +196,7 @@ def simulate(overrides: dict[str, Any], emit: Emit) -> dict[str, Any]:
             "include_dashboard": False,
         },
     }
+    emit({"event": "start"})
     started = time.perf_counter()
     run_simulation(
         server_app=server_app,

@@ -24,6 +24,8 @@ are reported separately as ``process_seconds``).
 
     python simulations/benchmarks/simulation_vs_flower.py [--quick] [--only digits|synthetic]
         [--synthetic-epochs N] [--out PATH]
+
+writes results/simulation_vs_flower.json (``--quick``: results/simulation_vs_flower.quick.json).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "simulation_vs_flower.json"
+# A smoke test must not replace the real report.
+QUICK_OUT = HERE / "results" / "simulation_vs_flower.quick.json"
 FRAMEWORKS = ("fedcore", "flower")
 TARGET_SPEEDUP = 3.0  # issue 3: fedcore >= 3x faster than Flower ...
 TARGET_MEMORY = 0.5  # ... with at most half its peak memory, at equal accuracy
@@ -64,7 +68,6 @@ Emit = Callable[[dict[str, Any]], None]
 @dataclasses.dataclass(frozen=True)
 class Workload:
     key: str
-    label: str
     task: str
     sites: int
     per_round: int
@@ -89,10 +92,7 @@ def workloads(*, quick: bool, synthetic_epochs: int) -> list[Workload]:
     def make(
         key: str, task: str, sites: int, per_round: int, rounds: int, epochs: int, part: str | None
     ) -> Workload:
-        label = (
-            f"{key}: {sites} sites, {per_round}/round, {rounds} rounds, {epochs} epoch{'s' * (epochs > 1)}"
-        )
-        return Workload(key, label, task, sites, per_round, rounds, epochs, part)
+        return Workload(key, task, sites, per_round, rounds, epochs, part)
 
     if quick:
         return [
@@ -119,6 +119,7 @@ def _fedcore_child(overrides: dict[str, Any], emit: Emit) -> dict[str, Any]:
         emit({"event": "round", "round": record.round, "accuracy": record.accuracy})
 
     with tempfile.TemporaryDirectory(prefix="fedcore-vs-flower-") as out:
+        emit({"event": "start"})
         started = time.perf_counter()
         result, summary = fedcore.run_simulation(experiment, Path(out), on_round=on_round)
         seconds = time.perf_counter() - started
@@ -189,13 +190,12 @@ class TreeMemory(threading.Thread):
 def run_framework(framework: str, workload: Workload, on_round: Callable[[int], None]) -> dict[str, Any]:
     """Run `workload` in `framework` in a fresh interpreter; its output goes to a log file
     (printed on failure), its progress events come through a pipe."""
+    from flower_tasks import QUIET_ENV  # this directory is sys.path[0]
+
     read_fd, write_fd = os.pipe()
     env = {
         **os.environ,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_DEDUP_LOGS": "0",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **QUIET_ENV,  # set before flwr/ray are imported, and inherited by Ray's processes
         # Ray's workers import flower_tasks (the ClientApp's helpers) by name.
         "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p),
     }
@@ -204,6 +204,8 @@ def run_framework(framework: str, workload: Workload, on_round: Callable[[int], 
         "--child", framework, "--overrides", json.dumps(workload.overrides()), "--events-fd", str(write_fd),
     ]  # fmt: skip
     result: dict[str, Any] | None = None
+    run_start: float | None = None
+    round_ends: list[float] = []  # seconds since the child's run_simulation call began
     with tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,))
@@ -215,7 +217,10 @@ def run_framework(framework: str, workload: Workload, on_round: Callable[[int], 
             with os.fdopen(read_fd) as events:
                 for line in events:
                     event = json.loads(line)
-                    if event["event"] == "round" and event["round"] >= 1:
+                    if event["event"] == "start":
+                        run_start = time.perf_counter()
+                    elif event["event"] == "round" and event["round"] >= 1:
+                        round_ends.append(time.perf_counter() - (run_start or started))
                         on_round(event["round"])
                     elif event["event"] == "result":
                         result = event
@@ -236,6 +241,8 @@ def run_framework(framework: str, workload: Workload, on_round: Callable[[int], 
         "peak_rss_bytes": memory.peak_bytes,
         "peak_process_count": memory.peak_processes,
         "process_seconds": process_seconds,
+        # Setup + round 1, then each round; what is left of run_seconds is teardown.
+        "round_end_seconds": round_ends,
     }
 
 
@@ -327,16 +334,15 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 def render(report: dict[str, Any], console: Console) -> None:
     title = f"Simulation, fedcore vs Flower ({report['machine']['nproc']} CPUs{', quick' if report['quick'] else ''})"
-    table = Table(title=title)
-    for name in ("workload", "framework", "wall s", "process s", "peak MiB", "final accuracy"):
+    table = Table(title=title, caption="ratio rows: Flower/fedcore time, fedcore/Flower memory, accuracy gap")
+    for name in ("workload", "framework", "wall s", "process s", "peak MiB", "accuracy"):
         table.add_column(name, justify="left" if name in ("workload", "framework") else "right")
     for i, row in enumerate(report["workloads"]):
         w = row["workload"]
-        label = f"{w['task']}: {w['sites']} sites, {w['per_round']}/round, {w['rounds']} rounds, {w['local_epochs']} ep"
         for framework in FRAMEWORKS:
             run = row[framework]
             table.add_row(
-                label if framework == "fedcore" else "",
+                w["task"] if framework == "fedcore" else "",
                 "fedcore" if framework == "fedcore" else f"Flower {run['flower_version']}",
                 f"{run['run_seconds']:.1f}",
                 f"{run['process_seconds']:.1f}",
@@ -344,23 +350,26 @@ def render(report: dict[str, Any], console: Console) -> None:
                 f"{run['final_accuracy']:.3f}",
             )
         c = row["comparison"]
-        ok = "[green]met[/green]" if c["target_met"] else "[red]not met[/red]"
         table.add_row(
             "",
-            f"ratio (target {ok})",
-            f"Flower/fedcore {c['flower_over_fedcore_time']:.2f}x",
+            "ratio " + ("[green]target met[/green]" if c["target_met"] else "[red]target not met[/red]"),
+            f"{c['flower_over_fedcore_time']:.2f}x",
             f"{c['flower_over_fedcore_process_time']:.2f}x",
-            f"fedcore/Flower {c['fedcore_over_flower_memory']:.2f}",
-            f"gap {c['accuracy_gap']:+.3f}",
+            f"{c['fedcore_over_flower_memory']:.2f}",
+            f"{c['accuracy_gap']:+.3f}",
             end_section=i < len(report["workloads"]) - 1,
         )
     console.print(table)
-    console.print(
-        f"target: Flower/fedcore time >= {TARGET_SPEEDUP:g}x, fedcore/Flower memory <= {TARGET_MEMORY:g}, "
-        f"|accuracy gap| <= {ACCURACY_TOLERANCE:g}. Same sites every round: "
-        + ", ".join(
-            f"{r['workload']['key']} {r['comparison']['same_sites_every_round']}" for r in report["workloads"]
+    for row in report["workloads"]:
+        w, c = row["workload"], row["comparison"]
+        console.print(
+            f"{w['task']}: {w['sites']} sites, {w['per_round']} per round, {w['rounds']} rounds, "
+            f"{w['local_epochs']} local epoch(s), partition {w['partition'] or 'natural'}; "
+            f"same sites every round: {c['same_sites_every_round']}"
         )
+    console.print(
+        f"target (issue 3): Flower/fedcore time >= {TARGET_SPEEDUP:g}x, fedcore/Flower memory <= "
+        f"{TARGET_MEMORY:g}, |accuracy gap| <= {ACCURACY_TOLERANCE:g}"
     )
 
 
@@ -374,7 +383,9 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="local epochs for the synthetic workload (default 1; FedProx's setting is 20)",
     )
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument(
+        "--out", type=Path, help=f"JSON report (default {DEFAULT_OUT.name}; with --quick, {QUICK_OUT.name})"
+    )
     # Internal: child mode, one framework's run.
     ap.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     ap.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -389,9 +400,10 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     report = benchmark(args, console)
     render(report, console)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    out: Path = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":
