@@ -89,6 +89,6 @@ def test_ten_thousand_virtual_sites_need_memory_for_the_sampled_ones_only(tmp_pa
     )
     result, summary = run_simulation(experiment, tmp_path)
     assert [r.sites for r in result.records] == [100, 100]
-    peak = summary["peak_rss_bytes"]
+    peak = summary["peak_memory_bytes"]
     assert peak < 3 * 2**30, peak
     assert psutil.Process().memory_info().rss < 3 * 2**30

@@ -83,7 +83,9 @@ def run_simulation(
         "final_loss": last.loss,
         "best_accuracy": max((r.accuracy for r in result.records if r.accuracy is not None), default=None),
         "wall_seconds": time.perf_counter() - started,
-        "peak_rss_bytes": peak.bytes,  # the whole process tree: this process and its workers
+        # The whole process tree (this process and its workers): PSS, and RSS as an upper bound.
+        "peak_memory_bytes": peak.bytes,
+        "peak_rss_bytes": peak.rss_bytes,
         "bytes_sent_per_round": [r.bytes_sent for r in result.records],
         "bytes_received_per_round": [r.bytes_received for r in result.records],
     }

@@ -78,8 +78,10 @@ class SiteRunner(abc.ABC):
 
 
 class LocalRunner(SiteRunner):
-    """One worker: a thread of this process. More: spawned worker processes (spawn, not
-    fork: torch and gRPC hold threads that fork would copy in a broken state)."""
+    """One worker: a thread of this process. More: worker processes, forked where the system
+    can (they start at once and share the parent's loaded modules copy-on-write, like torch's
+    DataLoader workers; a simulation holds no gRPC channel and torch runs one thread, which is
+    what makes forking safe here), spawned elsewhere."""
 
     def __init__(self, experiment: Experiment, *, workers: int, device: str | None = None) -> None:
         self.experiment = experiment
@@ -90,7 +92,9 @@ class LocalRunner(SiteRunner):
         else:
             self._executor = ProcessPoolExecutor(
                 workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=multiprocessing.get_context(
+                    "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                ),
                 initializer=set_threads,
                 initargs=(1,),
             )

@@ -12,13 +12,11 @@ Run alone:  python simulations/benchmarks/flower_workload.py --sites 10 --params
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -56,46 +54,6 @@ def run_flower_simulation(
         )
     result: dict[str, Any] = json.loads(lines[-1])
     return result
-
-
-class _PeakRss(threading.Thread):
-    """Samples the summed RSS of this process and all descendants (Ray GCS, raylet, workers).
-
-    Summed RSS double-counts shared pages (e.g. Ray's plasma store in /dev/shm), so it is an
-    upper bound on real memory use.
-    """
-
-    def __init__(self, interval: float = 0.2) -> None:
-        super().__init__(name="peak-rss", daemon=True)
-        import psutil
-
-        self._root = psutil.Process()
-        self._interval = interval
-        self._halt = threading.Event()
-        self.peak_bytes = 0
-        self.peak_procs = 0
-
-    def sample(self) -> None:
-        import psutil
-
-        procs = [self._root]
-        with contextlib.suppress(psutil.Error):
-            procs += self._root.children(recursive=True)
-        total = 0
-        for p in procs:
-            with contextlib.suppress(psutil.Error):  # process exited after listing
-                total += p.memory_info().rss
-        self.peak_bytes = max(self.peak_bytes, total)
-        self.peak_procs = max(self.peak_procs, len(procs))
-
-    def run(self) -> None:
-        while not self._halt.wait(self._interval):
-            self.sample()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
-        self.sample()
 
 
 def _simulate(*, sites: int, params: int, rounds: int, seed: int, client_num_cpus: float) -> dict[str, Any]:
@@ -204,7 +162,9 @@ def _simulate(*, sites: int, params: int, rounds: int, seed: int, client_num_cpu
         },
     }
 
-    mem = _PeakRss()
+    from fedcore.simulation.memory import PeakMemory
+
+    mem = PeakMemory()
     mem.start()
     t_begin = time.perf_counter()
     run_simulation(
@@ -232,12 +192,13 @@ def _simulate(*, sites: int, params: int, rounds: int, seed: int, client_num_cpu
         "seconds_per_round": [ends[r] - starts[r] for r in range(1, rounds + 1)],
         "setup_seconds": starts[1] - t_begin,
         "total_seconds": t_done - t_begin,
-        "peak_rss_bytes": mem.peak_bytes,
+        "peak_memory_bytes": mem.bytes,
+        "peak_rss_bytes": mem.rss_bytes,
         "flower_version": flwr.__version__,
         # Extras (not part of the cross-framework contract):
         "warmup_query_seconds": timings["warmup_query_seconds"],
         "teardown_seconds": t_done - ends[rounds],
-        "peak_process_count": mem.peak_procs,
+        "peak_process_count": mem.processes,
         "client_num_cpus": client_num_cpus,
         "sites": sites,
         "params": params,

@@ -31,7 +31,6 @@ writes results/simulation_vs_flower.json (``--quick``: results/simulation_vs_flo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -42,16 +41,16 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from fedcore.simulation.memory import PeakMemory
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "simulation_vs_flower.json"
@@ -130,7 +129,7 @@ def _fedcore_child(overrides: dict[str, Any], emit: Emit) -> dict[str, Any]:
         "accuracy_per_round": [r.accuracy for r in result.records],
         "sampled_per_round": [[int(s.removeprefix("site-")) for s in r.sampled] for r in result.records],
         "workers": experiment.simulation.workers or cores(),
-        "own_peak_rss_bytes": summary["peak_rss_bytes"],  # fedcore's own sampler, a cross-check
+        "own_peak_memory_bytes": summary["peak_memory_bytes"],  # fedcore's own sampler, a cross-check
     }
 
 
@@ -150,41 +149,6 @@ def _child(framework: str, overrides: dict[str, Any], events_fd: int) -> None:
 
 
 # ----- parent: run a child, sample its process tree, follow its progress -----
-
-
-class TreeMemory(threading.Thread):
-    """Peak summed RSS of a process and all its descendants, sampled every `interval` s.
-
-    Summed RSS counts shared pages once per process (torch's libraries in every worker,
-    Ray's object store), so it is an upper bound on real use, for both frameworks alike."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        super().__init__(name="tree-memory", daemon=True)
-        self._root = psutil.Process(pid)
-        self._interval = interval
-        self._halt = threading.Event()
-        self.peak_bytes = 0
-        self.peak_processes = 0
-
-    def sample(self) -> None:
-        try:
-            procs = [self._root, *self._root.children(recursive=True)]
-        except psutil.Error:  # the child has exited
-            return
-        total = 0
-        for p in procs:
-            with contextlib.suppress(psutil.Error):  # exited after listing
-                total += p.memory_info().rss
-        self.peak_bytes = max(self.peak_bytes, total)
-        self.peak_processes = max(self.peak_processes, len(procs))
-
-    def run(self) -> None:
-        while not self._halt.wait(self._interval):
-            self.sample()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
 
 
 def run_framework(framework: str, workload: Workload, on_round: Callable[[int], None]) -> dict[str, Any]:
@@ -210,7 +174,7 @@ def run_framework(framework: str, workload: Workload, on_round: Callable[[int], 
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,))
         os.close(write_fd)
-        memory = TreeMemory(proc.pid)
+        memory = PeakMemory(proc.pid)
         memory.start()
         try:
             events: IO[str]
@@ -238,8 +202,9 @@ def run_framework(framework: str, workload: Workload, on_round: Callable[[int], 
     result.pop("event")
     return {
         **result,
-        "peak_rss_bytes": memory.peak_bytes,
-        "peak_process_count": memory.peak_processes,
+        "peak_memory_bytes": memory.bytes,
+        "peak_rss_bytes": memory.rss_bytes,
+        "peak_process_count": memory.processes,
         "process_seconds": process_seconds,
         # Setup + round 1, then each round; what is left of run_seconds is teardown.
         "round_end_seconds": round_ends,
@@ -258,7 +223,7 @@ def _version(dist: str) -> str | None:
 
 def compare(fedcore_run: dict[str, Any], flower_run: dict[str, Any]) -> dict[str, Any]:
     speedup = flower_run["run_seconds"] / fedcore_run["run_seconds"]
-    memory = fedcore_run["peak_rss_bytes"] / flower_run["peak_rss_bytes"]
+    memory = fedcore_run["peak_memory_bytes"] / flower_run["peak_memory_bytes"]
     accuracy_gap = fedcore_run["final_accuracy"] - flower_run["final_accuracy"]
     equal_accuracy = abs(accuracy_gap) <= ACCURACY_TOLERANCE
     return {
@@ -311,7 +276,8 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "measurement": {
             "run_seconds": "the run_simulation call (setup, rounds, central evaluation, teardown)",
             "process_seconds": "the child interpreter from spawn to exit (adds imports)",
-            "peak_rss_bytes": "max over 0.2 s samples of summed RSS of the child and all descendants",
+            "peak_memory_bytes": "max over 0.2 s samples of summed PSS of the child and all descendants (shared pages split)",
+            "peak_rss_bytes": "the same with RSS (shared pages counted once per process: an upper bound)",
         },
         "strategy": "FedAvg, central evaluation on the task's test split",
         "versions": {
@@ -346,7 +312,7 @@ def render(report: dict[str, Any], console: Console) -> None:
                 "fedcore" if framework == "fedcore" else f"Flower {run['flower_version']}",
                 f"{run['run_seconds']:.1f}",
                 f"{run['process_seconds']:.1f}",
-                f"{run['peak_rss_bytes'] / 2**20:,.0f}",
+                f"{run['peak_memory_bytes'] / 2**20:,.0f}",
                 f"{run['final_accuracy']:.3f}",
             )
         c = row["comparison"]

@@ -60,7 +60,7 @@ def main() -> None:
                     "median_seconds": statistics.median(seconds[1:] or seconds),
                     "examples_per_round": [r.examples for r in result.records],
                     "median_seconds_per_1k_examples": statistics.median(per_k[1:] or per_k),
-                    "peak_rss_bytes": summary["peak_rss_bytes"],
+                    "peak_memory_bytes": summary["peak_memory_bytes"],
                     "final_accuracy": summary["final_accuracy"],
                 }
             )
@@ -83,7 +83,7 @@ def main() -> None:
             f"{row['median_seconds']:.2f}",
             f"{statistics.median(row['examples_per_round']):,.0f}",
             f"{row['median_seconds_per_1k_examples']:.3f}",
-            f"{row['peak_rss_bytes'] / 2**30:.2f} GiB",
+            f"{row['peak_memory_bytes'] / 2**30:.2f} GiB",
             f"{row['final_accuracy']:.4f}",
         )
     console.print(table)
