@@ -254,3 +254,20 @@ def test_errors_say_what_is_wrong() -> None:
         build_task("flower:flower_client_example:SPLIT_SEED")
     with pytest.raises(ValueError, match="builtin:K/N"):
         build_task(TASK).site_data("data.csv", partition="iid", seed=0, partitions=3)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_flower_nodes_context_state_persists_across_rounds(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Virtual sites are rebuilt every round (in any worker); the simulation keeps each
+    # site's Context.state and hands it back, as Flower keeps a node's Context.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "support"))
+    experiment = load_experiment().override(
+        task__name="flower:stateful_flower_client:client_fn",
+        simulation__sites=2,
+        simulation__workers=workers,
+        federation__rounds=3,
+    )
+    result, _ = run_simulation(experiment, None)
+    assert [r.fit_metrics["fits"] for r in result.records] == [1.0, 2.0, 3.0]

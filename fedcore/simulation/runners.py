@@ -54,9 +54,15 @@ def make_site(experiment: Experiment, k: int, device: str | None = None) -> Site
     return Site(name=site_name(k), task=task, data=data, template=template)
 
 
-def handle(experiment: Experiment, k: int, instruction: Instruction, device: str | None = None) -> Reply:
-    """Run one instruction at virtual site k; the site is gone afterwards."""
-    return make_site(experiment, k, device).handle(instruction)
+def handle(
+    experiment: Experiment, k: int, instruction: Instruction, state: object | None, device: str | None = None
+) -> tuple[Reply, object | None]:
+    """Run one instruction at virtual site k, given the state it kept from earlier rounds;
+    return its reply and the state to keep. The site is gone afterwards."""
+    site = make_site(experiment, k, device)
+    site.task.restore_site_state(site.data, state)  # the task object is shared by all sites
+    reply = site.handle(instruction)
+    return reply, site.task.site_state(site.data)
 
 
 def cores() -> int:
@@ -69,9 +75,25 @@ def set_threads(threads: int) -> None:
 
 
 class SiteRunner(abc.ABC):
-    @abc.abstractmethod
+    """Runs virtual sites and keeps, explicitly and only for sites that have any, the state
+    they must carry from round to round (`Task.site_state`)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, object] = {}
+
     async def run(self, k: int, instruction: Instruction) -> Reply:
         """Site k's reply to `instruction`."""
+        reply, state = await self._run(k, instruction, self.states.get(k))
+        if state is None:
+            self.states.pop(k, None)
+        else:
+            self.states[k] = state
+        return reply
+
+    @abc.abstractmethod
+    async def _run(
+        self, k: int, instruction: Instruction, state: object | None
+    ) -> tuple[Reply, object | None]: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -84,6 +106,7 @@ class LocalRunner(SiteRunner):
     what makes forking safe here), spawned elsewhere."""
 
     def __init__(self, experiment: Experiment, *, workers: int, device: str | None = None) -> None:
+        super().__init__()
         self.experiment = experiment
         self.device = device
         self._executor: Executor
@@ -99,10 +122,12 @@ class LocalRunner(SiteRunner):
                 initargs=(1,),
             )
 
-    async def run(self, k: int, instruction: Instruction) -> Reply:
+    async def _run(
+        self, k: int, instruction: Instruction, state: object | None
+    ) -> tuple[Reply, object | None]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, handle, self.experiment, k, instruction, self.device
+            self._executor, handle, self.experiment, k, instruction, state, self.device
         )
 
     def close(self) -> None:
@@ -113,6 +138,7 @@ class RayRunner(SiteRunner):
     """Each site's work is a Ray task (one CPU each) on a local Ray instance or a cluster."""
 
     def __init__(self, experiment: Experiment, *, workers: int | None, address: str | None) -> None:
+        super().__init__()
         try:
             import ray
         except ImportError:
@@ -132,19 +158,25 @@ class RayRunner(SiteRunner):
         self._experiment = ray.put(experiment)
         self._remote = ray.remote(num_cpus=1)(_ray_handle)
 
-    async def run(self, k: int, instruction: Instruction) -> Reply:
-        reply: Reply = await self._remote.remote(self._experiment, k, instruction)
-        return reply
+    async def _run(
+        self, k: int, instruction: Instruction, state: object | None
+    ) -> tuple[Reply, object | None]:
+        result: tuple[Reply, object | None] = await self._remote.remote(
+            self._experiment, k, instruction, state
+        )
+        return result
 
     def close(self) -> None:
         if self._started:
             self._ray.shutdown()
 
 
-def _ray_handle(experiment: Experiment, k: int, instruction: Instruction) -> Reply:
+def _ray_handle(
+    experiment: Experiment, k: int, instruction: Instruction, state: object | None
+) -> tuple[Reply, object | None]:
     if torch.get_num_threads() != 1:  # a Ray task holds one CPU
         set_threads(1)
-    return handle(experiment, k, instruction)
+    return handle(experiment, k, instruction, state)
 
 
 def make_runner(experiment: Experiment, device: str | None = None) -> SiteRunner:

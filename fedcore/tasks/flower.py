@@ -173,6 +173,18 @@ class FlowerTask(Task):
     def test_data(self, *, seed: int, partitions: int) -> Dataset | None:
         return None
 
+    def site_state(self, data: SiteData) -> object | None:
+        """The node's `Context.state`, which Flower keeps for the whole run."""
+        part = _partition(data.train)
+        state = self.context(part.partition_id, part.num_partitions).state
+        return state if len(state) else None
+
+    def restore_site_state(self, data: SiteData, state: object | None) -> None:
+        from flwr.app import RecordDict
+
+        part = _partition(data.train)
+        self.context(part.partition_id, part.num_partitions).state = RecordDict() if state is None else state
+
     def fit(self, parameters: Arrays, data: SiteData, settings: TrainSettings) -> FitOutcome:
         from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 
