@@ -1,0 +1,1 @@
+"""SecAgg+ secure aggregation: cryptographic building blocks and per-stage state machines."""

@@ -1,0 +1,82 @@
+"""What every SecAgg+ stage shares: the round's public parameters, aborts, encodings.
+
+The protocol (Bonawitz et al. CCS'17 with Bell et al. CCS'20's sparse neighbour graph) runs
+in four stages, each a pair of state classes (client, server) in `fedcore.secagg.stages`.
+A state consumes the previous stage's messages and returns the next state with what it
+sends; no state does I/O, reads the clock or draws randomness on its own: randomness
+comes in as `randbytes`, so that tests can replay a round.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from fedcore.errors import SecurityError
+
+RandBytes = Callable[[int], bytes]
+
+SEED_BYTES = 32
+
+
+class AbortReason(enum.Enum):
+    TOO_FEW_NEIGHBOURS = "fewer than threshold neighbours remain"
+    TOO_FEW_SURVIVORS = "fewer than threshold sites sent masked input"
+    NOT_ENOUGH_SHARES = "a dropped or surviving site has fewer than threshold shares"
+    BAD_MESSAGE = "a message is malformed, for another round or stage, or from an unknown site"
+    INCONSISTENT_REQUEST = "the server asked for shares it must not have"
+    DECRYPTION_FAILED = "a share could not be decrypted"
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """A terminal state: the round cannot complete (it is retried, never summed wrongly)."""
+
+    reason: AbortReason
+    detail: str = ""
+
+
+class ProtocolAbort(SecurityError):
+    def __init__(self, reason: AbortReason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.aborted = Aborted(reason, detail)
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    """Public parameters of one secure-aggregation round, fixed by the server at its start."""
+
+    round: int
+    participants: tuple[str, ...]  # the sites that start the round, sorted
+    neighbours: Mapping[str, frozenset[str]]  # symmetric, no self loops
+    threshold: int  # shares needed to reconstruct a site's secrets
+    length: int  # integers per input vector
+    bits: int = 32  # arithmetic modulo 2**bits
+
+    def __post_init__(self) -> None:
+        if list(self.participants) != sorted(set(self.participants)):
+            raise ValueError("participants must be sorted and distinct")
+        for site, peers in self.neighbours.items():
+            if site in peers or any(site not in self.neighbours[p] for p in peers):
+                raise ValueError(f"the neighbour graph must be symmetric without self loops (at {site})")
+        if not 1 <= self.threshold <= min((len(p) for p in self.neighbours.values()), default=0):
+            raise ValueError("threshold must be between 1 and the smallest neighbourhood's size")
+        if self.bits not in (32, 64):
+            raise ValueError("bits must be 32 or 64")
+
+    def index(self, site: str) -> int:
+        """The site's Shamir x-coordinate (1-based, never 0: 0 is where the secret lives)."""
+        return self.participants.index(site) + 1
+
+    def info(self, purpose: str) -> bytes:
+        return f"fedcore secagg+ v1|{purpose}|round {self.round}".encode()
+
+    def associated(self, sender: str, recipient: str) -> bytes:
+        """Binds an encrypted share to its round, sender and recipient (no replay, no reroute)."""
+        return f"{self.round}|{sender}|{recipient}".encode()
+
+
+def need(ok: bool, reason: AbortReason, detail: str = "") -> None:
+    if not ok:
+        raise ProtocolAbort(reason, detail)

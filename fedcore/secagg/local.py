@@ -1,0 +1,43 @@
+"""One SecAgg+ round among sites in this process: the stage states wired together, with
+dropouts injected between stages. What a transport does over the network, minus the
+network; tests and simulations use it as the reference run of the protocol."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Set
+
+import numpy as np
+
+from fedcore.secagg.common import Aborted, ProtocolAbort, RandBytes, RoundParams
+from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
+
+
+def run_round(
+    params: RoundParams,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    drop_before: Mapping[int, Set[str]] | None = None,
+    randbytes: RandBytes = os.urandom,
+) -> np.ndarray | Aborted:
+    """The sum modulo 2**bits of the inputs of the sites that reach stage 3, or an abort.
+    `drop_before[stage]` (stage 1..4) are the sites that vanish before sending that stage."""
+    drop = {stage: set((drop_before or {}).get(stage, ())) for stage in (1, 2, 3, 4)}
+    gone: set[str] = set()
+
+    def alive(stage: int) -> list[str]:
+        gone.update(drop[stage])
+        return [s for s in params.participants if s not in gone]
+
+    try:
+        clients = {s: ClientAdvertise(params, s) for s in params.participants}
+        stage1 = {s: clients[s].start(randbytes) for s in alive(1)}
+        forwarded, server2 = ServerAdvertise(params).collect([m for m, _ in stage1.values()])
+        stage2 = {s: stage1[s][1].receive(forwarded[s], randbytes) for s in alive(2) if s in forwarded}
+        routed, server3 = server2.collect([m for m, _ in stage2.values()])
+        stage3 = {s: stage2[s][1].receive(routed[s], inputs[s]) for s in alive(3) if s in routed}
+        requests, server4 = server3.collect([m for m, _ in stage3.values()])
+        answers = [stage3[s][1].receive(requests[s]) for s in alive(4) if s in requests]
+        return server4.collect(answers)
+    except ProtocolAbort as abort:
+        return abort.aborted

@@ -1,0 +1,85 @@
+"""Stage 1, advertise keys: every site makes two X25519 key pairs, one to encrypt the shares
+it sends its neighbours, one to agree pairwise masks with them, and publishes both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
+from fedcore.secagg.primitives import KeyPair
+
+if TYPE_CHECKING:  # the next stage's states (imported when the transition happens)
+    from fedcore.secagg.stages.share_keys import ClientShareKeys, ServerShareKeys
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    site: str
+    cipher_public: bytes  # for the share encryption keys
+    mask_public: bytes  # for the pairwise mask seeds
+
+
+@dataclass(frozen=True)
+class NeighbourKeys:
+    """What the server forwards to a site: its live neighbours' public keys."""
+
+    site: str
+    keys: dict[str, AdvertiseKeys]
+
+
+def keypair(randbytes: RandBytes) -> KeyPair:
+    private = X25519PrivateKey.from_private_bytes(randbytes(SEED_BYTES))
+    return KeyPair(private=private, public=private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+@dataclass(frozen=True)
+class ClientAdvertise:
+    params: RoundParams
+    site: str
+
+    def start(self, randbytes: RandBytes) -> tuple[AdvertiseKeys, ClientShareKeys]:
+        from fedcore.secagg.stages.share_keys import ClientShareKeys
+
+        cipher, mask = keypair(randbytes), keypair(randbytes)
+        message = AdvertiseKeys(self.site, cipher.public, mask.public)
+        return message, ClientShareKeys(self.params, self.site, cipher, mask)
+
+
+@dataclass(frozen=True)
+class ServerAdvertise:
+    params: RoundParams
+
+    def collect(self, messages: list[AdvertiseKeys]) -> tuple[dict[str, NeighbourKeys], ServerShareKeys]:
+        """Forward each live site its live neighbours' keys. Sites that sent nothing dropped out."""
+        from fedcore.secagg.stages.share_keys import ServerShareKeys
+
+        keys: dict[str, AdvertiseKeys] = {}
+        for m in messages:
+            need(
+                m.site in self.params.neighbours and m.site not in keys,
+                AbortReason.BAD_MESSAGE,
+                f"keys from {m.site}",
+            )
+            need(
+                len(m.cipher_public) == SEED_BYTES == len(m.mask_public) and m.cipher_public != m.mask_public,
+                AbortReason.BAD_MESSAGE,
+                f"malformed keys from {m.site}",
+            )
+            keys[m.site] = m
+        seen = [k.cipher_public for k in keys.values()] + [k.mask_public for k in keys.values()]
+        need(len(set(seen)) == len(seen), AbortReason.BAD_MESSAGE, "two sites advertised the same key")
+        live = set(keys)
+        need(
+            len(live) >= self.params.threshold,
+            AbortReason.TOO_FEW_SURVIVORS,
+            f"{len(live)} sites advertised keys",
+        )
+        out = {
+            site: NeighbourKeys(site, {p: keys[p] for p in sorted(self.params.neighbours[site] & live)})
+            for site in sorted(live)
+        }
+        return out, ServerShareKeys(self.params, keys)

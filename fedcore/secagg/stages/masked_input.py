@@ -1,0 +1,119 @@
+"""Stage 3, masked input: every site adds to its input, modulo 2**bits, a self mask expanded
+from its seed b and, for each neighbour that shared keys, a pairwise mask expanded from the
+X25519 + HKDF secret they agree on: + for the neighbour after it, - for the one before, so
+that the pairwise masks of two live neighbours cancel in the sum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedcore.secagg.common import AbortReason, RoundParams, need
+from fedcore.secagg.primitives import KeyPair, agree, expand_mask
+from fedcore.secagg.stages.advertise import AdvertiseKeys
+from fedcore.secagg.stages.share_keys import RoutedShares
+
+if TYPE_CHECKING:
+    from fedcore.secagg.stages.unmask import ClientUnmask, ServerUnmask
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    site: str
+    vector: np.ndarray  # uint32 or uint64, length params.length
+
+
+def dtype(params: RoundParams) -> type[np.unsignedinteger[Any]]:
+    return np.uint32 if params.bits == 32 else np.uint64
+
+
+def pairwise_mask(
+    params: RoundParams, mask_private: KeyPair, me: str, peer: str, peer_mask_public: bytes
+) -> np.ndarray:
+    """The mask `me` adds for `peer`: +PRG(s) if me sorts before peer, else -PRG(s) (mod 2**bits)."""
+    secret = agree(mask_private.private, peer_mask_public, info=params.info("pairwise mask"))
+    mask = expand_mask(secret, params.length, bits=params.bits)
+    return mask if params.index(me) < params.index(peer) else (-mask).astype(mask.dtype)
+
+
+@dataclass(frozen=True)
+class ClientMaskedInput:
+    params: RoundParams
+    site: str
+    cipher: KeyPair
+    mask: KeyPair
+    self_seed: bytes
+    neighbour_keys: dict[str, AdvertiseKeys]
+
+    def receive(self, message: RoutedShares, quantized: np.ndarray) -> tuple[MaskedInput, ClientUnmask]:
+        """Mask `quantized` (integers modulo 2**bits) against the neighbours that shared keys."""
+        from fedcore.secagg.stages.unmask import ClientUnmask
+
+        p = self.params
+        need(message.site == self.site, AbortReason.BAD_MESSAGE, "shares addressed to another site")
+        need(
+            set(message.ciphertexts) <= set(self.neighbour_keys),
+            AbortReason.BAD_MESSAGE,
+            "shares from non-neighbours",
+        )
+        need(
+            len(message.ciphertexts) >= p.threshold,
+            AbortReason.TOO_FEW_NEIGHBOURS,
+            f"{len(message.ciphertexts)} neighbours shared keys",
+        )
+        need(
+            quantized.shape == (p.length,) and quantized.dtype == dtype(p),
+            AbortReason.BAD_MESSAGE,
+            "input of the wrong shape or type",
+        )
+        masked = quantized + expand_mask(self.self_seed, p.length, bits=p.bits)
+        for peer in sorted(message.ciphertexts):
+            masked += pairwise_mask(p, self.mask, self.site, peer, self.neighbour_keys[peer].mask_public)
+        state = ClientUnmask(p, self.site, self.cipher, self.neighbour_keys, dict(message.ciphertexts))
+        return MaskedInput(self.site, masked), state
+
+
+@dataclass(frozen=True)
+class ServerMaskedInput:
+    params: RoundParams
+    keys: dict[str, AdvertiseKeys]
+    shared: frozenset[str]  # the sites that shared keys
+
+    def collect(self, messages: list[MaskedInput]) -> tuple[dict[str, UnmaskRequest], ServerUnmask]:
+        """Sum the masked inputs; ask every site that sent one for the shares that remove the
+        masks: self-mask shares of the survivors, mask-key shares of the dropped."""
+        from fedcore.secagg.stages.unmask import ServerUnmask, UnmaskRequest
+
+        p = self.params
+        total = np.zeros(p.length, dtype=dtype(p))
+        survivors: set[str] = set()
+        for m in messages:
+            need(
+                m.site in self.shared and m.site not in survivors,
+                AbortReason.BAD_MESSAGE,
+                f"masked input from {m.site}",
+            )
+            need(
+                m.vector.shape == (p.length,) and m.vector.dtype == dtype(p),
+                AbortReason.BAD_MESSAGE,
+                f"{m.site}'s vector",
+            )
+            total += m.vector
+            survivors.add(m.site)
+        need(len(survivors) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(survivors)} masked inputs")
+        dropped = self.shared - survivors
+        requests = {
+            site: UnmaskRequest(
+                site,
+                survivors=frozenset(p.neighbours[site] & survivors),
+                dropped=frozenset(p.neighbours[site] & dropped),
+            )
+            for site in sorted(survivors)
+        }
+        return requests, ServerUnmask(p, self.keys, self.shared, frozenset(survivors), total)
+
+
+if TYPE_CHECKING:
+    from fedcore.secagg.stages.unmask import UnmaskRequest

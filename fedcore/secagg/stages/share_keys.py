@@ -1,0 +1,115 @@
+"""Stage 2, share keys: every site draws its self-mask seed b, splits b and its mask private
+key into t-of-k Shamir shares, one pair per neighbour, and encrypts each pair end to end for
+that neighbour (AES-GCM under an X25519 + HKDF key, bound to round, sender and recipient).
+The server only routes the ciphertexts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from fedcore.secagg import shamir
+from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
+from fedcore.secagg.primitives import KeyPair, agree, encrypt
+from fedcore.secagg.stages.advertise import AdvertiseKeys, NeighbourKeys
+
+if TYPE_CHECKING:
+    from fedcore.secagg.stages.masked_input import ClientMaskedInput, ServerMaskedInput
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    site: str
+    ciphertexts: dict[str, bytes]  # neighbour -> its encrypted pair of shares
+
+
+@dataclass(frozen=True)
+class RoutedShares:
+    """What the server hands a site: the ciphertexts its neighbours addressed to it."""
+
+    site: str
+    ciphertexts: dict[str, bytes]  # sender -> ciphertext
+
+
+def private_bytes(pair: KeyPair) -> bytes:
+    return pair.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+@dataclass(frozen=True)
+class ClientShareKeys:
+    params: RoundParams
+    site: str
+    cipher: KeyPair
+    mask: KeyPair
+
+    def receive(self, message: NeighbourKeys, randbytes: RandBytes) -> tuple[ShareKeys, ClientMaskedInput]:
+        from fedcore.secagg.stages.masked_input import ClientMaskedInput
+
+        p = self.params
+        need(message.site == self.site, AbortReason.BAD_MESSAGE, "neighbour keys addressed to another site")
+        need(
+            set(message.keys) <= p.neighbours[self.site],
+            AbortReason.BAD_MESSAGE,
+            "keys of sites that are not neighbours",
+        )
+        need(
+            len(message.keys) >= p.threshold,
+            AbortReason.TOO_FEW_NEIGHBOURS,
+            f"{len(message.keys)} live neighbours",
+        )
+        self_seed = randbytes(SEED_BYTES)
+        peers = sorted(message.keys)
+        # One x-coordinate per neighbour (its place among the participants): shares of
+        # different sites' secrets held by one neighbour line up for reconstruction.
+        xs = {peer: p.index(peer) for peer in peers}
+        seed_shares = _shares(self_seed, xs, p.threshold, randbytes)
+        key_shares = _shares(private_bytes(self.mask), xs, p.threshold, randbytes)
+        ciphertexts = {}
+        for peer in peers:
+            key = agree(
+                self.cipher.private, message.keys[peer].cipher_public, info=p.info("share encryption")
+            )
+            plaintext = seed_shares[peer] + key_shares[peer]
+            ciphertexts[peer] = encrypt(key, plaintext, associated=p.associated(self.site, peer))
+        state = ClientMaskedInput(p, self.site, self.cipher, self.mask, self_seed, dict(message.keys))
+        return ShareKeys(self.site, ciphertexts), state
+
+
+def _shares(secret: bytes, xs: dict[str, int], threshold: int, randbytes: RandBytes) -> dict[str, bytes]:
+    """Shamir shares of `secret` evaluated at each neighbour's x-coordinate."""
+    top = max(xs.values())
+    every = shamir.split(secret, shares=top, threshold=threshold, randbytes=randbytes)
+    return {peer: every[x - 1].y for peer, x in xs.items()}
+
+
+@dataclass(frozen=True)
+class ServerShareKeys:
+    params: RoundParams
+    keys: dict[str, AdvertiseKeys]  # the sites that advertised keys
+
+    def collect(self, messages: list[ShareKeys]) -> tuple[dict[str, RoutedShares], ServerMaskedInput]:
+        """Route each ciphertext to its recipient. Sites that sent nothing dropped out."""
+        from fedcore.secagg.stages.masked_input import ServerMaskedInput
+
+        p = self.params
+        sent: dict[str, ShareKeys] = {}
+        for m in messages:
+            need(m.site in self.keys and m.site not in sent, AbortReason.BAD_MESSAGE, f"shares from {m.site}")
+            expected = p.neighbours[m.site] & set(self.keys)
+            need(
+                set(m.ciphertexts) == expected,
+                AbortReason.BAD_MESSAGE,
+                f"{m.site} shared with the wrong sites",
+            )
+            sent[m.site] = m
+        live = set(sent)
+        need(len(live) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(live)} sites shared keys")
+        routed = {
+            site: RoutedShares(
+                site, {sender: sent[sender].ciphertexts[site] for sender in sorted(p.neighbours[site] & live)}
+            )
+            for site in sorted(live)
+        }
+        return routed, ServerMaskedInput(p, self.keys, frozenset(live))

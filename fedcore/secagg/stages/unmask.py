@@ -1,0 +1,155 @@
+"""Stage 4, unmask: every surviving site decrypts the shares its neighbours gave it and
+returns, per neighbour, the self-mask seed share if that neighbour sent masked input or the
+mask-key share if it dropped, never both (that would reveal the neighbour's input). The
+server reconstructs what it needs with t shares each and removes the masks: the result is
+exactly the sum of the survivors' inputs modulo 2**bits, or an abort."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from fedcore.errors import SecurityError
+from fedcore.secagg import shamir
+from fedcore.secagg.common import SEED_BYTES, AbortReason, RoundParams, need
+from fedcore.secagg.primitives import KeyPair, agree, decrypt, expand_mask
+from fedcore.secagg.stages.advertise import AdvertiseKeys
+from fedcore.secagg.stages.masked_input import pairwise_mask
+
+SHARE = shamir.SHARE_BYTES
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    site: str
+    survivors: frozenset[str]  # neighbours that sent masked input: send their seed shares
+    dropped: frozenset[str]  # neighbours that shared keys but sent no input: send key shares
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    site: str
+    seed_shares: dict[str, bytes]  # survivor -> share of its self-mask seed
+    key_shares: dict[str, bytes]  # dropped site -> share of its mask private key
+
+
+@dataclass(frozen=True)
+class ClientUnmask:
+    params: RoundParams
+    site: str
+    cipher: KeyPair
+    neighbour_keys: dict[str, AdvertiseKeys]
+    ciphertexts: dict[str, bytes]  # sender -> its encrypted shares for this site
+
+    def receive(self, request: UnmaskRequest) -> UnmaskShares:
+        p = self.params
+        need(request.site == self.site, AbortReason.BAD_MESSAGE, "request addressed to another site")
+        asked = request.survivors | request.dropped
+        need(
+            not request.survivors & request.dropped,
+            AbortReason.INCONSISTENT_REQUEST,
+            "a site both survived and dropped",
+        )
+        need(
+            asked <= set(self.ciphertexts),
+            AbortReason.INCONSISTENT_REQUEST,
+            "shares of sites that gave this site none",
+        )
+        need(
+            len(request.survivors) + 1 >= p.threshold,
+            AbortReason.TOO_FEW_SURVIVORS,
+            "too few live neighbours",
+        )
+        seed_shares, key_shares = {}, {}
+        for peer in sorted(asked):
+            key = agree(
+                self.cipher.private, self.neighbour_keys[peer].cipher_public, info=p.info("share encryption")
+            )
+            try:
+                plaintext = decrypt(key, self.ciphertexts[peer], associated=p.associated(peer, self.site))
+            except SecurityError:
+                need(False, AbortReason.DECRYPTION_FAILED, f"share from {peer}")
+            need(len(plaintext) == 2 * SHARE, AbortReason.BAD_MESSAGE, f"share from {peer}")
+            if peer in request.survivors:
+                seed_shares[peer] = plaintext[:SHARE]
+            else:
+                key_shares[peer] = plaintext[SHARE:]
+        return UnmaskShares(self.site, seed_shares, key_shares)
+
+
+@dataclass(frozen=True)
+class ServerUnmask:
+    params: RoundParams
+    keys: dict[str, AdvertiseKeys]
+    shared: frozenset[str]
+    survivors: frozenset[str]
+    total: np.ndarray  # sum of the masked inputs
+
+    def collect(self, messages: list[UnmaskShares]) -> np.ndarray:
+        """The sum of the survivors' inputs modulo 2**bits (raises ProtocolAbort otherwise)."""
+        p = self.params
+        dropped = self.shared - self.survivors
+        seeds: dict[str, list[shamir.Share]] = {s: [] for s in self.survivors}
+        private_keys: dict[str, list[shamir.Share]] = {d: [] for d in dropped}
+        answered: set[str] = set()
+        for m in messages:
+            need(
+                m.site in self.survivors and m.site not in answered,
+                AbortReason.BAD_MESSAGE,
+                f"shares from {m.site}",
+            )
+            answered.add(m.site)
+            x = p.index(m.site)
+            for peer, y in m.seed_shares.items():
+                need(
+                    peer in seeds and peer in p.neighbours[m.site],
+                    AbortReason.BAD_MESSAGE,
+                    f"{m.site} sent a share of {peer}",
+                )
+                seeds[peer].append(shamir.Share(x, y))
+            for peer, y in m.key_shares.items():
+                need(
+                    peer in private_keys and peer in p.neighbours[m.site],
+                    AbortReason.BAD_MESSAGE,
+                    f"{m.site} sent a key share of {peer}",
+                )
+                private_keys[peer].append(shamir.Share(x, y))
+        result = self.total.copy()
+        for site, shares in sorted(seeds.items()):
+            need(
+                len(shares) >= p.threshold,
+                AbortReason.NOT_ENOUGH_SHARES,
+                f"self-mask seed of {site}: {len(shares)} shares",
+            )
+            seed = _combine(shares, p.threshold, site)
+            result -= expand_mask(seed, p.length, bits=p.bits)
+        for site, shares in sorted(private_keys.items()):
+            need(
+                len(shares) >= p.threshold,
+                AbortReason.NOT_ENOUGH_SHARES,
+                f"mask key of dropped {site}: {len(shares)} shares",
+            )
+            private = X25519PrivateKey.from_private_bytes(_combine(shares, p.threshold, site))
+            public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            need(
+                public == self.keys[site].mask_public,
+                AbortReason.NOT_ENOUGH_SHARES,
+                f"shares of {site}'s key are inconsistent",
+            )
+            pair = KeyPair(private=private, public=public)
+            # Remove what each surviving neighbour added for the dropped site: the dropped
+            # site's own view of that pairwise mask is exactly its negation.
+            for peer in sorted(p.neighbours[site] & self.survivors):
+                result += pairwise_mask(p, pair, site, peer, self.keys[peer].mask_public)
+        return result
+
+
+def _combine(shares: list[shamir.Share], threshold: int, site: str) -> bytes:
+    try:
+        return shamir.combine(shares, threshold=threshold, length=SEED_BYTES)
+    except ValueError as err:
+        need(False, AbortReason.NOT_ENOUGH_SHARES, f"{site}: {err}")
+        raise AssertionError("unreachable") from None

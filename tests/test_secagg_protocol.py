@@ -1,0 +1,113 @@
+"""SecAgg+ stages run together in process: the result is the exact modular sum of the
+survivors' inputs, or an abort with a reason; never a wrong sum."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcore.secagg.common import Aborted, AbortReason, ProtocolAbort, RoundParams
+from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
+from fedcore.secagg.local import run_round
+from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
+from fedcore.secagg.stages.unmask import UnmaskRequest
+
+
+def params(n: int, degree: int, threshold: int, length: int, bits: int = 32) -> RoundParams:
+    sites = [f"site-{i:03d}" for i in range(n)]
+    graph = neighbour_graph(sites, degree, seed=7, round_number=1)
+    smallest = min(len(p) for p in graph.values())
+    return RoundParams(1, tuple(sites), graph, min(threshold, smallest), length, bits)
+
+
+def inputs_for(p: RoundParams, seed: int) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(seed)
+    dtype = np.uint32 if p.bits == 32 else np.uint64
+    return {s: g.integers(0, 2**p.bits, p.length, dtype=dtype) for s in p.participants}
+
+
+def modular_sum(p: RoundParams, inputs: dict[str, np.ndarray], sites: set[str]) -> np.ndarray:
+    total = np.zeros(p.length, dtype=np.uint32 if p.bits == 32 else np.uint64)
+    for s in sites:
+        total += inputs[s]
+    return total
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(3, 12),
+    degree=st.integers(2, 11),
+    threshold=st.integers(1, 11),
+    length=st.integers(1, 50),
+    bits=st.sampled_from([32, 64]),
+    data=st.data(),
+)
+def test_the_result_is_the_survivors_exact_sum_or_an_abort(
+    n: int, degree: int, threshold: int, length: int, bits: int, data: st.DataObject
+) -> None:
+    p = params(n, degree, threshold, length, bits)
+    sites = list(p.participants)
+    drop = {
+        stage: set(data.draw(st.lists(st.sampled_from(sites), max_size=n // 2), label=f"drop {stage}"))
+        for stage in (1, 2, 3, 4)
+    }
+    inputs = inputs_for(p, n * 1000 + length)
+    result = run_round(p, inputs, drop_before=drop)
+    if isinstance(result, Aborted):
+        assert isinstance(result.reason, AbortReason)
+        return
+    survivors = set(sites) - drop[1] - drop[2] - drop[3]
+    np.testing.assert_array_equal(result, modular_sum(p, inputs, survivors))
+
+
+@pytest.mark.parametrize("n", [3, 10, 40])
+def test_without_dropouts_the_round_completes_with_default_parameters(n: int) -> None:
+    degree = default_degree(n)
+    p = params(n, degree, default_threshold(degree), 100)
+    inputs = inputs_for(p, n)
+    result = run_round(p, inputs)
+    assert isinstance(result, np.ndarray)
+    np.testing.assert_array_equal(result, modular_sum(p, inputs, set(p.participants)))
+
+
+def test_dropouts_below_each_neighbourhoods_tolerance_complete_exactly() -> None:
+    p = params(20, 8, 5, 64)
+    inputs = inputs_for(p, 1)
+    # Three scattered sites vanish at three different stages; each neighbourhood keeps >= 5.
+    result = run_round(p, inputs, drop_before={2: {"site-003"}, 3: {"site-011"}, 4: {"site-017"}})
+    assert isinstance(result, np.ndarray)
+    np.testing.assert_array_equal(
+        result, modular_sum(p, inputs, set(p.participants) - {"site-003", "site-011"})
+    )
+
+
+def test_a_server_asking_for_both_shares_of_a_site_is_refused() -> None:
+    p = params(6, 4, 3, 8)
+    clients = {s: ClientAdvertise(p, s).start(bytes_source()) for s in p.participants}
+    forwarded, server = ServerAdvertise(p).collect([m for m, _ in clients.values()])
+    stage2 = {s: clients[s][1].receive(forwarded[s], bytes_source()) for s in p.participants}
+    routed, _ = server.collect([m for m, _ in stage2.values()])
+    me = p.participants[0]
+    _, unmask = stage2[me][1].receive(routed[me], np.zeros(8, np.uint32))
+    peer = sorted(p.neighbours[me])[0]
+    # A curious server claims a live neighbour both survived and dropped, to get its seed
+    # share and its key share from the same site: that would unmask the peer's input.
+    with pytest.raises(ProtocolAbort) as refused:
+        unmask.receive(UnmaskRequest(me, survivors=frozenset({peer}), dropped=frozenset({peer})))
+    assert refused.value.aborted.reason is AbortReason.INCONSISTENT_REQUEST
+    tampered = dataclasses.replace(
+        unmask, ciphertexts={k: v[:-1] + bytes([v[-1] ^ 1]) for k, v in unmask.ciphertexts.items()}
+    )
+    with pytest.raises(ProtocolAbort) as broken:
+        tampered.receive(UnmaskRequest(me, survivors=frozenset(p.neighbours[me]), dropped=frozenset()))
+    assert broken.value.aborted.reason is AbortReason.DECRYPTION_FAILED
+
+
+def bytes_source() -> Callable[[int], bytes]:
+    return os.urandom
