@@ -125,7 +125,7 @@ def chunk_data(field: int, raw: bytes) -> memoryview | None:
     if len(raw) < 4 or raw[0] != (field << 3) | 2:
         return None
     outer, pos = _read_varint(raw, 1)
-    if outer < 0 or pos + outer != len(raw) or raw[pos] != _DATA_TAG:
+    if outer <= 0 or pos >= len(raw) or pos + outer != len(raw) or raw[pos] != _DATA_TAG:
         return None
     size, start = _read_varint(raw, pos + 1)
     if size < 0 or start + size != len(raw):

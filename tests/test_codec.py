@@ -378,3 +378,43 @@ def test_no_module_in_fedcore_imports_pickle() -> None:
                 if m.split(".")[0] in FORBIDDEN
             ]
     assert offenders == []
+
+
+def test_hostile_shapes_are_refused_quickly() -> None:
+    import time
+
+    from fedcore.errors import ProtocolError
+    from fedcore.proto.v1 import federation_pb2 as pb
+    from fedcore.tensors.codec import expected_bytes
+
+    header = pb.Payload(total_bytes=4)
+    header.tensors.add(name="w", dtype=pb.DTYPE_FLOAT32, shape=[2**62] * 100_000)
+    started = time.perf_counter()
+    with pytest.raises(ProtocolError, match="dimensions"):
+        expected_bytes(header)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_payload_must_announce_the_models_tensors_before_anything_is_allocated() -> None:
+    from fedcore.errors import ProtocolError
+    from fedcore.tensors import check_header_like, encode
+
+    model = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+    check_header_like(encode(model)[0], model)
+    for other in (
+        {"w": np.zeros((3, 5), np.float32), "b": np.zeros(4, np.float32)},
+        {"w": np.zeros((3, 4), np.float64), "b": np.zeros(4, np.float32)},
+        {"b": np.zeros(4, np.float32), "w": np.zeros((3, 4), np.float32)},
+    ):
+        with pytest.raises(ProtocolError):
+            check_header_like(encode(other)[0], model)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"\x22\x80\x80\x00", b"\x22\x00", b"\x1a\x05\x0a\x10abc", b"\x22\x03\x0a\x05ab"]
+)
+def test_crafted_chunk_frames_fall_back_to_protobuf(raw: bytes) -> None:
+    from fedcore.wire import SERVER_CHUNK_FIELD, SITE_CHUNK_FIELD, chunk_data
+
+    assert chunk_data(SITE_CHUNK_FIELD, raw) is None
+    assert chunk_data(SERVER_CHUNK_FIELD, raw) is None

@@ -159,3 +159,29 @@ def test_each_site_gets_its_own_training_seed() -> None:
     _, _, transport = run({"a": adds(1.0), "b": adds(1.0)})
     seeds = {site: ins.config["seed"] for site, ins in transport.requests if ins.kind is InstructionKind.FIT}
     assert seeds["a"] != seeds["b"]
+
+
+def test_replies_buffered_behind_a_late_first_site_are_not_lost() -> None:
+    # Replies are folded in site order; the first site never answers. At the deadline it is
+    # dropped and the replies that waited behind it still count.
+    coordinator, records, _ = run(
+        {"0-late": hangs, "a": adds(1.0), "b": adds(3.0)}, federation__round_timeout=0.3
+    )
+    assert records[0].dropped == {"0-late": "missed the round deadline"} and records[0].sites == 2
+    np.testing.assert_allclose(coordinator.parameters["w"], 2.0)
+
+
+def test_malformed_evaluation_replies_are_dropped_not_fatal() -> None:
+    async def no_accuracy(site: str, ins: Instruction) -> Reply:
+        if ins.kind is InstructionKind.EVALUATE:
+            return Reply(site, ins.kind, ins.round, num_examples=1, metrics={"loss": 0.5})
+        return await adds(1.0)(site, ins)
+
+    _, records, _ = run({"a": adds(1.0), "b": no_accuracy})
+    assert records[0].accuracy == pytest.approx(1.0)  # from site a alone
+
+
+def test_an_absurd_example_count_cannot_take_over_the_average() -> None:
+    coordinator, records, _ = run({"a": adds(1.0), "b": adds(1.0), "greedy": adds(100.0, 10**12)})
+    assert records[0].dropped["greedy"].startswith("bad reply")
+    np.testing.assert_allclose(coordinator.parameters["w"], 1.0)

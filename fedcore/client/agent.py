@@ -20,7 +20,7 @@ from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.pki import TlsFiles
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.tasks import Task
-from fedcore.tensors import PayloadAssembler
+from fedcore.tensors import PayloadAssembler, check_header_like
 from fedcore.wire import (
     KIND_TO_WIRE,
     MAX_MESSAGE_BYTES,
@@ -80,6 +80,8 @@ class SiteAgent:
         self.site: Site | None = None
         self._site_key: tuple[object, ...] | None = None
         self.run_end: pb.RunEnd | None = None
+        self._last_contact = time.monotonic()
+        self._inflight: asyncio.Future[Reply] | None = None
 
     def _channel(self) -> grpc.aio.Channel:
         s = self.settings
@@ -95,15 +97,13 @@ class SiteAgent:
         s = self.settings
         gc.freeze()  # start-up objects live for the whole run: keep them out of every GC pass
         delay = s.backoff_initial
-        last_contact = time.monotonic()
+        self._last_contact = time.monotonic()
         while True:
             try:
                 async with self._channel() as channel:
-                    contacted = await self._session(channel)
+                    await self._session(channel)
                 if self.run_end is not None:
                     return Outcome.COMPLETED if self.run_end.completed else Outcome.STOPPED
-                if contacted:
-                    delay, last_contact = s.backoff_initial, time.monotonic()
             except _Rejected as err:
                 log.error("the server refused this site: %s", err)
                 return Outcome.REJECTED
@@ -117,7 +117,11 @@ class SiteAgent:
                     log.error("the server refused this site: %s", err.details())
                     return Outcome.REJECTED
                 log.warning("connection to %s failed: %s %s", s.server, err.code().name, err.details())
-            if time.monotonic() - last_contact > s.give_up_after:
+            except Exception:  # a bug or a resource error: log it, reconnect, keep the site up
+                log.exception("site agent error")
+            if time.monotonic() - self._last_contact < 2 * s.heartbeat_interval:
+                delay = s.backoff_initial  # we were connected until a moment ago
+            if time.monotonic() - self._last_contact > s.give_up_after:
                 log.error("no server at %s for %.0f s; giving up", s.server, s.give_up_after)
                 return Outcome.GAVE_UP
             pause = delay * random.uniform(0.5, 1.0)
@@ -143,6 +147,7 @@ class SiteAgent:
             return True
         if first.WhichOneof("body") != "welcome":
             raise ProtocolError("the server's first message was not a Welcome")
+        self._last_contact = time.monotonic()
         self._prepare(first.welcome)
         log.info("connected to %s as %s", self.settings.server, first.welcome.site_name)
         outbound: asyncio.Queue[bytes] = asyncio.Queue(64)
@@ -193,6 +198,7 @@ class SiteAgent:
     ) -> None:
         current: tuple[pb.Instruction, PayloadAssembler] | None = None
         while (raw := await call.read()) is not grpc.aio.EOF:
+            self._last_contact = time.monotonic()
             data = chunk_data(SERVER_CHUNK_FIELD, raw)
             if data is not None:
                 if current is None:
@@ -209,6 +215,10 @@ class SiteAgent:
                 if body == "instruction":
                     if current is not None:
                         raise ProtocolError("instruction began before the previous payload was complete")
+                    assert self.site is not None
+                    # Checked against the model before any allocation: a server cannot make
+                    # this site reserve memory for a payload the model does not have.
+                    check_header_like(message.instruction.payload, self.site.template)
                     current = (message.instruction, PayloadAssembler(message.instruction.payload))
                 elif body == "chunk" and current is not None:
                     current[1].add(message.chunk.data)
@@ -233,8 +243,13 @@ class SiteAgent:
         assert self.site is not None
         while (item := await work.get()) is not None:
             request_id, instruction = item
+            if self._inflight is not None and not self._inflight.done():
+                # Training from a lost connection is still running in its thread: never
+                # train twice at once (CPU, GPU memory, and later the privacy budget).
+                await asyncio.wait([self._inflight])
             started = time.perf_counter()
-            reply = await asyncio.to_thread(self.site.handle, instruction)
+            self._inflight = asyncio.get_running_loop().run_in_executor(None, self.site.handle, instruction)
+            reply = await asyncio.shield(self._inflight)
             log.info(
                 "round %d %s done in %.2f s%s",
                 instruction.round,

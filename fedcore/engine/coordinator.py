@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ from fedcore.tasks import Dataset, Task
 from fedcore.tensors import Arrays
 
 log = logging.getLogger(__name__)
+
+
+# A site's weight in the average is its example count: bounded, so that no site can claim
+# an absurd count and replace the model with its own update.
+MAX_EXAMPLES = 10**9
 
 
 class RoundFailed(FedcoreError):
@@ -50,6 +56,7 @@ class Coordinator:
         strategy: Strategy | None = None,
         aggregation: AggregationStage | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
+        ordered_replies: bool = True,
     ) -> None:
         self.experiment = experiment
         self.task = task
@@ -59,6 +66,7 @@ class Coordinator:
         self.strategy = strategy or build_strategy(experiment.strategy)
         self.aggregation = aggregation or WeightedMean()
         self.on_round = on_round
+        self.ordered_replies = ordered_replies
         self.parameters = task.initial_parameters(derive_seed(experiment.seed, "init"))
         self.round = 0  # last completed round
 
@@ -120,54 +128,71 @@ class Coordinator:
         """Send to every site; hand each good reply to `on_reply`; return the dropped sites
         with reasons. Late sites are cancelled at the round's deadline.
 
-        Replies are handed on in `sites` order whatever order they arrive in (early ones wait
-        in a buffer), so the floating-point sum, and so the model, does not depend on timing:
-        the same seed gives the same model with any number of workers or any transport."""
+        With `ordered_replies` (the default), replies are handed on in `sites` order whatever
+        order they arrive in (early ones wait in a buffer), so the floating-point sum, and so
+        the model, does not depend on timing: the same seed gives the same model with any
+        number of workers. The buffer can hold up to all replies; a deployment that must keep
+        memory at one model turns it off and folds replies as they arrive."""
         dropped: dict[str, str] = {}
         settled: dict[str, Reply | str] = {}  # site -> its reply, or why it has none
         order = iter(sites)
         upcoming = next(order, None)
 
-        def hand_on() -> None:
+        def hand_on(site: str, outcome: Reply | str) -> None:
+            if isinstance(outcome, str):
+                dropped[site] = outcome
+            elif outcome.refusal is not None:
+                dropped[site] = f"refused: {outcome.refusal}"
+            else:
+                try:
+                    on_reply(outcome)
+                except Exception as err:  # malformed in a way the checks did not name
+                    dropped[site] = f"bad reply: {err}"
+
+        def settle(site: str, outcome: Reply | str) -> None:
             nonlocal upcoming
+            if not self.ordered_replies:
+                hand_on(site, outcome)
+                return
+            settled[site] = outcome
             while upcoming is not None and upcoming in settled:
-                outcome = settled.pop(upcoming)
-                if isinstance(outcome, str):
-                    dropped[upcoming] = outcome
-                elif outcome.refusal is not None:
-                    dropped[upcoming] = f"refused: {outcome.refusal}"
-                else:
-                    try:
-                        on_reply(outcome)
-                    except ProtocolError as err:
-                        dropped[upcoming] = f"bad reply: {err}"
+                hand_on(upcoming, settled.pop(upcoming))
                 upcoming = next(order, None)
 
+        def outcome_of(task: asyncio.Future[Reply], site: str) -> Reply | str:
+            try:
+                return task.result()
+            except SiteUnavailable as err:
+                return f"unavailable: {err.reason}"
+            except Exception as err:  # a site's crash is data for the round
+                log.exception("site %s failed", site)
+                return f"failed: {type(err).__name__}: {err}"
+
         tasks = {asyncio.ensure_future(self.transport.request(s, instruction_for(s))): s for s in sites}
-        waiting = set(tasks)
+        handled: set[asyncio.Future[Reply]] = set()
         try:
             async with asyncio.timeout(self.experiment.federation.round_timeout):
-                while waiting:
-                    done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                while len(handled) < len(tasks):
+                    done, _ = await asyncio.wait(set(tasks) - handled, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
-                        site = tasks[task]
-                        try:
-                            settled[site] = task.result()
-                        except SiteUnavailable as err:
-                            settled[site] = f"unavailable: {err.reason}"
-                        except Exception as err:  # a site's crash is data for the round
-                            log.exception("site %s failed", site)
-                            settled[site] = f"failed: {type(err).__name__}: {err}"
-                    hand_on()
+                        handled.add(task)
+                        settle(tasks[task], outcome_of(task, tasks[task]))
         except TimeoutError:
             pass
         finally:
+            # Every task is accounted for exactly once: finished ones (even those that
+            # finished as the deadline struck) by their outcome, the rest as late.
             for task, site in tasks.items():
-                if not task.done():
+                if task in handled:
+                    continue
+                if task.done():
+                    outcome = outcome_of(task, site)
+                else:
                     task.cancel()
-                    settled[site] = "missed the round deadline"
+                    outcome = "missed the round deadline"
+                handled.add(task)
+                settle(site, outcome)
             await asyncio.gather(*tasks, return_exceptions=True)
-        hand_on()
         return dropped
 
     async def _round(self, number: int, attempt: int) -> RoundRecord | None:
@@ -183,8 +208,10 @@ class Coordinator:
 
         def fold(reply: Reply) -> None:
             nonlocal received
-            if reply.update is None or reply.num_examples <= 0:
-                raise ProtocolError("fit reply without an update or examples")
+            if reply.update is None or not 0 < reply.num_examples <= MAX_EXAMPLES:
+                raise ProtocolError(
+                    f"fit reply needs an update and 1..{MAX_EXAMPLES} examples, got {reply.num_examples}"
+                )
             accumulator.add(reply.update, float(reply.num_examples))
             replied.append(reply.site)
             received += sum(a.nbytes for a in reply.update.values())
@@ -239,8 +266,17 @@ class Coordinator:
         losses: list[tuple[float, int]] = []
 
         def collect(reply: Reply) -> None:
-            accs.append((reply.metrics["accuracy"], reply.num_examples))
-            losses.append((reply.metrics["loss"], reply.num_examples))
+            accuracy, loss = reply.metrics.get("accuracy"), reply.metrics.get("loss")
+            if (
+                accuracy is None
+                or loss is None
+                or not math.isfinite(loss)
+                or not 0 < reply.num_examples <= MAX_EXAMPLES
+            ):
+                raise ProtocolError("evaluation reply without finite loss, accuracy and examples")
+            if math.isfinite(accuracy):  # a hosted client may report no accuracy (NaN)
+                accs.append((accuracy, reply.num_examples))
+            losses.append((loss, reply.num_examples))
 
         instruction = Instruction(InstructionKind.EVALUATE, number, self.parameters)
         await self._gather(sites, lambda s: instruction, collect)

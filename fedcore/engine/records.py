@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,19 @@ class RoundRecord:
     bytes_received: int = 0  # update payload bytes received from sites
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """A JSON-safe dict: non-finite numbers (NaN, infinity) become null."""
+        clean: dict[str, Any] = _finite(asdict(self))
+        return clean
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 class RoundStore(Protocol):

@@ -38,6 +38,11 @@ class Site:
         # Names, shapes and dtypes that incoming models must have.
         self._template = template if template is not None else task.initial_parameters(0)
 
+    @property
+    def template(self) -> Arrays:
+        """Names, shapes and dtypes every model sent to this site must have."""
+        return self._template
+
     def handle(self, instruction: Instruction) -> Reply:
         try:
             check_like(instruction.parameters, self._template)
@@ -48,6 +53,11 @@ class Site:
         except (FedcoreError, ValueError) as err:
             log.warning("site %s refused round %d: %s", self.name, instruction.round, err)
             return Reply(self.name, instruction.kind, instruction.round, refusal=str(err))
+        except Exception as err:  # e.g. out of GPU memory: the site stays up, the round goes on
+            log.exception("site %s failed round %d", self.name, instruction.round)
+            return Reply(
+                self.name, instruction.kind, instruction.round, refusal=f"failed: {type(err).__name__}: {err}"
+            )
 
     def _fit(self, instruction: Instruction) -> Reply:
         settings = dataclasses.replace(train_settings(instruction.config), round=instruction.round)

@@ -53,6 +53,7 @@ async def serve(
     task: Task | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_listening: Callable[[int], None] | None = None,
+    ordered_replies: bool = True,
 ) -> RunResult:
     """Run the federation until every round is done (or the task is cancelled)."""
     task = task or build_task(experiment.task.name, experiment.task.model)
@@ -88,6 +89,7 @@ async def serve(
         store=DirectoryStore(state),
         test_data=task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites),
         on_round=on_round,
+        ordered_replies=ordered_replies,
     )
     try:
         return await coordinator.run()

@@ -39,7 +39,6 @@ from fedcore.wire import (
 
 log = logging.getLogger(__name__)
 
-QUEUE_MESSAGES = 64  # per-site outbound buffer; a slow site applies backpressure, not memory growth
 HELLO_TIMEOUT = 10.0
 
 
@@ -49,12 +48,20 @@ class _Pending:
     instruction: Instruction
 
 
+@dataclass(frozen=True)
+class _Outgoing:
+    """Serialized messages written back to back: a header and its whole payload, never part."""
+
+    messages: list[bytes]
+    request_id: int | None = None  # skipped if that request was cancelled before its turn
+
+
 @dataclass
 class _Session:
     name: str
-    outbound: asyncio.Queue[bytes | None] = field(  # serialized ServerMessages
-        default_factory=lambda: asyncio.Queue(QUEUE_MESSAGES)
-    )
+    # Unbounded, but an item per instruction whose payload frames are shared by all sites
+    # of the round: a site that stops reading costs a header per round, not a model.
+    outbound: asyncio.Queue[_Outgoing | None] = field(default_factory=asyncio.Queue)
     pending: dict[int, _Pending] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -121,19 +128,18 @@ class GrpcTransport(Transport):
             raise SiteUnavailable(site, "not connected")
         request_id = next(self._ids)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        session.pending[request_id] = _Pending(future, instruction)
-        header, frames = self._payload(instruction)
-        message = pb.Instruction(
-            request_id=request_id,
-            round=instruction.round,
-            kind=KIND_TO_WIRE[instruction.kind],
-            payload=header,
-        )
-        config_to_wire(message.config, instruction.config)
         try:
-            await session.outbound.put(pb.ServerMessage(instruction=message).SerializeToString())
-            for frame in frames:
-                await session.outbound.put(frame)
+            session.pending[request_id] = _Pending(future, instruction)
+            header, frames = self._payload(instruction)
+            message = pb.Instruction(
+                request_id=request_id,
+                round=instruction.round,
+                kind=KIND_TO_WIRE[instruction.kind],
+                payload=header,
+            )
+            config_to_wire(message.config, instruction.config)
+            head = pb.ServerMessage(instruction=message).SerializeToString()
+            session.outbound.put_nowait(_Outgoing([head, *frames], request_id))
             return await future
         finally:
             session.pending.pop(request_id, None)
@@ -142,11 +148,19 @@ class GrpcTransport(Transport):
         self._finished = pb.RunEnd(completed=completed, reason=reason)
         sessions = list(self._sessions.values())
         for session in sessions:
-            await session.outbound.put(pb.ServerMessage(run_end=self._finished).SerializeToString())
-            await session.outbound.put(None)
+            self._end(session)
         if sessions:
             # Give the sites a moment to read RunEnd; their streams close on their side.
-            await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in sessions], timeout=5.0)
+            waiters = [asyncio.ensure_future(s.closed.wait()) for s in sessions]
+            await asyncio.wait(waiters, timeout=5.0)
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    def _end(self, session: _Session) -> None:
+        assert self._finished is not None
+        session.outbound.put_nowait(_Outgoing([pb.ServerMessage(run_end=self._finished).SerializeToString()]))
+        session.outbound.put_nowait(None)
 
     # ----- servicer -----
 
@@ -204,6 +218,8 @@ class GrpcTransport(Transport):
                     task.cancel()
             self._sessions[name] = session
             self._changed.notify_all()
+        if self._finished is not None:  # the run ended while this site was saying hello
+            self._end(session)
         log.info("site %s connected from %s (%d connected)", name, peer, len(self._sessions))
         session.tasks = tasks = [
             asyncio.ensure_future(self._read(session, context)),
@@ -233,8 +249,11 @@ class GrpcTransport(Transport):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(violation))
 
     async def _write(self, session: _Session, context: grpc.aio.ServicerContext) -> None:
-        while (message := await session.outbound.get()) is not None:
-            await context.write(message)
+        while (item := await session.outbound.get()) is not None:
+            if item.request_id is not None and item.request_id not in session.pending:
+                continue  # the round gave up on it before it was sent: the site never sees it
+            for message in item.messages:
+                await context.write(message)
 
     async def _watch(self, session: _Session) -> None:
         while True:

@@ -4,10 +4,20 @@ from fedcore.tensors.codec import (
     Arrays,
     PayloadAssembler,
     check_finite,
+    check_header_like,
     check_like,
     chunks,
     decode,
     encode,
 )
 
-__all__ = ["Arrays", "PayloadAssembler", "check_finite", "check_like", "chunks", "decode", "encode"]
+__all__ = [
+    "Arrays",
+    "PayloadAssembler",
+    "check_finite",
+    "check_header_like",
+    "check_like",
+    "chunks",
+    "decode",
+    "encode",
+]

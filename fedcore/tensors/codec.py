@@ -22,6 +22,7 @@ Arrays = dict[str, np.ndarray]
 
 CHUNK_BYTES = 1 << 20
 MAX_TENSORS = 100_000
+MAX_DIMENSIONS = 32  # numpy's own limit is 64; checked before any arithmetic on a shape
 
 DTYPES: dict[np.dtype[Any], pb.DType] = {
     np.dtype("<f2"): pb.DTYPE_FLOAT16,
@@ -94,14 +95,22 @@ def expected_bytes(header: pb.Payload) -> int:
     for spec in header.tensors:
         if spec.dtype not in _BY_CODE:
             raise ProtocolError(f"tensor {spec.name!r} has unknown dtype code {spec.dtype}")
+        if len(spec.shape) > MAX_DIMENSIONS:
+            raise ProtocolError(
+                f"tensor {spec.name!r} has {len(spec.shape)} dimensions (limit {MAX_DIMENSIONS})"
+            )
         if any(d < 0 for d in spec.shape):
             raise ProtocolError(f"tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
         if spec.name in names:
             raise ProtocolError(f"tensor name {spec.name!r} appears twice")
         names.add(spec.name)
-        # Python ints: np.prod would wrap around silently on a hostile shape.
-        if math.prod(d for d in spec.shape if d) > np.iinfo(np.intp).max:
-            raise ProtocolError(f"tensor {spec.name!r} has an impossible shape {list(spec.shape)}")
+        # Python ints, stopping as soon as the size is impossible: np.prod would wrap around
+        # silently, and a product of huge numbers would cost time a sender could abuse.
+        size = 1
+        for d in spec.shape:
+            size *= d if d else 1
+            if size > np.iinfo(np.intp).max:
+                raise ProtocolError(f"tensor {spec.name!r} has an impossible shape {list(spec.shape)}")
         total += math.prod(spec.shape) * _BY_CODE[spec.dtype].itemsize
     if total != header.total_bytes:
         raise ProtocolError(f"payload header says {header.total_bytes} bytes, its tensors need {total}")
@@ -156,6 +165,15 @@ class PayloadAssembler:
             raise ProtocolError(f"payload incomplete: {self._filled} of {self._size} bytes")
         data = self._whole if self._whole is not None else (self._buffer or b"")
         return decode(self.header, data)
+
+
+def check_header_like(header: pb.Payload, reference: Mapping[str, np.ndarray]) -> None:
+    """Raise ProtocolError unless the header announces exactly `reference`'s tensors."""
+    expected = [(name, DTYPES.get(a.dtype), list(a.shape)) for name, a in reference.items()]
+    announced = [(t.name, t.dtype, list(t.shape)) for t in header.tensors]
+    if announced != expected:
+        raise ProtocolError("the payload's tensors are not the model's (names, dtypes or shapes differ)")
+    expected_bytes(header)
 
 
 def check_finite(arrays: Mapping[str, np.ndarray]) -> None:
