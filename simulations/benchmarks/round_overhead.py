@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,11 +48,13 @@ from fedcore.server.app import serve
 from fedcore.tasks import build_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling Flower helper
+from environment import environment
 from flower_workload import run_flower_simulation
 
 WORKLOADS = [(10, 100_000), (100, 100_000), (50, 1_000_000)]
 WORKERS = 2  # site-hosting processes for the gRPC run
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "round_overhead.json"
+QUICK_OUT = DEFAULT_OUT.with_suffix(".quick.json")  # a smoke test never overwrites the real report
 STEP = 0.01  # bench task's per-round update; used to check that every round really ran
 
 OnRound = Callable[[RoundRecord], None]
@@ -206,13 +206,6 @@ def run_flower(sites: int, params: int, rounds: int) -> dict[str, Any]:
 # ----- driver -----
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _fmt(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -261,20 +254,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "statistic": "median seconds per round over rounds 2..R (round 1 is warm-up)",
         "rounds": {"fedcore": args.rounds, "flower": None if args.skip_flower else args.flower_rounds},
         "grpc_setup": f"server in the benchmark process, loopback, mutual TLS; sites in {WORKERS} worker processes",
-        "versions": {
-            "fedcore": fedcore.__version__,
-            "flwr": _version("flwr"),
-            "torch": _version("torch"),
-            "grpcio": _version("grpcio"),
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "nproc": os.cpu_count(),
-            "platform": platform.platform(),
-            # The machine is shared: load shows how much else was competing for the cores.
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
+        **environment(load_before),
         "workloads": rows,
     }
 
@@ -302,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--rounds", type=int, default=6, help="fedcore rounds (default 6)")
     ap.add_argument("--flower-rounds", type=int, default=5, help="Flower rounds (default 5)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument(
+        "--out", type=Path, help=f"JSON report (default {DEFAULT_OUT.name}; {QUICK_OUT.name} with --quick)"
+    )
     # Internal: worker mode for the gRPC run: PORT, then the site kits to host.
     ap.add_argument("--host-sites", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--params", type=int, help=argparse.SUPPRESS)
@@ -317,9 +299,10 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     report = benchmark(args, console)
     render(report, console)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,8 @@ import argparse
 import dataclasses
 import datetime as dt
 import functools
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -46,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from environment import environment  # this directory is sys.path[0]
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -214,13 +213,6 @@ def run_framework(framework: str, workload: Workload, on_round: Callable[[int], 
 # ----- driver -----
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def compare(fedcore_run: dict[str, Any], flower_run: dict[str, Any]) -> dict[str, Any]:
     speedup = flower_run["run_seconds"] / fedcore_run["run_seconds"]
     memory = fedcore_run["peak_memory_bytes"] / flower_run["peak_memory_bytes"]
@@ -280,20 +272,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "peak_rss_bytes": "the same with RSS (shared pages counted once per process: an upper bound)",
         },
         "strategy": "FedAvg, central evaluation on the task's test split",
-        "versions": {
-            "fedcore": _version("fedcore"),
-            "flwr": _version("flwr"),
-            "ray": _version("ray"),
-            "torch": _version("torch"),
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "nproc": os.cpu_count(),
-            "platform": platform.platform(),
-            # The machine is shared: load shows how much else was competing for the cores.
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
+        **environment(load_before),
         "workloads": rows,
     }
 
