@@ -92,3 +92,16 @@ def test_ten_thousand_virtual_sites_need_memory_for_the_sampled_ones_only(tmp_pa
     peak = summary["peak_memory_bytes"]
     assert peak < 3 * 2**30, peak
     assert psutil.Process().memory_info().rss < 3 * 2**30
+
+
+def test_a_retried_round_draws_its_dropouts_afresh() -> None:
+    experiment = small(
+        simulation__dropout=0.6,
+        simulation__workers=1,
+        federation__rounds=4,
+        federation__min_sites=3,
+        federation__max_round_retries=10,
+    )
+    result, _ = run_simulation(experiment, None)
+    assert any(r.attempt > 1 for r in result.records)  # a short round was retried ...
+    assert all(r.sites >= 3 for r in result.records)  # ... and completed with new draws

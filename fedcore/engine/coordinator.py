@@ -220,7 +220,9 @@ class Coordinator:
 
         dropped = await self._gather(
             sampled,
-            lambda s: Instruction(InstructionKind.FIT, number, self.parameters, self.fit_config(number, s)),
+            lambda s: Instruction(
+                InstructionKind.FIT, number, self.parameters, self.fit_config(number, s), attempt
+            ),
             fold,
         )
         for site, reason in dropped.items():

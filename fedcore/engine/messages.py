@@ -22,6 +22,7 @@ class Instruction:
     round: int
     parameters: Arrays  # the global model
     config: Config = field(default_factory=dict)
+    attempt: int = 1  # > 1 when the round is being retried
 
 
 @dataclass(frozen=True)

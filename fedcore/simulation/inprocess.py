@@ -1,6 +1,6 @@
 """The in-process transport: virtual sites, the same round code as over gRPC.
 
-It also plays the federation's system heterogeneity, seeded by (seed, round, site): a
+It also plays the federation's system heterogeneity, seeded by (seed, round, attempt, site): a
 sampled site drops out mid-round with probability `dropout`, and is a straggler with
 probability `stragglers`. A straggler does only part of its local epochs; its partial work
 counts when the strategy accepts partial work (FedProx) and is dropped otherwise (FedAvg),
@@ -33,10 +33,11 @@ class InProcessTransport(Transport):
         return list(self._index)
 
     def _heterogeneity(self, site: str, instruction: Instruction) -> Instruction:
-        sim, seed, number = self.experiment.simulation, self.experiment.seed, instruction.round
-        if sim.dropout and rng(seed, "dropout", number, site).random() < sim.dropout:
+        sim, seed = self.experiment.simulation, self.experiment.seed
+        when = (instruction.round, instruction.attempt)  # a retried round draws afresh
+        if sim.dropout and rng(seed, "dropout", *when, site).random() < sim.dropout:
             raise SiteUnavailable(site, "dropped out mid-round (simulated)")
-        draw = rng(seed, "straggler", number, site)
+        draw = rng(seed, "straggler", *when, site)
         if sim.stragglers and draw.random() < sim.stragglers:
             if not self.accepts_partial_work:
                 raise SiteUnavailable(site, "straggler: did not finish its local epochs (simulated)")
