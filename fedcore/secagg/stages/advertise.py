@@ -60,6 +60,11 @@ class ServerAdvertise:
         keys: dict[str, AdvertiseKeys] = {}
         for m in messages:
             need(
+                isinstance(m, AdvertiseKeys),
+                AbortReason.BAD_MESSAGE,
+                f"{type(m).__name__} in the advertise stage",
+            )
+            need(
                 m.site in self.params.neighbours and m.site not in keys,
                 AbortReason.BAD_MESSAGE,
                 f"keys from {m.site}",

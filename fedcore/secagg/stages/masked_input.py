@@ -91,6 +91,11 @@ class ServerMaskedInput:
         survivors: set[str] = set()
         for m in messages:
             need(
+                isinstance(m, MaskedInput),
+                AbortReason.BAD_MESSAGE,
+                f"{type(m).__name__} in the masked-input stage",
+            )
+            need(
                 m.site in self.shared and m.site not in survivors,
                 AbortReason.BAD_MESSAGE,
                 f"masked input from {m.site}",

@@ -96,6 +96,11 @@ class ServerShareKeys:
         p = self.params
         sent: dict[str, ShareKeys] = {}
         for m in messages:
+            need(
+                isinstance(m, ShareKeys),
+                AbortReason.BAD_MESSAGE,
+                f"{type(m).__name__} in the share-keys stage",
+            )
             need(m.site in self.keys and m.site not in sent, AbortReason.BAD_MESSAGE, f"shares from {m.site}")
             expected = p.neighbours[m.site] & set(self.keys)
             need(

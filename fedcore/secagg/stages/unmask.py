@@ -97,6 +97,11 @@ class ServerUnmask:
         answered: set[str] = set()
         for m in messages:
             need(
+                isinstance(m, UnmaskShares),
+                AbortReason.BAD_MESSAGE,
+                f"{type(m).__name__} in the unmask stage",
+            )
+            need(
                 m.site in self.survivors and m.site not in answered,
                 AbortReason.BAD_MESSAGE,
                 f"shares from {m.site}",
