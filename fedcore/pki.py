@@ -40,7 +40,9 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    mode = 0o600 if secret else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # O_CREAT's mode does not apply to a file that already existed
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 

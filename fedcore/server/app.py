@@ -34,6 +34,9 @@ SERVER_OPTIONS = [
 ]
 
 
+MAX_STREAMS = 10_000
+
+
 def task_spec(experiment: Experiment, task: Task) -> TaskSpec:
     return TaskSpec(
         name=experiment.task.name,
@@ -64,7 +67,8 @@ async def serve(
         max_payload_bytes=4 * model_bytes + (1 << 20),
         mutual_tls=pki_dir is not None,
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    # Each site holds one stream; the cap keeps a flood of connections from exhausting the server.
+    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_STREAMS)
     server.add_generic_rpc_handlers((transport.handler(),))
     if pki_dir is None:
         port = server.add_insecure_port(listen)
