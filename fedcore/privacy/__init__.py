@@ -1,0 +1,1 @@
+"""Differential privacy: accountants and the site's privacy ledger."""

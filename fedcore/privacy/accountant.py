@@ -1,0 +1,67 @@
+"""Privacy accounting with Opacus's RDP accountant: every epsilon fedcore reports comes from
+here, with its delta.
+
+A mechanism is a subsampled Gaussian mechanism applied `steps` times: DP-SGD at a site
+(noise multiplier, batch sampling rate, optimizer steps) or DP-FedAvg at the server (noise
+multiplier, site sampling rate, rounds). Rényi DP composes by addition, so a history of
+mechanisms, within a run or across runs, is accounted as one list.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+
+
+def epsilon(history: Sequence[Mechanism], delta: float) -> float:
+    """The (epsilon, delta)-DP guarantee of running every mechanism in `history`."""
+    from opacus.accountants import RDPAccountant
+
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    steps = [(m.noise_multiplier, m.sample_rate, m.steps) for m in history if m.steps > 0]
+    if not steps:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = float(accountant.get_epsilon(delta))
+    for w in caught:  # e.g. "optimal order is the largest alpha": a looser, still valid bound
+        log.debug("accountant: %s", w.message)
+    return value
+
+
+def noise_for(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest noise multiplier whose `steps` steps stay within `target_epsilon`."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="rdp",
+        )
+    return float(value)

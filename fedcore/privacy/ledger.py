@@ -1,0 +1,81 @@
+"""The site's privacy ledger: what every run has cost this site's data, on its own disk.
+
+The ledger keeps the accountant's state (the mechanisms run, per run), not just numbers, so
+epsilon can be recomputed exactly and composed across runs. It is rewritten atomically
+(temporary file, fsync, rename) after every change, so a crash or a kill never loses or
+tears it, and a restarted site sees everything spent before. It is never reset by fedcore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import ConfigError
+from fedcore.privacy.accountant import Mechanism, epsilon
+
+VERSION = 1
+
+
+class PrivacyLedger:
+    def __init__(self, path: Path, *, delta: float) -> None:
+        self.path = path
+        self.delta = delta
+        self.runs: dict[str, list[Mechanism]] = self._load()
+
+    def _load(self) -> dict[str, list[Mechanism]]:
+        if not self.path.exists():
+            return {}
+        try:
+            raw = json.loads(self.path.read_text())
+            if raw.get("version") != VERSION:
+                raise ValueError(f"version {raw.get('version')!r}")
+            return {
+                run: [
+                    Mechanism(float(m["noise_multiplier"]), float(m["sample_rate"]), int(m["steps"]))
+                    for m in spent
+                ]
+                for run, spent in raw["runs"].items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            # Never start afresh over a damaged ledger: that would forget spent privacy.
+            raise ConfigError(
+                f"privacy ledger {self.path} is unreadable ({err}); restore it from a backup"
+            ) from None
+
+    def history(self) -> list[Mechanism]:
+        return [m for spent in self.runs.values() for m in spent]
+
+    def spent(self, run: str | None = None) -> float:
+        """Epsilon (at the ledger's delta) spent by one run, or by all runs together."""
+        return epsilon(self.runs.get(run, []) if run is not None else self.history(), self.delta)
+
+    def spent_after(self, mechanism: Mechanism) -> float:
+        """Total epsilon if `mechanism` ran next: what a site checks before it trains."""
+        return epsilon([*self.history(), mechanism], self.delta)
+
+    def record(self, run: str, mechanism: Mechanism) -> None:
+        self.runs.setdefault(run, []).append(mechanism)
+        self._save()
+
+    def _save(self) -> None:
+        document: dict[str, Any] = {
+            "version": VERSION,
+            "delta": self.delta,
+            "runs": {run: [vars(m) for m in spent] for run, spent in self.runs.items()},
+            "epsilon_total": self.spent(),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(document, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
