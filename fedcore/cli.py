@@ -46,6 +46,22 @@ def _experiment(args: argparse.Namespace) -> Experiment:
     )
 
 
+def _check_device(device: str | None) -> None:
+    """A torch device this machine has (so sites fail here, not in every round)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"--device {device}: no such CUDA device on this machine; use --device cpu")
+
+
 def _check_task(experiment: Experiment) -> None:
     from fedcore.tasks import build_task
 
@@ -80,6 +96,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare(args)
     experiment = _experiment(args)
+    _check_device(args.device)
     check_simulation(experiment)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     console = Console(stderr=True)
@@ -208,6 +225,7 @@ def _client(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     device = pick(args.device, "agent.device")
+    _check_device(str(device) if device else None)
     if device:
         task.device = device  # type: ignore[attr-defined]
     tls = pki.site_files(Path(str(kit))) if kit else None

@@ -146,3 +146,12 @@ def test_compare_draws_several_runs_in_one_plot(tmp_path: Path, capsys: pytest.C
     out = capsys.readouterr().out
     assert "avg: 2 rounds" in out and "adam: 2 rounds" in out
     assert main(["simulate", "--compare", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_a_device_this_machine_lacks_is_a_configuration_error(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["simulate", "--device", "cuda"]) == 2
+    assert "no such CUDA device" in capsys.readouterr().err
