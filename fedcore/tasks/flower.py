@@ -110,7 +110,8 @@ def to_list(parameters: Arrays) -> list[np.ndarray]:
 
 
 def seed_globals(seed: int) -> None:
-    """Seed the generators a Flower client may draw from (torch only if it is loaded)."""
+    """Seed the generators a Flower client may draw from (torch only if it is loaded), from
+    the experiment seed: reproducible training like Flower's, never protocol secrets."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch = sys.modules.get("torch")
