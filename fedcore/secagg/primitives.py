@@ -23,7 +23,7 @@ Construction, everything from ``cryptography``:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, overload
 
 import numpy as np
@@ -63,22 +63,27 @@ _CTR_BLOCK_BYTES: Final = 16
 
 @dataclass(frozen=True)
 class KeyPair:
-    """An X25519 key pair; ``public`` is the raw 32-byte encoding that travels on the wire."""
+    """An X25519 key pair as raw 32-byte encodings: ``public`` travels on the wire; ``private``
+    stays with its owner (bytes, so a site's protocol state can be kept between rounds)."""
 
-    private: X25519PrivateKey
+    private: bytes = field(repr=False)
     public: bytes
+
+    @staticmethod
+    def from_private(private: bytes) -> KeyPair:
+        key = X25519PrivateKey.from_private_bytes(private)
+        public = key.public_key().public_bytes(
+            encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw
+        )
+        return KeyPair(private=private, public=public)
 
 
 def generate_keypair() -> KeyPair:
     """A fresh X25519 key pair from the OS's secure random source."""
-    private = X25519PrivateKey.generate()
-    public = private.public_key().public_bytes(
-        encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw
-    )
-    return KeyPair(private=private, public=public)
+    return KeyPair.from_private(os.urandom(KEY_BYTES))
 
 
-def agree(private: X25519PrivateKey, peer_public: bytes, *, info: bytes) -> bytes:
+def agree(private: bytes, peer_public: bytes, *, info: bytes) -> bytes:
     """The 32-byte key shared with the owner of ``peer_public`` for the purpose named by ``info``.
 
     X25519, then HKDF-SHA256 (salt None, length 32, the given ``info``). Symmetric:
@@ -90,7 +95,9 @@ def agree(private: X25519PrivateKey, peer_public: bytes, *, info: bytes) -> byte
             f"malformed X25519 public key: {len(peer_public)} bytes, expected {PUBLIC_KEY_BYTES}"
         )
     try:
-        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(peer_public)
+        )
     except ValueError as exc:  # cryptography rejects an all-zero shared secret (low-order point)
         raise SecurityError(f"rejected X25519 public key: {exc}") from exc
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)

@@ -6,9 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
 from fedcore.secagg.primitives import KeyPair
 
@@ -32,8 +29,7 @@ class NeighbourKeys:
 
 
 def keypair(randbytes: RandBytes) -> KeyPair:
-    private = X25519PrivateKey.from_private_bytes(randbytes(SEED_BYTES))
-    return KeyPair(private=private, public=private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    return KeyPair.from_private(randbytes(SEED_BYTES))
 
 
 @dataclass(frozen=True)

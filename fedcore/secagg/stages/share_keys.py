@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
 from fedcore.secagg.primitives import KeyPair, agree, encrypt
@@ -34,7 +32,7 @@ class RoutedShares:
 
 
 def private_bytes(pair: KeyPair) -> bytes:
-    return pair.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return pair.private
 
 
 @dataclass(frozen=True)

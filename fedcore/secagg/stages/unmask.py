@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedcore.errors import SecurityError
 from fedcore.secagg import shamir
@@ -137,14 +135,12 @@ class ServerUnmask:
                 AbortReason.NOT_ENOUGH_SHARES,
                 f"mask key of dropped {site}: {len(shares)} shares",
             )
-            private = X25519PrivateKey.from_private_bytes(_combine(shares, p.threshold, site))
-            public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            pair = KeyPair.from_private(_combine(shares, p.threshold, site))
             need(
-                public == self.keys[site].mask_public,
+                pair.public == self.keys[site].mask_public,
                 AbortReason.NOT_ENOUGH_SHARES,
                 f"shares of {site}'s key are inconsistent",
             )
-            pair = KeyPair(private=private, public=public)
             # Remove what each surviving neighbour added for the dropped site: the dropped
             # site's own view of that pairwise mask is exactly its negation.
             for peer in sorted(p.neighbours[site] & self.survivors):
