@@ -8,6 +8,7 @@ errors, and command-line flags override the file (`Experiment.override`).
     [strategy]    name, proximal_mu, server_lr, beta_1, beta_2, tau
     [data]        partition, seed
     [simulation]  sites, workers, backend, ray_address, stragglers, dropout
+    [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, max_examples
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ class DataConfig:
     seed: int = 0  # the experiment seed: partitioning, initial model, sampling, training order
 
 
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    enabled: bool = False
+    neighbors: int | None = None  # degree of the SecAgg+ graph; None: ~3 log2(sites)
+    threshold: int | None = None  # shares to reconstruct a site's secrets; None: majority of neighbours
+    clip_range: float = 10.0  # every update value is clipped to [-clip_range, clip_range]
+    bits: int = 64  # arithmetic modulo 2**bits
+    max_examples: int = 1_000_000  # a site's weight is min(examples, max_examples) / max_examples
+
+
 class Backend(enum.StrEnum):
     LOCAL = "local"  # worker processes on this machine
     RAY = "ray"  # Ray tasks, on a local Ray instance or a cluster (ray_address)
@@ -89,6 +100,7 @@ class Experiment:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     @property
     def seed(self) -> int:
@@ -113,6 +125,10 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     if value is None and optional:
         return None
     base = kind.replace(" | None", "")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
@@ -195,6 +211,12 @@ def _validate(e: Experiment, source: str) -> None:
         "[strategy] betas must be in [0, 1)",
     )
     need(e.strategy.tau > 0, "[strategy] tau must be > 0")
+    sa = e.secure_aggregation
+    need(sa.bits in (32, 64), f"[secure_aggregation] bits must be 32 or 64, got {sa.bits}")
+    need(sa.clip_range > 0, "[secure_aggregation] clip_range must be > 0")
+    need(sa.max_examples >= 1, "[secure_aggregation] max_examples must be >= 1")
+    need(sa.neighbors is None or sa.neighbors >= 2, "[secure_aggregation] neighbors must be >= 2")
+    need(sa.threshold is None or sa.threshold >= 1, "[secure_aggregation] threshold must be >= 1")
     sim = e.simulation
     need(sim.sites >= 1, f"[simulation] sites must be >= 1, got {sim.sites}")
     need(sim.workers is None or sim.workers >= 1, f"[simulation] workers must be >= 1, got {sim.workers}")

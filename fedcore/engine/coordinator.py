@@ -20,7 +20,7 @@ from fedcore.config import Experiment
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.engine.records import RoundRecord, RoundStore
 from fedcore.engine.transport import Transport
-from fedcore.errors import FedcoreError, ProtocolError, SiteUnavailable
+from fedcore.errors import ConfigError, FedcoreError, ProtocolError, SiteUnavailable
 from fedcore.seeding import derive_seed, rng
 from fedcore.strategies import Strategy, build_strategy
 from fedcore.tasks import Dataset, Task
@@ -68,6 +68,11 @@ class Coordinator:
         self.on_round = on_round
         self.ordered_replies = ordered_replies
         self.parameters = task.initial_parameters(derive_seed(experiment.seed, "init"))
+        if experiment.secure_aggregation.enabled and self.strategy.needs_individual_updates:
+            raise ConfigError(
+                f"strategy {self.strategy.name} needs every site's update; with secure aggregation "
+                "the server only learns their sum: choose fedavg, fedprox or a FedOpt strategy"
+            )
         self.round = 0  # last completed round
 
     async def run(self) -> RunResult:
@@ -201,6 +206,8 @@ class Coordinator:
         await self.transport.wait_for_sites((fed.start_sites or fed.min_sites) if first else fed.min_sites)
         started = time.perf_counter()
         sampled = self._sample(number, attempt)
+        if self.experiment.secure_aggregation.enabled:
+            return await self._secure_round(number, attempt, sampled, started)
         accumulator = self.aggregation.start(self.parameters)
         fit_metrics: dict[str, list[tuple[float, int]]] = {}
         replied: list[str] = []
@@ -258,6 +265,39 @@ class Coordinator:
             examples=round(aggregate.total_weight),
             bytes_sent=sent,
             bytes_received=received,
+        )
+
+    async def _secure_round(
+        self, number: int, attempt: int, sampled: list[str], started: float
+    ) -> RoundRecord | None:
+        from fedcore.engine.secure_round import secure_aggregate
+
+        outcome = await secure_aggregate(self, number, attempt, sampled)
+        if outcome is None:
+            return None
+        mean, total_weight, count, dropped, metrics = outcome
+        if count < self.experiment.federation.min_sites:
+            log.warning(
+                "round %d attempt %d: %d masked inputs, need %d; retrying",
+                number,
+                attempt,
+                count,
+                self.experiment.federation.min_sites,
+            )
+            return None
+        self.parameters = self.strategy.apply(self.parameters, mean)
+        accuracy, loss, mode = await self._evaluate(number, sorted(set(sampled) - set(dropped)))
+        return RoundRecord(
+            round=number,
+            sites=count,
+            accuracy=accuracy,
+            loss=loss,
+            seconds=time.perf_counter() - started,
+            sampled=sampled,
+            dropped=dropped,
+            attempt=attempt,
+            evaluation=mode,
+            secure_aggregation={**metrics, "total_weight": total_weight},
         )
 
     async def _evaluate(self, number: int, sites: list[str]) -> tuple[float | None, float | None, str]:

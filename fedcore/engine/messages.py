@@ -14,6 +14,7 @@ Config = dict[str, Scalar]
 class InstructionKind(enum.Enum):
     FIT = "fit"
     EVALUATE = "evaluate"
+    SECAGG = "secagg"  # a secure-aggregation stage other than the masked input (which is FIT)
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Instruction:
     parameters: Arrays  # the global model
     config: Config = field(default_factory=dict)
     attempt: int = 1  # > 1 when the round is being retried
+    secagg: object | None = None  # the secure-aggregation stage message, when on
 
 
 @dataclass(frozen=True)
@@ -34,3 +36,4 @@ class Reply:
     update: Arrays | None = None  # FIT: the encoded update (parameters after training - global)
     metrics: dict[str, float] = field(default_factory=dict)
     refusal: str | None = None  # set when the site declined or failed the instruction
+    secagg: object | None = None  # the site's secure-aggregation stage message

@@ -32,6 +32,7 @@ class RoundRecord:
     examples: int = 0  # training examples behind the aggregated updates
     bytes_sent: int = 0  # model payload bytes sent to sites this round (all attempts)
     bytes_received: int = 0  # update payload bytes received from sites
+    secure_aggregation: dict[str, Any] = field(default_factory=dict)  # per-stage counts and seconds
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-safe dict: non-finite numbers (NaN, infinity) become null."""

@@ -11,6 +11,9 @@ import numpy as np
 from fedcore.aggregation import AggregationStage, WeightedMean
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.errors import FedcoreError
+from fedcore.secagg.client import SecAggClient
+from fedcore.secagg.contribution import weight
+from fedcore.secagg.stages.share_keys import RoutedShares
 from fedcore.tasks import SiteData, Task, TrainSettings
 from fedcore.tensors import Arrays, check_finite, check_like
 
@@ -37,6 +40,17 @@ class Site:
         self.aggregation = aggregation or WeightedMean()
         # Names, shapes and dtypes that incoming models must have.
         self._template = template if template is not None else task.initial_parameters(0)
+        self.secagg = SecAggClient(name)
+
+    def export_state(self) -> object | None:
+        """What this site must remember until its next instruction (None: nothing): the
+        task's per-site state and the secure-aggregation stage it is in."""
+        state = (self.task.site_state(self.data), self.secagg.state)
+        return None if state == (None, None) else state
+
+    def import_state(self, state: object | None) -> None:
+        task_state, self.secagg.state = state if isinstance(state, tuple) else (None, None)
+        self.task.restore_site_state(self.data, task_state)
 
     @property
     def template(self) -> Arrays:
@@ -45,6 +59,9 @@ class Site:
 
     def handle(self, instruction: Instruction) -> Reply:
         try:
+            if instruction.kind is InstructionKind.SECAGG:
+                reply = self.secagg.step(instruction.secagg, instruction.round)
+                return Reply(self.name, instruction.kind, instruction.round, secagg=reply)
             check_like(instruction.parameters, self._template)
             check_finite(instruction.parameters)
             if instruction.kind is InstructionKind.FIT:
@@ -63,6 +80,19 @@ class Site:
         settings = dataclasses.replace(train_settings(instruction.config), round=instruction.round)
         outcome = self.task.fit(instruction.parameters, self.data, settings)
         update = delta(outcome.parameters, instruction.parameters)
+        if isinstance(instruction.secagg, RoutedShares):
+            # Secure aggregation: the server gets a masked vector and nothing else of ours.
+            c = instruction.config
+            masked = self.secagg.mask(
+                instruction.secagg,
+                instruction.round,
+                update,
+                self._template,
+                weight=weight(outcome.num_examples, int(c["secagg_max_examples"])),
+                clip=float(c["secagg_clip"]),
+                step=float(c["secagg_step"]),
+            )
+            return Reply(self.name, InstructionKind.FIT, instruction.round, secagg=masked)
         encoded = self.aggregation.encode(update, float(outcome.num_examples))
         return Reply(
             site=self.name,

@@ -60,9 +60,9 @@ def handle(
     """Run one instruction at virtual site k, given the state it kept from earlier rounds;
     return its reply and the state to keep. The site is gone afterwards."""
     site = make_site(experiment, k, device)
-    site.task.restore_site_state(site.data, state)  # the task object is shared by all sites
+    site.import_state(state)  # also resets the task object, which all sites share
     reply = site.handle(instruction)
-    return reply, site.task.site_state(site.data)
+    return reply, site.export_state()
 
 
 def cores() -> int:

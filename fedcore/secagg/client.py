@@ -1,0 +1,76 @@
+"""A site's side of SecAgg+ across the stages of one round, holding the stage states."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import numpy as np
+
+from fedcore.secagg.common import AbortReason, RoundParams, need
+from fedcore.secagg.contribution import contribution
+from fedcore.secagg.quantize import quantize
+from fedcore.secagg.stages.advertise import ClientAdvertise, NeighbourKeys
+from fedcore.secagg.stages.masked_input import ClientMaskedInput, MaskedInput
+from fedcore.secagg.stages.share_keys import ClientShareKeys, RoutedShares
+from fedcore.secagg.stages.unmask import ClientUnmask, UnmaskRequest
+from fedcore.tensors import Arrays
+
+
+class SecAggClient:
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self.state: ClientShareKeys | ClientMaskedInput | ClientUnmask | None = None
+
+    def _expect(self, kind: type, round_number: int) -> None:
+        need(
+            self.state is not None
+            and isinstance(self.state, kind)
+            and self.state.params.round == round_number,
+            AbortReason.BAD_MESSAGE,
+            f"a message for another round or stage (round {round_number}, state {type(self.state).__name__})",
+        )
+
+    def step(self, message: object, round_number: int) -> object:
+        """Stages 1, 2 and 4: the reply to the server's message."""
+        if isinstance(message, RoundParams):
+            need(
+                message.round == round_number and self.site in message.participants,
+                AbortReason.BAD_MESSAGE,
+                "round parameters",
+            )
+            reply, self.state = ClientAdvertise(message, self.site).start(os.urandom)
+            return reply
+        if isinstance(message, NeighbourKeys):
+            self._expect(ClientShareKeys, round_number)
+            assert isinstance(self.state, ClientShareKeys)
+            shares, self.state = self.state.receive(message, os.urandom)
+            return shares
+        if isinstance(message, UnmaskRequest):
+            self._expect(ClientUnmask, round_number)
+            assert isinstance(self.state, ClientUnmask)
+            state, self.state = self.state, None  # one answer per round: no second request
+            return state.receive(message)
+        need(False, AbortReason.BAD_MESSAGE, f"unexpected {type(message).__name__}")
+        raise AssertionError("unreachable")
+
+    def mask(
+        self,
+        routed: RoutedShares,
+        round_number: int,
+        update: Arrays,
+        template: Arrays,
+        *,
+        weight: float,
+        clip: float,
+        step: float,
+    ) -> MaskedInput:
+        """Stage 3: the site's weighted, clipped, quantized and masked update."""
+        self._expect(ClientMaskedInput, round_number)
+        assert isinstance(self.state, ClientMaskedInput)
+        vector = contribution(update, template, weight=weight, clip=clip)
+        # Stochastic rounding from a generator seeded by the OS's secure source.
+        rng = np.random.default_rng(secrets.randbits(128))
+        quantized = quantize(vector, step=step, bits=self.state.params.bits, rng=rng)
+        masked, self.state = self.state.receive(routed, quantized)
+        return masked

@@ -1,0 +1,45 @@
+"""What a site feeds into secure aggregation, and how the server reads the sum.
+
+A site's contribution is one vector: its clipped update times its weight, then the weight
+itself, w in (0, 1] (the site's example count over a public cap). The secure sum is then
+[sum w x, sum w], and the weighted mean update is their ratio, as in plain FedAvg. Every
+entry is at most max(clip, 1) in magnitude, so `step_for_round` can pick a quantization
+step at which the sum of all sampled sites cannot wrap around.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedcore.secagg.quantize import step_for
+from fedcore.tensors import Arrays
+
+
+def weight(examples: int, max_examples: int) -> float:
+    return min(examples, max_examples) / max_examples
+
+
+def contribution(update: Arrays, template: Arrays, *, weight: float, clip: float) -> np.ndarray:
+    flat = np.concatenate([np.asarray(update[name], dtype=np.float64).ravel() for name in template])
+    return np.concatenate([np.clip(flat, -clip, clip) * weight, [weight]])
+
+
+def length(template: Arrays) -> int:
+    return sum(a.size for a in template.values()) + 1
+
+
+def step_for_round(sites: int, *, clip: float, bits: int) -> float:
+    return step_for(sites * max(clip, 1.0), bits=bits)
+
+
+def mean_update(total: np.ndarray, template: Arrays) -> tuple[Arrays, float]:
+    """The weighted mean update and the total weight from a dequantized secure sum."""
+    total_weight = float(total[-1])
+    if not total_weight > 0:
+        raise ValueError("the secure sum carries no weight")
+    mean: Arrays = {}
+    offset = 0
+    for name, ref in template.items():
+        mean[name] = (total[offset : offset + ref.size] / total_weight).reshape(ref.shape)
+        offset += ref.size
+    return mean, total_weight
