@@ -161,10 +161,6 @@ def _server(args: argparse.Namespace) -> int:
 
     experiment = _experiment(args)
     _check_task(experiment)
-    if experiment.secure_aggregation.enabled:
-        raise ConfigError(
-            "secure aggregation runs in fedcore simulate for now; over gRPC it is not built yet (see the issue tracker)"
-        )
     if args.insecure == (args.pki is not None):
         raise ConfigError(
             "give either --pki DIR (mutual TLS) or --insecure (plaintext, local experiments only)"

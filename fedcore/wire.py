@@ -27,6 +27,7 @@ M = TypeVar("M", bound=Message)
 KIND_TO_WIRE = {
     InstructionKind.FIT: pb.INSTRUCTION_KIND_FIT,
     InstructionKind.EVALUATE: pb.INSTRUCTION_KIND_EVALUATE,
+    InstructionKind.SECAGG: pb.INSTRUCTION_KIND_SECAGG,
 }
 KIND_FROM_WIRE: dict[int, InstructionKind] = {v: k for k, v in KIND_TO_WIRE.items()}
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from fedcore import load_experiment, run_simulation
-from fedcore.cli import main
 from fedcore.config import Experiment
 from fedcore.engine import Coordinator, MemoryStore
 from fedcore.errors import ConfigError
@@ -77,10 +76,3 @@ def test_a_strategy_that_needs_individual_updates_is_refused() -> None:
             test_data=None,
             strategy=Median(),
         )
-
-
-def test_the_grpc_server_says_secure_aggregation_is_not_there_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(["server", "--listen", "127.0.0.1:0", "--insecure", "--state", "s", "--secure-aggregation"]) == 2
-    )
-    assert "secure aggregation runs in fedcore simulate" in capsys.readouterr().err

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from fedcore.engine import Instruction, Reply, Site
+from fedcore.engine import Instruction, InstructionKind, Reply, Site
 from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.pki import TlsFiles
 from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.secagg import wire as secagg_wire
+from fedcore.secagg.stages.masked_input import MaskedInput
 from fedcore.tasks import Task
 from fedcore.tensors import PayloadAssembler, check_header_like
 from fedcore.wire import (
@@ -218,7 +220,9 @@ class SiteAgent:
                     assert self.site is not None
                     # Checked against the model before any allocation: a server cannot make
                     # this site reserve memory for a payload the model does not have.
-                    check_header_like(message.instruction.payload, self.site.template)
+                    # (A secure-aggregation stage other than the masked input carries no model.)
+                    secagg_stage = kind_from_wire(message.instruction.kind) is InstructionKind.SECAGG
+                    check_header_like(message.instruction.payload, {} if secagg_stage else self.site.template)
                     current = (message.instruction, PayloadAssembler(message.instruction.payload))
                 elif body == "chunk" and current is not None:
                     current[1].add(message.chunk.data)
@@ -226,11 +230,16 @@ class SiteAgent:
                     raise ProtocolError(f"unexpected {body!r} message from the server")
             if current is not None and current[1].complete:
                 ins, assembler = current
+                assert self.site is not None
+                secagg = (
+                    secagg_wire.from_wire(ins.secagg, site=self.site.name) if ins.HasField("secagg") else None
+                )
                 instruction = Instruction(
                     kind=kind_from_wire(ins.kind),
                     round=ins.round,
                     parameters=assembler.arrays(),
                     config=config_from_wire(ins.config),
+                    secagg=secagg,
                 )
                 await work.put((ins.request_id, instruction))
                 current = None
@@ -281,8 +290,13 @@ def reply_messages(reply: Reply, request_id: int) -> list[bytes]:
     )
     config_to_wire(result.metrics, reply.metrics)
     pieces: list[bytes | memoryview] = []
-    if reply.update is not None and reply.refusal is None:
-        header, pieces = payload_messages(reply.update)
+    payload = reply.update
+    if reply.secagg is not None and reply.refusal is None:
+        result.secagg.CopyFrom(secagg_wire.to_wire(reply.secagg))
+        if isinstance(reply.secagg, MaskedInput):
+            payload = {secagg_wire.MASKED: reply.secagg.vector}
+    if payload is not None and reply.refusal is None:
+        header, pieces = payload_messages(payload)
         result.payload.CopyFrom(header)
     return [
         pb.SiteMessage(result=result).SerializeToString(),

@@ -20,6 +20,7 @@ import grpc
 from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.secagg import wire as secagg_wire
 from fedcore.tasks import TaskSpec
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import (
@@ -138,6 +139,8 @@ class GrpcTransport(Transport):
                 payload=header,
             )
             config_to_wire(message.config, instruction.config)
+            if instruction.secagg is not None:
+                message.secagg.CopyFrom(secagg_wire.to_wire(instruction.secagg))
             head = pb.ServerMessage(instruction=message).SerializeToString()
             session.outbound.put_nowait(_Outgoing([head, *frames], request_id))
             return await future
@@ -315,7 +318,13 @@ class GrpcTransport(Transport):
             )
         metrics = {k: v for k, v in config_from_wire(result.metrics).items() if isinstance(v, int | float)}
         arrays = assembler.arrays() if assembler.header.tensors else None
+        secagg = None
+        if result.HasField("secagg") and not result.refusal:
+            # The sender is the authenticated session, whatever the message might claim.
+            secagg = secagg_wire.from_wire(result.secagg, site=session.name, payload=arrays)
+            arrays = None
         reply = Reply(
+            secagg=secagg,
             site=session.name,
             kind=kind,
             round=result.round,

@@ -29,6 +29,7 @@ class InstructionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTRUCTION_KIND_UNSPECIFIED: _ClassVar[InstructionKind]
     INSTRUCTION_KIND_FIT: _ClassVar[InstructionKind]
     INSTRUCTION_KIND_EVALUATE: _ClassVar[InstructionKind]
+    INSTRUCTION_KIND_SECAGG: _ClassVar[InstructionKind]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT16: DType
 DTYPE_FLOAT32: DType
@@ -45,6 +46,7 @@ DTYPE_BOOL: DType
 INSTRUCTION_KIND_UNSPECIFIED: InstructionKind
 INSTRUCTION_KIND_FIT: InstructionKind
 INSTRUCTION_KIND_EVALUATE: InstructionKind
+INSTRUCTION_KIND_SECAGG: InstructionKind
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -82,6 +84,123 @@ class Scalar(_message.Message):
     string: str
     def __init__(self, double: _Optional[float] = ..., int: _Optional[int] = ..., bool: _Optional[bool] = ..., string: _Optional[str] = ...) -> None: ...
 
+class SiteList(_message.Message):
+    __slots__ = ("sites",)
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    sites: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sites: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggParams(_message.Message):
+    __slots__ = ("round", "participants", "neighbours", "threshold", "length", "bits")
+    class NeighboursEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SiteList
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SiteList, _Mapping]] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    neighbours: _containers.MessageMap[str, SiteList]
+    threshold: int
+    length: int
+    bits: int
+    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[_Mapping[str, SiteList]] = ..., threshold: _Optional[int] = ..., length: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
+
+class SecAggKeys(_message.Message):
+    __slots__ = ("cipher_public", "mask_public")
+    CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    cipher_public: bytes
+    mask_public: bytes
+    def __init__(self, cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+
+class SecAggNeighbourKeys(_message.Message):
+    __slots__ = ("keys",)
+    class KeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SecAggKeys
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SecAggKeys, _Mapping]] = ...) -> None: ...
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.MessageMap[str, SecAggKeys]
+    def __init__(self, keys: _Optional[_Mapping[str, SecAggKeys]] = ...) -> None: ...
+
+class SecAggCiphertexts(_message.Message):
+    __slots__ = ("ciphertexts",)
+    class CiphertextsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    ciphertexts: _containers.ScalarMap[str, bytes]
+    def __init__(self, ciphertexts: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggUnmaskRequest(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggUnmaskShares(_message.Message):
+    __slots__ = ("seed_shares", "key_shares")
+    class SeedSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class KeySharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    seed_shares: _containers.ScalarMap[str, bytes]
+    key_shares: _containers.ScalarMap[str, bytes]
+    def __init__(self, seed_shares: _Optional[_Mapping[str, bytes]] = ..., key_shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggMaskedInput(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SecAgg(_message.Message):
+    __slots__ = ("params", "keys", "neighbour_keys", "share_keys", "routed_shares", "masked_input", "unmask_request", "unmask_shares")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOUR_KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASKED_INPUT_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    params: SecAggParams
+    keys: SecAggKeys
+    neighbour_keys: SecAggNeighbourKeys
+    share_keys: SecAggCiphertexts
+    routed_shares: SecAggCiphertexts
+    masked_input: SecAggMaskedInput
+    unmask_request: SecAggUnmaskRequest
+    unmask_shares: SecAggUnmaskShares
+    def __init__(self, params: _Optional[_Union[SecAggParams, _Mapping]] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., neighbour_keys: _Optional[_Union[SecAggNeighbourKeys, _Mapping]] = ..., share_keys: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., routed_shares: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., masked_input: _Optional[_Union[SecAggMaskedInput, _Mapping]] = ..., unmask_request: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ..., unmask_shares: _Optional[_Union[SecAggUnmaskShares, _Mapping]] = ...) -> None: ...
+
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "task", "site_name")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -97,7 +216,7 @@ class Heartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("request_id", "round", "kind", "num_examples", "metrics", "refusal", "payload")
+    __slots__ = ("request_id", "round", "kind", "num_examples", "metrics", "refusal", "payload", "secagg")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +231,7 @@ class Result(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     round: int
     kind: InstructionKind
@@ -119,7 +239,8 @@ class Result(_message.Message):
     metrics: _containers.MessageMap[str, Scalar]
     refusal: str
     payload: Payload
-    def __init__(self, request_id: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., refusal: _Optional[str] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ...) -> None: ...
+    secagg: SecAgg
+    def __init__(self, request_id: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., refusal: _Optional[str] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ..., secagg: _Optional[_Union[SecAgg, _Mapping]] = ...) -> None: ...
 
 class SiteMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "result", "chunk")
@@ -153,7 +274,7 @@ class Welcome(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., site_name: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, Scalar]] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("request_id", "round", "kind", "config", "payload")
+    __slots__ = ("request_id", "round", "kind", "config", "payload", "secagg")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,12 +287,14 @@ class Instruction(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     round: int
     kind: InstructionKind
     config: _containers.MessageMap[str, Scalar]
     payload: Payload
-    def __init__(self, request_id: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ...) -> None: ...
+    secagg: SecAgg
+    def __init__(self, request_id: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ..., secagg: _Optional[_Union[SecAgg, _Mapping]] = ...) -> None: ...
 
 class RunEnd(_message.Message):
     __slots__ = ("completed", "reason")

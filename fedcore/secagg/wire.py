@@ -1,0 +1,107 @@
+"""SecAgg+ stage messages <-> their protocol messages.
+
+Site names inside messages are never taken from the sender: the server sets the sender to
+the authenticated site, and a site reads messages as addressed to itself. A masked input's
+vector travels as the Result's payload (tensor "masked"), like any update.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedcore.errors import ProtocolError
+from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.secagg.common import RoundParams
+from fedcore.secagg.stages.advertise import AdvertiseKeys, NeighbourKeys
+from fedcore.secagg.stages.masked_input import MaskedInput
+from fedcore.secagg.stages.share_keys import RoutedShares, ShareKeys
+from fedcore.secagg.stages.unmask import UnmaskRequest, UnmaskShares
+from fedcore.tensors import Arrays
+
+MASKED = "masked"
+
+
+def to_wire(message: object) -> pb.SecAgg:
+    if isinstance(message, RoundParams):
+        params = pb.SecAggParams(
+            round=message.round,
+            participants=list(message.participants),
+            threshold=message.threshold,
+            length=message.length,
+            bits=message.bits,
+        )
+        for site, peers in message.neighbours.items():
+            params.neighbours[site].sites.extend(sorted(peers))
+        return pb.SecAgg(params=params)
+    if isinstance(message, AdvertiseKeys):
+        return pb.SecAgg(
+            keys=pb.SecAggKeys(cipher_public=message.cipher_public, mask_public=message.mask_public)
+        )
+    if isinstance(message, NeighbourKeys):
+        out = pb.SecAgg(neighbour_keys=pb.SecAggNeighbourKeys())
+        for site, keys in message.keys.items():
+            out.neighbour_keys.keys[site].CopyFrom(
+                pb.SecAggKeys(cipher_public=keys.cipher_public, mask_public=keys.mask_public)
+            )
+        return out
+    if isinstance(message, ShareKeys):
+        return pb.SecAgg(share_keys=pb.SecAggCiphertexts(ciphertexts=message.ciphertexts))
+    if isinstance(message, RoutedShares):
+        return pb.SecAgg(routed_shares=pb.SecAggCiphertexts(ciphertexts=message.ciphertexts))
+    if isinstance(message, MaskedInput):
+        return pb.SecAgg(masked_input=pb.SecAggMaskedInput())
+    if isinstance(message, UnmaskRequest):
+        return pb.SecAgg(
+            unmask_request=pb.SecAggUnmaskRequest(
+                survivors=sorted(message.survivors), dropped=sorted(message.dropped)
+            )
+        )
+    if isinstance(message, UnmaskShares):
+        return pb.SecAgg(
+            unmask_shares=pb.SecAggUnmaskShares(
+                seed_shares=message.seed_shares, key_shares=message.key_shares
+            )
+        )
+    raise TypeError(f"not a SecAgg+ message: {type(message).__name__}")
+
+
+def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -> object:
+    """The stage message, with `site` as its sender (server side) or addressee (site side)."""
+    which = message.WhichOneof("stage")
+    try:
+        if which == "params":
+            p = message.params
+            return RoundParams(
+                round=p.round,
+                participants=tuple(p.participants),
+                neighbours={s: frozenset(peers.sites) for s, peers in p.neighbours.items()},
+                threshold=p.threshold,
+                length=p.length,
+                bits=p.bits,
+            )
+        if which == "keys":
+            return AdvertiseKeys(site, message.keys.cipher_public, message.keys.mask_public)
+        if which == "neighbour_keys":
+            keys = {
+                s: AdvertiseKeys(s, k.cipher_public, k.mask_public)
+                for s, k in message.neighbour_keys.keys.items()
+            }
+            return NeighbourKeys(site, keys)
+        if which == "share_keys":
+            return ShareKeys(site, dict(message.share_keys.ciphertexts))
+        if which == "routed_shares":
+            return RoutedShares(site, dict(message.routed_shares.ciphertexts))
+        if which == "masked_input":
+            vector = (payload or {}).get(MASKED)
+            if vector is None or vector.ndim != 1 or vector.dtype not in (np.uint32, np.uint64):
+                raise ProtocolError("a masked input needs one uint32/uint64 tensor 'masked'")
+            return MaskedInput(site, np.array(vector))
+        if which == "unmask_request":
+            r = message.unmask_request
+            return UnmaskRequest(site, survivors=frozenset(r.survivors), dropped=frozenset(r.dropped))
+        if which == "unmask_shares":
+            u = message.unmask_shares
+            return UnmaskShares(site, dict(u.seed_shares), dict(u.key_shares))
+    except ValueError as err:  # RoundParams' own checks
+        raise ProtocolError(f"bad secure-aggregation parameters: {err}") from None
+    raise ProtocolError(f"unknown secure-aggregation stage {which!r}")
