@@ -257,6 +257,7 @@ class SiteAgent:
                 # train twice at once (CPU, GPU memory, and later the privacy budget).
                 await asyncio.wait([self._inflight])
             started = time.perf_counter()
+            log.info("round %d %s started", instruction.round, instruction.kind.value)
             self._inflight = asyncio.get_running_loop().run_in_executor(None, self.site.handle, instruction)
             reply = await asyncio.shield(self._inflight)
             log.info(

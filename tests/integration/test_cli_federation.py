@@ -172,3 +172,66 @@ def test_sigterm_stops_the_server_cleanly_and_sites_exit_0(tmp_path: Path) -> No
     assert wait(server, tmp_path / "server.log", 30) == 0
     assert wait(site, tmp_path / "site.log", 30) == 0
     assert "run stopped" in (tmp_path / "site.log").read_text()
+
+
+def test_secure_aggregation_over_mutual_tls_survives_a_site_killed_during_masked_input(
+    tmp_path: Path,
+) -> None:
+    sites = [f"site-{k}" for k in range(1, 6)]
+    pki = tmp_path / "pki"
+    subprocess.run(
+        [sys.executable, "-m", "fedcore", "pki", "init", str(pki), "--host", "localhost"],
+        check=True,
+        capture_output=True,
+    )
+    for s in sites:
+        subprocess.run(
+            [sys.executable, "-m", "fedcore", "pki", "add-site", str(pki), s], check=True, capture_output=True
+        )
+    port = free_port()
+    logs = {name: tmp_path / f"{name}.log" for name in ("server", *sites)}
+    server = fedcore(
+        "server", "--listen", f"127.0.0.1:{port}", "--pki", pki, "--task", "breast_cancer", "--rounds", ROUNDS,
+        "--min-sites", 3, "--state", tmp_path / "state", "--secure-aggregation", "--config", _start_with(tmp_path, 5),
+        log=logs["server"],
+    )  # fmt: skip
+    clients = {
+        s: fedcore(
+            "client",
+            "--server",
+            f"localhost:{port}",
+            "--pki",
+            pki / "sites" / s,
+            "--task",
+            "breast_cancer",
+            "--data",
+            f"builtin:{k}/5",
+            log=logs[s],
+        )
+        for k, s in enumerate(sites, start=1)
+    }
+    deadline = time.monotonic() + 120
+    while "round 3 fit started" not in logs["site-5"].read_text():  # training = the masked-input stage
+        assert time.monotonic() < deadline and clients["site-5"].poll() is None, logs["site-5"].read_text()[
+            -2000:
+        ]
+        time.sleep(0.02)
+    clients["site-5"].kill()
+    clients["site-5"].wait()
+    assert wait(server, logs["server"]) == 0
+    assert all(wait(clients[s], logs[s]) == 0 for s in sites[:4])
+    rows = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+    third = rows[2]
+    assert third["sites"] == 4 and third["dropped"]["site-5"].startswith("masked_input")
+    assert third["secure_aggregation"]["recovered"] == 1
+    assert all(r["sites"] == 4 for r in rows[3:])
+    # The same federation without secure aggregation and without the kill reaches the same accuracy.
+    experiment = load_experiment().override(simulation__sites=5, federation__rounds=ROUNDS)
+    plain, _ = run_simulation(experiment, None)
+    assert abs(rows[-1]["accuracy"] - plain.records[-1].accuracy) <= 0.01
+
+
+def _start_with(directory: Path, sites: int) -> Path:
+    path = directory / "experiment.toml"
+    path.write_text(f"[federation]\nstart_sites = {sites}\n\n[simulation]\nsites = {sites}\n")
+    return path
