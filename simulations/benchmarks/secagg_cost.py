@@ -1,0 +1,204 @@
+"""What secure aggregation costs: fedcore plain round vs fedcore SecAgg+ round vs Flower's
+SecAgg+ (SecAggPlusWorkflow), sites doing a fixed cheap update, plus each party's time per
+stage and the speed of mask expansion.
+
+- fedcore plain / secure: `fedcore simulate` rounds (in-process, one worker) of `bench:PARAMS`;
+  on this machine every site's protocol work runs in one process, one after another.
+- per party: the SecAgg+ stages timed directly, client work per site (each site does its
+  own in a deployment, in parallel) and the server's work per stage. A deployment's secure
+  round adds about one site's client time plus the server's time to a plain round.
+- Flower: its SecAgg+ workflow in its simulation runtime (`flower_secagg.py`).
+
+    python simulations/benchmarks/secagg_cost.py [--quick] [--skip-flower] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import fedcore
+from fedcore.secagg.common import RoundParams
+from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
+from fedcore.secagg.primitives import expand_mask
+from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from environment import environment
+
+WORKLOADS = [(20, 1_000_000), (50, 1_000_000), (100, 100_000)]
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "secagg_cost.json"
+QUICK_OUT = DEFAULT_OUT.with_suffix(".quick.json")
+
+
+def simulated_round(sites: int, params: int, rounds: int, *, secure: bool) -> dict[str, Any]:
+    experiment = fedcore.load_experiment().override(
+        task__name=f"bench:{params}",
+        simulation__sites=sites,
+        federation__min_sites=sites,
+        federation__rounds=rounds,
+        simulation__workers=1,
+        secure_aggregation__enabled=secure,
+    )
+    result, _ = fedcore.run_simulation(experiment, None)
+    w = result.parameters["w"]
+    if not np.allclose(w, 0.01 * rounds, atol=1e-4):
+        raise RuntimeError(f"the model is wrong after {rounds} rounds: mean {float(w.mean())}")
+    seconds = [r.seconds for r in result.records]
+    out: dict[str, Any] = {
+        "seconds_per_round": seconds,
+        "median_seconds": statistics.median(seconds[1:] or seconds),
+    }
+    if secure:
+        out["stages"] = [r.secure_aggregation["stages"] for r in result.records]
+    return out
+
+
+def per_party(sites: int, params: int) -> dict[str, Any]:
+    """Client seconds per site and server seconds, per stage, for one round without transport."""
+    names = [f"site-{i:04d}" for i in range(sites)]
+    degree = default_degree(sites)
+    graph = neighbour_graph(names, degree, seed=0, round_number=1)
+    threshold = default_threshold(min(len(p) for p in graph.values()))
+    p = RoundParams(1, tuple(names), graph, threshold, params + 1, 64)
+    g = np.random.default_rng(0)
+    inputs = {s: g.integers(0, 2**63, params + 1, dtype=np.uint64) for s in names}
+    client: dict[str, float] = {}
+    server: dict[str, float] = {}
+
+    def timed(bucket: dict[str, float], stage: str, fn: Any) -> Any:
+        started = time.perf_counter()
+        value = fn()
+        bucket[stage] = time.perf_counter() - started
+        return value
+
+    s1 = timed(client, "advertise", lambda: {s: ClientAdvertise(p, s).start(os.urandom) for s in names})
+    forwarded, server2 = timed(
+        server, "advertise", lambda: ServerAdvertise(p).collect([m for m, _ in s1.values()])
+    )
+    s2 = timed(client, "share_keys", lambda: {s: s1[s][1].receive(forwarded[s], os.urandom) for s in names})
+    routed, server3 = timed(server, "share_keys", lambda: server2.collect([m for m, _ in s2.values()]))
+    s3 = timed(client, "masked_input", lambda: {s: s2[s][1].receive(routed[s], inputs[s]) for s in names})
+    requests, server4 = timed(server, "masked_input", lambda: server3.collect([m for m, _ in s3.values()]))
+    answers = timed(client, "unmask", lambda: [s3[s][1].receive(requests[s]) for s in names])
+    total = timed(server, "unmask", lambda: server4.collect(answers))
+    expected = np.zeros(params + 1, np.uint64)
+    for v in inputs.values():
+        expected += v
+    if not np.array_equal(total, expected):
+        raise RuntimeError("the secure sum is wrong")
+    per_site = {stage: seconds / sites for stage, seconds in client.items()}
+    return {
+        "degree": degree,
+        "threshold": threshold,
+        "client_seconds_per_site": per_site,
+        "server_seconds": server,
+        "client_total_per_site": sum(per_site.values()),
+        "server_total": sum(server.values()),
+    }
+
+
+def mask_throughput() -> float:
+    seed, count = os.urandom(32), 10_000_000
+    best = min(_timed(lambda: expand_mask(seed, count)) for _ in range(3))
+    return count * 4 / best / 1e6
+
+
+def _timed(fn: Any) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only 20 sites x 100K params")
+    parser.add_argument("--skip-flower", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    console = Console()
+    load_before = os.getloadavg()
+    rows = []
+    for sites, params in [(20, 100_000)] if args.quick else WORKLOADS:
+        console.print(f"[bold]{sites} sites x {params:,} params[/bold]: fedcore plain, secure, per party ...")
+        row: dict[str, Any] = {"sites": sites, "params": params}
+        row["plain"] = simulated_round(sites, params, args.rounds, secure=False)
+        row["secure"] = simulated_round(sites, params, args.rounds, secure=True)
+        row["per_party"] = per_party(sites, params)
+        if not args.skip_flower:
+            console.print("  Flower SecAgg+ ...")
+            from flower_secagg import run_flower_secagg
+
+            row["flower_secagg"] = run_flower_secagg(sites=sites, params=params, rounds=2)
+        rows.append(row)
+    throughput = mask_throughput()
+    render(rows, throughput, console)
+    report = {
+        "benchmark": "secagg_cost",
+        "date": dt.datetime.now(dt.UTC).isoformat(),
+        "mask_expansion_mb_per_s": throughput,
+        **environment(load_before),
+        "workloads": rows,
+    }
+    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    console.print(f"wrote {out}")
+
+
+def render(rows: list[dict[str, Any]], throughput: float, console: Console) -> None:
+    table = Table(title="Secure aggregation cost per round (median, seconds)")
+    for column in (
+        "workload",
+        "plain",
+        "secure (simulated)",
+        "site (per party)",
+        "server (per party)",
+        "deployment est.",
+        "Flower SecAgg+",
+        "Flower / deployment",
+    ):
+        table.add_column(column, justify="right")
+    for row in rows:
+        plain, secure, party = (
+            row["plain"]["median_seconds"],
+            row["secure"]["median_seconds"],
+            row["per_party"],
+        )
+        deployment = plain + party["client_total_per_site"] + party["server_total"]
+        flower = row.get("flower_secagg")
+        flower_s = (
+            statistics.median(flower["seconds_per_round"][1:] or flower["seconds_per_round"])
+            if flower
+            else None
+        )
+        row["deployment_estimate_seconds"] = deployment
+        table.add_row(
+            f"{row['sites']} x {row['params']:,}",
+            f"{plain:.3f}",
+            f"{secure:.3f}",
+            f"{party['client_total_per_site']:.3f}",
+            f"{party['server_total']:.3f}",
+            f"{deployment:.3f}",
+            f"{flower_s:.2f}" if flower_s else "-",
+            f"{flower_s / deployment:.1f}x" if flower_s else "-",
+        )
+    console.print(table)
+    console.print(f"mask expansion (AES-256-CTR, uint32): {throughput:,.0f} MB/s on one core")
+
+
+if __name__ == "__main__":
+    main()
