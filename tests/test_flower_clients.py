@@ -124,10 +124,10 @@ from fedcore.client.agent import AgentSettings, Outcome, SiteAgent  # noqa: E402
 from fedcore.config import Experiment  # noqa: E402
 from fedcore.engine import RunResult  # noqa: E402
 from fedcore.seeding import derive_seed  # noqa: E402
-from fedcore.server.app import serve  # noqa: E402
 from fedcore.simulation import run_simulation  # noqa: E402
 from fedcore.tasks import build_task  # noqa: E402
 from fedcore.tasks.flower import FlowerTask, names  # noqa: E402
+from tests.integration.test_grpc_rounds import federation  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -190,18 +190,7 @@ def test_flower_client_over_grpc_gives_the_simulations_model(
 ) -> None:
     exp = experiment().override(federation__round_timeout=60.0)
 
-    async def federation() -> tuple[RunResult, list[Outcome]]:
-        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        server = asyncio.ensure_future(
-            serve(
-                exp,
-                listen="127.0.0.1:0",
-                state=tmp_path / "state",
-                pki_dir=None,
-                on_listening=listening.set_result,
-            )
-        )
-        port = await listening
+    async def sites(port: int) -> list[object]:
         agents = [
             SiteAgent(
                 AgentSettings(
@@ -217,10 +206,9 @@ def test_flower_client_over_grpc_gives_the_simulations_model(
             ).run()
             for k in range(1, SITES + 1)
         ]
-        outcomes = await asyncio.gather(*agents)
-        return await asyncio.wait_for(server, 60), list(outcomes)
+        return list(await asyncio.gather(*agents))
 
-    result, outcomes = asyncio.run(federation())
+    result, outcomes = asyncio.run(federation(exp, tmp_path, sites))
     assert outcomes == [Outcome.COMPLETED] * SITES
     simulated, _ = fedcore_run
     for k, a in simulated.parameters.items():

@@ -112,7 +112,7 @@ def to_list(parameters: Arrays) -> list[np.ndarray]:
 def seed_globals(seed: int) -> None:
     """Seed the generators a Flower client may draw from (torch only if it is loaded), from
     the experiment seed: reproducible training like Flower's, never protocol secrets."""
-    random.seed(seed)
+    random.seed(seed)  # experiment seed for a hosted client's own draws: not protocol randomness
     np.random.seed(seed % 2**32)
     torch = sys.modules.get("torch")
     if torch is not None:

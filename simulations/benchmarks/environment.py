@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
+import subprocess
+import sys
 from typing import Any
 
 PACKAGES = ("fedcore", "flwr", "ray", "torch", "grpcio", "numpy")
@@ -28,3 +31,30 @@ def environment(load_before: tuple[float, float, float]) -> dict[str, Any]:
             "loadavg_after": os.getloadavg(),
         },
     }
+
+
+# Keep Ray and Flower offline and quiet: set in a child's environment, so that they hold
+# before flwr/ray are imported and are inherited by Ray's processes.
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",  # telemetry would try to reach the internet
+    "RAY_USAGE_STATS_ENABLED": "0",  # same for Ray usage stats
+    "RAY_DEDUP_LOGS": "0",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+}
+
+
+def run_json_child(script: str, args: list[str], *, what: str) -> dict[str, Any]:
+    """Run `script` in a fresh interpreter (Ray and Flower keep process-global state, and
+    peak memory then covers only that run) and return the last JSON line it prints."""
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(script), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **QUIET_ENV},
+        check=False,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}); stdout tail:\n" + proc.stdout[-2000:])
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result

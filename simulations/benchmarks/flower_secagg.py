@@ -21,18 +21,11 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
-# Keep Ray/Flower offline and quiet. Set before flwr/ray are imported (in the child process).
-_QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "TF_CPP_MIN_LOG_LEVEL": "3",
-}
+from environment import QUIET_ENV, run_json_child  # this directory is on sys.path
 
 CLIPPING_RANGE = 8.0  # Flower's default
 QUANTIZATION_RANGE = 4194304  # Flower's default (2**22)
@@ -67,25 +60,13 @@ def run_flower_secagg(*, sites: int, params: int, rounds: int, seed: int = 0) ->
     ``reconstruction_threshold``, ``clipping_range``, ``quantization_range`` (+ extras). The child
     checks the final parameters equal initial + 0.01 * rounds within the quantization error.
     """
-    cmd = [
-        sys.executable, os.path.abspath(__file__),
-        "--sites", str(sites), "--params", str(params), "--rounds", str(rounds), "--seed", str(seed),
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **_QUIET_ENV}, check=False
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"Flower SecAgg+ simulation failed (exit {proc.returncode}); stdout tail:\n" + proc.stdout[-2000:]
-        )
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    args = ["--sites", str(sites), "--params", str(params), "--rounds", str(rounds), "--seed", str(seed)]
+    return run_json_child(__file__, args, what="Flower SecAgg+ simulation")
 
 
 def _simulate(*, sites: int, params: int, rounds: int, seed: int) -> dict[str, Any]:
     """Run the simulation in this process. Call only in a fresh interpreter (see above)."""
-    for k, v in _QUIET_ENV.items():
+    for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     import warnings
     from collections.abc import Callable

@@ -47,14 +47,7 @@ from fedcore.tasks import Task, TrainSettings, build_task, default_partition
 if TYPE_CHECKING:
     from flwr.app import ConfigRecordValues
 
-# Keep Ray/Flower offline and quiet. The caller sets these in the child's environment, so
-# that they hold before flwr/ray are imported and are inherited by Ray's processes.
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",  # telemetry would try to reach the internet
-    "RAY_USAGE_STATS_ENABLED": "0",  # same for Ray usage stats
-    "RAY_DEDUP_LOGS": "0",
-    "TF_CPP_MIN_LOG_LEVEL": "3",
-}
+from environment import QUIET_ENV
 
 Emit = Callable[[dict[str, Any]], None]
 

@@ -15,18 +15,11 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
-# Keep Ray/Flower offline and quiet. Set before flwr/ray are imported (in the child process).
-_QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",  # telemetry would try to reach the internet
-    "RAY_USAGE_STATS_ENABLED": "0",  # same for Ray usage stats
-    "RAY_DEDUP_LOGS": "0",
-    "TF_CPP_MIN_LOG_LEVEL": "3",
-}
+from environment import QUIET_ENV, run_json_child  # this directory is on sys.path
 
 
 def run_flower_simulation(
@@ -39,26 +32,15 @@ def run_flower_simulation(
     The child prints the result as the last JSON line on stdout; its stderr (Flower/Ray
     warnings and errors) is passed through.
     """
-    cmd = [
-        sys.executable, os.path.abspath(__file__),
-        "--sites", str(sites), "--params", str(params), "--rounds", str(rounds),
-        "--seed", str(seed), "--client-num-cpus", str(client_num_cpus),
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **_QUIET_ENV}, check=False
+    args = ["--sites", str(sites), "--params", str(params), "--rounds", str(rounds), "--seed", str(seed)]
+    return run_json_child(
+        __file__, [*args, "--client-num-cpus", str(client_num_cpus)], what="Flower simulation"
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"Flower simulation failed (exit {proc.returncode}); stdout tail:\n" + proc.stdout[-2000:]
-        )
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 def _simulate(*, sites: int, params: int, rounds: int, seed: int, client_num_cpus: float) -> dict[str, Any]:
     """Run the simulation in this process. Call only in a fresh interpreter (see above)."""
-    for k, v in _QUIET_ENV.items():
+    for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     import warnings
     from collections.abc import Iterable
