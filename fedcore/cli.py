@@ -12,10 +12,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from fedcore.config import Backend, Experiment, StrategyName, load_experiment
+from fedcore.config import Backend, Experiment, PrivacyMode, StrategyName, load_experiment
 from fedcore.errors import ConfigError, FedcoreError
+
+if TYPE_CHECKING:
+    from fedcore.privacy.site_policy import SitePrivacy
 
 EXIT_CONFIG = 2
 EXIT_REJECTED = 3
@@ -44,6 +47,9 @@ def _experiment(args: argparse.Namespace) -> Experiment:
         data__partition=getattr(args, "partition", None),
         strategy__name=getattr(args, "strategy", None),
         secure_aggregation__enabled=True if getattr(args, "secure_aggregation", False) else None,
+        privacy__mode=getattr(args, "privacy", None),
+        privacy__noise_multiplier=getattr(args, "noise_multiplier", None),
+        privacy__target_epsilon=getattr(args, "target_epsilon", None),
     )
 
 
@@ -92,6 +98,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fedcore.engine import RoundRecord
+    from fedcore.simulation.report import privacy_summary
     from fedcore.simulation.run import check_simulation, run_simulation
 
     if args.compare:
@@ -130,20 +137,26 @@ def _simulate(args: argparse.Namespace) -> int:
     table.add_column("accuracy", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("seconds", justify="right")
+    private = experiment.privacy.enabled
+    if private:
+        table.add_column("epsilon", justify="right")
     shown = result.records if len(result.records) <= 12 else [*result.records[:5], None, *result.records[-5:]]
     for r in shown:
         if r is None:
-            table.add_row("...", "", "", "", "")
+            table.add_row(*["..."] + [""] * (5 if private else 4))
             continue
         acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
         loss = f"{r.loss:.4f}" if r.loss is not None else "-"
-        table.add_row(str(r.round), str(r.sites), acc, loss, f"{r.seconds:.2f}")
+        eps = [f"{r.epsilon:.3f}" if r.epsilon is not None else "-"] if private else []
+        table.add_row(str(r.round), str(r.sites), acc, loss, f"{r.seconds:.2f}", *eps)
     out_console = Console()
     out_console.print(table)
     out_console.print(
         f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds "
         f"in {summary['wall_seconds']:.1f} s; wrote {out}/metrics.jsonl, summary.json, report.png"
     )
+    if "privacy" in summary:
+        out_console.print(privacy_summary(summary["privacy"]))
     return 0
 
 
@@ -241,11 +254,43 @@ def _client(args: argparse.Namespace) -> int:
         site_name=str(name or ""),
         give_up_after=float(pick(args.give_up_after, "agent.give_up_after") or 600.0),  # type: ignore[arg-type]
     )
-    outcome = asyncio.run(SiteAgent(settings, task).run())
+    outcome = asyncio.run(SiteAgent(settings, task, _site_privacy(args, site, kit, name)).run())
     logging.getLogger("fedcore.client").info("site agent finished: %s", outcome.value)
     return {Outcome.COMPLETED: 0, Outcome.STOPPED: 0, Outcome.GAVE_UP: 1, Outcome.REJECTED: EXIT_REJECTED}[
         outcome
     ]
+
+
+def _site_privacy(
+    args: argparse.Namespace, site: dict[str, object], kit: object, name: object
+) -> SitePrivacy:
+    """The site's own privacy policy: flags, then site.toml [privacy]; the ledger defaults to
+    the site's kit folder (or ./fedcore-privacy-NAME.json without one)."""
+    from fedcore.privacy.site_policy import DEFAULT_DELTA, SitePolicy, SitePrivacy
+
+    ledger = args.privacy_ledger or site.get("privacy.ledger")
+    if ledger is None:
+        ledger = Path(str(kit)) / "privacy-ledger.json" if kit else Path(f"fedcore-privacy-{name}.json")
+    max_epsilon = args.max_epsilon if args.max_epsilon is not None else site.get("privacy.max_epsilon")
+    policy = SitePolicy(
+        max_epsilon=float(max_epsilon) if max_epsilon is not None else None,  # type: ignore[arg-type]
+        delta=float(site.get("privacy.delta", DEFAULT_DELTA)),  # type: ignore[arg-type]
+        min_noise_multiplier=float(site.get("privacy.min_noise_multiplier", 0.0)),  # type: ignore[arg-type]
+        require_dp=bool(site.get("privacy.require_dp", False)),
+        ledger=Path(str(ledger)),
+    )
+    if policy.max_epsilon is not None and not policy.max_epsilon > 0:
+        raise ConfigError("max_epsilon must be > 0")
+    if not 0 < policy.delta < 1:
+        raise ConfigError("[privacy] delta must be in (0, 1)")
+    privacy = SitePrivacy(policy)
+    logging.getLogger("fedcore.client").info(
+        "privacy ledger %s: epsilon spent %.3f (budget %s)",
+        policy.ledger,
+        privacy.ledger.spent(),
+        policy.max_epsilon,
+    )
+    return privacy
 
 
 def _pki(args: argparse.Namespace) -> int:
@@ -277,6 +322,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--sites-per-round", type=int, help="sites sampled per round (default: all)")
         p.add_argument(
             "--secure-aggregation", action="store_true", help="SecAgg+: the server learns only the sum"
+        )
+        p.add_argument(
+            "--privacy",
+            type=str.lower,
+            choices=[m.value for m in PrivacyMode],
+            help="differential privacy: sample (DP-SGD at sites), user-central or user-distributed",
+        )
+        p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier")
+        p.add_argument(
+            "--target-epsilon", type=float, help="DP: choose the noise so the run stays within this"
         )
 
     sim = sub.add_parser("simulate", help="run a federation of virtual sites on this machine")
@@ -320,6 +375,8 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--give-up-after", type=float, help="seconds without a server before exiting (default 600)"
     )
+    cli.add_argument("--privacy-ledger", help="this site's privacy ledger (default: in its kit folder)")
+    cli.add_argument("--max-epsilon", type=float, help="this site's total privacy budget (all runs)")
     cli.add_argument("-v", "--verbose", action="store_true")
     cli.set_defaults(run=_client)
 

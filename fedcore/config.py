@@ -9,6 +9,9 @@ errors, and command-line flags override the file (`Experiment.override`).
     [data]        partition, seed
     [simulation]  sites, workers, backend, ray_address, stragglers, dropout
     [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, max_examples
+    [privacy]     mode, noise_multiplier, target_epsilon, delta, max_grad_norm, ghost_clipping,
+                  clip_norm, adaptive_clipping, target_quantile, clip_learning_rate,
+                  clipped_count_stddev, secure_rng
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 import enum
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -78,6 +82,37 @@ class SecureAggregationConfig:
     max_examples: int = 1_000_000  # a site's weight is min(examples, max_examples) / max_examples
 
 
+class PrivacyMode(enum.StrEnum):
+    NONE = "none"
+    SAMPLE = "sample"  # DP-SGD at each site (one example = one unit of privacy)
+    USER_CENTRAL = "user-central"  # DP-FedAvg: sites clip, the server adds the noise
+    USER_DISTRIBUTED = "user-distributed"  # sites clip and add integer noise before masking
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    mode: PrivacyMode = PrivacyMode.NONE
+    noise_multiplier: float | None = None  # give this or target_epsilon
+    target_epsilon: float | None = None  # the noise is chosen so the whole run stays within it
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # sample: each example's gradient is clipped to this L2 norm
+    ghost_clipping: bool = False  # sample: Opacus's ghost clipping (no per-example gradients kept)
+    clip_norm: float = 1.0  # user-level: each site's update is clipped to this L2 norm (initial, if adaptive)
+    adaptive_clipping: bool = False  # user-central: Andrew et al. 2021's quantile-tracking clip norm
+    target_quantile: float = 0.5  # adaptive: the fraction of updates left unclipped
+    clip_learning_rate: float = 0.2  # adaptive: geometric step of the clip norm
+    clipped_count_stddev: float | None = None  # adaptive: noise on the unclipped count (None: sites/20)
+    secure_rng: bool = True  # False: reproducible noise for tests, and NO privacy
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode is not PrivacyMode.NONE
+
+    @property
+    def user_level(self) -> bool:
+        return self.mode in (PrivacyMode.USER_CENTRAL, PrivacyMode.USER_DISTRIBUTED)
+
+
 class Backend(enum.StrEnum):
     LOCAL = "local"  # worker processes on this machine
     RAY = "ray"  # Ray tasks, on a local Ray instance or a cluster (ray_address)
@@ -101,6 +136,7 @@ class Experiment:
     data: DataConfig = field(default_factory=DataConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def seed(self) -> int:
@@ -147,6 +183,14 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         except ValueError:
             choices = ", ".join(b.value for b in Backend)
             raise ConfigError(f"{where} = {value!r} is not a backend; choose one of: {choices}") from None
+    if base == "PrivacyMode":
+        try:
+            return PrivacyMode(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in PrivacyMode)
+            raise ConfigError(
+                f"{where} = {value!r} is not a privacy mode; choose one of: {choices}"
+            ) from None
     if base == "StrategyName":
         try:
             return StrategyName(str(value).lower())
@@ -222,6 +266,7 @@ def _validate(e: Experiment, source: str) -> None:
     need(sim.workers is None or sim.workers >= 1, f"[simulation] workers must be >= 1, got {sim.workers}")
     need(0 <= sim.stragglers <= 1, f"[simulation] stragglers is a fraction in [0, 1], got {sim.stragglers}")
     need(0 <= sim.dropout <= 1, f"[simulation] dropout is a fraction in [0, 1], got {sim.dropout}")
+    _validate_privacy(e, need)
     from fedcore.tasks.partition import parse_partition  # late: tasks import config
 
     if e.data.partition is not None:
@@ -229,6 +274,50 @@ def _validate(e: Experiment, source: str) -> None:
             parse_partition(e.data.partition)
         except ValueError as err:
             raise ConfigError(f"{source}: [data] partition: {err}") from None
+
+
+def _validate_privacy(e: Experiment, need: Callable[[bool, str], None]) -> None:
+    p = e.privacy
+    if not p.enabled:
+        return
+    mode = f"[privacy] mode = {p.mode.value!r}"
+    need(
+        (p.noise_multiplier is None) != (p.target_epsilon is None),
+        f"{mode} needs exactly one of noise_multiplier and target_epsilon",
+    )
+    need(p.noise_multiplier is None or p.noise_multiplier > 0, "[privacy] noise_multiplier must be > 0")
+    need(p.target_epsilon is None or p.target_epsilon > 0, "[privacy] target_epsilon must be > 0")
+    need(0 < p.delta < 1, f"[privacy] delta must be in (0, 1), got {p.delta}")
+    need(p.max_grad_norm > 0 and p.clip_norm > 0, "[privacy] max_grad_norm and clip_norm must be > 0")
+    need(0 < p.target_quantile < 1, "[privacy] target_quantile must be in (0, 1)")
+    need(p.clip_learning_rate > 0, "[privacy] clip_learning_rate must be > 0")
+    need(
+        p.clipped_count_stddev is None or p.clipped_count_stddev > 0,
+        "[privacy] clipped_count_stddev must be > 0",
+    )
+    need(
+        not p.ghost_clipping or p.mode is PrivacyMode.SAMPLE,
+        "[privacy] ghost_clipping is a DP-SGD option: it needs mode = 'sample'",
+    )
+    need(
+        not p.adaptive_clipping or p.mode is PrivacyMode.USER_CENTRAL,
+        "[privacy] adaptive_clipping needs mode = 'user-central' (distributed noise would need the "
+        "unclipped count under secure aggregation too)",
+    )
+    need(
+        not (p.adaptive_clipping and e.secure_aggregation.enabled),
+        "[privacy] adaptive_clipping with secure aggregation is not supported: the server would "
+        "need each site's unclipped bit; use a fixed clip_norm",
+    )
+    need(
+        p.mode is not PrivacyMode.USER_DISTRIBUTED or e.secure_aggregation.enabled,
+        "[privacy] mode = 'user-distributed' adds noise meant to be hidden under secure aggregation: "
+        "set [secure_aggregation] enabled = true (or use 'user-central')",
+    )
+    need(
+        p.mode is not PrivacyMode.USER_DISTRIBUTED or e.secure_aggregation.bits == 64,
+        "[privacy] mode = 'user-distributed' needs [secure_aggregation] bits = 64",
+    )
 
 
 def load_experiment(path: str | Path | None = None) -> Experiment:

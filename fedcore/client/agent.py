@@ -18,6 +18,7 @@ import grpc
 from fedcore.engine import Instruction, InstructionKind, Reply, Site
 from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.pki import TlsFiles
+from fedcore.privacy.site_policy import SitePrivacy
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.secagg import wire as secagg_wire
 from fedcore.secagg.stages.masked_input import MaskedInput
@@ -76,9 +77,10 @@ class _Rejected(FedcoreError):
 
 
 class SiteAgent:
-    def __init__(self, settings: AgentSettings, task: Task) -> None:
+    def __init__(self, settings: AgentSettings, task: Task, privacy: SitePrivacy | None = None) -> None:
         self.settings = settings
         self.task = task
+        self.privacy = privacy or SitePrivacy()  # one ledger for every run this process serves
         self.site: Site | None = None
         self._site_key: tuple[object, ...] | None = None
         self.run_end: pb.RunEnd | None = None
@@ -191,7 +193,7 @@ class SiteAgent:
             )
         except (KeyError, ValueError) as err:
             raise _Rejected(f"cannot load data {self.settings.data_uri!r} for this run: {err}") from None
-        self.site = Site(name=welcome.site_name, task=self.task, data=data)
+        self.site = Site(name=welcome.site_name, task=self.task, data=data, privacy=self.privacy)
         self._site_key = key
         log.info("loaded %d training examples from %s", len(data.train), self.settings.data_uri)
 

@@ -4,6 +4,7 @@
 [identity]  kit, insecure, name
 [data]      task, uri
 [agent]     device, give_up_after
+[privacy]   ledger, max_epsilon, delta, min_noise_multiplier, require_dp
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "identity": {"kit": str, "insecure": bool, "name": str},
     "data": {"task": str, "uri": str},
     "agent": {"device": str, "give_up_after": (int, float)},
+    "privacy": {
+        "ledger": str,
+        "max_epsilon": (int, float),
+        "delta": float,
+        "min_noise_multiplier": (int, float),
+        "require_dp": bool,
+    },
 }
 
 
@@ -39,6 +47,7 @@ def load_site_config(path: str | Path) -> dict[str, Any]:
             if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
                 raise ConfigError(f"{path}: [{section}] {key} has the wrong type ({value!r})")
             flat[f"{section}.{key}"] = value
-    if "identity.kit" in flat:  # relative to the file, so a site folder can be moved whole
-        flat["identity.kit"] = str((path.parent / flat["identity.kit"]).resolve())
+    for key in ("identity.kit", "privacy.ledger"):  # relative to the file: a site folder moves whole
+        if key in flat:
+            flat[key] = str((path.parent / flat[key]).resolve())
     return flat

@@ -14,13 +14,15 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fedcore.aggregation import AggregationStage, WeightedMean
-from fedcore.config import Experiment
+from fedcore.config import Experiment, PrivacyMode
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.engine.records import RoundRecord, RoundStore
 from fedcore.engine.transport import Transport
 from fedcore.errors import ConfigError, FedcoreError, ProtocolError, SiteUnavailable
+from fedcore.privacy.run_privacy import RunPrivacy
 from fedcore.seeding import derive_seed, rng
 from fedcore.strategies import Strategy, build_strategy
 from fedcore.tasks import Dataset, Task
@@ -73,6 +75,14 @@ class Coordinator:
                 f"strategy {self.strategy.name} needs every site's update; with secure aggregation "
                 "the server only learns their sum: choose fedavg, fedprox or a FedOpt strategy"
             )
+        self.privacy = RunPrivacy(experiment, self.parameters) if experiment.privacy.enabled else None
+        if (
+            self.privacy is not None
+            and experiment.privacy.mode is PrivacyMode.SAMPLE
+            and not task.supports_dp_sgd
+        ):
+            raise ConfigError(f"task {task.name!r} cannot train with DP-SGD ([privacy] mode = 'sample')")
+        self._available = 0  # sites connected when the current round was sampled
         self.round = 0  # last completed round
 
     async def run(self) -> RunResult:
@@ -104,6 +114,9 @@ class Coordinator:
 
     def _sample(self, number: int, attempt: int) -> list[str]:
         available = sorted(self.transport.available())
+        self._available = len(available)
+        if self.privacy is not None and (poisson := self.privacy.sample(available)) is not None:
+            return poisson
         k = self.experiment.federation.sites_per_round
         if k is None or k >= len(available):
             return available
@@ -208,10 +221,16 @@ class Coordinator:
         sampled = self._sample(number, attempt)
         if self.experiment.secure_aggregation.enabled:
             return await self._secure_round(number, attempt, sampled, started)
-        accumulator = self.aggregation.start(self.parameters)
+        stage = self.aggregation
+        if self.privacy is not None and self.privacy.mode is PrivacyMode.USER_CENTRAL:
+            stage = self.privacy.central_stage(self._available)
+        accumulator = stage.start(self.parameters)
+        dp_config = self.privacy.fit_config(len(sampled)) if self.privacy is not None else {}
         fit_metrics: dict[str, list[tuple[float, int]]] = {}
+        site_epsilon: dict[str, float] = {}
         replied: list[str] = []
         received = 0
+        unclipped = 0
 
         def fold(reply: Reply) -> None:
             nonlocal received
@@ -222,13 +241,18 @@ class Coordinator:
             accumulator.add(reply.update, float(reply.num_examples))
             replied.append(reply.site)
             received += sum(a.nbytes for a in reply.update.values())
-            for key, value in reply.metrics.items():
-                fit_metrics.setdefault(key, []).append((value, reply.num_examples))
+            self._fit_metrics(reply, fit_metrics, site_epsilon)
+            nonlocal unclipped
+            unclipped += int(reply.metrics.get("unclipped", 0.0) >= 0.5)
 
         dropped = await self._gather(
             sampled,
             lambda s: Instruction(
-                InstructionKind.FIT, number, self.parameters, self.fit_config(number, s), attempt
+                InstructionKind.FIT,
+                number,
+                self.parameters,
+                {**self.fit_config(number, s), **dp_config},
+                attempt,
             ),
             fold,
         )
@@ -248,6 +272,7 @@ class Coordinator:
         sent = sum(a.nbytes for a in self.parameters.values()) * len(sampled)
         self.parameters = self.strategy.apply(self.parameters, aggregate.mean)
         accuracy, loss, mode = await self._evaluate(number, sorted(replied))
+        privacy = self._account(aggregate.count, unclipped)
         return RoundRecord(
             round=number,
             sites=aggregate.count,
@@ -265,6 +290,29 @@ class Coordinator:
             examples=round(aggregate.total_weight),
             bytes_sent=sent,
             bytes_received=received,
+            epsilon=privacy.get("epsilon"),
+            delta=privacy.get("delta"),
+            site_epsilon=site_epsilon,
+            privacy=privacy,
+        )
+
+    def _fit_metrics(
+        self, reply: Reply, fit_metrics: dict[str, list[tuple[float, int]]], site_epsilon: dict[str, float]
+    ) -> None:
+        """Fold a fit reply's metrics; a site's privacy figures are its own, not averaged."""
+        for key, value in reply.metrics.items():
+            if key in ("epsilon", "epsilon_total", "unclipped"):
+                continue
+            fit_metrics.setdefault(key, []).append((value, max(reply.num_examples, 1)))
+        if "epsilon" in reply.metrics and self.privacy is not None:
+            site_epsilon[reply.site] = float(reply.metrics["epsilon"])
+            self.privacy.observe(reply.site, reply.metrics)
+
+    def _account(self, contributors: int, unclipped: int | None = None) -> dict[str, Any]:
+        if self.privacy is None:
+            return {}
+        return self.privacy.complete_round(
+            available=self._available, contributors=contributors, unclipped=unclipped
         )
 
     async def _secure_round(
@@ -272,10 +320,11 @@ class Coordinator:
     ) -> RoundRecord | None:
         from fedcore.engine.secure_round import secure_aggregate
 
-        outcome = await secure_aggregate(self, number, attempt, sampled)
+        dp_config = self.privacy.fit_config(len(sampled)) if self.privacy is not None else {}
+        outcome = await secure_aggregate(self, number, attempt, sampled, dp_config)
         if outcome is None:
             return None
-        mean, total_weight, count, dropped, metrics = outcome
+        count = len(outcome.masked)
         if count < self.experiment.federation.min_sites:
             log.warning(
                 "round %d attempt %d: %d masked inputs, need %d; retrying",
@@ -285,8 +334,27 @@ class Coordinator:
                 self.experiment.federation.min_sites,
             )
             return None
+        mode = self.privacy.mode if self.privacy is not None else PrivacyMode.NONE
+        if mode is PrivacyMode.USER_DISTRIBUTED:
+            assert self.privacy is not None
+            aggregate, _ = self.privacy.distributed_mean(outcome.total, self.parameters, len(sampled))
+            mean, total_weight = aggregate.mean, aggregate.total_weight
+        elif mode is PrivacyMode.USER_CENTRAL:
+            assert self.privacy is not None
+            sums, sites = outcome.sums(self.parameters)
+            aggregate = self.privacy.central_stage(self._available).noisy_mean(sums, sites)
+            mean, total_weight = aggregate.mean, aggregate.total_weight
+        else:
+            mean, total_weight = outcome.mean(self.parameters)
+        site_epsilon: dict[str, float] = {}
+        fit_metrics: dict[str, list[tuple[float, int]]] = {}
+        for site in outcome.masked:
+            if site in outcome.fit_metrics:
+                reply = Reply(site, InstructionKind.FIT, number, metrics=outcome.fit_metrics[site])
+                self._fit_metrics(reply, fit_metrics, site_epsilon)
         self.parameters = self.strategy.apply(self.parameters, mean)
-        accuracy, loss, mode = await self._evaluate(number, sorted(set(sampled) - set(dropped)))
+        accuracy, loss, evaluation = await self._evaluate(number, sorted(set(sampled) - set(outcome.dropped)))
+        privacy = self._account(count)
         return RoundRecord(
             round=number,
             sites=count,
@@ -294,10 +362,15 @@ class Coordinator:
             loss=loss,
             seconds=time.perf_counter() - started,
             sampled=sampled,
-            dropped=dropped,
+            dropped=outcome.dropped,
+            train_loss=_weighted(fit_metrics.get("train_loss", [])),
             attempt=attempt,
-            evaluation=mode,
-            secure_aggregation={**metrics, "total_weight": total_weight},
+            evaluation=evaluation,
+            secure_aggregation={**outcome.metrics, "total_weight": total_weight},
+            epsilon=privacy.get("epsilon"),
+            delta=privacy.get("delta"),
+            site_epsilon=site_epsilon,
+            privacy=privacy,
         )
 
     async def _evaluate(self, number: int, sites: list[str]) -> tuple[float | None, float | None, str]:

@@ -33,6 +33,10 @@ class RoundRecord:
     bytes_sent: int = 0  # model payload bytes sent to sites this round (all attempts)
     bytes_received: int = 0  # update payload bytes received from sites
     secure_aggregation: dict[str, Any] = field(default_factory=dict)  # per-stage counts and seconds
+    epsilon: float | None = None  # the run's DP epsilon after this round (None: no DP)
+    delta: float | None = None
+    site_epsilon: dict[str, float] = field(default_factory=dict)  # sample-level: each reporting site's
+    privacy: dict[str, Any] = field(default_factory=dict)  # mode, noise, clip norm, sites' noise in the sum
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-safe dict: non-finite numbers (NaN, infinity) become null."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedcore.engine.messages import Instruction, InstructionKind, Reply
@@ -19,7 +20,7 @@ from fedcore.errors import ProtocolError
 from fedcore.secagg.common import ProtocolAbort, RoundParams
 from fedcore.secagg.contribution import length, mean_update, step_for_round
 from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
-from fedcore.secagg.quantize import dequantize
+from fedcore.secagg.quantize import UInt, dequantize
 from fedcore.secagg.stages.advertise import AdvertiseKeys, ServerAdvertise
 from fedcore.secagg.stages.masked_input import MaskedInput
 from fedcore.secagg.stages.share_keys import ShareKeys
@@ -41,16 +42,40 @@ def round_params(c: Coordinator, number: int, attempt: int, sampled: list[str]) 
     return RoundParams(number, tuple(sampled), graph, threshold, length(c.parameters), cfg.bits)
 
 
+@dataclass
+class SecureSum:
+    total: UInt  # the decrypted sum of the masked inputs, modulo 2**bits
+    step: float  # the quantization step of the plain contributions
+    masked: list[str]  # sites whose masked input is in the sum
+    dropped: dict[str, str]
+    metrics: dict[str, Any]
+    fit_metrics: dict[str, dict[str, float]]  # site -> the metrics it sent with its masked input
+
+    def mean(self, template: Arrays) -> tuple[Arrays, float]:
+        """Plain (example-weighted) contributions: the weighted mean update and total weight."""
+        return mean_update(dequantize(self.total, step=self.step), template)
+
+    def sums(self, template: Arrays) -> tuple[Arrays, int]:
+        """Equal-weight contributions (user-level DP): the summed update and the site count."""
+        flat = dequantize(self.total, step=self.step)
+        out: Arrays = {}
+        offset = 0
+        for name, ref in template.items():
+            out[name] = flat[offset : offset + ref.size].reshape(ref.shape)
+            offset += ref.size
+        return out, round(float(flat[-1]))
+
+
 async def secure_aggregate(
-    c: Coordinator, number: int, attempt: int, sampled: list[str]
-) -> tuple[Arrays, float, int, dict[str, str], dict[str, Any]] | None:
-    """The weighted mean update of the sites that sent masked input, the total weight, how
-    many they were, the dropped sites with reasons and per-stage metrics; None on abort."""
+    c: Coordinator, number: int, attempt: int, sampled: list[str], dp_config: dict[str, Any]
+) -> SecureSum | None:
+    """The decrypted sum of the masked inputs of this round's sites; None on abort."""
     cfg = c.experiment.secure_aggregation
     params = round_params(c, number, attempt, sampled)
     step = step_for_round(len(sampled), clip=cfg.clip_range, bits=cfg.bits)
     dropped: dict[str, str] = {}
     stages: dict[str, dict[str, Any]] = {}
+    fit_metrics: dict[str, dict[str, float]] = {}
 
     async def exchange(
         name: str, sites: list[str], make: Callable[[str], Instruction], kind: type
@@ -61,6 +86,8 @@ async def secure_aggregate(
             if not isinstance(reply.secagg, kind):
                 raise ProtocolError(f"expected {kind.__name__} in the {name} stage")
             got.append(reply.secagg)
+            if reply.metrics:
+                fit_metrics[reply.site] = dict(reply.metrics)
 
         started = time.perf_counter()
         lost = await c._gather(sites, make, keep)
@@ -88,7 +115,7 @@ async def secure_aggregate(
                 InstructionKind.FIT,
                 number,
                 c.parameters,
-                {**c.fit_config(number, s), **config},
+                {**c.fit_config(number, s), **config, **dp_config},
                 attempt,
                 secagg=routed[s],
             )
@@ -101,7 +128,6 @@ async def secure_aggregate(
     except ProtocolAbort as abort:
         log.warning("round %d attempt %d: secure aggregation aborted: %s", number, attempt, abort)
         return None
-    mean, total_weight = mean_update(dequantize(total, step=step), c.parameters)
     stages["unmask"]["seconds"] += time.perf_counter() - started
     metrics = {
         "masked": len(masked),
@@ -110,4 +136,4 @@ async def secure_aggregate(
         "neighbors": min(len(p) for p in params.neighbours.values()),
         "stages": stages,
     }
-    return mean, total_weight, len(masked), dropped, metrics
+    return SecureSum(total, step, [m.site for m in masked], dropped, metrics, fit_metrics)

@@ -10,7 +10,12 @@ import numpy as np
 
 from fedcore.aggregation import AggregationStage, WeightedMean
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
-from fedcore.errors import FedcoreError
+from fedcore.errors import ConfigError, FedcoreError
+from fedcore.privacy.distributed import DistributedNoise
+from fedcore.privacy.distributed import encode as encode_distributed
+from fedcore.privacy.randomness import dp_random
+from fedcore.privacy.site_policy import SitePrivacy
+from fedcore.privacy.user_level import clip_arrays
 from fedcore.secagg.client import SecAggClient
 from fedcore.secagg.contribution import weight
 from fedcore.secagg.stages.share_keys import RoutedShares
@@ -33,6 +38,7 @@ class Site:
         data: SiteData,
         aggregation: AggregationStage | None = None,
         template: Arrays | None = None,
+        privacy: SitePrivacy | None = None,
     ) -> None:
         self.name = name
         self.task = task
@@ -41,16 +47,18 @@ class Site:
         # Names, shapes and dtypes that incoming models must have.
         self._template = template if template is not None else task.initial_parameters(0)
         self.secagg = SecAggClient(name)
+        self.privacy = privacy or SitePrivacy()
 
     def export_state(self) -> object | None:
         """What this site must remember until its next instruction (None: nothing): the
         task's per-site state and the secure-aggregation stage it is in."""
-        state = (self.task.site_state(self.data), self.secagg.state)
-        return None if state == (None, None) else state
+        state = (self.task.site_state(self.data), self.secagg.state, self.privacy.ledger.state() or None)
+        return None if state == (None, None, None) else state
 
     def import_state(self, state: object | None) -> None:
-        task_state, self.secagg.state = state if isinstance(state, tuple) else (None, None)
+        task_state, self.secagg.state, ledger = state if isinstance(state, tuple) else (None, None, None)
         self.task.restore_site_state(self.data, task_state)
+        self.privacy.ledger.restore(ledger or {})
 
     @property
     def template(self) -> Arrays:
@@ -77,22 +85,35 @@ class Site:
             )
 
     def _fit(self, instruction: Instruction) -> Reply:
-        settings = dataclasses.replace(train_settings(instruction.config), round=instruction.round)
+        config = instruction.config
+        settings = dataclasses.replace(train_settings(config), round=instruction.round)
+        mode = str(config.get("dp_mode", "none"))
+        # The site's policy first: a round that would cross its budget is refused untrained.
+        plan = self.privacy.plan(
+            config,
+            examples=len(self.data.train),
+            batch_size=settings.batch_size,
+            local_epochs=settings.local_epochs,
+        )
+        secure_rng = self.privacy.secure_rng(bool(config.get("dp_secure_rng", True)))
+        if plan is not None:
+            if not self.task.supports_dp_sgd:
+                raise ConfigError(f"task {self.task.name!r} cannot train with DP-SGD")
+            settings = dataclasses.replace(settings, dp=plan.dp, secure_rng=secure_rng)
         outcome = self.task.fit(instruction.parameters, self.data, settings)
+        privacy_metrics = self.privacy.spend(plan) if plan is not None else {}
         update = delta(outcome.parameters, instruction.parameters)
+        metrics = {**outcome.metrics, **privacy_metrics}
+        if mode == "user-central":
+            update, within = clip_arrays(update, _positive(config, "dp_clip_norm"))
+            metrics["unclipped"] = float(within)
         if isinstance(instruction.secagg, RoutedShares):
-            # Secure aggregation: the server gets a masked vector and nothing else of ours.
-            c = instruction.config
-            masked = self.secagg.mask(
-                instruction.secagg,
-                instruction.round,
-                update,
-                self._template,
-                weight=weight(outcome.num_examples, int(c["secagg_max_examples"])),
-                clip=float(c["secagg_clip"]),
-                step=float(c["secagg_step"]),
+            # Secure aggregation: the server gets a masked vector and its privacy accounting,
+            # nothing else of ours.
+            masked = self._mask(instruction, outcome.num_examples, update, mode, secure_rng)
+            return Reply(
+                self.name, InstructionKind.FIT, instruction.round, secagg=masked, metrics=privacy_metrics
             )
-            return Reply(self.name, InstructionKind.FIT, instruction.round, secagg=masked)
         encoded = self.aggregation.encode(update, float(outcome.num_examples))
         return Reply(
             site=self.name,
@@ -100,7 +121,32 @@ class Site:
             round=instruction.round,
             num_examples=outcome.num_examples,
             update=encoded,
-            metrics=dict(outcome.metrics),
+            metrics=metrics,
+        )
+
+    def _mask(
+        self, instruction: Instruction, examples: int, update: Arrays, mode: str, secure_rng: bool
+    ) -> object:
+        c = instruction.config
+        assert isinstance(instruction.secagg, RoutedShares)
+        if mode == "user-distributed":
+            noise = DistributedNoise(
+                _positive(c, "dp_clip_norm"), _positive(c, "dp_scale"), _positive(c, "dp_sigma")
+            )
+            flat = np.concatenate([np.asarray(update[k], dtype=np.float64).ravel() for k in self._template])
+            random = dp_random(secure=secure_rng, seed=int(c["seed"]))
+            return self.secagg.mask_integers(
+                instruction.secagg, instruction.round, encode_distributed(flat, noise, random)
+            )
+        return self.secagg.mask(
+            instruction.secagg,
+            instruction.round,
+            update,
+            self._template,
+            # User-level DP: every site counts once, whatever its size.
+            weight=1.0 if mode == "user-central" else weight(examples, int(c["secagg_max_examples"])),
+            clip=float(c["secagg_clip"]),
+            step=float(c["secagg_step"]),
         )
 
     def _evaluate(self, instruction: Instruction) -> Reply:
@@ -118,6 +164,13 @@ class Site:
 def delta(new: Arrays, old: Arrays) -> Arrays:
     """new - old, in the parameters' own dtype (float updates only)."""
     return {k: np.subtract(new[k], old[k], dtype=old[k].dtype) for k in old}
+
+
+def _positive(config: Config, key: str) -> float:
+    value = config.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"instruction's {key!r} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def train_settings(config: Config) -> TrainSettings:

@@ -65,3 +65,18 @@ def noise_for(*, target_epsilon: float, delta: float, sample_rate: float, steps:
             accountant="rdp",
         )
     return float(value)
+
+
+def zcdp_epsilon(rho: float, delta: float) -> float:
+    """Epsilon at `delta` of a rho-zCDP mechanism (RDP alpha * rho at every order alpha),
+    converted with Opacus's RDP-to-(epsilon, delta) conversion over its default orders."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if rho <= 0:
+        return 0.0
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    value, _ = get_privacy_spent(orders=orders, rdp=[a * rho for a in orders], delta=delta)
+    return float(value)

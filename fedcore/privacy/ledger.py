@@ -21,13 +21,15 @@ VERSION = 1
 
 
 class PrivacyLedger:
-    def __init__(self, path: Path, *, delta: float) -> None:
+    """`path` None keeps the ledger in memory (a simulated site: see `state`)."""
+
+    def __init__(self, path: Path | None, *, delta: float) -> None:
         self.path = path
         self.delta = delta
         self.runs: dict[str, list[Mechanism]] = self._load()
 
     def _load(self) -> dict[str, list[Mechanism]]:
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return {}
         try:
             raw = json.loads(self.path.read_text())
@@ -61,7 +63,16 @@ class PrivacyLedger:
         self.runs.setdefault(run, []).append(mechanism)
         self._save()
 
+    def state(self) -> dict[str, list[Mechanism]]:
+        """The mechanisms per run: what a simulated site keeps between rounds."""
+        return {run: list(spent) for run, spent in self.runs.items()}
+
+    def restore(self, state: dict[str, list[Mechanism]]) -> None:
+        self.runs = {run: list(spent) for run, spent in state.items()}
+
     def _save(self) -> None:
+        if self.path is None:
+            return
         document: dict[str, Any] = {
             "version": VERSION,
             "delta": self.delta,

@@ -74,3 +74,15 @@ class SecAggClient:
         quantized = quantize(vector, step=step, bits=self.state.params.bits, rng=rng)
         masked, self.state = self.state.receive(routed, quantized)
         return masked
+
+    def mask_integers(self, routed: RoutedShares, round_number: int, values: np.ndarray) -> MaskedInput:
+        """Stage 3 for a contribution the site has already made integer (distributed DP)."""
+        self._expect(ClientMaskedInput, round_number)
+        assert isinstance(self.state, ClientMaskedInput)
+        need(
+            self.state.params.bits == 64 and len(values) == self.state.params.length,
+            AbortReason.BAD_MESSAGE,
+            "an integer contribution needs 64-bit arithmetic and the round's vector length",
+        )
+        masked, self.state = self.state.receive(routed, np.asarray(values, dtype=np.int64).view(np.uint64))
+        return masked

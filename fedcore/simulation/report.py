@@ -11,14 +11,23 @@ from fedcore.engine import RoundRecord
 
 
 def plot_report(records: Sequence[RoundRecord], path: Path, *, title: str) -> None:
-    """Accuracy and loss of the global model per round."""
+    """Accuracy and loss of the global model per round, and epsilon when the run is private."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [r.round for r in records]
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    private = any(r.epsilon is not None for r in records)
+    fig, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
+    acc_ax, loss_ax = axes[0], axes[1]
+    if private:
+        eps_ax = axes[2]
+        eps_ax.plot(rounds, [r.epsilon for r in records], marker="o", markersize=3, color="tab:red")
+        delta = next(r.delta for r in records if r.delta is not None)
+        mode = next((r.privacy.get("mode") for r in records if r.privacy), "")
+        eps_ax.set(xlabel="round", ylabel="epsilon", title=f"privacy spent ({mode}, delta {delta:g})")
+        eps_ax.set_ylim(bottom=0)
     acc_ax.plot(rounds, [r.accuracy for r in records], marker="o", markersize=3)
     acc_ax.set(xlabel="round", ylabel="accuracy", title="global model accuracy", ylim=(0, 1.02))
     loss_ax.plot(rounds, [r.loss for r in records], marker="o", markersize=3, label="test loss")
@@ -34,13 +43,36 @@ def plot_report(records: Sequence[RoundRecord], path: Path, *, title: str) -> No
     loss_ax.legend()
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (acc_ax, loss_ax):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def privacy_summary(privacy: dict[str, Any]) -> str:
+    """The lines `fedcore simulate` prints about the privacy a run spent."""
+    lines = [
+        f"privacy: mode {privacy['mode']}, epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:g} "
+        f"({privacy['unit']}), {privacy['accountant']}"
+    ]
+    if privacy.get("noise_multiplier") is not None:
+        lines.append(f"  noise multiplier {privacy['noise_multiplier']:.4g}")
+    if privacy.get("site_epsilon"):
+        values = sorted(privacy["site_epsilon"].values())
+        lines.append(
+            f"  sites' own epsilon: min {values[0]:.3f}, median {values[len(values) // 2]:.3f}, max {values[-1]:.3f} "
+            f"({len(values)} sites)"
+        )
+    if privacy.get("refused"):
+        lines.append(f"  rounds refused by a site's privacy budget: {privacy['refused']}")
+    if privacy.get("secure_rng") is False:
+        lines.append(
+            "  WARNING: secure_rng = false: the noise was reproducible; these figures mean NO privacy"
+        )
+    return "\n".join(lines)
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:

@@ -71,7 +71,7 @@ def run_simulation(
     with PeakMemory() as peak:
         result = asyncio.run(coordinator.run())
     last = result.records[-1]
-    summary = {
+    summary: dict[str, Any] = {
         "task": experiment.task.name,
         "model": task.model,
         "strategy": experiment.strategy.name.value,
@@ -89,6 +89,8 @@ def run_simulation(
         "bytes_sent_per_round": [r.bytes_sent for r in result.records],
         "bytes_received_per_round": [r.bytes_received for r in result.records],
     }
+    if coordinator.privacy is not None:
+        summary["privacy"] = coordinator.privacy.summary(result.records)
     if out is not None:
         write_summary(out / "summary.json", summary)
         plot_report(

@@ -24,6 +24,7 @@ import torch
 
 from fedcore.config import Backend, Experiment
 from fedcore.engine import Instruction, Reply, Site
+from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
 from fedcore.tasks import Task, build_task, default_partition
 from fedcore.tensors import Arrays
 
@@ -51,7 +52,10 @@ def make_site(experiment: Experiment, k: int, device: str | None = None) -> Site
         seed=experiment.seed,
         partitions=n,
     )
-    return Site(name=site_name(k), task=task, data=data, template=template)
+    # A virtual site keeps its ledger in memory (carried between rounds as its state) and
+    # follows the experiment's secure_rng: the simulation is the researcher's own machine.
+    privacy = SitePrivacy(SitePolicy(allow_insecure_rng=True))
+    return Site(name=site_name(k), task=task, data=data, template=template, privacy=privacy)
 
 
 def handle(

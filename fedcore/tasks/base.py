@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fedcore.privacy.dpsgd import SampleDP
 from fedcore.tensors import Arrays
 
 
@@ -27,6 +28,8 @@ class TrainSettings:
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the local loss
     weight_decay: float = 0.0  # L2 penalty on the local objective
     round: int = 0  # the server's round number (Flower clients read it as server_round)
+    dp: SampleDP | None = None  # sample-level DP-SGD (after the site's privacy policy)
+    secure_rng: bool = True  # DP noise and sampling from the OS's secure source (False: tests only)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class Task(abc.ABC):
     name: ClassVar[str]
     models: ClassVar[tuple[str, ...]]
     defaults: ClassVar[dict[str, Any]]
+    supports_dp_sgd: ClassVar[bool] = False  # fit() honours TrainSettings.dp
 
     def __init__(self, model: str | None = None) -> None:
         model = model or self.models[0]

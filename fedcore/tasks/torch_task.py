@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcore.privacy import dpsgd
+from fedcore.privacy.randomness import dp_random
 from fedcore.tasks.base import Dataset, Evaluation, FitOutcome, SiteData, Task, TrainSettings
 from fedcore.tensors import Arrays
 
@@ -19,7 +21,10 @@ def default_device() -> torch.device:
 
 
 class TorchClassifierTask(Task):
-    """A task whose model maps float inputs to class logits, trained with cross-entropy."""
+    """A task whose model maps float inputs to class logits, trained with cross-entropy
+    (with DP-SGD through Opacus when the settings ask for sample-level privacy)."""
+
+    supports_dp_sgd = True
 
     def __init__(self, model: str | None = None, *, device: torch.device | str | None = None) -> None:
         super().__init__(model)
@@ -48,6 +53,8 @@ class TorchClassifierTask(Task):
         optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         x = torch.as_tensor(data.train.x, dtype=torch.float32, device=self.device)
         y = torch.as_tensor(data.train.y, dtype=torch.long, device=self.device)
+        if settings.dp is not None:
+            return self._fit_private(model, x, y, settings, anchor)
         order_rng = np.random.default_rng(settings.seed)
         n = len(y)
         total_loss, seen = 0.0, 0
@@ -68,6 +75,42 @@ class TorchClassifierTask(Task):
             parameters=to_arrays(model),
             num_examples=n,
             metrics={"train_loss": total_loss / max(seen, 1)},
+        )
+
+    def _fit_private(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        settings: TrainSettings,
+        anchor: list[torch.Tensor] | None,
+    ) -> FitOutcome:
+        assert settings.dp is not None
+        params = list(model.parameters())
+
+        def proximal_gradient() -> None:  # FedProx's term: data-independent, added after the noise
+            if anchor is not None:
+                with torch.no_grad():
+                    for p, a in zip(params, anchor, strict=True):
+                        if p.grad is not None:
+                            p.grad.add_(p - a, alpha=settings.proximal_mu)
+
+        train_loss, mechanism = dpsgd.train(
+            model,
+            x,
+            y,
+            dp=settings.dp,
+            random=dp_random(secure=settings.secure_rng, seed=settings.seed),
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            local_epochs=settings.local_epochs,
+            batch_size=settings.batch_size,
+            after_noise=proximal_gradient if anchor is not None else None,
+        )
+        return FitOutcome(
+            parameters=to_arrays(model),
+            num_examples=len(y),
+            metrics={"train_loss": train_loss, "dp_steps": float(mechanism.steps)},
         )
 
     @torch.no_grad()
