@@ -14,6 +14,7 @@ noise of std `noise_multiplier x max_grad_norm` to their sum. Two things are our
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,23 +133,40 @@ def train(
     if dp.ghost_clipping:
         criterion = DPLossFastGradientClipping(module, optimizer, criterion, loss_reduction="mean")
     total_loss, seen = 0.0, 0
-    for _ in range(mechanism.steps):
-        chosen = np.flatnonzero(random.bernoulli(n, mechanism.sample_rate))
-        optimizer.zero_grad(set_to_none=True)
-        if len(chosen) == 0:
-            # An empty Poisson batch is still a step: the update is pure noise.
-            _noise_only_step(optimizer, module)
-            continue
-        batch = torch.as_tensor(chosen, device=x.device)
-        loss = criterion(module(x[batch]), y[batch])
-        total_loss += float(loss.detach()) * len(chosen)
-        seen += len(chosen)
-        loss.backward()
-        optimizer.step()
+    with warnings.catch_warnings():
+        # Opacus's hooks see module outputs, not inputs, require gradients: expected, harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(mechanism.steps):
+            total_loss, seen = _step(module, optimizer, criterion, x, y, random, mechanism, total_loss, seen)
     module.zero_grad(set_to_none=True)
     if hasattr(module, "_close"):
         module._close()  # remove Opacus's hooks: the caller's model is plain again
     return total_loss / max(seen, 1), mechanism
+
+
+def _step(
+    module: Any,
+    optimizer: Any,
+    criterion: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    random: SecureRandom,
+    mechanism: Mechanism,
+    total_loss: float,
+    seen: int,
+) -> tuple[float, int]:
+    """One DP-SGD step on a Poisson-sampled batch; the running loss sum and example count."""
+    chosen = np.flatnonzero(random.bernoulli(len(y), mechanism.sample_rate))
+    optimizer.zero_grad(set_to_none=True)
+    if len(chosen) == 0:
+        # An empty Poisson batch is still a step: the update is pure noise.
+        _noise_only_step(optimizer, module)
+        return total_loss, seen
+    batch = torch.as_tensor(chosen, device=x.device)
+    loss = criterion(module(x[batch]), y[batch])
+    loss.backward()
+    optimizer.step()
+    return total_loss + float(loss.detach()) * len(chosen), seen + len(chosen)
 
 
 def _noise_only_step(optimizer: Any, module: Any) -> None:

@@ -47,17 +47,13 @@ class RunPrivacy:
                 initial=p.clip_norm,
                 target_quantile=p.target_quantile,
                 learning_rate=p.clip_learning_rate,
-                count_stddev=p.clipped_count_stddev or self._expected_default() / 20,
+                count_stddev=p.clipped_count_stddev,
             )
             if p.adaptive_clipping
             else None
         )
         self._noise: float | None = p.noise_multiplier
         self._distributed: distributed.DistributedNoise | None = None
-
-    def _expected_default(self) -> float:
-        fed = self.experiment.federation
-        return float(fed.sites_per_round or self.experiment.simulation.sites)
 
     @property
     def clip_norm(self) -> float:
@@ -134,6 +130,10 @@ class RunPrivacy:
         q = self.sample_rate(available)
         z = self.noise_multiplier(q)
         if self.clip is not None:
+            if self.clip.count_stddev is None:
+                # Andrew et al. suggest expected sites / 20; in small federations that would
+                # leave the update no share of the noise, so never below z (update noise x1.15).
+                self.clip.count_stddev = max(q * available / 20, z)
             z = update_noise_multiplier(z, self.clip.count_stddev)
         return CentralGaussianSum(
             clip_norm=self.clip_norm,

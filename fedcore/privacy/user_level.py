@@ -107,7 +107,7 @@ class AdaptiveClip:
     """Andrew et al.'s geometric update of the clip norm from the noisy unclipped fraction."""
 
     def __init__(
-        self, *, initial: float, target_quantile: float, learning_rate: float, count_stddev: float
+        self, *, initial: float, target_quantile: float, learning_rate: float, count_stddev: float | None
     ) -> None:
         self.clip_norm = initial
         self.target_quantile = target_quantile
@@ -115,6 +115,7 @@ class AdaptiveClip:
         self.count_stddev = count_stddev
 
     def update(self, unclipped: int, expected_sites: float, random: SecureRandom) -> float:
+        assert self.count_stddev is not None, "set when the round's noise is known"
         noisy = unclipped + float(random.gaussian(1, self.count_stddev)[0])
         fraction = noisy / expected_sites
         self.clip_norm *= math.exp(-self.learning_rate * (fraction - self.target_quantile))

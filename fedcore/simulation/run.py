@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fedcore.config import Experiment
+from fedcore.config import Experiment, PrivacyMode
 from fedcore.engine import Coordinator, DirectoryStore, MemoryStore, RoundRecord, RoundStore, RunResult
 from fedcore.engine.records import FanOutStore
 from fedcore.errors import ConfigError
@@ -34,6 +34,10 @@ def check_simulation(experiment: Experiment) -> Task:
         make_site(experiment, 1)  # the partition fits the task and the number of sites
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if experiment.privacy.mode is PrivacyMode.SAMPLE and not task.supports_dp_sgd:
+        raise ConfigError(
+            f"task {experiment.task.name!r} cannot train with DP-SGD ([privacy] mode = 'sample')"
+        )
     return task
 
 

@@ -1,0 +1,280 @@
+"""Differential privacy's mechanisms against references: noise of the configured size
+(statistical tests with a fixed false-alarm rate), clipping that holds whatever the input,
+accountants equal to Opacus's, budgets enforced across a restart, and the distributed-DP
+sum under real SecAgg+ carrying the configured total noise."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy import stats
+
+from fedcore.errors import PrivacyBudgetError
+from fedcore.privacy import distributed
+from fedcore.privacy.accountant import Mechanism, epsilon, zcdp_epsilon
+from fedcore.privacy.dpsgd import SampleDP, round_mechanism
+from fedcore.privacy.randomness import SecureRandom
+from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
+from fedcore.privacy.user_level import CentralGaussianSum, clip_arrays, update_noise_multiplier
+from fedcore.secagg.common import RoundParams
+from fedcore.secagg.graph import neighbour_graph
+from fedcore.secagg.local import run_round
+from fedcore.secagg.quantize import signed
+
+# Every statistical test below fails with probability 1e-6 when the code is right (two-sided);
+# the seeds are fixed, so the outcome is reproducible.
+ALPHA = 1e-6
+
+
+def variance_within(samples: np.ndarray, variance: float) -> None:
+    """Chi-square test that `samples` (mean 0 known) have `variance`."""
+    n = samples.size
+    statistic = float(np.square(samples.astype(np.float64)).sum() / variance)
+    low, high = stats.chi2.ppf(ALPHA / 2, n), stats.chi2.ppf(1 - ALPHA / 2, n)
+    assert low <= statistic <= high, (
+        f"sample variance {statistic / n * variance:.6g}, configured {variance:.6g}"
+    )
+
+
+def opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = history
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta))
+
+
+# Randomness -----------------------------------------------------------------------------
+def test_secure_streams_are_unpredictable_and_seeded_ones_reproducible() -> None:
+    assert not np.array_equal(SecureRandom().uniform(8), SecureRandom().uniform(8))
+    assert np.array_equal(SecureRandom.seeded(3).uniform(8), SecureRandom.seeded(3).uniform(8))
+    u = SecureRandom.seeded(0).uniform(200_000)
+    assert u.min() > 0 and u.max() < 1
+    assert stats.kstest(u, "uniform").pvalue > ALPHA
+
+
+@pytest.mark.parametrize("std", [0.01, 1.0, 37.5])
+def test_gaussian_noise_has_the_configured_std(std: float) -> None:
+    draws = SecureRandom.seeded(1).gaussian(200_000, std)
+    variance_within(draws, std**2)
+    assert stats.normaltest(draws).pvalue > ALPHA  # Gaussian in shape, not only in variance
+
+
+@pytest.mark.parametrize("sigma", [0.8, 2.5, 40.0])
+def test_discrete_gaussian_matches_its_distribution(sigma: float) -> None:
+    draws = SecureRandom.seeded(2).discrete_gaussian(100_000, sigma)
+    assert draws.dtype == np.int64
+    support = np.arange(-int(8 * sigma) - 2, int(8 * sigma) + 3)
+    pmf = np.exp(-(support**2) / (2 * sigma**2))
+    pmf /= pmf.sum()
+    observed = np.array([(draws == k).sum() for k in support])
+    assert observed.sum() == draws.size  # no mass outside 8 sigma
+    # Chi-square goodness of fit over bins with enough expected counts (tails pooled).
+    expected = pmf * draws.size
+    keep = expected >= 20
+    obs = np.append(observed[keep], observed[~keep].sum())
+    exp = np.append(expected[keep], expected[~keep].sum())
+    assert stats.chisquare(obs, exp).pvalue > ALPHA
+
+
+def test_dp_sgd_adds_noise_of_std_noise_multiplier_times_clip() -> None:
+    """The optimizer Opacus runs at a site, with our secure noise: on a zero gradient sum
+    the gradient it produces is pure noise of std z x C (before the mean's 1/batch)."""
+    from fedcore.privacy.dpsgd import _optimizer_class
+
+    model = torch.nn.Linear(500, 200)
+    for ghost in (False, True):
+        optimizer = _optimizer_class(ghost)(
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            noise_multiplier=1.7,
+            max_grad_norm=0.3,
+            expected_batch_size=1,
+        )
+        optimizer.random = SecureRandom.seeded(4)
+        for p in model.parameters():
+            p.summed_grad = torch.zeros_like(p)
+        optimizer.add_noise()
+        noise = torch.cat([p.grad.flatten() for p in model.parameters()]).numpy()
+        variance_within(noise, (1.7 * 0.3) ** 2)
+
+
+# Clipping -------------------------------------------------------------------------------
+finite = st.floats(-1e30, 1e30, allow_nan=False, width=64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(np.float64, st.integers(1, 50), elements=finite),
+    arrays(
+        np.float32,
+        st.tuples(st.integers(1, 5), st.integers(1, 5)),
+        elements=st.floats(width=32, allow_nan=False, allow_infinity=False),
+    ),
+    st.floats(1e-6, 1e6),
+)
+def test_no_clipped_update_exceeds_the_bound(a: np.ndarray, b: np.ndarray, clip: float) -> None:
+    clipped, within = clip_arrays({"a": a, "b": b}, clip)
+    norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in clipped.values()))
+    assert norm <= clip * (1 + 1e-6)
+    assert clipped["b"].dtype == np.float32
+    if within:
+        assert clipped["a"] is a
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float64, st.integers(1, 300), elements=finite), st.floats(1e-3, 1e3))
+def test_distributed_encoding_never_exceeds_its_sensitivity(flat: np.ndarray, clip: float) -> None:
+    noise = distributed.DistributedNoise.for_model(
+        dimension=flat.size, clip_norm=clip, noise_multiplier=1.0, sites=4
+    )
+    silent = distributed.DistributedNoise(noise.clip_norm, noise.scale, 0.0)  # no noise: the signal alone
+    encoded = distributed.encode(flat, silent, SecureRandom.seeded(5))
+    assert encoded[-1] == 1
+    bound = distributed.sensitivity_l2(flat.size, clip, noise.scale)
+    assert float(np.linalg.norm(encoded[:-1].astype(np.float64))) <= bound
+
+
+def test_the_server_reclips_what_a_site_sends() -> None:
+    stage = CentralGaussianSum(clip_norm=2.0, noise_std=0.0, expected_sites=2, random=SecureRandom.seeded(0))
+    accumulator = stage.start({"w": np.zeros(3, np.float32)})
+    accumulator.add({"w": np.array([1e6, 0, 0], np.float32)}, weight=5.0)  # a dishonest site
+    accumulator.add({"w": np.array([0, 1.0, 0], np.float32)}, weight=1.0)
+    mean = accumulator.result().mean["w"]
+    assert mean == pytest.approx([1.0, 0.5, 0.0])  # (2 + 0, 0 + 1) / 2 expected sites
+
+
+def test_central_noise_has_the_configured_std() -> None:
+    stage = CentralGaussianSum(
+        clip_norm=1.5, noise_std=3.0, expected_sites=4.0, random=SecureRandom.seeded(6)
+    )
+    sums = {"w": np.zeros(100_000)}
+    mean = stage.noisy_mean(sums, 4).mean["w"]
+    variance_within(mean * 4.0, 9.0)
+
+
+# Accountants ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("z", "rounds"), [(0.8, 1), (1.3, 30), (4.0, 200)])
+def test_zcdp_conversion_equals_opacus_for_the_gaussian(z: float, rounds: int) -> None:
+    """A Gaussian of multiplier z is (rounds / 2z^2)-zCDP: the same RDP curve as Opacus's q = 1."""
+    assert zcdp_epsilon(rounds / (2 * z**2), 1e-5) == pytest.approx(
+        opacus_epsilon([(z, 1.0, rounds)], 1e-5), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize(("sites", "z", "dimension"), [(5, 1.0, 31), (20, 3.0, 10_000), (100, 0.7, 1_000)])
+def test_distributed_discrete_gaussian_epsilon_equals_the_gaussian_reference(
+    sites: int, z: float, dimension: int
+) -> None:
+    """At fedcore's scales tau is negligible, so the sum of the sites' discrete Gaussians
+    accounts exactly as a Gaussian of std z x Delta_2: Opacus's RDP accountant with q = 1."""
+    noise = distributed.DistributedNoise.for_model(
+        dimension=dimension, clip_norm=0.5, noise_multiplier=z, sites=sites
+    )
+    rho = distributed.round_rho(dimension=dimension, noise=noise, sites=sites)
+    assert distributed.epsilon([rho] * 10, 1e-5) == pytest.approx(
+        opacus_epsilon([(z, 1.0, 10)], 1e-5), rel=1e-6
+    )
+    # Fewer sites' noise in the sum (dropouts) costs more privacy, and is accounted so.
+    fewer = distributed.round_rho(dimension=dimension, noise=noise, sites=max(1, sites // 2))
+    assert fewer > rho
+
+
+def test_distributed_noise_for_a_target_meets_it() -> None:
+    z = distributed.noise_for(target_epsilon=2.0, delta=1e-5, rounds=30)
+    assert distributed.epsilon([30 / (2 * z**2)], 1e-5) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_adaptive_clipping_keeps_the_total_noise_multiplier() -> None:
+    z, sigma_b = 1.2, 2.0
+    z_update = update_noise_multiplier(z, sigma_b)
+    assert (z_update**-2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(z)
+
+
+def test_a_dp_sgd_round_is_the_mechanism_opacus_would_account() -> None:
+    m = round_mechanism(150, batch_size=32, local_epochs=2, noise_multiplier=1.1)
+    assert m == Mechanism(1.1, 1 / 5, 10)  # ceil(150 / 32) = 5 steps per epoch, q = 1/5
+
+
+# The site's budget ----------------------------------------------------------------------
+JOB = {
+    "dp_mode": "sample",
+    "dp_noise_multiplier": 2.0,
+    "dp_delta": 1e-5,
+    "dp_max_grad_norm": 1.0,
+    "dp_run": "run-a",
+}
+
+
+def test_a_site_refuses_the_round_that_would_cross_its_budget_even_after_a_restart(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.json"
+    policy = SitePolicy(max_epsilon=1.0, ledger=ledger)
+    site = SitePrivacy(policy)
+    shape = {"examples": 120, "batch_size": 30, "local_epochs": 1}
+    taken = 0
+    while True:
+        try:
+            plan = site.plan(JOB, **shape)
+        except PrivacyBudgetError as err:
+            assert "privacy budget" in str(err)
+            break
+        assert plan is not None
+        site.spend(plan)
+        taken += 1
+        assert taken < 1000
+    mechanism = round_mechanism(120, batch_size=30, local_epochs=1, noise_multiplier=2.0)
+    assert epsilon([mechanism] * taken, 1e-5) <= 1.0 < epsilon([mechanism] * (taken + 1), 1e-5)
+    restarted = SitePrivacy(policy)  # a new process reads the same ledger
+    assert restarted.ledger.spent() == pytest.approx(epsilon([mechanism] * taken, 1e-5))
+    with pytest.raises(PrivacyBudgetError):
+        restarted.plan(JOB, **shape)
+    with pytest.raises(PrivacyBudgetError):  # a new run does not reset the total either
+        restarted.plan({**JOB, "dp_run": "run-b"}, **shape)
+
+
+def test_the_server_cannot_lower_a_sites_noise_or_switch_dp_off() -> None:
+    site = SitePrivacy(SitePolicy(min_noise_multiplier=3.0, require_dp=True))
+    plan = site.plan({**JOB, "dp_noise_multiplier": 0.5}, examples=100, batch_size=10, local_epochs=1)
+    assert plan is not None and plan.dp == SampleDP(3.0, 1.0) and plan.mechanism.noise_multiplier == 3.0
+    for mode in ("none", "user-central"):
+        with pytest.raises(PrivacyBudgetError, match="requires DP"):
+            site.plan({"dp_mode": mode}, examples=100, batch_size=10, local_epochs=1)
+    assert site.secure_rng(False) is True  # a real site never runs reproducible noise
+
+
+# Distributed DP under real SecAgg+ -------------------------------------------------------
+def test_the_distributed_sum_carries_the_configured_total_noise() -> None:
+    """Ten sites run the real SecAgg+ stages on their encoded updates. The server decrypts the
+    sum; what it holds minus the sum of the un-noised signals is noise of variance
+    n sigma^2 (never zero: it never sees an un-noised sum), and its decoded mean is unbiased."""
+    n, d = 10, 20_000
+    sites = [f"site-{i}" for i in range(n)]
+    graph = neighbour_graph(sites, 6, seed=1, round_number=1)
+    params = RoundParams(1, tuple(sites), graph, 4, d + 1, 64)
+    noise = distributed.DistributedNoise.for_model(dimension=d, clip_norm=1.0, noise_multiplier=1.0, sites=n)
+    g = np.random.default_rng(0)
+    updates = {s: g.normal(0, 0.003, d) for s in sites}  # norm ~0.42 < clip: nothing clipped
+    inputs, signals = {}, {}
+    for i, s in enumerate(sites):
+        inputs[s] = distributed.encode(updates[s], noise, SecureRandom.seeded(100 + i)).view(np.uint64)
+        silent = distributed.DistributedNoise(noise.clip_norm, noise.scale, 0.0)
+        signals[s] = distributed.encode(updates[s], silent, SecureRandom.seeded(100 + i))  # same rounding
+    total = run_round(params, inputs)
+    assert isinstance(total, np.ndarray)
+    held = signed(total)
+    assert held[-1] == n
+    signal = sum(signals.values())
+    variance_within(held[:-1] - signal[:-1], n * noise.sigma**2)
+    # The decoded sum estimates the true sum within the noise's few standard deviations.
+    decoded, count = distributed.decode(held, noise)
+    error = decoded - sum(updates.values())
+    assert count == n and abs(error.mean()) < 6 * math.sqrt(n) * noise.sigma / noise.scale / math.sqrt(d)

@@ -1,0 +1,219 @@
+"""Differential privacy through the real round engine (`fedcore simulate`'s path): every
+mode with and without secure aggregation, every epsilon in the records equal to the
+accountant's, target epsilons met, nonsense combinations refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fedcore import load_experiment, run_simulation
+from fedcore.cli import main
+from fedcore.config import Experiment
+from fedcore.errors import ConfigError
+from fedcore.privacy import distributed
+from fedcore.privacy.dpsgd import round_mechanism
+from fedcore.simulation.runners import make_site
+from fedcore.tasks import build_task
+
+
+def experiment(**overrides: object) -> Experiment:
+    settings: dict[str, object] = {
+        "federation__rounds": 3,
+        "simulation__sites": 6,
+        "simulation__workers": 1,
+        "privacy__secure_rng": False,  # reproducible noise: tests only
+        "privacy__noise_multiplier": 1.0,
+        **overrides,
+    }
+    return load_experiment().override(**settings)
+
+
+def opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = history
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta))
+
+
+COMBINATIONS = [
+    ("sample", False),
+    ("sample", True),
+    ("user-central", False),
+    ("user-central", True),
+    ("user-distributed", True),
+]
+
+
+@pytest.mark.parametrize(("mode", "secure"), COMBINATIONS)
+def test_every_accepted_combination_runs_and_accounts_every_round(mode: str, secure: bool) -> None:
+    e = experiment(privacy__mode=mode, secure_aggregation__enabled=secure)
+    result, summary = run_simulation(e, None)
+    epsilons = [r.epsilon for r in result.records]
+    assert all(eps is not None and eps > 0 for eps in epsilons)
+    assert epsilons == sorted(epsilons)  # privacy spent only grows
+    assert all(r.delta == 1e-5 and r.privacy["mode"] == mode for r in result.records)
+    assert result.records[-1].accuracy is not None and result.records[-1].accuracy > 0.6
+    assert summary["privacy"]["epsilon"] == pytest.approx(epsilons[-1])
+
+
+def test_sites_report_the_epsilon_opacus_gives_for_their_dp_sgd() -> None:
+    e = experiment(privacy__mode="sample", federation__sites_per_round=4, task__local_epochs=2)
+    result, _ = run_simulation(e, None)
+    took_part: dict[str, int] = {}
+    checked = 0
+    for record in result.records:
+        for site, eps in record.site_epsilon.items():
+            took_part[site] = took_part.get(site, 0) + 1
+            virtual = make_site(e, int(site.split("-")[1]))
+            batch = virtual.task.defaults["batch_size"]
+            m = round_mechanism(
+                len(virtual.data.train), batch_size=batch, local_epochs=2, noise_multiplier=1.0
+            )
+            expected = opacus_epsilon([(1.0, m.sample_rate, m.steps * took_part[site])], 1e-5)
+            assert eps == pytest.approx(expected, rel=1e-6)
+            checked += 1
+        assert record.epsilon == max(record.site_epsilon.values())  # every site took part by now
+    assert checked == 12
+
+
+def test_user_central_epsilon_is_the_subsampled_gaussian_over_rounds() -> None:
+    e = experiment(privacy__mode="user-central", federation__sites_per_round=3, federation__rounds=4)
+    e = e.override(federation__min_sites=1)
+    result, _ = run_simulation(e, None)
+    for k, record in enumerate(result.records, start=1):
+        assert record.privacy["sample_rate"] == 0.5
+        assert record.epsilon == pytest.approx(opacus_epsilon([(1.0, 0.5, k)], 1e-5), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sample", "user-central", "user-distributed"])
+def test_a_target_epsilon_is_met_and_not_wasted(mode: str) -> None:
+    e = experiment(
+        privacy__mode=mode,
+        privacy__noise_multiplier=None,
+        privacy__target_epsilon=2.0,
+        secure_aggregation__enabled=mode == "user-distributed",
+    )
+    result, _ = run_simulation(e, None)
+    final = result.records[-1].epsilon
+    assert final is not None and 1.9 <= final <= 2.0 * (1 + 1e-6)
+
+
+def test_distributed_dp_accounts_the_noise_lost_to_dropouts() -> None:
+    base = {"privacy__mode": "user-distributed", "secure_aggregation__enabled": True, "simulation__sites": 8}
+    full, _ = run_simulation(experiment(**base), None)
+    lossy, _ = run_simulation(experiment(**base, simulation__dropout=0.25, federation__min_sites=3), None)
+    for record in lossy.records:
+        assert record.privacy["sites_noise"] == record.sites < len(record.sampled)
+    d = sum(a.size for a in build_task("breast_cancer").initial_parameters(0).values())
+    rho = [
+        distributed.round_rho(
+            dimension=d,
+            noise=distributed.DistributedNoise(
+                r.privacy["clip_norm"], _scale(d, r.privacy["clip_norm"]), r.privacy["sigma"]
+            ),
+            sites=r.privacy["sites_noise"],
+        )
+        for r in lossy.records
+    ]
+    assert lossy.records[-1].epsilon == pytest.approx(distributed.epsilon(rho, 1e-5), rel=1e-9)
+    assert lossy.records[-1].epsilon > full.records[-1].epsilon  # less noise in the sums
+
+
+def _scale(dimension: int, clip: float) -> float:
+    return distributed.DistributedNoise.for_model(
+        dimension=dimension, clip_norm=clip, noise_multiplier=1, sites=1
+    ).scale
+
+
+def test_adaptive_clipping_moves_the_clip_norm_towards_the_quantile() -> None:
+    e = experiment(
+        privacy__mode="user-central",
+        privacy__adaptive_clipping=True,
+        privacy__clip_norm=100.0,  # far above every update: all unclipped, so it must shrink
+        federation__rounds=4,
+    )
+    result, _ = run_simulation(e, None)
+    norms = [r.privacy["clip_norm"] for r in result.records]
+    assert norms[0] == 100.0 and norms == sorted(norms, reverse=True) and norms[-1] < 80.0
+    assert all(r.privacy["unclipped_fraction"] > 0.5 for r in result.records)
+
+
+def test_dp_runs_are_reproducible_only_with_the_insecure_test_stream() -> None:
+    e = experiment(privacy__mode="user-central")
+    a, _ = run_simulation(e, None)
+    b, _ = run_simulation(e, None)
+    assert [r.accuracy for r in a.records] == [r.accuracy for r in b.records]
+    secure = e.override(privacy__secure_rng=True)
+    c, _ = run_simulation(secure, None)
+    d, _ = run_simulation(secure, None)
+    assert [r.loss for r in c.records] != [r.loss for r in d.records]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"privacy__mode": "user-distributed"}, "secure_aggregation"),
+        ({"privacy__mode": "user-central", "privacy__ghost_clipping": True}, "ghost_clipping"),
+        (
+            {
+                "privacy__mode": "user-central",
+                "privacy__adaptive_clipping": True,
+                "secure_aggregation__enabled": True,
+            },
+            "adaptive_clipping",
+        ),
+        ({"privacy__mode": "sample", "privacy__target_epsilon": 1.0}, "exactly one"),
+        ({"privacy__mode": "sample", "privacy__noise_multiplier": None}, "exactly one"),
+        ({"privacy__mode": "laplace"}, "privacy mode"),
+        ({"privacy__mode": "sample", "privacy__delta": 2.0}, "delta"),
+    ],
+)
+def test_combinations_that_make_no_sense_are_refused(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        experiment(**overrides)
+
+
+def test_a_task_without_dp_sgd_is_refused_for_sample_level_dp() -> None:
+    from fedcore.simulation.run import check_simulation
+
+    with pytest.raises(ConfigError, match="DP-SGD"):
+        check_simulation(experiment(privacy__mode="sample", task__name="bench:1000"))
+
+
+def test_simulate_prints_a_privacy_summary_and_plots_epsilon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    code = main(
+        [
+            "simulate",
+            "--rounds",
+            "2",
+            "--sites",
+            "4",
+            "--workers",
+            "1",
+            "--privacy",
+            "user-central",
+            "--target-epsilon",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "privacy: mode user-central, epsilon" in printed and "delta 1e-05" in printed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epsilon"] is not None for row in rows] == [True, True]
+    assert json.loads((out / "summary.json").read_text())["privacy"]["epsilon"] == pytest.approx(
+        rows[-1]["epsilon"]
+    )
+    assert (out / "report.png").stat().st_size > 10_000
