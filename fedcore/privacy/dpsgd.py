@@ -53,13 +53,18 @@ def _secure_noise(base: type) -> type:
         random: SecureRandom
 
         def add_noise(self) -> None:
+            # One draw for every parameter: per-call overhead dominates for small models.
             std = self.noise_multiplier * self.max_grad_norm
-            for p in self.params:
-                _check_processed_flag(p.summed_grad)
-                draw = self.random.gaussian(p.summed_grad.numel(), std)
-                noise = torch.from_numpy(draw).to(device=p.summed_grad.device, dtype=p.summed_grad.dtype)
-                p.grad = (p.summed_grad + noise.view_as(p.summed_grad)).view_as(p)
-                _mark_as_processed(p.summed_grad)
+            sums = [p.summed_grad for p in self.params]
+            for g in sums:
+                _check_processed_flag(g)
+            draw = torch.from_numpy(self.random.gaussian(sum(g.numel() for g in sums), std))
+            offset = 0
+            for p, g in zip(self.params, sums, strict=True):
+                noise = draw[offset : offset + g.numel()].to(device=g.device, dtype=g.dtype).view_as(g)
+                offset += g.numel()
+                p.grad = (g + noise).view_as(p)
+                _mark_as_processed(g)
 
     SecureNoise.__name__ = f"SecureNoise{base.__name__}"
     return SecureNoise

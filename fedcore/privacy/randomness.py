@@ -48,20 +48,35 @@ class SecureRandom:
         return cls(hashlib.sha256(f"fedcore-insecure-dp:{seed}".encode()).digest())
 
     def _words(self, count: int) -> np.ndarray:
-        return np.frombuffer(self._stream.update(bytes(8 * count)), dtype="<u8").astype(np.uint64)
+        """`count` 64-bit words of keystream (CTR over zeros: the keystream itself)."""
+        out = bytearray(8 * count + 15)  # update_into wants room for a block of slack
+        self._stream.update_into(bytes(8 * count), out)
+        return np.frombuffer(out, dtype="<u8", count=count).astype(np.uint64, copy=False)
 
     def uniform(self, count: int) -> np.ndarray:
         """`count` floats uniform in (0, 1): 53 random bits each, never exactly 0."""
-        out: np.ndarray = ((self._words(count) >> np.uint64(11)).astype(np.float64) + 0.5) * _UNIFORM_SCALE
+        words = self._words(count)
+        words >>= np.uint64(11)
+        out = words.astype(np.float64)
+        out += 0.5
+        out *= _UNIFORM_SCALE
         return out
 
     def normal(self, count: int) -> np.ndarray:
         """`count` standard normal floats (Box-Muller)."""
         pairs = (count + 1) // 2
         u = self.uniform(2 * pairs)
-        radius = np.sqrt(-2.0 * np.log(u[:pairs]))
-        angle = 2.0 * math.pi * u[pairs:]
-        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+        radius = np.log(u[:pairs])
+        radius *= -2.0
+        np.sqrt(radius, out=radius)
+        angle = u[pairs:]
+        angle *= 2.0 * math.pi
+        out = np.empty(2 * pairs)
+        np.cos(angle, out=out[:pairs])
+        np.sin(angle, out=out[pairs:])
+        out[:pairs] *= radius
+        out[pairs:] *= radius
+        return out[:count]
 
     def gaussian(self, count: int, std: float) -> np.ndarray:
         """`count` draws of N(0, std^2), each the scaled sum of four normals: no single
