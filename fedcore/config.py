@@ -78,7 +78,7 @@ class SecureAggregationConfig:
     neighbors: int | None = None  # degree of the SecAgg+ graph; None: ~3 log2(sites)
     threshold: int | None = None  # shares to reconstruct a site's secrets; None: majority of neighbours
     clip_range: float = 10.0  # every update value is clipped to [-clip_range, clip_range]
-    bits: int = 64  # arithmetic modulo 2**bits
+    bits: int | None = None  # arithmetic modulo 2**bits; None: 32, or 64 for distributed DP's integers
     max_examples: int = 1_000_000  # a site's weight is min(examples, max_examples) / max_examples
 
 
@@ -137,6 +137,14 @@ class Experiment:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @property
+    def secagg_bits(self) -> int:
+        """The secure sum's modulus: 32 bits suffice for clipped, weighted updates; distributed
+        DP's noised integers need 64."""
+        if self.secure_aggregation.bits is not None:
+            return self.secure_aggregation.bits
+        return 64 if self.privacy.mode is PrivacyMode.USER_DISTRIBUTED else 32
 
     @property
     def seed(self) -> int:
@@ -256,7 +264,7 @@ def _validate(e: Experiment, source: str) -> None:
     )
     need(e.strategy.tau > 0, "[strategy] tau must be > 0")
     sa = e.secure_aggregation
-    need(sa.bits in (32, 64), f"[secure_aggregation] bits must be 32 or 64, got {sa.bits}")
+    need(sa.bits in (None, 32, 64), f"[secure_aggregation] bits must be 32 or 64, got {sa.bits}")
     need(sa.clip_range > 0, "[secure_aggregation] clip_range must be > 0")
     need(sa.max_examples >= 1, "[secure_aggregation] max_examples must be >= 1")
     need(sa.neighbors is None or sa.neighbors >= 2, "[secure_aggregation] neighbors must be >= 2")
@@ -315,7 +323,7 @@ def _validate_privacy(e: Experiment, need: Callable[[bool, str], None]) -> None:
         "set [secure_aggregation] enabled = true (or use 'user-central')",
     )
     need(
-        p.mode is not PrivacyMode.USER_DISTRIBUTED or e.secure_aggregation.bits == 64,
+        p.mode is not PrivacyMode.USER_DISTRIBUTED or e.secure_aggregation.bits in (None, 64),
         "[privacy] mode = 'user-distributed' needs [secure_aggregation] bits = 64",
     )
 

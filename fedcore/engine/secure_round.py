@@ -39,7 +39,9 @@ def round_params(c: Coordinator, number: int, attempt: int, sampled: list[str]) 
     graph = neighbour_graph(sampled, degree, seed=c.experiment.seed, round_number=number * 1000 + attempt)
     smallest = min(len(peers) for peers in graph.values())
     threshold = min(cfg.threshold or default_threshold(smallest), smallest)
-    return RoundParams(number, tuple(sampled), graph, threshold, length(c.parameters), cfg.bits)
+    return RoundParams(
+        number, tuple(sampled), graph, threshold, length(c.parameters), c.experiment.secagg_bits
+    )
 
 
 @dataclass
@@ -72,10 +74,11 @@ async def secure_aggregate(
     """The decrypted sum of the masked inputs of this round's sites; None on abort."""
     cfg = c.experiment.secure_aggregation
     params = round_params(c, number, attempt, sampled)
-    step = step_for_round(len(sampled), clip=cfg.clip_range, bits=cfg.bits)
+    step = step_for_round(len(sampled), clip=cfg.clip_range, bits=c.experiment.secagg_bits)
     dropped: dict[str, str] = {}
     stages: dict[str, dict[str, Any]] = {}
     fit_metrics: dict[str, dict[str, float]] = {}
+    examples: dict[str, int] = {}  # what each site declares with its keys
 
     async def exchange(
         name: str, sites: list[str], make: Callable[[str], Instruction], kind: type
@@ -86,6 +89,7 @@ async def secure_aggregate(
             if not isinstance(reply.secagg, kind):
                 raise ProtocolError(f"expected {kind.__name__} in the {name} stage")
             got.append(reply.secagg)
+            examples[reply.site] = reply.num_examples
             if reply.metrics:
                 fit_metrics[reply.site] = dict(reply.metrics)
 
@@ -108,7 +112,16 @@ async def secure_aggregate(
         forwarded, server = ServerAdvertise(params).collect(keys)
         shares = await exchange("share_keys", sorted(forwarded), secagg(lambda s: forwarded[s]), ShareKeys)
         routed, server3 = server.collect(shares)
-        config = {"secagg_clip": cfg.clip_range, "secagg_step": step, "secagg_max_examples": cfg.max_examples}
+        # Weights are example counts over the largest count declared this round (capped by the
+        # configured bound), so the biggest site weighs 1 and 32-bit sums keep their precision.
+        # A site that under-declares cannot exceed weight 1; one that over-declares only
+        # coarsens everyone's weights. The counts are what plain FedAvg reveals anyway.
+        declared = max((n for s, n in examples.items() if s in forwarded and n > 0), default=cfg.max_examples)
+        config = {
+            "secagg_clip": cfg.clip_range,
+            "secagg_step": step,
+            "secagg_max_examples": min(declared, cfg.max_examples),
+        }
 
         def fit(s: str) -> Instruction:
             return Instruction(

@@ -69,7 +69,11 @@ class Site:
         try:
             if instruction.kind is InstructionKind.SECAGG:
                 reply = self.secagg.step(instruction.secagg, instruction.round)
-                return Reply(self.name, instruction.kind, instruction.round, secagg=reply)
+                # The example count goes with the keys: the round's weights are relative to the
+                # largest count (see secure_round.py).
+                return Reply(
+                    self.name, instruction.kind, instruction.round, len(self.data.train), secagg=reply
+                )
             check_like(instruction.parameters, self._template)
             check_finite(instruction.parameters)
             if instruction.kind is InstructionKind.FIT:

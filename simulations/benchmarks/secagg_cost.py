@@ -67,15 +67,17 @@ def simulated_round(sites: int, params: int, rounds: int, *, secure: bool, worke
     return out
 
 
-def per_party(sites: int, params: int) -> dict[str, Any]:
-    """Client seconds per site and server seconds, per stage, for one round without transport."""
+def per_party(sites: int, params: int, bits: int = 32) -> dict[str, Any]:
+    """Client seconds per site and server seconds, per stage, for one round without transport
+    (arithmetic modulo 2**bits: 32, fedcore's default for plain and sample-level DP rounds)."""
     names = [f"site-{i:04d}" for i in range(sites)]
     degree = default_degree(sites)
     graph = neighbour_graph(names, degree, seed=0, round_number=1)
     threshold = default_threshold(min(len(p) for p in graph.values()))
-    p = RoundParams(1, tuple(names), graph, threshold, params + 1, 64)
+    p = RoundParams(1, tuple(names), graph, threshold, params + 1, bits)
+    dtype = np.uint64 if bits == 64 else np.uint32
     g = np.random.default_rng(0)
-    inputs = {s: g.integers(0, 2**63, params + 1, dtype=np.uint64) for s in names}
+    inputs = {s: g.integers(0, 2**bits, params + 1, dtype=dtype) for s in names}
     client: dict[str, float] = {}
     server: dict[str, float] = {}
 
@@ -95,13 +97,14 @@ def per_party(sites: int, params: int) -> dict[str, Any]:
     requests, server4 = timed(server, "masked_input", lambda: server3.collect([m for m, _ in s3.values()]))
     answers = timed(client, "unmask", lambda: [s3[s][1].receive(requests[s]) for s in names])
     total = timed(server, "unmask", lambda: server4.collect(answers))
-    expected = np.zeros(params + 1, np.uint64)
+    expected = np.zeros(params + 1, dtype)
     for v in inputs.values():
         expected += v
     if not np.array_equal(total, expected):
         raise RuntimeError("the secure sum is wrong")
     per_site = {stage: seconds / sites for stage, seconds in client.items()}
     return {
+        "bits": bits,
         "degree": degree,
         "threshold": threshold,
         "client_seconds_per_site": per_site,

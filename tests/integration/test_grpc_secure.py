@@ -7,8 +7,10 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fedcore.client.agent import Outcome
+from fedcore.privacy import distributed
 from tests.integration.test_grpc_rounds import PARAMS, SlowBench, agent, experiment, federation
 
 
@@ -35,4 +37,38 @@ def test_a_site_killed_during_masked_input_is_recovered(tmp_path: Path) -> None:
     assert first.secure_aggregation["recovered"] == 1
     assert result.records[1].sites == 3
     np.testing.assert_allclose(result.parameters["w"], np.full(PARAMS, 0.02), atol=1e-6)
+    assert outcomes[:3] == [Outcome.COMPLETED] * 3
+
+
+def test_distributed_dp_over_grpc_noises_the_sum_and_accounts_the_survivors(tmp_path: Path) -> None:
+    """User-level distributed DP through real agents: each site adds discrete Gaussian noise
+    before masking, a site killed mid-round takes its noise with it, and the accountant says so."""
+    victim_task = SlowBench(signal_from=2)  # dies as it starts training in round 2
+
+    async def sites(port: int) -> list[object]:
+        victim = asyncio.ensure_future(agent(port, "site-4", victim_task).run())
+        others = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2, 3)]
+        await asyncio.to_thread(victim_task.training.wait, 30)
+        victim.cancel()
+        return [*await asyncio.gather(*others), await asyncio.gather(victim, return_exceptions=True)]
+
+    exp = experiment(
+        federation__start_sites=4,
+        federation__min_sites=2,
+        federation__rounds=3,
+        secure_aggregation__enabled=True,
+        privacy__mode="user-distributed",
+        privacy__noise_multiplier=0.5,
+        privacy__clip_norm=1.0,
+    )
+    result, outcomes = asyncio.run(federation(exp, tmp_path, sites))
+    assert [r.privacy["sites_noise"] for r in result.records] == [4, 3, 3]
+    assert result.records[1].dropped["site-4"].startswith("masked_input")
+    rhos = [r.privacy["rho"] for r in result.records]
+    assert rhos[1] > rhos[0]  # the lost site's noise shows as privacy spent
+    assert result.records[-1].epsilon == pytest.approx(distributed.epsilon(rhos, 1e-5), rel=1e-12)
+    # Bench sites each move every weight by 0.01 (norm 0.08 < clip): the noisy means stay near.
+    sigma_mean = [0.5 * 1.0 / n for n in (4, 4, 3)]  # std of each round's mean noise, per coordinate
+    error = result.parameters["w"] - 0.01 * np.array([1, 1, 3 / 4]).sum()
+    assert np.abs(error).max() < 6 * float(np.sqrt(np.square(sigma_mean).sum())) + 1e-3
     assert outcomes[:3] == [Outcome.COMPLETED] * 3
