@@ -38,11 +38,18 @@ def epsilon(history: Sequence[Mechanism], delta: float) -> float:
 
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    steps = [(m.noise_multiplier, m.sample_rate, m.steps) for m in history if m.steps > 0]
+    # RDP is linear in the steps of one mechanism: equal mechanisms (every round of a site's
+    # ledger, typically) are accounted once with their steps summed, as Opacus's own step()
+    # does, so a long ledger costs no more than a short one.
+    steps: dict[tuple[float, float], int] = {}
+    for m in history:
+        if m.steps > 0:
+            key = (m.noise_multiplier, m.sample_rate)
+            steps[key] = steps.get(key, 0) + m.steps
     if not steps:
         return 0.0
     accountant = RDPAccountant()
-    accountant.history = steps
+    accountant.history = [(z, q, n) for (z, q), n in steps.items()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         value = float(accountant.get_epsilon(delta))
