@@ -9,10 +9,13 @@ mechanisms, within a run or across runs, is accounted as one list.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +51,31 @@ def epsilon(history: Sequence[Mechanism], delta: float) -> float:
             steps[key] = steps.get(key, 0) + m.steps
     if not steps:
         return 0.0
-    accountant = RDPAccountant()
-    accountant.history = [(z, q, n) for (z, q), n in steps.items()]
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    # Opacus's RDPAccountant.get_epsilon, with each mechanism's per-step RDP computed once.
+    rdp = sum(np.asarray(_rdp_per_step(z, q)) * n for (z, q), n in steps.items())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        value = float(accountant.get_epsilon(delta))
+        value, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     for w in caught:  # e.g. "optimal order is the largest alpha": a looser, still valid bound
         log.debug("accountant: %s", w.message)
-    return value
+    return float(value)
 
 
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    per_step = compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+    return tuple(float(v) for v in per_step)
+
+
+@functools.lru_cache(maxsize=1024)
 def noise_for(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier whose `steps` steps stay within `target_epsilon`."""
     from opacus.accountants.utils import get_noise_multiplier
