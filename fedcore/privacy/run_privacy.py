@@ -42,6 +42,7 @@ class RunPrivacy:
         self.history: list[Mechanism] = []  # user-central: one subsampled Gaussian per round
         self.rhos: list[float] = []  # user-distributed: one zCDP term per round
         self.site_epsilon: dict[str, float] = {}  # sample: each site's run epsilon, as reported
+        self.site_noise: dict[str, float] = {}  # sample: each site's DP-SGD noise multiplier
         self.clip = (
             AdaptiveClip(
                 initial=p.clip_norm,
@@ -158,6 +159,8 @@ class RunPrivacy:
         """sample: a site's fit reply carries its own run epsilon."""
         if "epsilon" in metrics:
             self.site_epsilon[site] = float(metrics["epsilon"])
+        if "noise_multiplier" in metrics:
+            self.site_noise[site] = float(metrics["noise_multiplier"])
 
     def complete_round(
         self, *, available: int, contributors: int, unclipped: int | None = None
@@ -212,6 +215,7 @@ class RunPrivacy:
             "accountant": accountant_name,
             "noise_multiplier": self._noise,
             "site_epsilon": dict(sorted(self.site_epsilon.items())),
+            "site_noise_multiplier": dict(sorted(self.site_noise.items())),
             "refused": refused,
             "secure_rng": self.config.secure_rng,
         }

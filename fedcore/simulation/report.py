@@ -60,6 +60,9 @@ def privacy_summary(privacy: dict[str, Any]) -> str:
     ]
     if privacy.get("noise_multiplier") is not None:
         lines.append(f"  noise multiplier {privacy['noise_multiplier']:.4g}")
+    if privacy.get("site_noise_multiplier"):
+        noise = sorted(privacy["site_noise_multiplier"].values())
+        lines.append(f"  sites' DP-SGD noise multipliers: {noise[0]:.4g} to {noise[-1]:.4g}")
     if privacy.get("site_epsilon"):
         values = sorted(privacy["site_epsilon"].values())
         lines.append(
