@@ -6,7 +6,6 @@ sum under real SecAgg+ carrying the configured total noise."""
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from fedcore.secagg.common import RoundParams
 from fedcore.secagg.graph import neighbour_graph
 from fedcore.secagg.local import run_round
 from fedcore.secagg.quantize import signed
+from tests.support.opacus_reference import opacus_epsilon
 
 # Every statistical test below fails with probability 1e-6 when the code is right (two-sided);
 # the seeds are fixed, so the outcome is reproducible.
@@ -42,16 +42,6 @@ def variance_within(samples: np.ndarray, variance: float) -> None:
     assert low <= statistic <= high, (
         f"sample variance {statistic / n * variance:.6g}, configured {variance:.6g}"
     )
-
-
-def opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = history
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(accountant.get_epsilon(delta))
 
 
 # Randomness -----------------------------------------------------------------------------

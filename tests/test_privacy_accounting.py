@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,7 @@ from hypothesis import strategies as st
 from fedcore.errors import ConfigError
 from fedcore.privacy.accountant import Mechanism, epsilon, noise_for
 from fedcore.privacy.ledger import PrivacyLedger
-
-
-def opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = history
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(accountant.get_epsilon(delta))
+from tests.support.opacus_reference import opacus_epsilon
 
 
 @settings(max_examples=40, deadline=None)

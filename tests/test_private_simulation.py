@@ -5,7 +5,6 @@ accountant's, target epsilons met, nonsense combinations refused with a clear er
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from fedcore.privacy import distributed
 from fedcore.privacy.dpsgd import round_mechanism
 from fedcore.simulation.runners import make_site
 from fedcore.tasks import build_task
+from tests.support.opacus_reference import opacus_epsilon
 
 
 def experiment(**overrides: object) -> Experiment:
@@ -30,16 +30,6 @@ def experiment(**overrides: object) -> Experiment:
         **overrides,
     }
     return load_experiment().override(**settings)
-
-
-def opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = history
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(accountant.get_epsilon(delta))
 
 
 COMBINATIONS = [

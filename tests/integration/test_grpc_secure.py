@@ -4,6 +4,7 @@ masked-input stage is recovered and the round completes with the survivors' exac
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,23 @@ from fedcore.privacy import distributed
 from tests.integration.test_grpc_rounds import PARAMS, SlowBench, agent, experiment, federation
 
 
-def test_a_site_killed_during_masked_input_is_recovered(tmp_path: Path) -> None:
-    victim_task = SlowBench(signal_from=1)  # signals as it starts training in round 1
+def killed_while_training(in_round: int) -> Callable[[int], Awaitable[list[object]]]:
+    """Four sites; site-4's connection closes as it starts training in round `in_round`:
+    after it shared its keys, before its masked input."""
+    victim_task = SlowBench(signal_from=in_round)
 
     async def sites(port: int) -> list[object]:
         victim = asyncio.ensure_future(agent(port, "site-4", victim_task).run())
         others = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2, 3)]
         await asyncio.to_thread(victim_task.training.wait, 30)
-        victim.cancel()  # its connection closes after it shared keys, before its masked input
+        victim.cancel()
         return [*await asyncio.gather(*others), await asyncio.gather(victim, return_exceptions=True)]
 
+    return sites
+
+
+def test_a_site_killed_during_masked_input_is_recovered(tmp_path: Path) -> None:
+    sites = killed_while_training(in_round=1)
     exp = experiment(
         federation__start_sites=4,
         federation__min_sites=2,
@@ -43,15 +51,7 @@ def test_a_site_killed_during_masked_input_is_recovered(tmp_path: Path) -> None:
 def test_distributed_dp_over_grpc_noises_the_sum_and_accounts_the_survivors(tmp_path: Path) -> None:
     """User-level distributed DP through real agents: each site adds discrete Gaussian noise
     before masking, a site killed mid-round takes its noise with it, and the accountant says so."""
-    victim_task = SlowBench(signal_from=2)  # dies as it starts training in round 2
-
-    async def sites(port: int) -> list[object]:
-        victim = asyncio.ensure_future(agent(port, "site-4", victim_task).run())
-        others = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2, 3)]
-        await asyncio.to_thread(victim_task.training.wait, 30)
-        victim.cancel()
-        return [*await asyncio.gather(*others), await asyncio.gather(victim, return_exceptions=True)]
-
+    sites = killed_while_training(in_round=2)
     exp = experiment(
         federation__start_sites=4,
         federation__min_sites=2,
