@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -17,6 +16,7 @@ from fedcore.errors import SecurityError
 from fedcore.secagg import shamir
 from fedcore.secagg.primitives import (
     KeyPair,
+    add_mask,
     agree,
     decrypt,
     encrypt,
@@ -344,15 +344,27 @@ def test_expand_mask_top_byte_is_uniform(bits: int) -> None:
     assert abs(float(values.astype(np.float64).mean()) / 2.0**bits - 0.5) < 0.002
 
 
-def test_expand_mask_throughput_is_reported() -> None:
-    """Measured and printed (run with -s), never asserted: benchmarks do not belong in assertions."""
-    count, seed = 10_000_000, b"\x07" * 32
-    expand_mask(seed, 1000)
-    best = min(_timed(lambda: expand_mask(seed, count)) for _ in range(3))
-    print(f"\nexpand_mask: {count:,} uint32 in {best * 1e3:.1f} ms = {count * 4 / best / 1e6:,.0f} MB/s")
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 3000), st.sampled_from([32, 64]), st.booleans(), st.binary(min_size=32, max_size=32))
+def test_add_mask_in_place_equals_adding_the_expanded_mask(
+    count: int, bits: int, subtract: bool, seed: bytes
+) -> None:
+    dtype = np.uint32 if bits == 32 else np.uint64
+    base = np.random.default_rng(count).integers(0, 2**bits, count, dtype=dtype)
+    into = base.copy()
+    add_mask(into, seed, subtract=subtract)
+    mask = expand_mask(seed, count, bits=bits)
+    assert np.array_equal(into, base - mask if subtract else base + mask)
 
 
-def _timed(work: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
+def test_add_mask_reuses_buffers_safely_across_sizes_and_rejects_bad_vectors() -> None:
+    seed = b"\x09" * 32
+    big, small = np.zeros(50_000, np.uint64), np.zeros(7, np.uint32)
+    add_mask(big, seed)
+    add_mask(small, seed)  # a smaller mask after a larger one: only its own prefix counts
+    assert np.array_equal(small, expand_mask(seed, 7))
+    assert np.array_equal(big, expand_mask(seed, 50_000, bits=64))
+    with pytest.raises(ValueError, match="uint32/uint64"):
+        add_mask(np.zeros(4, np.int64), seed)
+    with pytest.raises(ValueError, match="32 bytes"):
+        add_mask(np.zeros(4, np.uint32), bytes(16))

@@ -31,14 +31,15 @@ def quantize(values: np.ndarray, *, step: float, bits: int, rng: np.random.Gener
     """Integers modulo 2**bits (uint32 or uint64) for `values`, stochastically rounded."""
     if bits not in (32, 64):
         raise ValueError("bits must be 32 or 64")
-    scaled = np.asarray(values, dtype=np.float64) / step
+    scaled = np.divide(values, step, dtype=np.float64)
     if not np.isfinite(scaled).all() or np.abs(scaled).max(initial=0) > math.ldexp(1.0, bits - 2):
         raise ValueError("values are not finite or exceed the quantization range; clip them first")
-    floor = np.floor(scaled)
-    rounded = (floor + (rng.random(scaled.shape) < scaled - floor)).astype(np.int64)
-    if bits == 64:
-        return rounded.view(np.uint64)
-    return (rounded % (1 << 32)).astype(np.uint32)
+    rounded = np.floor(scaled)
+    np.subtract(scaled, rounded, out=scaled)  # the fractional part, in place
+    rounded += rng.random(scaled.shape) < scaled  # up with probability equal to it
+    as_int = rounded.astype(np.int64)
+    # Integer casts wrap modulo 2**bits: two's complement, as the secure sum needs.
+    return as_int.view(np.uint64) if bits == 64 else as_int.astype(np.uint32)
 
 
 def signed(total: UInt) -> npt.NDArray[np.int64]:

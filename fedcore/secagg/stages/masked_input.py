@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcore.secagg.common import AbortReason, RoundParams, need
-from fedcore.secagg.primitives import KeyPair, agree, expand_mask
+from fedcore.secagg.primitives import KeyPair, add_mask, agree
 from fedcore.secagg.stages.advertise import AdvertiseKeys
 from fedcore.secagg.stages.share_keys import RoutedShares
 
@@ -29,13 +29,20 @@ def dtype(params: RoundParams) -> type[np.unsignedinteger[Any]]:
     return np.uint32 if params.bits == 32 else np.uint64
 
 
-def pairwise_mask(
-    params: RoundParams, mask_private: KeyPair, me: str, peer: str, peer_mask_public: bytes
-) -> np.ndarray:
-    """The mask `me` adds for `peer`: +PRG(s) if me sorts before peer, else -PRG(s) (mod 2**bits)."""
+def add_pairwise_mask(
+    into: np.ndarray,
+    params: RoundParams,
+    mask_private: KeyPair,
+    me: str,
+    peer: str,
+    peer_mask_public: bytes,
+    *,
+    negate: bool = False,
+) -> None:
+    """Add to `into` the mask `me` adds for `peer`: +PRG(s) if me sorts before peer, else
+    -PRG(s) (mod 2**bits); `negate` removes it instead."""
     secret = agree(mask_private.private, peer_mask_public, info=params.info("pairwise mask"))
-    mask = expand_mask(secret, params.length, bits=params.bits)
-    return mask if params.index(me) < params.index(peer) else (-mask).astype(mask.dtype)
+    add_mask(into, secret, subtract=(params.index(me) > params.index(peer)) != negate)
 
 
 @dataclass(frozen=True)
@@ -68,9 +75,10 @@ class ClientMaskedInput:
             AbortReason.BAD_MESSAGE,
             "input of the wrong shape or type",
         )
-        masked = quantized + expand_mask(self.self_seed, p.length, bits=p.bits)
+        masked = quantized.copy()
+        add_mask(masked, self.self_seed)
         for peer in sorted(message.ciphertexts):
-            masked += pairwise_mask(p, self.mask, self.site, peer, self.neighbour_keys[peer].mask_public)
+            add_pairwise_mask(masked, p, self.mask, self.site, peer, self.neighbour_keys[peer].mask_public)
         state = ClientUnmask(p, self.site, self.cipher, self.neighbour_keys, dict(message.ciphertexts))
         return MaskedInput(self.site, masked), state
 

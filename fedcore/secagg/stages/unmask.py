@@ -13,9 +13,9 @@ import numpy as np
 from fedcore.errors import SecurityError
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RoundParams, need
-from fedcore.secagg.primitives import KeyPair, agree, decrypt, expand_mask
+from fedcore.secagg.primitives import KeyPair, add_mask, agree, decrypt
 from fedcore.secagg.stages.advertise import AdvertiseKeys
-from fedcore.secagg.stages.masked_input import pairwise_mask
+from fedcore.secagg.stages.masked_input import add_pairwise_mask
 
 SHARE = shamir.SHARE_BYTES
 
@@ -128,7 +128,7 @@ class ServerUnmask:
                 f"self-mask seed of {site}: {len(shares)} shares",
             )
             seed = _combine(shares, p.threshold, site)
-            result -= expand_mask(seed, p.length, bits=p.bits)
+            add_mask(result, seed, subtract=True)
         for site, shares in sorted(private_keys.items()):
             need(
                 len(shares) >= p.threshold,
@@ -144,7 +144,7 @@ class ServerUnmask:
             # Remove what each surviving neighbour added for the dropped site: the dropped
             # site's own view of that pairwise mask is exactly its negation.
             for peer in sorted(p.neighbours[site] & self.survivors):
-                result += pairwise_mask(p, pair, site, peer, self.keys[peer].mask_public)
+                add_pairwise_mask(result, p, pair, site, peer, self.keys[peer].mask_public)
         return result
 
 
