@@ -39,7 +39,8 @@ def quantize(values: np.ndarray, *, step: float, bits: int, rng: np.random.Gener
     rounded += rng.random(scaled.shape) < scaled  # up with probability equal to it
     as_int = rounded.astype(np.int64)
     # Integer casts wrap modulo 2**bits: two's complement, as the secure sum needs.
-    return as_int.view(np.uint64) if bits == 64 else as_int.astype(np.uint32)
+    out: UInt = as_int.view(np.uint64) if bits == 64 else as_int.astype(np.uint32)
+    return out
 
 
 def signed(total: UInt) -> npt.NDArray[np.int64]:

@@ -1,8 +1,9 @@
 """The in-process transport: virtual sites, the same round code as over gRPC.
 
 It also plays the federation's system heterogeneity, seeded by (seed, round, attempt, site): a
-sampled site drops out mid-round with probability `dropout`, and is a straggler with
-probability `stragglers`. A straggler does only part of its local epochs; its partial work
+sampled site drops out mid-round with probability `dropout` (under secure aggregation, at
+one of the four SecAgg+ stages, drawn uniformly), and is a straggler with probability
+`stragglers`. A straggler does only part of its local epochs; its partial work
 counts when the strategy accepts partial work (FedProx) and is dropped otherwise (FedAvg),
 as in the FedProx paper.
 """
@@ -32,11 +33,21 @@ class InProcessTransport(Transport):
     def available(self) -> list[str]:
         return list(self._index)
 
-    def _heterogeneity(self, site: str, instruction: Instruction) -> Instruction:
+    def _drops(self, site: str, instruction: Instruction) -> bool:
+        """Whether `site` vanishes at this instruction: at its fit in a plain round; under
+        secure aggregation, at the stage drawn for it (1 advertise .. 4 unmask; 3 is the fit)."""
         sim, seed = self.experiment.simulation, self.experiment.seed
         when = (instruction.round, instruction.attempt)  # a retried round draws afresh
-        if sim.dropout and rng(seed, "dropout", *when, site).random() < sim.dropout:
-            raise SiteUnavailable(site, "dropped out mid-round (simulated)")
+        if not sim.dropout or rng(seed, "dropout", *when, site).random() >= sim.dropout:
+            return False
+        if not self.experiment.secure_aggregation.enabled:
+            return instruction.kind is InstructionKind.FIT
+        stage = int(rng(seed, "dropout-stage", *when, site).integers(1, 5))
+        return stage == _secagg_stage(instruction)
+
+    def _heterogeneity(self, site: str, instruction: Instruction) -> Instruction:
+        sim, seed = self.experiment.simulation, self.experiment.seed
+        when = (instruction.round, instruction.attempt)
         draw = rng(seed, "straggler", *when, site)
         if sim.stragglers and draw.random() < sim.stragglers:
             if not self.accepts_partial_work:
@@ -50,9 +61,22 @@ class InProcessTransport(Transport):
         k = self._index.get(site)
         if k is None:
             raise SiteUnavailable(site, "no such site")
+        if self._drops(site, instruction):
+            raise SiteUnavailable(site, "dropped out mid-round (simulated)")
         if instruction.kind is InstructionKind.FIT:
             instruction = self._heterogeneity(site, instruction)
         return await self.runner.run(k, instruction)
 
     async def finish(self, *, completed: bool, reason: str) -> None:
         self.runner.close()
+
+
+def _secagg_stage(instruction: Instruction) -> int:
+    from fedcore.secagg.common import RoundParams
+    from fedcore.secagg.stages.advertise import NeighbourKeys
+
+    if instruction.kind is InstructionKind.FIT:
+        return 3
+    if isinstance(instruction.secagg, RoundParams):
+        return 1
+    return 2 if isinstance(instruction.secagg, NeighbourKeys) else 4
