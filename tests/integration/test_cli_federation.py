@@ -23,6 +23,7 @@ from fedcore import load_experiment, run_simulation
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROUNDS = 10
+SLOW_EPOCHS = 100  # the secure run's sites train long enough (~0.2 s) to be killed mid-fit
 SITES = ("site-1", "site-2", "site-3")
 
 
@@ -192,7 +193,7 @@ def test_secure_aggregation_over_mutual_tls_survives_a_site_killed_during_masked
     logs = {name: tmp_path / f"{name}.log" for name in ("server", *sites)}
     server = fedcore(
         "server", "--listen", f"127.0.0.1:{port}", "--pki", pki, "--task", "breast_cancer", "--rounds", ROUNDS,
-        "--min-sites", 3, "--state", tmp_path / "state", "--secure-aggregation", "--config", _start_with(tmp_path, 5),
+        "--min-sites", 3, "--state", tmp_path / "state", "--secure-aggregation", "--config", _start_with(tmp_path, 5, SLOW_EPOCHS),
         log=logs["server"],
     )  # fmt: skip
     clients = {
@@ -226,12 +227,15 @@ def test_secure_aggregation_over_mutual_tls_survives_a_site_killed_during_masked
     assert third["secure_aggregation"]["recovered"] == 1
     assert all(r["sites"] == 4 for r in rows[3:])
     # The same federation without secure aggregation and without the kill reaches the same accuracy.
-    experiment = load_experiment().override(simulation__sites=5, federation__rounds=ROUNDS)
+    experiment = load_experiment().override(
+        simulation__sites=5, federation__rounds=ROUNDS, task__local_epochs=SLOW_EPOCHS
+    )
     plain, _ = run_simulation(experiment, None)
     assert abs(rows[-1]["accuracy"] - plain.records[-1].accuracy) <= 0.01
 
 
-def _start_with(directory: Path, sites: int) -> Path:
+def _start_with(directory: Path, sites: int, local_epochs: int | None = None) -> Path:
     path = directory / "experiment.toml"
-    path.write_text(f"[federation]\nstart_sites = {sites}\n\n[simulation]\nsites = {sites}\n")
+    task = f"\n[task]\nlocal_epochs = {local_epochs}\n" if local_epochs else ""
+    path.write_text(f"[federation]\nstart_sites = {sites}\n\n[simulation]\nsites = {sites}\n{task}")
     return path
