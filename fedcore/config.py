@@ -308,6 +308,11 @@ def _validate_privacy(e: Experiment, need: Callable[[bool, str], None]) -> None:
         "[privacy] ghost_clipping is a DP-SGD option: it needs mode = 'sample'",
     )
     need(
+        not (p.adaptive_clipping and p.clipped_count_stddev and p.noise_multiplier)
+        or 2 * p.clipped_count_stddev > p.noise_multiplier,
+        "[privacy] clipped_count_stddev must exceed noise_multiplier / 2 (the update keeps a share of the noise)",
+    )
+    need(
         not p.adaptive_clipping or p.mode is PrivacyMode.USER_CENTRAL,
         "[privacy] adaptive_clipping needs mode = 'user-central' (distributed noise would need the "
         "unclipped count under secure aggregation too)",

@@ -209,7 +209,13 @@ def test_a_site_refuses_the_round_that_would_cross_its_budget_even_after_a_resta
     ledger = tmp_path / "ledger.json"
     policy = SitePolicy(max_epsilon=1.0, ledger=ledger)
     site = SitePrivacy(policy)
-    shape = {"examples": 120, "batch_size": 30, "local_epochs": 1}
+    shape = {
+        "examples": 120,
+        "batch_size": 30,
+        "local_epochs": 1,
+        "dimension": 10,
+        "secure_participants": None,
+    }
     taken = 0
     while True:
         try:
@@ -233,12 +239,76 @@ def test_a_site_refuses_the_round_that_would_cross_its_budget_even_after_a_resta
 
 def test_the_server_cannot_lower_a_sites_noise_or_switch_dp_off() -> None:
     site = SitePrivacy(SitePolicy(min_noise_multiplier=3.0, require_dp=True))
-    plan = site.plan({**JOB, "dp_noise_multiplier": 0.5}, examples=100, batch_size=10, local_epochs=1)
+    shape = {
+        "examples": 100,
+        "batch_size": 10,
+        "local_epochs": 1,
+        "dimension": 10,
+        "secure_participants": None,
+    }
+    plan = site.plan({**JOB, "dp_noise_multiplier": 0.5}, **shape)
     assert plan is not None and plan.dp == SampleDP(3.0, 1.0) and plan.mechanism.noise_multiplier == 3.0
     for mode in ("none", "user-central"):
-        with pytest.raises(PrivacyBudgetError, match="requires DP"):
-            site.plan({"dp_mode": mode}, examples=100, batch_size=10, local_epochs=1)
+        with pytest.raises(PrivacyBudgetError, match="noise it adds"):
+            site.plan({"dp_mode": mode}, **shape)
     assert site.secure_rng(False) is True  # a real site never runs reproducible noise
+    with pytest.raises(PrivacyBudgetError, match="delta"):  # refused before any training
+        site.plan({**JOB, "dp_delta": 1.5}, **shape)
+
+
+DISTRIBUTED = {"dp_mode": "user-distributed", "dp_delta": 1e-5, "dp_run": "run-d"}
+
+
+def test_distributed_dp_needs_masking_and_real_noise_and_costs_the_sites_own_budget(tmp_path: Path) -> None:
+    d = 1000
+    fair = distributed.DistributedNoise.for_model(dimension=d, clip_norm=1.0, noise_multiplier=2.0, sites=4)
+    job = {**DISTRIBUTED, "dp_clip_norm": 1.0, "dp_scale": fair.scale, "dp_sigma": fair.sigma}
+    shape = {"examples": 50, "batch_size": 10, "local_epochs": 1, "dimension": d}
+    site = SitePrivacy(SitePolicy(min_noise_multiplier=1.5, max_epsilon=50.0, ledger=tmp_path / "l.json"))
+    with pytest.raises(PrivacyBudgetError, match="secure aggregation"):  # unmasked: refused
+        site.plan(job, **shape, secure_participants=None)
+    with pytest.raises(PrivacyBudgetError, match="floor"):  # a near-silent sigma: refused
+        site.plan({**job, "dp_sigma": 1e-300}, **shape, secure_participants=4)
+    plan = site.plan(job, **shape, secure_participants=4)
+    assert plan is not None and plan.distributed == fair
+    # What the site records is its own noise alone: multiplier 2 / sqrt(4) = 1, one release.
+    assert plan.mechanism.noise_multiplier == pytest.approx(1.0) and plan.mechanism.sample_rate == 1.0
+    spent = site.spend(plan)
+    assert spent["epsilon"] == pytest.approx(opacus_epsilon([(1.0, 1.0, 1)], 1e-5), rel=1e-6)
+
+
+def test_processes_sharing_a_ledger_never_overspend_it(tmp_path: Path) -> None:
+    policy = SitePolicy(max_epsilon=1.0, ledger=tmp_path / "shared.json")
+    shape = {
+        "examples": 120,
+        "batch_size": 30,
+        "local_epochs": 1,
+        "dimension": 10,
+        "secure_participants": None,
+    }
+    job = {**JOB, "dp_noise_multiplier": 4.0}  # a round costs a fraction of the budget
+    a, b = SitePrivacy(policy), SitePrivacy(policy)
+    planned = a.plan(job, **shape)  # a checks, then trains for a while ...
+    assert planned is not None
+    while True:  # ... while b spends the whole budget
+        try:
+            plan = b.plan(job, **shape)
+        except PrivacyBudgetError:
+            break
+        assert plan is not None
+        b.spend(plan)
+    with pytest.raises(PrivacyBudgetError):  # a's spend is checked again under the lock
+        a.spend(planned)
+    assert SitePrivacy(policy).ledger.spent() <= 1.0
+
+
+def test_adaptive_clipping_counts_centred_bits() -> None:
+    from fedcore.privacy.user_level import AdaptiveClip
+
+    clip = AdaptiveClip(initial=1.0, target_quantile=0.5, learning_rate=0.2, count_stddev=1e-12)
+    fraction = clip.update(unclipped=6, contributors=8, expected_sites=8.0, random=SecureRandom.seeded(0))
+    assert fraction == pytest.approx(0.75)
+    assert clip.clip_norm == pytest.approx(math.exp(-0.2 * 0.25))
 
 
 # Distributed DP under real SecAgg+ -------------------------------------------------------

@@ -211,3 +211,37 @@ def test_simulate_prints_a_privacy_summary_and_plots_epsilon(
         rows[-1]["epsilon"]
     )
     assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_user_central_rounds_complete_whoever_is_sampled_and_release_no_training_statistics() -> None:
+    """Poisson sampling of 1 expected site in 6: some rounds sample none or one. They still
+    complete (noise only, fixed denominator) instead of being redrawn, which would change the
+    sampling the accountant assumes; with secure aggregation too."""
+    for secure in (False, True):
+        e = experiment(
+            privacy__mode="user-central",
+            federation__sites_per_round=1,
+            federation__min_sites=1,
+            federation__rounds=8,
+            secure_aggregation__enabled=secure,
+        )
+        result, _ = run_simulation(e, None)
+        assert [r.attempt for r in result.records] == [1] * 8
+        assert any(len(r.sampled) < 2 for r in result.records)
+        assert all(r.train_loss is None and "train_loss" not in r.fit_metrics for r in result.records)
+        assert result.records[-1].epsilon == pytest.approx(opacus_epsilon([(1.0, 1 / 6, 8)], 1e-5), rel=1e-6)
+
+
+def test_a_decrypted_distributed_sum_is_accounted_even_when_the_round_is_retried() -> None:
+    e = experiment(
+        privacy__mode="user-distributed",
+        secure_aggregation__enabled=True,
+        simulation__sites=6,
+        simulation__dropout=0.3,
+        federation__min_sites=6,  # any dropout before the masked input fails the attempt
+        federation__max_round_retries=20,
+    )
+    result, summary = run_simulation(e, None)
+    completed = distributed.epsilon([r.privacy["rho"] for r in result.records], 1e-5)
+    assert any(r.attempt > 1 for r in result.records)
+    assert summary["privacy"]["epsilon"] > completed  # the failed attempts' sums cost privacy too

@@ -115,7 +115,7 @@ class Coordinator:
     def _sample(self, number: int, attempt: int) -> list[str]:
         available = sorted(self.transport.available())
         self._available = len(available)
-        if self.privacy is not None and (poisson := self.privacy.sample(available)) is not None:
+        if self.privacy is not None and (poisson := self.privacy.sample(available, number)) is not None:
             return poisson
         k = self.experiment.federation.sites_per_round
         if k is None or k >= len(available):
@@ -258,7 +258,7 @@ class Coordinator:
         )
         for site, reason in dropped.items():
             log.info("round %d: dropped %s (%s)", number, site, reason)
-        if len(replied) < fed.min_sites:
+        if len(replied) < fed.min_sites and not self._completes_any_sample:
             log.warning(
                 "round %d attempt %d: %d of %d sites replied, need %d; retrying",
                 number,
@@ -296,6 +296,35 @@ class Coordinator:
             privacy=privacy,
         )
 
+    @property
+    def _completes_any_sample(self) -> bool:
+        """User-central DP: a round completes with whoever replied (none: a noise-only update),
+        and retries keep the round's sample. Redrawing until enough sites reply would change
+        the sampling the accountant assumes (and leak who was sampled)."""
+        return self.privacy is not None and self.privacy.mode is PrivacyMode.USER_CENTRAL
+
+    async def _noise_only_round(
+        self, number: int, attempt: int, sampled: list[str], started: float
+    ) -> RoundRecord:
+        aggregate = self.privacy.central_stage(self._available).start(self.parameters).result()  # type: ignore[union-attr]
+        self.parameters = self.strategy.apply(self.parameters, aggregate.mean)
+        accuracy, loss, evaluation = await self._evaluate(number, [])
+        privacy = self._account(0, 0)
+        return RoundRecord(
+            round=number,
+            sites=0,
+            accuracy=accuracy,
+            loss=loss,
+            seconds=time.perf_counter() - started,
+            sampled=sampled,
+            dropped={s: "not aggregated: secure aggregation needs 2 sites" for s in sampled},
+            attempt=attempt,
+            evaluation=evaluation,
+            epsilon=privacy.get("epsilon"),
+            delta=privacy.get("delta"),
+            privacy=privacy,
+        )
+
     def _fit_metrics(
         self, reply: Reply, fit_metrics: dict[str, list[tuple[float, int]]], site_epsilon: dict[str, float]
     ) -> None:
@@ -321,11 +350,25 @@ class Coordinator:
         from fedcore.engine.secure_round import secure_aggregate
 
         dp_config = self.privacy.fit_config(len(sampled)) if self.privacy is not None else {}
+        if len(sampled) < 2:
+            # SecAgg+ needs two sites to hide one. A user-central round still releases its
+            # (noise-only) update, so that sampling stays what the accountant assumes.
+            if self._completes_any_sample:
+                return await self._noise_only_round(number, attempt, sampled, started)
+            log.warning(
+                "round %d attempt %d: %d site(s) sampled, secure aggregation needs 2",
+                number,
+                attempt,
+                len(sampled),
+            )
+            return None
         outcome = await secure_aggregate(self, number, attempt, sampled, dp_config)
         if outcome is None:
             return None
         count = len(outcome.masked)
-        if count < self.experiment.federation.min_sites:
+        if count < self.experiment.federation.min_sites and not self._completes_any_sample:
+            if self.privacy is not None and self.privacy.mode is PrivacyMode.USER_DISTRIBUTED:
+                self._account(count)  # the server decrypted this sum: it counts, released or not
             log.warning(
                 "round %d attempt %d: %d masked inputs, need %d; retrying",
                 number,
@@ -377,6 +420,10 @@ class Coordinator:
         if self.test_data is not None:
             result = await asyncio.to_thread(self.task.evaluate, self.parameters, self.test_data)
             return result.accuracy, result.loss, "central"
+        if self.privacy is not None:
+            # Exact federated metrics would be statistics of the sites' data outside the DP
+            # guarantee (and sites with a privacy policy refuse them).
+            return None, None, "none (differential privacy)"
         accs: list[tuple[float, int]] = []
         losses: list[tuple[float, int]] = []
 

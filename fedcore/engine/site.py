@@ -10,11 +10,10 @@ import numpy as np
 
 from fedcore.aggregation import AggregationStage, WeightedMean
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
-from fedcore.errors import ConfigError, FedcoreError
-from fedcore.privacy.distributed import DistributedNoise
+from fedcore.errors import ConfigError, FedcoreError, PrivacyBudgetError
 from fedcore.privacy.distributed import encode as encode_distributed
 from fedcore.privacy.randomness import dp_random
-from fedcore.privacy.site_policy import SitePrivacy
+from fedcore.privacy.site_policy import RoundPlan, SitePrivacy
 from fedcore.privacy.user_level import clip_arrays
 from fedcore.secagg.client import SecAggClient
 from fedcore.secagg.contribution import weight
@@ -48,6 +47,7 @@ class Site:
         self._template = template if template is not None else task.initial_parameters(0)
         self.secagg = SecAggClient(name)
         self.privacy = privacy or SitePrivacy()
+        self._private = False  # this site has trained under DP: no exact statistics leave it
 
     def export_state(self) -> object | None:
         """What this site must remember until its next instruction (None: nothing): the
@@ -92,51 +92,71 @@ class Site:
         config = instruction.config
         settings = dataclasses.replace(train_settings(config), round=instruction.round)
         mode = str(config.get("dp_mode", "none"))
+        secure = isinstance(instruction.secagg, RoutedShares)
         # The site's policy first: a round that would cross its budget is refused untrained.
         plan = self.privacy.plan(
             config,
             examples=len(self.data.train),
             batch_size=settings.batch_size,
             local_epochs=settings.local_epochs,
+            dimension=sum(a.size for a in self._template.values()),
+            secure_participants=len(self.secagg.participants()) if secure else None,
         )
         secure_rng = self.privacy.secure_rng(bool(config.get("dp_secure_rng", True)))
-        if plan is not None:
+        if plan is not None and plan.dp is not None:
             if not self.task.supports_dp_sgd:
                 raise ConfigError(f"task {self.task.name!r} cannot train with DP-SGD")
             settings = dataclasses.replace(settings, dp=plan.dp, secure_rng=secure_rng)
+        if mode != "none":
+            self._private = True
         outcome = self.task.fit(instruction.parameters, self.data, settings)
-        privacy_metrics = self.privacy.spend(plan) if plan is not None else {}
         update = delta(outcome.parameters, instruction.parameters)
-        metrics = {**outcome.metrics, **privacy_metrics}
+        # Under DP only the privacy accounting goes with the update: a training loss or an
+        # exact example count would be statistics of the data that no noise covers.
+        metrics = dict(outcome.metrics) if mode == "none" else {}
+        examples = outcome.num_examples
+        if mode in ("user-central", "user-distributed"):
+            examples = 1  # every site weighs the same: its size need not leave
         if mode == "user-central":
             update, within = clip_arrays(update, _positive(config, "dp_clip_norm"))
             metrics["unclipped"] = float(within)
-        if isinstance(instruction.secagg, RoutedShares):
-            # Secure aggregation: the server gets a masked vector and its privacy accounting,
+        masked = (
+            self._mask(instruction, outcome.num_examples, update, mode, plan, secure_rng) if secure else None
+        )
+        if plan is not None:
+            metrics.update(self.privacy.spend(plan))  # written before anything leaves the site
+        if masked is not None:
+            # Secure aggregation: the server gets a masked vector and the privacy accounting,
             # nothing else of ours.
-            masked = self._mask(instruction, outcome.num_examples, update, mode, secure_rng)
+            privacy_only = {
+                k: v for k, v in metrics.items() if k in ("epsilon", "epsilon_total", "noise_multiplier")
+            }
             return Reply(
-                self.name, InstructionKind.FIT, instruction.round, secagg=masked, metrics=privacy_metrics
+                self.name, InstructionKind.FIT, instruction.round, secagg=masked, metrics=privacy_only
             )
-        encoded = self.aggregation.encode(update, float(outcome.num_examples))
+        encoded = self.aggregation.encode(update, float(examples))
         return Reply(
             site=self.name,
             kind=InstructionKind.FIT,
             round=instruction.round,
-            num_examples=outcome.num_examples,
+            num_examples=examples,
             update=encoded,
             metrics=metrics,
         )
 
     def _mask(
-        self, instruction: Instruction, examples: int, update: Arrays, mode: str, secure_rng: bool
+        self,
+        instruction: Instruction,
+        examples: int,
+        update: Arrays,
+        mode: str,
+        plan: RoundPlan | None,
+        secure_rng: bool,
     ) -> object:
         c = instruction.config
         assert isinstance(instruction.secagg, RoutedShares)
-        if mode == "user-distributed":
-            noise = DistributedNoise(
-                _positive(c, "dp_clip_norm"), _positive(c, "dp_scale"), _positive(c, "dp_sigma")
-            )
+        if plan is not None and plan.distributed is not None:
+            noise = plan.distributed
             flat = np.concatenate([np.asarray(update[k], dtype=np.float64).ravel() for k in self._template])
             random = dp_random(secure=secure_rng, seed=int(c["seed"]))
             return self.secagg.mask_integers(
@@ -154,6 +174,12 @@ class Site:
         )
 
     def _evaluate(self, instruction: Instruction) -> Reply:
+        if self.data.test is None and (self._private or self.privacy.protective):
+            # Exact loss and accuracy of any model the server sends, on the training data, is
+            # an oracle on that data that no DP noise covers.
+            raise PrivacyBudgetError(
+                "privacy policy: no evaluation on training data under differential privacy"
+            )
         data = self.data.test if self.data.test is not None else self.data.train
         result = self.task.evaluate(instruction.parameters, data)
         return Reply(

@@ -8,9 +8,12 @@ tears it, and a restarted site sees everything spent before. It is never reset b
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,27 @@ class PrivacyLedger:
             raise ConfigError(
                 f"privacy ledger {self.path} is unreadable ({err}); restore it from a backup"
             ) from None
+
+    def reload(self) -> None:
+        """Read the file again (another process may share it); in memory: nothing to read."""
+        if self.path is not None:
+            self.runs = self._load()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's lock (a `.lock` file beside it, flock) with the file freshly read:
+        processes that share a ledger check and record one at a time."""
+        if self.path is None:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.reload()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def history(self) -> list[Mechanism]:
         return [m for spent in self.runs.values() for m in spent]

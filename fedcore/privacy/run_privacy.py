@@ -54,6 +54,8 @@ class RunPrivacy:
             else None
         )
         self._noise: float | None = p.noise_multiplier
+        self._samples: dict[int, list[str]] = {}  # user-central: this round's Poisson sample
+        self._sampled_from = 0  # how many sites it was drawn from
         self._distributed: distributed.DistributedNoise | None = None
 
     @property
@@ -65,14 +67,18 @@ class RunPrivacy:
         k = self.experiment.federation.sites_per_round
         return 1.0 if k is None or k >= available else k / available
 
-    def sample(self, available: list[str]) -> list[str] | None:
+    def sample(self, available: list[str], number: int) -> list[str] | None:
         """user-central: each site independently with probability q, from the DP stream (the
-        accountant's amplification by sampling assumes exactly this); otherwise None."""
+        accountant's amplification by sampling assumes exactly this), drawn once per round:
+        a retried attempt keeps it. Otherwise None (the Coordinator's own sampling)."""
         if self.mode is not PrivacyMode.USER_CENTRAL:
             return None
-        q = self.sample_rate(len(available))
-        chosen = self.random.bernoulli(len(available), q) if q < 1 else np.ones(len(available), bool)
-        return [s for s, c in zip(available, chosen, strict=True) if c]
+        if number not in self._samples:
+            q = self.sample_rate(len(available))
+            chosen = self.random.bernoulli(len(available), q) if q < 1 else np.ones(len(available), bool)
+            self._samples = {number: [s for s, c in zip(available, chosen, strict=True) if c]}
+            self._sampled_from = len(available)
+        return list(self._samples[number])
 
     def noise_multiplier(self, q: float) -> float:
         """The job's noise multiplier (fixed, or from target_epsilon the first time it is asked)."""
@@ -95,13 +101,16 @@ class RunPrivacy:
     # Instructions ---------------------------------------------------------------------
     def fit_config(self, sampled: int) -> Config:
         p = self.config
-        config: Config = {"dp_mode": self.mode.value, "dp_secure_rng": p.secure_rng}
+        config: Config = {
+            "dp_mode": self.mode.value,
+            "dp_secure_rng": p.secure_rng,
+            "dp_run": self.run_id,
+            "dp_delta": p.delta,
+        }
         if self.mode is PrivacyMode.SAMPLE:
             config.update(
-                dp_delta=p.delta,
                 dp_max_grad_norm=p.max_grad_norm,
                 dp_ghost=p.ghost_clipping,
-                dp_run=self.run_id,
                 dp_rounds=self.experiment.federation.rounds,
             )
             if p.target_epsilon is not None:
@@ -128,6 +137,7 @@ class RunPrivacy:
 
     # Aggregation ----------------------------------------------------------------------
     def central_stage(self, available: int) -> CentralGaussianSum:
+        available = self._sampled_from or available
         q = self.sample_rate(available)
         z = self.noise_multiplier(q)
         if self.clip is not None:
@@ -169,12 +179,15 @@ class RunPrivacy:
         p = self.config
         record: dict[str, Any] = {"mode": self.mode.value}
         if self.mode is PrivacyMode.USER_CENTRAL:
+            available = self._sampled_from or available
             q = self.sample_rate(available)
             z = self.noise_multiplier(q)
             self.history.append(Mechanism(z, q, 1))
             record.update(noise_multiplier=z, sample_rate=q, clip_norm=self.clip_norm)
             if self.clip is not None and unclipped is not None:
-                record["unclipped_fraction"] = self.clip.update(unclipped, q * available, self.random)
+                record["unclipped_fraction"] = self.clip.update(
+                    unclipped, contributors, q * available, self.random
+                )
                 record["next_clip_norm"] = self.clip.clip_norm
         elif self.mode is PrivacyMode.USER_DISTRIBUTED:
             assert self._distributed is not None

@@ -98,8 +98,7 @@ class _NoisySum(Accumulator):
         self._count += 1
 
     def result(self) -> Aggregate:
-        if self._count == 0:
-            raise ValueError("no contributions to aggregate")
+        # No contribution is a valid outcome: the noise alone is released (and accounted).
         return self._stage.noisy_mean(self._sums, self._count)
 
 
@@ -114,9 +113,12 @@ class AdaptiveClip:
         self.learning_rate = learning_rate
         self.count_stddev = count_stddev
 
-    def update(self, unclipped: int, expected_sites: float, random: SecureRandom) -> float:
+    def update(self, unclipped: int, contributors: int, expected_sites: float, random: SecureRandom) -> float:
+        """Move the clip norm from the noisy fraction of unclipped updates. The bits are
+        centred (b - 1/2, sensitivity 1/2, as the noise split assumes) and the expected count
+        is added back, so the actual count is never used in the clear."""
         assert self.count_stddev is not None, "set when the round's noise is known"
-        noisy = unclipped + float(random.gaussian(1, self.count_stddev)[0])
-        fraction = noisy / expected_sites
+        centred = unclipped - 0.5 * contributors + float(random.gaussian(1, self.count_stddev)[0])
+        fraction = centred / expected_sites + 0.5
         self.clip_norm *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
         return fraction

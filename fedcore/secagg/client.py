@@ -22,6 +22,10 @@ class SecAggClient:
         self.site = site
         self.state: ClientShareKeys | ClientMaskedInput | ClientUnmask | None = None
 
+    def participants(self) -> tuple[str, ...]:
+        """The sites in the current round's secure aggregation (empty between rounds)."""
+        return self.state.params.participants if self.state is not None else ()
+
     def _expect(self, kind: type, round_number: int) -> None:
         need(
             self.state is not None
