@@ -245,3 +245,14 @@ def test_a_decrypted_distributed_sum_is_accounted_even_when_the_round_is_retried
     completed = distributed.epsilon([r.privacy["rho"] for r in result.records], 1e-5)
     assert any(r.attempt > 1 for r in result.records)
     assert summary["privacy"]["epsilon"] > completed  # the failed attempts' sums cost privacy too
+
+
+def test_the_per_site_log_says_who_took_part_and_what_each_site_spent(tmp_path: Path) -> None:
+    e = experiment(privacy__mode="sample", federation__sites_per_round=4)
+    result, _ = run_simulation(e, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "sites.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(len(r.sampled) for r in result.records) == 12
+    for row in rows:
+        record = result.records[row["round"] - 1]
+        assert row["aggregated"] == (row["site"] not in record.dropped)
+        assert row["epsilon"] == record.site_epsilon[row["site"]] and row["delta"] == 1e-5

@@ -61,20 +61,46 @@ class RoundStore(Protocol):
 
 
 class DirectoryStore:
-    """`metrics.jsonl` (one JSON object per round) and `model.safetensors` (latest global
-    model, written atomically) in a directory."""
+    """`metrics.jsonl` (one JSON object per round), `sites.jsonl` (one per sampled site and
+    round: who took part in what, and what it reported having spent in privacy) and
+    `model.safetensors` (latest global model, written atomically) in a directory."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.metrics_path = directory / "metrics.jsonl"
+        self.sites_path = directory / "sites.jsonl"
         self.model_path = directory / "model.safetensors"
         self.metrics_path.write_text("")
+        self.sites_path.write_text("")
 
     def record(self, record: RoundRecord, parameters: Arrays) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record.as_json()) + "\n")
+        with self.sites_path.open("a") as f:
+            for row in site_rows(record):
+                f.write(json.dumps(row) + "\n")
         save_model(self.model_path, parameters, metadata={"round": str(record.round)})
+
+
+def site_rows(record: RoundRecord) -> list[dict[str, Any]]:
+    """The per-site view of a round: each sampled site, whether its update is in the
+    aggregate, why not, and its own epsilon for the run when it reported one."""
+    rows = []
+    for site in record.sampled:
+        reason = record.dropped.get(site)
+        row: dict[str, Any] = {
+            "round": record.round,
+            "attempt": record.attempt,
+            "site": site,
+            "aggregated": reason is None or reason.startswith("unmask"),
+            "dropped": reason,
+        }
+        if site in record.site_epsilon:
+            row["epsilon"] = _finite(record.site_epsilon[site])
+            row["delta"] = record.delta
+        rows.append(row)
+    return rows
 
 
 class MemoryStore:
