@@ -58,10 +58,10 @@ def _secure_noise(base: type) -> type:
             sums = [p.summed_grad for p in self.params]
             for g in sums:
                 _check_processed_flag(g)
-            draw = torch.from_numpy(self.random.gaussian(sum(g.numel() for g in sums), std))
+            draw = self.random.gaussian_tensor(sum(g.numel() for g in sums), std).to(sums[0].dtype)
             offset = 0
             for p, g in zip(self.params, sums, strict=True):
-                noise = draw[offset : offset + g.numel()].to(device=g.device, dtype=g.dtype).view_as(g)
+                noise = draw[offset : offset + g.numel()].to(device=g.device).view_as(g)
                 offset += g.numel()
                 p.grad = (g + noise).view_as(p)
                 _mark_as_processed(g)
@@ -108,7 +108,7 @@ def train(
     `after_noise` runs after the noise is added and before the update (e.g. FedProx's
     proximal gradient, which does not depend on the data and so costs no privacy)."""
     from opacus import GradSampleModule
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.grad_sample import GradSampleModuleExpandedWeights, GradSampleModuleFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     check_model(model)
@@ -122,6 +122,10 @@ def train(
         module = GradSampleModuleFastGradientClipping(
             model, max_grad_norm=dp.max_grad_norm, use_ghost_clipping=True, loss_reduction="mean"
         )
+    elif _convolutional(model):
+        # PyTorch's own per-sample gradients (ExpandedWeights): measured ~10% faster than
+        # Opacus's hooks on the digits CNN, slower on purely linear models.
+        module = GradSampleModuleExpandedWeights(model, loss_reduction="mean")
     else:
         module = GradSampleModule(model, loss_reduction="mean")
     optimizer = _optimizer_class(dp.ghost_clipping)(
@@ -172,6 +176,10 @@ def _step(
     loss.backward()
     optimizer.step()
     return total_loss + float(loss.detach()) * len(chosen), seen + len(chosen)
+
+
+def _convolutional(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in model.modules())
 
 
 def _noise_only_step(optimizer: Any, module: Any) -> None:

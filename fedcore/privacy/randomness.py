@@ -22,6 +22,7 @@ import math
 import os
 
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 log = logging.getLogger(__name__)
@@ -63,29 +64,32 @@ class SecureRandom:
         return out
 
     def normal(self, count: int) -> np.ndarray:
-        """`count` standard normal floats (Box-Muller)."""
+        """`count` standard normal floats (Box-Muller, in float64; torch's vectorised sin and
+        cos are several times faster than numpy's here)."""
+        return self._normal(count).numpy()
+
+    def _normal(self, count: int) -> torch.Tensor:
         pairs = (count + 1) // 2
-        u = self.uniform(2 * pairs)
-        radius = np.log(u[:pairs])
-        radius *= -2.0
-        np.sqrt(radius, out=radius)
-        angle = u[pairs:]
-        angle *= 2.0 * math.pi
-        out = np.empty(2 * pairs)
-        np.cos(angle, out=out[:pairs])
-        np.sin(angle, out=out[pairs:])
-        out[:pairs] *= radius
-        out[pairs:] *= radius
+        u = torch.from_numpy(self.uniform(2 * pairs))
+        radius = u[:pairs].log_().mul_(-2.0).sqrt_()
+        angle = u[pairs:].mul_(2.0 * math.pi)
+        out = torch.empty(2 * pairs, dtype=torch.float64)
+        torch.cos(angle, out=out[:pairs])
+        torch.sin(angle, out=out[pairs:])
+        out[:pairs].mul_(radius)
+        out[pairs:].mul_(radius)
         return out[:count]
 
     def gaussian(self, count: int, std: float) -> np.ndarray:
         """`count` draws of N(0, std^2), each the scaled sum of four normals: no single
         floating-point draw is exposed."""
+        return self.gaussian_tensor(count, std).numpy()
+
+    def gaussian_tensor(self, count: int, std: float) -> torch.Tensor:
+        """`gaussian` as a float64 tensor (what DP-SGD adds to gradients)."""
         if std == 0:
-            return np.zeros(count)
-        four = self.normal(4 * count).reshape(4, count)
-        out: np.ndarray = four.sum(axis=0) * (std / 2.0)
-        return out
+            return torch.zeros(count, dtype=torch.float64)
+        return self._normal(4 * count).view(4, count).sum(dim=0).mul_(std / 2.0)
 
     def bernoulli(self, count: int, p: float) -> np.ndarray:
         """`count` booleans, each True with probability p (Poisson sampling)."""
