@@ -50,8 +50,13 @@ class SlowBench(Bench):
 
 
 def experiment(**overrides: object) -> Experiment:
-    settings: dict[str, object] = {"federation__rounds": 2, "federation__round_timeout": 20.0, **overrides}
-    return load_experiment().override(task__name=f"bench:{PARAMS}", **settings)
+    settings: dict[str, object] = {
+        "task__name": f"bench:{PARAMS}",
+        "federation__rounds": 2,
+        "federation__round_timeout": 20.0,
+        **overrides,
+    }
+    return load_experiment().override(**settings)
 
 
 def agent(port: int, name: str, task: Bench | None = None, task_name: str = f"bench:{PARAMS}") -> SiteAgent:

@@ -12,6 +12,7 @@ import pytest
 
 from fedcore.client.agent import Outcome
 from fedcore.privacy import distributed
+from fedcore.tasks.bench import Bench
 from tests.integration.test_grpc_rounds import PARAMS, SlowBench, agent, experiment, federation
 
 
@@ -72,3 +73,58 @@ def test_distributed_dp_over_grpc_noises_the_sum_and_accounts_the_survivors(tmp_
     error = result.parameters["w"] - 0.01 * np.array([1, 1, 3 / 4]).sum()
     assert np.abs(error).max() < 6 * float(np.sqrt(np.square(sigma_mean).sum())) + 1e-3
     assert outcomes[:3] == [Outcome.COMPLETED] * 3
+
+
+def test_every_byte_the_server_receives_in_a_secure_round_hides_each_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Capture, at the server's gRPC boundary, every reply a round brings: no site's update
+    crosses in the clear (neither its float bytes nor its quantized integers), each masked
+    vector is uniform although every site's input is the same constant, and only the sum
+    comes out."""
+    from fedcore.server.transport import GrpcTransport
+    from fedcore.tasks.bench import STEP
+
+    captured: list[tuple[str, bytes, dict[str, np.ndarray]]] = []
+    resolve = GrpcTransport._resolve
+
+    def recording(self, session, result, assembler):  # type: ignore[no-untyped-def]
+        arrays = assembler.arrays() if assembler.header.tensors else {}
+        captured.append((session.name, result.SerializeToString(), {k: v.copy() for k, v in arrays.items()}))
+        return resolve(self, session, result, assembler)
+
+    monkeypatch.setattr(GrpcTransport, "_resolve", recording)
+    params = 20_000
+
+    async def sites(port: int) -> list[object]:
+        return list(
+            await asyncio.gather(
+                *(
+                    agent(port, f"site-{k}", Bench(params), task_name=f"bench:{params}").run()
+                    for k in range(1, 6)
+                )
+            )
+        )
+
+    exp = experiment(
+        task__name=f"bench:{params}",
+        federation__start_sites=5,
+        federation__rounds=1,
+        secure_aggregation__enabled=True,
+    )
+    result, _ = asyncio.run(federation(exp, tmp_path, sites))
+    np.testing.assert_allclose(result.parameters["w"], np.full(params, STEP), atol=1e-6)  # the sum came out
+    update = np.full(params, STEP, np.float32).tobytes()
+    masked = [arrays for _, _, arrays in captured if arrays]
+    assert len(masked) == 5  # one payload per site: its masked vector, nothing else
+    everything = b"".join(raw + b"".join(a.tobytes() for a in arrays.values()) for _, raw, arrays in captured)
+    assert update[:64] not in everything  # not even 16 of the update's float32 values in a row
+    for arrays in masked:
+        (vector,) = arrays.values()
+        assert vector.dtype == np.uint32 and vector.size == params + 1
+        # The quantized input is one constant; masked, it must look uniform (chi-square on the
+        # top byte, 255 degrees of freedom: a uniform vector exceeds 400 with p < 1e-8).
+        counts = np.bincount((vector >> np.uint32(24)).astype(np.int64), minlength=256)
+        expected = vector.size / 256
+        assert float(((counts - expected) ** 2 / expected).sum()) < 400
+        assert np.unique(vector[:-1]).size > params * 0.99
