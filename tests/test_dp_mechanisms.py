@@ -196,6 +196,7 @@ def test_a_dp_sgd_round_is_the_mechanism_opacus_would_account() -> None:
 
 
 # The site's budget ----------------------------------------------------------------------
+SHAPE = {"examples": 120, "batch_size": 30, "local_epochs": 1, "dimension": 10, "secure_participants": None}
 JOB = {
     "dp_mode": "sample",
     "dp_noise_multiplier": 2.0,
@@ -209,13 +210,7 @@ def test_a_site_refuses_the_round_that_would_cross_its_budget_even_after_a_resta
     ledger = tmp_path / "ledger.json"
     policy = SitePolicy(max_epsilon=1.0, ledger=ledger)
     site = SitePrivacy(policy)
-    shape = {
-        "examples": 120,
-        "batch_size": 30,
-        "local_epochs": 1,
-        "dimension": 10,
-        "secure_participants": None,
-    }
+    shape = SHAPE
     taken = 0
     while True:
         try:
@@ -279,13 +274,7 @@ def test_distributed_dp_needs_masking_and_real_noise_and_costs_the_sites_own_bud
 
 def test_processes_sharing_a_ledger_never_overspend_it(tmp_path: Path) -> None:
     policy = SitePolicy(max_epsilon=1.0, ledger=tmp_path / "shared.json")
-    shape = {
-        "examples": 120,
-        "batch_size": 30,
-        "local_epochs": 1,
-        "dimension": 10,
-        "secure_participants": None,
-    }
+    shape = SHAPE
     job = {**JOB, "dp_noise_multiplier": 4.0}  # a round costs a fraction of the budget
     a, b = SitePrivacy(policy), SitePrivacy(policy)
     planned = a.plan(job, **shape)  # a checks, then trains for a while ...
