@@ -20,8 +20,16 @@ def weight(examples: int, max_examples: int) -> float:
 
 
 def contribution(update: Arrays, template: Arrays, *, weight: float, clip: float) -> np.ndarray:
-    flat = np.concatenate([np.asarray(update[name], dtype=np.float64).ravel() for name in template])
-    return np.concatenate([np.clip(flat, -clip, clip) * weight, [weight]])
+    """[clip(update) x weight, weight] as one float64 vector, written in place."""
+    out = np.empty(length(template), dtype=np.float64)
+    offset = 0
+    for name, ref in template.items():
+        part = out[offset : offset + ref.size]
+        np.clip(np.asarray(update[name]).ravel(), -clip, clip, out=part)
+        offset += ref.size
+    out[:-1] *= weight
+    out[-1] = weight
+    return out
 
 
 def length(template: Arrays) -> int:

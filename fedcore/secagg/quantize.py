@@ -32,14 +32,18 @@ def quantize(values: np.ndarray, *, step: float, bits: int, rng: np.random.Gener
     if bits not in (32, 64):
         raise ValueError("bits must be 32 or 64")
     scaled = np.divide(values, step, dtype=np.float64)
-    if not np.isfinite(scaled).all() or np.abs(scaled).max(initial=0) > math.ldexp(1.0, bits - 2):
+    bound = math.ldexp(1.0, bits - 2)
+    if not (-bound <= scaled.min(initial=0.0) and scaled.max(initial=0.0) <= bound):  # NaN fails too
         raise ValueError("values are not finite or exceed the quantization range; clip them first")
-    rounded = np.floor(scaled)
-    np.subtract(scaled, rounded, out=scaled)  # the fractional part, in place
-    rounded += rng.random(scaled.shape) < scaled  # up with probability equal to it
-    as_int = rounded.astype(np.int64)
-    # Integer casts wrap modulo 2**bits: two's complement, as the secure sum needs.
-    out: UInt = as_int.view(np.uint64) if bits == 64 else as_int.astype(np.uint32)
+    # floor(x + u), u uniform in [0, 1), is floor(x) + 1 with probability frac(x): stochastic
+    # rounding in place, in three passes (float32 uniforms: a bias of 2**-24 at most).
+    scaled += rng.random(scaled.shape, dtype=np.float32)
+    np.floor(scaled, out=scaled)
+    # |values| <= 2**(bits - 2): the signed cast is exact, and its two's complement bits are
+    # the value modulo 2**bits, as the secure sum needs.
+    out: UInt = (
+        scaled.astype(np.int64).view(np.uint64) if bits == 64 else scaled.astype(np.int32).view(np.uint32)
+    )
     return out
 
 
