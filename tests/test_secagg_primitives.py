@@ -368,3 +368,27 @@ def test_add_mask_reuses_buffers_safely_across_sizes_and_rejects_bad_vectors() -
         add_mask(np.zeros(4, np.int64), seed)
     with pytest.raises(ValueError, match="32 bytes"):
         add_mask(np.zeros(4, np.uint32), bytes(16))
+
+
+def test_add_mask_is_safe_in_concurrent_threads() -> None:
+    """Sites of an in-process federation mask in parallel threads: each thread's keystream
+    buffer must be its own (a shared one once gave wrong sums)."""
+    import threading
+
+    seeds = [bytes([i]) * 32 for i in range(8)]
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        into = np.zeros(300_000, np.uint32)  # several buffer-sized pieces
+        for _ in range(5):
+            into[:] = 0
+            add_mask(into, seeds[i])
+        results[i] = into
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, seed in enumerate(seeds):
+        assert np.array_equal(results[i], expand_mask(seed, 300_000))

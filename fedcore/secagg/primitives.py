@@ -180,9 +180,12 @@ _CHUNK_BYTES: Final = 1 << 18  # keystream made and added in L2-sized pieces: 1.
 
 class _Buffers(threading.local):
     """Per-thread keystream buffer, reused: fresh multi-megabyte buffers per mask cost more
-    (page faults) than the AES, and a small one stays in cache between AES and the add."""
+    (page faults) than the AES, and a small one stays in cache between AES and the add.
+    Set in __init__, which threading.local runs once in every thread (a class attribute
+    would be one buffer shared by all threads)."""
 
-    out = bytearray(_CHUNK_BYTES + _CTR_BLOCK_BYTES - 1)
+    def __init__(self) -> None:
+        self.out = bytearray(_CHUNK_BYTES + _CTR_BLOCK_BYTES - 1)
 
 
 _buffers = _Buffers()
