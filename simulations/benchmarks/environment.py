@@ -43,6 +43,30 @@ QUIET_ENV = {
 }
 
 
+def quiet_flower() -> None:
+    """In a Flower child process, before flwr/ray are imported: offline, quiet, and their
+    import-time deprecation warnings (not ours to fix) silenced."""
+    import warnings
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+
+
+def rounds_progress(console: Any) -> Any:
+    """The progress display the benchmarks share: one bar per run, counted in rounds."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
 def run_json_child(script: str, args: list[str], *, what: str) -> dict[str, Any]:
     """Run `script` in a fresh interpreter (Ray and Flower keep process-global state, and
     peak memory then covers only that run) and return the last JSON line it prints."""

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from environment import QUIET_ENV, run_json_child  # this directory is on sys.path
+from environment import quiet_flower, run_json_child  # this directory is on sys.path
 
 CLIPPING_RANGE = 8.0  # Flower's default
 QUANTIZATION_RANGE = 4194304  # Flower's default (2**22)
@@ -66,18 +66,12 @@ def run_flower_secagg(*, sites: int, params: int, rounds: int, seed: int = 0) ->
 
 def _simulate(*, sites: int, params: int, rounds: int, seed: int) -> dict[str, Any]:
     """Run the simulation in this process. Call only in a fresh interpreter (see above)."""
-    for k, v in QUIET_ENV.items():
-        os.environ.setdefault(k, v)
-    import warnings
+    quiet_flower()
     from collections.abc import Callable
-
-    import numpy as np
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
 
     import flwr
     import flwr.compat.common.recorddict_compat as compat
+    import numpy as np
     from flwr.client import Client, ClientApp, NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.common import (

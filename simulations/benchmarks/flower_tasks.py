@@ -31,9 +31,7 @@ directory on ``PYTHONPATH`` so that Ray's workers can import it.
 from __future__ import annotations
 
 import logging
-import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +45,7 @@ from fedcore.tasks import Task, TrainSettings, build_task, default_partition
 if TYPE_CHECKING:
     from flwr.app import ConfigRecordValues
 
-from environment import QUIET_ENV
+from environment import quiet_flower
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -99,11 +97,7 @@ def simulate(overrides: dict[str, Any], emit: Emit) -> dict[str, Any]:
     """Run the experiment given by `overrides` (``Experiment.override`` keywords) in Flower's
     Simulation Runtime (Ray backend). Call only in a fresh interpreter: Ray and Flower keep
     process-global state. `emit` receives progress events; returns the measurements."""
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    # flwr/ray emit DeprecationWarnings at import time; they are not ours to fix.
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+    quiet_flower()
 
     import flwr
     from flwr.app import (

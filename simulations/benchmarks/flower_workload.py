@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from environment import QUIET_ENV, run_json_child  # this directory is on sys.path
+from environment import quiet_flower, run_json_child  # this directory is on sys.path
 
 
 def run_flower_simulation(
@@ -40,18 +40,11 @@ def run_flower_simulation(
 
 def _simulate(*, sites: int, params: int, rounds: int, seed: int, client_num_cpus: float) -> dict[str, Any]:
     """Run the simulation in this process. Call only in a fresh interpreter (see above)."""
-    for k, v in QUIET_ENV.items():
-        os.environ.setdefault(k, v)
-    import warnings
+    quiet_flower()
     from collections.abc import Iterable
 
-    import numpy as np
-
-    # flwr/ray emit DeprecationWarnings at import time; they are not ours to fix.
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-
     import flwr
+    import numpy as np
     from flwr.app import (
         ArrayRecord,
         ConfigRecord,

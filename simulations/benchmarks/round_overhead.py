@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import fedcore
@@ -48,7 +47,7 @@ from fedcore.server.app import serve
 from fedcore.tasks import build_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling Flower helper
-from environment import environment
+from environment import environment, rounds_progress
 from flower_workload import run_flower_simulation
 
 WORKLOADS = [(10, 100_000), (100, 100_000), (50, 1_000_000)]
@@ -222,13 +221,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workloads = WORKLOADS[:1] if args.quick else WORKLOADS
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} rounds"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with rounds_progress(console) as progress:
         for sites, params in workloads:
             label = f"{sites} sites x {_count(params)} params"
             row: dict[str, Any] = {"sites": sites, "params": params}

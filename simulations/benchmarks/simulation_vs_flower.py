@@ -44,9 +44,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from environment import environment  # this directory is sys.path[0]
+from environment import environment, rounds_progress  # this directory is sys.path[0]
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from fedcore.simulation.memory import PeakMemory
@@ -153,7 +153,7 @@ def _child(framework: str, overrides: dict[str, Any], events_fd: int) -> None:
 def run_framework(framework: str, workload: Workload, on_round: Callable[[int], None]) -> dict[str, Any]:
     """Run `workload` in `framework` in a fresh interpreter; its output goes to a log file
     (printed on failure), its progress events come through a pipe."""
-    from flower_tasks import QUIET_ENV  # this directory is sys.path[0]
+    from environment import QUIET_ENV  # this directory is sys.path[0]
 
     read_fd, write_fd = os.pipe()
     env = {
@@ -240,13 +240,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     ]
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} rounds"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with rounds_progress(console) as progress:
         for workload in chosen:
             row: dict[str, Any] = {"workload": dataclasses.asdict(workload)}
             for framework in FRAMEWORKS:
