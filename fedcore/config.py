@@ -162,6 +162,13 @@ class Experiment:
         return _build(sections, base=self, source="command line")
 
 
+_CHOICES: dict[str, tuple[type[enum.StrEnum], str]] = {
+    "Backend": (Backend, "backend"),
+    "PrivacyMode": (PrivacyMode, "privacy mode"),
+    "StrategyName": (StrategyName, "strategy"),
+}
+
+
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """Check a TOML value against a dataclass field's annotation (given as a string)."""
     kind = str(kind)
@@ -185,26 +192,13 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
-    if base == "Backend":
+    if base in _CHOICES:
+        choice, what = _CHOICES[base]
         try:
-            return Backend(str(value).lower())
+            return choice(str(value).lower())
         except ValueError:
-            choices = ", ".join(b.value for b in Backend)
-            raise ConfigError(f"{where} = {value!r} is not a backend; choose one of: {choices}") from None
-    if base == "PrivacyMode":
-        try:
-            return PrivacyMode(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in PrivacyMode)
-            raise ConfigError(
-                f"{where} = {value!r} is not a privacy mode; choose one of: {choices}"
-            ) from None
-    if base == "StrategyName":
-        try:
-            return StrategyName(str(value).lower())
-        except ValueError:
-            choices = ", ".join(s.value for s in StrategyName)
-            raise ConfigError(f"{where} = {value!r} is not a strategy; choose one of: {choices}") from None
+            options = ", ".join(c.value for c in choice)
+            raise ConfigError(f"{where} = {value!r} is not a {what}; choose one of: {options}") from None
     raise AssertionError(f"unhandled field type {kind}")
 
 
