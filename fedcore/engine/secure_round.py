@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fedcore.engine.messages import Instruction, InstructionKind, Reply
 from fedcore.errors import ProtocolError
 from fedcore.secagg.common import ProtocolAbort, RoundParams
-from fedcore.secagg.contribution import length, mean_update, step_for_round
+from fedcore.secagg.contribution import length, mean_update, step_for_round, unflatten
 from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
 from fedcore.secagg.quantize import UInt, dequantize
 from fedcore.secagg.stages.advertise import AdvertiseKeys, ServerAdvertise
@@ -60,12 +60,7 @@ class SecureSum:
     def sums(self, template: Arrays) -> tuple[Arrays, int]:
         """Equal-weight contributions (user-level DP): the summed update and the site count."""
         flat = dequantize(self.total, step=self.step)
-        out: Arrays = {}
-        offset = 0
-        for name, ref in template.items():
-            out[name] = flat[offset : offset + ref.size].reshape(ref.shape)
-            offset += ref.size
-        return out, round(float(flat[-1]))
+        return unflatten(flat, template), round(float(flat[-1]))
 
 
 async def secure_aggregate(

@@ -13,7 +13,7 @@ from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.errors import ConfigError, FedcoreError, PrivacyBudgetError
 from fedcore.privacy.distributed import encode as encode_distributed
 from fedcore.privacy.randomness import dp_random
-from fedcore.privacy.site_policy import RoundPlan, SitePrivacy
+from fedcore.privacy.site_policy import RoundPlan, SitePrivacy, job_setting
 from fedcore.privacy.user_level import clip_arrays
 from fedcore.secagg.client import SecAggClient
 from fedcore.secagg.contribution import weight
@@ -118,7 +118,7 @@ class Site:
         if mode in ("user-central", "user-distributed"):
             examples = 1  # every site weighs the same: its size need not leave
         if mode == "user-central":
-            update, within = clip_arrays(update, _positive(config, "dp_clip_norm"))
+            update, within = clip_arrays(update, job_setting(config, "dp_clip_norm"))
             metrics["unclipped"] = float(within)
         masked = (
             self._mask(instruction, outcome.num_examples, update, mode, plan, secure_rng) if secure else None
@@ -194,13 +194,6 @@ class Site:
 def delta(new: Arrays, old: Arrays) -> Arrays:
     """new - old, in the parameters' own dtype (float updates only)."""
     return {k: np.subtract(new[k], old[k], dtype=old[k].dtype) for k in old}
-
-
-def _positive(config: Config, key: str) -> float:
-    value = config.get(key)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"instruction's {key!r} must be a positive number, got {value!r}")
-    return float(value)
 
 
 def train_settings(config: Config) -> TrainSettings:

@@ -23,6 +23,7 @@ from fedcore.privacy import accountant, distributed
 from fedcore.privacy.accountant import Mechanism
 from fedcore.privacy.randomness import dp_random
 from fedcore.privacy.user_level import AdaptiveClip, CentralGaussianSum, update_noise_multiplier
+from fedcore.secagg.contribution import unflatten
 from fedcore.seeding import derive_seed
 from fedcore.tensors import Arrays
 
@@ -157,11 +158,7 @@ class RunPrivacy:
         """The mean update from the decrypted integer sum (already noised by the sites)."""
         assert self._distributed is not None
         sums, count = distributed.decode(total, self._distributed)
-        mean: Arrays = {}
-        offset = 0
-        for name, ref in template.items():
-            mean[name] = (sums[offset : offset + ref.size] / sampled).reshape(ref.shape)
-            offset += ref.size
+        mean = unflatten(sums / sampled, template)
         return Aggregate(mean=mean, total_weight=float(count), count=count), count
 
     # Accounting -----------------------------------------------------------------------

@@ -98,13 +98,13 @@ class SitePrivacy:
         )
         if "dp_target_epsilon" in config:
             noise = noise_for(
-                target_epsilon=_positive(config, "dp_target_epsilon"),
+                target_epsilon=job_setting(config, "dp_target_epsilon"),
                 delta=job_delta,
                 sample_rate=steps_per_epoch.sample_rate,
-                steps=steps_per_epoch.steps * local_epochs * int(_positive(config, "dp_rounds")),
+                steps=steps_per_epoch.steps * local_epochs * int(job_setting(config, "dp_rounds")),
             )
         else:
-            noise = _positive(config, "dp_noise_multiplier")
+            noise = job_setting(config, "dp_noise_multiplier")
         if noise < self.policy.min_noise_multiplier:
             log.info(
                 "raising the job's noise multiplier %.3f to the site's floor %.3f",
@@ -115,7 +115,7 @@ class SitePrivacy:
         mechanism = round_mechanism(
             examples, batch_size=batch_size, local_epochs=local_epochs, noise_multiplier=noise
         )
-        dp = SampleDP(noise, _positive(config, "dp_max_grad_norm"), bool(config.get("dp_ghost", False)))
+        dp = SampleDP(noise, job_setting(config, "dp_max_grad_norm"), bool(config.get("dp_ghost", False)))
         return RoundPlan(mechanism, str(config["dp_run"]), job_delta, dp=dp)
 
     def _plan_distributed(
@@ -127,7 +127,9 @@ class SitePrivacy:
                 "privacy policy: user-distributed DP needs secure aggregation in this round"
             )
         noise = DistributedNoise(
-            _positive(config, "dp_clip_norm"), _positive(config, "dp_scale"), _positive(config, "dp_sigma")
+            job_setting(config, "dp_clip_norm"),
+            job_setting(config, "dp_scale"),
+            job_setting(config, "dp_sigma"),
         )
         own = noise.sigma / sensitivity_l2(dimension, noise.clip_norm, noise.scale)
         if own * math.sqrt(participants) < self.policy.min_noise_multiplier:
@@ -172,7 +174,8 @@ class SitePrivacy:
         }
 
 
-def _positive(config: dict[str, Any], key: str) -> float:
+def job_setting(config: dict[str, Any], key: str) -> float:
+    """A positive, finite number the job sends; PrivacyBudgetError (a refusal) otherwise."""
     value = config.get(key)
     if (
         not isinstance(value, int | float)
@@ -187,7 +190,7 @@ def _positive(config: dict[str, Any], key: str) -> float:
 
 
 def _delta(config: dict[str, Any]) -> float:
-    value = _positive(config, "dp_delta")
+    value = job_setting(config, "dp_delta")
     if not value < 1:
         raise PrivacyBudgetError(f"privacy policy: the job's delta must be in (0, 1), got {value}")
     return value

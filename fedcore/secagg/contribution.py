@@ -45,9 +45,14 @@ def mean_update(total: np.ndarray, template: Arrays) -> tuple[Arrays, float]:
     total_weight = float(total[-1])
     if not total_weight > 0:
         raise ValueError("the secure sum carries no weight")
-    mean: Arrays = {}
+    return unflatten(total[:-1] / total_weight, template), total_weight
+
+
+def unflatten(flat: np.ndarray, template: Arrays) -> Arrays:
+    """`flat` (the contribution layout, without its last entry) cut back into named arrays."""
+    out: Arrays = {}
     offset = 0
     for name, ref in template.items():
-        mean[name] = (total[offset : offset + ref.size] / total_weight).reshape(ref.shape)
+        out[name] = flat[offset : offset + ref.size].reshape(ref.shape)
         offset += ref.size
-    return mean, total_weight
+    return out
