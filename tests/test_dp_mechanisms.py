@@ -5,6 +5,7 @@ sum under real SecAgg+ carrying the configured total noise."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import stats
 
 from fedcore.errors import PrivacyBudgetError
-from fedcore.privacy import distributed
+from fedcore.privacy import book_keeping, distributed, dpsgd
 from fedcore.privacy.accountant import Mechanism, epsilon, zcdp_epsilon
 from fedcore.privacy.dpsgd import SampleDP, round_mechanism
 from fedcore.privacy.randomness import SecureRandom
@@ -27,6 +28,7 @@ from fedcore.secagg.common import RoundParams
 from fedcore.secagg.graph import neighbour_graph
 from fedcore.secagg.local import run_round
 from fedcore.secagg.quantize import signed
+from fedcore.tasks import build_task
 from tests.support.opacus_reference import opacus_epsilon
 
 # Every statistical test below fails with probability 1e-6 when the code is right (two-sided);
@@ -77,25 +79,134 @@ def test_discrete_gaussian_matches_its_distribution(sigma: float) -> None:
     assert stats.chisquare(obs, exp).pvalue > ALPHA
 
 
-def test_dp_sgd_adds_noise_of_std_noise_multiplier_times_clip() -> None:
-    """The optimizer Opacus runs at a site, with our secure noise: on a zero gradient sum
-    the gradient it produces is pure noise of std z x C (before the mean's 1/batch)."""
-    from fedcore.privacy.dpsgd import _optimizer_class
+ENGINES = {
+    "book-keeping": SampleDP(1.7, 0.3),
+    "opacus": SampleDP(1.7, 0.3, book_keeping=False),
+    "ghost": SampleDP(1.7, 0.3, ghost_clipping=True),
+}
 
-    model = torch.nn.Linear(500, 200)
-    for ghost in (False, True):
-        optimizer = _optimizer_class(ghost)(
-            torch.optim.SGD(model.parameters(), lr=1.0),
-            noise_multiplier=1.7,
-            max_grad_norm=0.3,
-            expected_batch_size=1,
-        )
-        optimizer.random = SecureRandom.seeded(4)
-        for p in model.parameters():
-            p.summed_grad = torch.zeros_like(p)
-        optimizer.add_noise()
-        noise = torch.cat([p.grad.flatten() for p in model.parameters()]).numpy()
-        variance_within(noise, (1.7 * 0.3) ** 2)
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dp_sgd_adds_noise_of_std_noise_multiplier_times_clip(engine: str) -> None:
+    """A whole DP-SGD round whose data gradients are exactly zero (no bias, zero inputs):
+    the update is the noise alone, of std z x C over the expected batch."""
+    n = 50
+    model = torch.nn.Linear(500, 200, bias=False)
+    before = model.weight.detach().clone()
+    x, y = torch.zeros(n, 500), torch.randint(0, 200, (n,))
+    dpsgd.train(
+        model, x, y, dp=ENGINES[engine], random=SecureRandom.seeded(4),
+        lr=1.0, weight_decay=0.0, local_epochs=1, batch_size=n,
+    )  # fmt: skip
+    noise = ((before - model.weight.detach()) * n).numpy()  # one step, q = 1: the batch is all n
+    variance_within(noise, (1.7 * 0.3) ** 2)
+
+
+CLASSIFIERS = {
+    "logreg": (lambda: torch.nn.Sequential(torch.nn.Linear(30, 2)), (30,)),
+    "mlp": (
+        lambda: torch.nn.Sequential(torch.nn.Linear(30, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)),
+        (30,),
+    ),
+    "cnn": (lambda: build_task("digits").build_model(), (1, 8, 8)),
+    "linear over a sequence": (
+        lambda: torch.nn.Sequential(
+            torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(21, 2)
+        ),
+        (3, 5),
+    ),
+    "strided conv, frozen bias": (
+        lambda: _frozen_bias(
+            torch.nn.Sequential(
+                torch.nn.Conv2d(1, 4, 3, stride=2, padding=(1, 0), dilation=(1, 2)),
+                torch.nn.GELU(),
+                torch.nn.Flatten(),
+                torch.nn.Linear(32, 2),
+            )
+        ),
+        (1, 8, 8),
+    ),
+}
+
+
+def _frozen_bias(model: torch.nn.Sequential) -> torch.nn.Sequential:
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus's hooks, first layer
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_book_keeping_clips_exactly_as_opacus(name: str) -> None:
+    """Opacus is the reference: the sum of clipped per-example gradients, and then a whole
+    round from the same stream (same Poisson batches, same noise), equal Opacus's
+    GradSampleModule + DPOptimizer's."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    build, shape = CLASSIFIERS[name]
+    torch.manual_seed(0)
+    model = build()
+    assert book_keeping.supports(model)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(40, *shape) * 3, torch.randint(0, 2, (40,))  # * 3: most examples get clipped
+    clipping = book_keeping.BookKeeping(model, max_grad_norm=0.2)
+    clipping.clipped_sum(torch.nn.functional.cross_entropy(model(x), y, reduction="none"))
+    clipping.close()
+    module = GradSampleModule(reference, loss_reduction="sum")
+    optimizer = DPOptimizer(
+        torch.optim.SGD(p for p in module.parameters() if p.requires_grad),
+        noise_multiplier=0.0, max_grad_norm=0.2, expected_batch_size=1, loss_reduction="sum",
+    )  # fmt: skip
+    torch.nn.functional.cross_entropy(module(x), y, reduction="sum").backward()
+    optimizer.pre_step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+        else:
+            assert p.grad is None
+    module._close()
+
+    trained = []
+    for book in (True, False):
+        torch.manual_seed(0)
+        model = build()
+        dpsgd.train(
+            model, x, y, dp=SampleDP(1.0, 0.2, book_keeping=book), random=SecureRandom.seeded(5),
+            lr=0.5, weight_decay=0.01, local_epochs=2, batch_size=8,
+        )  # fmt: skip
+        trained.append(model.state_dict())
+    for key, value in trained[0].items():
+        torch.testing.assert_close(value, trained[1][key], rtol=1e-4, atol=1e-6)
+
+
+def test_book_keeping_leaves_other_models_to_opacus() -> None:
+    """Only models made of known per-example operations qualify; the rest still train."""
+    shared = torch.nn.Linear(4, 4)
+    refused = {
+        "layer norm": torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)),
+        "shared layer": torch.nn.Sequential(shared, torch.nn.ReLU(), shared),
+        "grouped conv": torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1, groups=2)),
+        "custom forward": _Custom(),
+    }
+    for name, model in refused.items():
+        assert not book_keeping.supports(model), name
+    model = refused["layer norm"]
+    before = [p.detach().clone() for p in model.parameters()]
+    dpsgd.train(
+        model, torch.randn(20, 4), torch.randint(0, 4, (20,)), dp=SampleDP(1.0, 1.0),
+        random=SecureRandom.seeded(6), lr=0.1, weight_decay=0.0, local_epochs=1, batch_size=5,
+    )  # fmt: skip
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())  # plain again
+
+
+class _Custom(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x - x.mean(0))  # mixes the batch: no per-example gradients
 
 
 # Clipping -------------------------------------------------------------------------------

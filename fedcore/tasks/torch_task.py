@@ -22,7 +22,7 @@ def default_device() -> torch.device:
 
 class TorchClassifierTask(Task):
     """A task whose model maps float inputs to class logits, trained with cross-entropy
-    (with DP-SGD through Opacus when the settings ask for sample-level privacy)."""
+    (with DP-SGD, fedcore.privacy.dpsgd, when the settings ask for sample-level privacy)."""
 
     supports_dp_sgd = True
 

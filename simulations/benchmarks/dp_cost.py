@@ -1,11 +1,14 @@
 """What sample-level DP-SGD costs at a site: local training time per round (one local
 epoch) with and without DP-SGD, in the same process, for the built-in tasks.
 
-Three variants per workload, each `TorchClassifierTask.fit` with the task's default batch
+Four variants per workload, each `TorchClassifierTask.fit` with the task's default batch
 size, learning rate and weight decay, one local epoch and `secure_rng = true` (noise and
 Poisson batches from the AES-CTR CSPRNG, as deployed):
 - plain: non-private SGD (shuffled batches of `batch_size`);
-- per-sample: DP-SGD through Opacus's per-sample gradients (GradSampleModule);
+- dp-sgd: what fedcore runs by default: one-pass book-keeping clipping
+  (fedcore/privacy/book_keeping.py) for models of Linear and Conv2d layers;
+- opacus: DP-SGD through Opacus's per-sample gradients (ExpandedWeights for convolutional
+  models, GradSampleModule's hooks otherwise), fedcore's default before book-keeping;
 - ghost: DP-SGD through Opacus's ghost clipping (per-sample norms only).
 DP-SGD runs ceil(n / batch_size) Poisson-sampled steps per epoch, as many as plain SGD has
 batches, so the per-step figures compare like with like.
@@ -14,11 +17,11 @@ Workloads: digits (small CNN) at 10 sites (~144 examples a site) and at 1 site (
 ~1,400-example training split, where per-step costs dominate); breast_cancer (logistic
 regression, and its MLP) at 3 sites. torch runs on one thread, as in fedcore's simulation
 workers. Each variant is warmed up once (Opacus import, hooks), then the variants are
-timed round-robin (plain, per-sample, ghost, plain, ...) so that noise from a shared
+timed round-robin (plain, dp-sgd, opacus, ghost, plain, ...) so that noise from a shared
 machine hits all of them alike; medians and p90 are reported, and the DP / plain ratio of
-medians (target: at most 2.5x). "noise share" is the time `SecureRandom.gaussian` takes
-to draw one round's noise (every parameter tensor, every step), over the DP round's
-median; the JSON also has the Poisson sampling draws.
+medians (target: at most 2.5x). "noise share" is the time `SecureRandom.gaussian_tensor` takes
+to draw one round's noise (every parameter, every step), over the DP round's median; the
+JSON also has the Poisson sampling draws.
 
     python simulations/benchmarks/dp_cost.py [--quick] [--repeats R] [--out PATH]
 """
@@ -61,7 +64,8 @@ NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0  # fedcore's default
 VARIANTS: dict[str, SampleDP | None] = {
     "plain": None,
-    "per_sample": SampleDP(NOISE_MULTIPLIER, MAX_GRAD_NORM, ghost_clipping=False),
+    "dp_sgd": SampleDP(NOISE_MULTIPLIER, MAX_GRAD_NORM),
+    "opacus": SampleDP(NOISE_MULTIPLIER, MAX_GRAD_NORM, book_keeping=False),
     "ghost": SampleDP(NOISE_MULTIPLIER, MAX_GRAD_NORM, ghost_clipping=True),
 }
 TARGET_RATIO = 2.5
@@ -91,20 +95,18 @@ def settings_for(task: TorchClassifierTask, dp: SampleDP | None) -> TrainSetting
     )
 
 
-def csprng_seconds(shapes: list[int], examples: int, steps: int, sample_rate: float) -> dict[str, float]:
-    """One round's CSPRNG draws, as dpsgd makes them: Gaussian noise per parameter tensor
-    and step, Bernoulli sampling per step (best of 5, a fresh generator each time)."""
+def csprng_seconds(dimension: int, examples: int, steps: int) -> dict[str, float]:
+    """One round's CSPRNG draws, as dpsgd makes them: the Gaussian noise of every step in
+    one draw, and the Poisson sampling's uniforms in another (best of 5, a fresh generator
+    each time)."""
     noise, sampling = [], []
     for _ in range(5):
         random = SecureRandom()
         started = time.perf_counter()
-        for _ in range(steps):
-            for numel in shapes:
-                random.gaussian(numel, NOISE_MULTIPLIER * MAX_GRAD_NORM)
+        random.gaussian_tensor(steps * dimension, NOISE_MULTIPLIER * MAX_GRAD_NORM)
         noise.append(time.perf_counter() - started)
         started = time.perf_counter()
-        for _ in range(steps):
-            random.bernoulli(examples, sample_rate)
+        random.uniform(steps * examples)
         sampling.append(time.perf_counter() - started)
     return {"noise_seconds": min(noise), "sampling_seconds": min(sampling)}
 
@@ -141,7 +143,7 @@ def measure(name: str, model: str | None, sites: int, repeats: int, console: Con
     for variant, steps in dp_steps.items():
         if steps != mechanism.steps:
             raise RuntimeError(f"{variant} ran {steps} steps, expected {mechanism.steps}")
-    draws = csprng_seconds(shapes, n, mechanism.steps, mechanism.sample_rate)
+    draws = csprng_seconds(sum(shapes), n, mechanism.steps)
     plain_median = statistics.median(seconds["plain"])
     variants: dict[str, Any] = {}
     for variant, times in seconds.items():
