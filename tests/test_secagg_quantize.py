@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcore.privacy.randomness import SecureRandom
 from fedcore.secagg.quantize import clip, dequantize, quantize, signed, step_for
 
 
@@ -25,7 +26,8 @@ def test_the_modular_sum_dequantizes_exactly(
     g = np.random.default_rng(seed)
     step = step_for(sites * bound, bits=bits)
     inputs = [clip(g.normal(0, bound, length), bound) for _ in range(sites)]
-    quantized = [quantize(x, step=step, bits=bits, rng=g) for x in inputs]
+    r = SecureRandom.seeded(seed)
+    quantized = [quantize(x, step=step, bits=bits, rng=r) for x in inputs]
     total = np.zeros(length, dtype=quantized[0].dtype)
     for q in quantized:
         total += q  # modulo 2**bits, as the secure sum
@@ -35,10 +37,9 @@ def test_the_modular_sum_dequantizes_exactly(
 
 
 def test_rounding_is_unbiased_and_within_one_step() -> None:
-    g = np.random.default_rng(0)
     step = 0.1
     x = np.full(200_000, 0.037)
-    q = dequantize(quantize(x, step=step, bits=32, rng=g), step=step)
+    q = dequantize(quantize(x, step=step, bits=32, rng=SecureRandom.seeded(0)), step=step)
     assert np.abs(q - x).max() <= step
     # 0.037 = 0.37 steps: rounds up with probability 0.37; the mean must match (5 sigma).
     sigma = step * np.sqrt(0.37 * 0.63 / len(x))
@@ -47,13 +48,12 @@ def test_rounding_is_unbiased_and_within_one_step() -> None:
 
 @pytest.mark.parametrize("bits", [32, 64])
 def test_negative_values_wrap_in_twos_complement(bits: int) -> None:
-    g = np.random.default_rng(1)
-    q = quantize(np.array([-1.0, 0.0, 2.0]), step=1.0, bits=bits, rng=g)
+    q = quantize(np.array([-1.0, 0.0, 2.0]), step=1.0, bits=bits, rng=SecureRandom.seeded(1))
     np.testing.assert_array_equal(signed(q), [-1, 0, 2])
 
 
 def test_values_outside_the_range_are_refused() -> None:
-    g = np.random.default_rng(2)
+    g = SecureRandom.seeded(2)
     with pytest.raises(ValueError):
         quantize(np.array([1e30]), step=1.0, bits=32, rng=g)
     with pytest.raises(ValueError):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import secrets
 
 import numpy as np
 
+from fedcore.privacy.randomness import SecureRandom
 from fedcore.secagg.common import AbortReason, RoundParams, need
-from fedcore.secagg.contribution import contribution
-from fedcore.secagg.quantize import quantize
+from fedcore.secagg.contribution import quantized_contribution
 from fedcore.secagg.stages.advertise import ClientAdvertise, NeighbourKeys
 from fedcore.secagg.stages.masked_input import ClientMaskedInput, MaskedInput
 from fedcore.secagg.stages.share_keys import ClientShareKeys, RoutedShares
@@ -72,10 +71,15 @@ class SecAggClient:
         """Stage 3: the site's weighted, clipped, quantized and masked update."""
         self._expect(ClientMaskedInput, round_number)
         assert isinstance(self.state, ClientMaskedInput)
-        vector = contribution(update, template, weight=weight, clip=clip)
-        # Stochastic rounding from a generator seeded by the OS's secure source.
-        rng = np.random.default_rng(secrets.randbits(128))
-        quantized = quantize(vector, step=step, bits=self.state.params.bits, rng=rng)
+        quantized = quantized_contribution(
+            update,
+            template,
+            weight=weight,
+            clip=clip,
+            step=step,
+            bits=self.state.params.bits,
+            rng=SecureRandom(),  # stochastic rounding from AES-CTR keyed by the OS
+        )
         masked, self.state = self.state.receive(routed, quantized)
         return masked
 

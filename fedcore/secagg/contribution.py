@@ -1,7 +1,7 @@
 """What a site feeds into secure aggregation, and how the server reads the sum.
 
-A site's contribution is one vector: its clipped update times its weight, then the weight
-itself, w in (0, 1] (the site's example count over a public cap). The secure sum is then
+A site's contribution is one vector, quantized: its clipped update times its weight, then
+the weight itself, w in (0, 1] (the site's example count over a public cap). The secure sum is then
 [sum w x, sum w], and the weighted mean update is their ratio, as in plain FedAvg. Every
 entry is at most max(clip, 1) in magnitude, so `step_for_round` can pick a quantization
 step at which the sum of all sampled sites cannot wrap around.
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedcore.secagg.quantize import step_for
+from fedcore.privacy.randomness import SecureRandom
+from fedcore.secagg.quantize import UInt, quantize_into, step_for
 from fedcore.tensors import Arrays
 
 
@@ -19,16 +20,24 @@ def weight(examples: int, max_examples: int) -> float:
     return min(examples, max_examples) / max_examples
 
 
-def contribution(update: Arrays, template: Arrays, *, weight: float, clip: float) -> np.ndarray:
-    """[clip(update) x weight, weight] as one float64 vector, written in place."""
-    out = np.empty(length(template), dtype=np.float64)
+def quantized_contribution(
+    update: Arrays,
+    template: Arrays,
+    *,
+    weight: float,
+    clip: float,
+    step: float,
+    bits: int,
+    rng: SecureRandom,
+) -> UInt:
+    """[clip(update) x weight, weight], quantized at `step` modulo 2**bits, as one vector."""
+    out: UInt = np.empty(length(template), dtype=np.uint32 if bits == 32 else np.uint64)
     offset = 0
     for name, ref in template.items():
-        part = out[offset : offset + ref.size]
-        np.clip(np.asarray(update[name]).ravel(), -clip, clip, out=part)
+        values = np.asarray(update[name]).ravel()
+        quantize_into(out[offset : offset + ref.size], values, scale=weight / step, clip=clip, rng=rng)
         offset += ref.size
-    out[:-1] *= weight
-    out[-1] = weight
+    quantize_into(out[-1:], np.array([weight]), scale=1.0 / step, rng=rng)
     return out
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, overload
 
@@ -45,6 +46,7 @@ __all__ = [
     "TAG_BYTES",
     "KeyPair",
     "add_mask",
+    "add_masks",
     "agree",
     "decrypt",
     "encrypt",
@@ -195,20 +197,35 @@ _ZEROS: Final = bytes(_CHUNK_BYTES)  # the CTR plaintext: the output is the keys
 def add_mask(into: npt.NDArray[np.unsignedinteger[Any]], seed: bytes, *, subtract: bool = False) -> None:
     """``into += mask`` (or ``-=``) modulo 2**bits, in place, where mask is what
     ``expand_mask(seed, into.size, bits=...)`` returns for ``into``'s dtype (uint32 or uint64)."""
+    add_masks(into, [(seed, subtract)])
+
+
+def add_masks(into: npt.NDArray[np.unsignedinteger[Any]], masks: Sequence[tuple[bytes, bool]]) -> None:
+    """``add_mask(into, seed, subtract=subtract)`` for every (seed, subtract) of `masks`, in
+    one pass over `into`: each piece of it stays in cache while every mask's keystream for
+    that piece is added, instead of `into` crossing memory once per mask."""
     bits = {np.dtype(np.uint32): 32, np.dtype(np.uint64): 64}.get(into.dtype)
     if bits is None or into.ndim != 1:
         raise ValueError(f"masks apply to 1-d uint32/uint64 vectors, got {into.dtype} {into.shape}")
-    if len(seed) != KEY_BYTES:
-        raise ValueError(f"mask seed must be {KEY_BYTES} bytes, got {len(seed)}")
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(_CTR_BLOCK_BYTES))).encryptor()
-    combine = np.subtract if subtract else np.add
+    for seed, _ in masks:
+        if len(seed) != KEY_BYTES:
+            raise ValueError(f"mask seed must be {KEY_BYTES} bytes, got {len(seed)}")
+    streams = [
+        (
+            Cipher(algorithms.AES(seed), modes.CTR(bytes(_CTR_BLOCK_BYTES))).encryptor(),
+            np.subtract if subtract else np.add,
+        )
+        for seed, subtract in masks
+    ]
     per_chunk = _CHUNK_BYTES // into.itemsize
     keystream = np.frombuffer(_buffers.out, dtype=_MASK_DTYPES[bits], count=per_chunk)
     zeros = memoryview(_ZEROS)
     for start in range(0, into.size, per_chunk):
         part = into[start : start + per_chunk]
-        written = encryptor.update_into(zeros[: part.nbytes], _buffers.out)
-        if written != part.nbytes:  # pragma: no cover - CTR is a stream mode
-            raise RuntimeError(f"AES-CTR wrote {written} bytes, expected {part.nbytes}")
-        combine(part, keystream[: part.size], out=part)  # little-endian view: the cast is exact
-    encryptor.finalize()
+        for encryptor, combine in streams:
+            written = encryptor.update_into(zeros[: part.nbytes], _buffers.out)
+            if written != part.nbytes:  # pragma: no cover - CTR is a stream mode
+                raise RuntimeError(f"AES-CTR wrote {written} bytes, expected {part.nbytes}")
+            combine(part, keystream[: part.size], out=part)  # little-endian view: the cast is exact
+    for encryptor, _ in streams:
+        encryptor.finalize()

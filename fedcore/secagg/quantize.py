@@ -11,10 +11,12 @@ sum therefore gives exactly the sum of the dequantized inputs.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+
+from fedcore.privacy.randomness import SecureRandom
 
 UInt = npt.NDArray[np.unsignedinteger[Any]]
 
@@ -27,24 +29,46 @@ def step_for(max_abs_sum: float, *, bits: int) -> float:
     return math.ldexp(float(max_abs_sum), -(bits - 2))
 
 
-def quantize(values: np.ndarray, *, step: float, bits: int, rng: np.random.Generator) -> UInt:
+_PIECE: Final = 1 << 16  # values quantized at a time: the float64 scratch (512 KB) stays in cache
+
+
+def quantize(values: np.ndarray, *, step: float, bits: int, rng: SecureRandom) -> UInt:
     """Integers modulo 2**bits (uint32 or uint64) for `values`, stochastically rounded."""
     if bits not in (32, 64):
         raise ValueError("bits must be 32 or 64")
-    scaled = np.divide(values, step, dtype=np.float64)
-    bound = math.ldexp(1.0, bits - 2)
-    if not (-bound <= scaled.min(initial=0.0) and scaled.max(initial=0.0) <= bound):  # NaN fails too
-        raise ValueError("values are not finite or exceed the quantization range; clip them first")
-    # floor(x + u), u uniform in [0, 1), is floor(x) + 1 with probability frac(x): stochastic
-    # rounding in place, in three passes (float32 uniforms: a bias of 2**-24 at most).
-    scaled += rng.random(scaled.shape, dtype=np.float32)
-    np.floor(scaled, out=scaled)
-    # |values| <= 2**(bits - 2): the signed cast is exact, and its two's complement bits are
-    # the value modulo 2**bits, as the secure sum needs.
-    out: UInt = (
-        scaled.astype(np.int64).view(np.uint64) if bits == 64 else scaled.astype(np.int32).view(np.uint32)
-    )
+    out: UInt = np.empty(np.size(values), dtype=np.uint32 if bits == 32 else np.uint64)
+    quantize_into(out, np.ravel(values), scale=1.0 / step, rng=rng)
     return out
+
+
+def quantize_into(
+    out: UInt, values: np.ndarray, *, scale: float, rng: SecureRandom, clip: float | None = None
+) -> None:
+    """out[:] = the stochastic rounding of clip(values) x scale, modulo 2**bits (out's dtype,
+    uint32 or uint64), piece by piece so that no temporary leaves the cache."""
+    bits = out.itemsize * 8
+    target = out.view(np.int32 if bits == 32 else np.int64)
+    bound = math.ldexp(1.0, bits - 2)
+    width = min(_PIECE, values.size)
+    scratch, uniforms = np.empty(width), np.empty(width)
+    for start in range(0, values.size, _PIECE):
+        piece = values[start : start + _PIECE]
+        x, u = scratch[: piece.size], uniforms[: piece.size]
+        if clip is None:
+            x[...] = piece
+        else:
+            np.clip(piece, -clip, clip, out=x)
+        x *= scale
+        if not (-bound <= x.min() and x.max() <= bound):  # NaN fails too
+            raise ValueError("values are not finite or exceed the quantization range; clip them first")
+        # floor(x + u), u uniform in [0, 1), is floor(x) + 1 with probability frac(x):
+        # stochastic rounding (32-bit uniforms: a bias of 2**-32 at most).
+        rng.fill_uniform32(u)
+        x += u
+        np.floor(x, out=x)
+        # |x| <= 2**(bits - 2): the signed cast is exact, and its two's complement bits are
+        # the value modulo 2**bits, as the secure sum needs.
+        target[start : start + piece.size] = x
 
 
 def signed(total: UInt) -> npt.NDArray[np.int64]:

@@ -179,13 +179,13 @@ def check_header_like(header: pb.Payload, reference: Mapping[str, np.ndarray]) -
 def check_finite(arrays: Mapping[str, np.ndarray]) -> None:
     """Raise ProtocolError if any float array holds NaN or infinity."""
     for name, array in arrays.items():
+        if array.dtype.kind != "f":
+            continue
         # One pass, no temporary: a float64 sum is finite iff every value is, except that
         # huge finite float64 values can overflow it; only then look element by element.
-        if (
-            array.dtype.kind == "f"
-            and not math.isfinite(np.sum(array, dtype=np.float64))
-            and not np.isfinite(array).all()
-        ):
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = np.sum(array, dtype=np.float64)
+        if not math.isfinite(total) and not np.isfinite(array).all():
             raise ProtocolError(f"tensor {name!r} holds non-finite values")
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcore.secagg.common import AbortReason, RoundParams, need
-from fedcore.secagg.primitives import KeyPair, add_mask, agree
+from fedcore.secagg.primitives import KeyPair, add_masks, agree
 from fedcore.secagg.stages.advertise import AdvertiseKeys
 from fedcore.secagg.stages.share_keys import RoutedShares
 
@@ -29,8 +29,7 @@ def dtype(params: RoundParams) -> type[np.unsignedinteger[Any]]:
     return np.uint32 if params.bits == 32 else np.uint64
 
 
-def add_pairwise_mask(
-    into: np.ndarray,
+def pairwise_mask(
     params: RoundParams,
     mask_private: KeyPair,
     me: str,
@@ -38,11 +37,11 @@ def add_pairwise_mask(
     peer_mask_public: bytes,
     *,
     negate: bool = False,
-) -> None:
-    """Add to `into` the mask `me` adds for `peer`: +PRG(s) if me sorts before peer, else
-    -PRG(s) (mod 2**bits); `negate` removes it instead."""
+) -> tuple[bytes, bool]:
+    """The mask `me` adds for `peer`, as (seed, subtract) for `add_masks`: +PRG(s) if me
+    sorts before peer, else -PRG(s) (mod 2**bits); `negate` gives its removal instead."""
     secret = agree(mask_private.private, peer_mask_public, info=params.info("pairwise mask"))
-    add_mask(into, secret, subtract=(params.index(me) > params.index(peer)) != negate)
+    return secret, (params.index(me) > params.index(peer)) != negate
 
 
 @dataclass(frozen=True)
@@ -76,9 +75,11 @@ class ClientMaskedInput:
             "input of the wrong shape or type",
         )
         masked = quantized.copy()
-        add_mask(masked, self.self_seed)
-        for peer in sorted(message.ciphertexts):
-            add_pairwise_mask(masked, p, self.mask, self.site, peer, self.neighbour_keys[peer].mask_public)
+        masks = [(self.self_seed, False)] + [
+            pairwise_mask(p, self.mask, self.site, peer, self.neighbour_keys[peer].mask_public)
+            for peer in sorted(message.ciphertexts)
+        ]
+        add_masks(masked, masks)
         state = ClientUnmask(p, self.site, self.cipher, self.neighbour_keys, dict(message.ciphertexts))
         return MaskedInput(self.site, masked), state
 

@@ -13,9 +13,9 @@ import numpy as np
 from fedcore.errors import SecurityError
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RoundParams, need
-from fedcore.secagg.primitives import KeyPair, add_mask, agree, decrypt
+from fedcore.secagg.primitives import KeyPair, add_masks, agree, decrypt
 from fedcore.secagg.stages.advertise import AdvertiseKeys
-from fedcore.secagg.stages.masked_input import add_pairwise_mask
+from fedcore.secagg.stages.masked_input import pairwise_mask
 
 SHARE = shamir.SHARE_BYTES
 
@@ -120,15 +120,14 @@ class ServerUnmask:
                     f"{m.site} sent a key share of {peer}",
                 )
                 private_keys[peer].append(shamir.Share(x, y))
-        result = self.total.copy()
+        masks: list[tuple[bytes, bool]] = []  # what to remove from the total
         for site, shares in sorted(seeds.items()):
             need(
                 len(shares) >= p.threshold,
                 AbortReason.NOT_ENOUGH_SHARES,
                 f"self-mask seed of {site}: {len(shares)} shares",
             )
-            seed = _combine(shares, p.threshold, site)
-            add_mask(result, seed, subtract=True)
+            masks.append((_combine(shares, p.threshold, site), True))
         for site, shares in sorted(private_keys.items()):
             need(
                 len(shares) >= p.threshold,
@@ -143,8 +142,12 @@ class ServerUnmask:
             )
             # Remove what each surviving neighbour added for the dropped site: the dropped
             # site's own view of that pairwise mask is exactly its negation.
-            for peer in sorted(p.neighbours[site] & self.survivors):
-                add_pairwise_mask(result, p, pair, site, peer, self.keys[peer].mask_public)
+            masks += [
+                pairwise_mask(p, pair, site, peer, self.keys[peer].mask_public)
+                for peer in sorted(p.neighbours[site] & self.survivors)
+            ]
+        result = self.total.copy()
+        add_masks(result, masks)
         return result
 
 
