@@ -75,13 +75,14 @@ def signed(total: UInt) -> npt.NDArray[np.int64]:
     """Integers modulo 2**bits read as two's complement."""
     if total.dtype == np.uint64:
         return total.view(np.int64)
-    as_int = total.astype(np.int64)
-    return np.where(as_int >= 1 << 31, as_int - (1 << 32), as_int)
+    return total.view(np.int32).astype(np.int64)
 
 
 def dequantize(total: UInt, *, step: float) -> npt.NDArray[np.float64]:
     """Real values from (a sum of) quantized integers."""
-    return signed(total).astype(np.float64) * step
+    out = total.view(np.int64 if total.dtype == np.uint64 else np.int32).astype(np.float64)
+    out *= step
+    return out
 
 
 def clip(values: np.ndarray, bound: float) -> np.ndarray:
