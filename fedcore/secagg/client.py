@@ -80,7 +80,7 @@ class SecAggClient:
             bits=self.state.params.bits,
             rng=SecureRandom(),  # stochastic rounding from AES-CTR keyed by the OS
         )
-        masked, self.state = self.state.receive(routed, quantized)
+        masked, self.state = self.state.receive(routed, quantized, in_place=True)
         return masked
 
     def mask_integers(self, routed: RoutedShares, round_number: int, values: np.ndarray) -> MaskedInput:
