@@ -150,11 +150,12 @@ def train(
         lambda count: random.gaussian_tensor(count, std), sum(p.numel() for p in trainable), mechanism.steps
     )
     sampling = _Ahead(lambda count: torch.from_numpy(random.uniform(count)), n, mechanism.steps)
+    run = _Run(sgd, dp, noise, expected_batch, after_noise)
     steps: _BookKeepingSteps | _OpacusSteps
     if dp.book_keeping and not dp.ghost_clipping and book_keeping.supports(model):
-        steps = _BookKeepingSteps(model, sgd, dp, noise, expected_batch, after_noise)
+        steps = _BookKeepingSteps(model, run)
     else:
-        steps = _OpacusSteps(model, sgd, dp, noise, expected_batch, after_noise)
+        steps = _OpacusSteps(model, run)
     total_loss, seen = 0.0, 0
     try:
         for _ in range(mechanism.steps):
@@ -170,23 +171,25 @@ def train(
     return total_loss / max(seen, 1), mechanism
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every step of a round shares."""
+
+    sgd: torch.optim.SGD
+    dp: SampleDP
+    noise: _Ahead  # rows of N(0, (noise_multiplier x max_grad_norm)^2), one per step
+    expected_batch: int  # the "mean" loss's denominator: n x sampling rate
+    after_noise: Callable[[], None] | None
+
+
 class _BookKeepingSteps:
     """DP-SGD steps with `book_keeping`'s one-pass clipping and our own noise and scaling,
     the same arithmetic as Opacus's DPOptimizer for a "mean" loss."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        sgd: torch.optim.SGD,
-        dp: SampleDP,
-        noise: _Ahead,
-        expected_batch: int,
-        after_noise: Callable[[], None] | None,
-    ) -> None:
-        self.model, self.sgd, self.noise, self.after_noise = model, sgd, noise, after_noise
-        self.expected_batch = expected_batch
+    def __init__(self, model: nn.Module, run: _Run) -> None:
+        self.model, self.run = model, run
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.clipping = book_keeping.BookKeeping(model, dp.max_grad_norm)
+        self.clipping = book_keeping.BookKeeping(model, run.dp.max_grad_norm)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One step on a batch; the batch's mean loss."""
@@ -200,34 +203,27 @@ class _BookKeepingSteps:
 
     def _noise_and_update(self, sums: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for p, grad in zip(self.params, _noised(sums, self.noise.next()), strict=True):
-                p.grad = grad.div_(self.expected_batch)
-        if self.after_noise is not None:
-            self.after_noise()
-        self.sgd.step()
+            for p, grad in zip(self.params, _noised(sums, self.run.noise.next()), strict=True):
+                p.grad = grad.div_(self.run.expected_batch)
+        if self.run.after_noise is not None:
+            self.run.after_noise()
+        self.run.sgd.step()
 
     def close(self) -> None:
         self.clipping.close()
-        self.sgd.zero_grad(set_to_none=True)
+        self.run.sgd.zero_grad(set_to_none=True)
 
 
 class _OpacusSteps:
     """DP-SGD steps through Opacus: per-example gradients (ExpandedWeights for convolutional
-    models, hooks otherwise) or ghost clipping, with the noise drawn from `noise`."""
+    models, hooks otherwise) or ghost clipping, with the noise drawn from `run.noise`."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        sgd: torch.optim.SGD,
-        dp: SampleDP,
-        noise: _Ahead,
-        expected_batch: int,
-        after_noise: Callable[[], None] | None,
-    ) -> None:
+    def __init__(self, model: nn.Module, run: _Run) -> None:
         from opacus import GradSampleModule
         from opacus.grad_sample import GradSampleModuleExpandedWeights, GradSampleModuleFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
+        dp, after_noise = run.dp, run.after_noise
         self.module: Any
         if dp.ghost_clipping:
             self.module = GradSampleModuleFastGradientClipping(
@@ -240,13 +236,13 @@ class _OpacusSteps:
         else:
             self.module = GradSampleModule(model, loss_reduction="mean")
         self.optimizer: Any = _optimizer_class(dp.ghost_clipping)(
-            sgd,
+            run.sgd,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=expected_batch,
+            expected_batch_size=run.expected_batch,
             loss_reduction="mean",
         )
-        self.optimizer.noise = noise
+        self.optimizer.noise = run.noise
         if after_noise is not None:
             self.optimizer.attach_step_hook(lambda _: after_noise())
         self.criterion: Any = nn.CrossEntropyLoss(reduction="mean")
