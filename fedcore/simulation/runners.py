@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import ctypes
-import math
 import multiprocessing
 import os
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -173,11 +172,16 @@ class LocalRunner(SiteRunner):
 
     def _dispatch(self) -> None:
         pending, self._pending = self._pending, []
-        size = math.ceil(len(pending) / (self.BATCHES_PER_WORKER * self.workers))
-        for start in range(0, len(pending), size):
-            task = asyncio.ensure_future(self._run_batch(pending[start : start + size]))
+        # Sizes differ by one at most, larger batches first: the workers end a stage together.
+        size, larger = divmod(len(pending), min(len(pending), self.BATCHES_PER_WORKER * self.workers))
+        start = 0
+        while start < len(pending):
+            end = start + size + (larger > 0)
+            larger -= 1
+            task = asyncio.ensure_future(self._run_batch(pending[start:end]))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
+            start = end
 
     async def _run_batch(
         self, batch: list[tuple[int, Instruction, object | None, asyncio.Future[Any]]]

@@ -48,7 +48,7 @@ def pairwise_mask(
 class ClientMaskedInput:
     params: RoundParams
     site: str
-    cipher: KeyPair
+    channel_keys: dict[str, bytes]  # neighbour -> the key its shares for this site are encrypted with
     mask: KeyPair
     self_seed: bytes
     neighbour_keys: dict[str, AdvertiseKeys]
@@ -83,7 +83,7 @@ class ClientMaskedInput:
             for peer in sorted(message.ciphertexts)
         ]
         add_masks(masked, masks)
-        state = ClientUnmask(p, self.site, self.cipher, self.neighbour_keys, dict(message.ciphertexts))
+        state = ClientUnmask(p, self.site, self.channel_keys, dict(message.ciphertexts))
         return MaskedInput(self.site, masked), state
 
 

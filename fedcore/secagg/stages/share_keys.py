@@ -64,14 +64,20 @@ class ClientShareKeys:
         xs = {peer: p.index(peer) for peer in peers}
         seed_shares = _shares(self_seed, xs, p.threshold, randbytes)
         key_shares = _shares(private_bytes(self.mask), xs, p.threshold, randbytes)
-        ciphertexts = {}
-        for peer in peers:
-            key = agree(
+        # The channel key with each neighbour, kept for decrypting its shares at unmask.
+        channel = {
+            peer: agree(
                 self.cipher.private, message.keys[peer].cipher_public, info=p.info("share encryption")
             )
-            plaintext = seed_shares[peer] + key_shares[peer]
-            ciphertexts[peer] = encrypt(key, plaintext, associated=p.associated(self.site, peer))
-        state = ClientMaskedInput(p, self.site, self.cipher, self.mask, self_seed, dict(message.keys))
+            for peer in peers
+        }
+        ciphertexts = {
+            peer: encrypt(
+                channel[peer], seed_shares[peer] + key_shares[peer], associated=p.associated(self.site, peer)
+            )
+            for peer in peers
+        }
+        state = ClientMaskedInput(p, self.site, channel, self.mask, self_seed, dict(message.keys))
         return ShareKeys(self.site, ciphertexts), state
 
 

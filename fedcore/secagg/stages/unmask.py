@@ -13,7 +13,7 @@ import numpy as np
 from fedcore.errors import SecurityError
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RoundParams, need
-from fedcore.secagg.primitives import KeyPair, add_masks, agree, decrypt
+from fedcore.secagg.primitives import KeyPair, add_masks, decrypt
 from fedcore.secagg.stages.advertise import AdvertiseKeys
 from fedcore.secagg.stages.masked_input import pairwise_mask
 
@@ -38,8 +38,7 @@ class UnmaskShares:
 class ClientUnmask:
     params: RoundParams
     site: str
-    cipher: KeyPair
-    neighbour_keys: dict[str, AdvertiseKeys]
+    channel_keys: dict[str, bytes]  # neighbour -> the key of the channel with it (share keys)
     ciphertexts: dict[str, bytes]  # sender -> its encrypted shares for this site
 
     def receive(self, request: UnmaskRequest) -> UnmaskShares:
@@ -63,11 +62,10 @@ class ClientUnmask:
         )
         seed_shares, key_shares = {}, {}
         for peer in sorted(asked):
-            key = agree(
-                self.cipher.private, self.neighbour_keys[peer].cipher_public, info=p.info("share encryption")
-            )
             try:
-                plaintext = decrypt(key, self.ciphertexts[peer], associated=p.associated(peer, self.site))
+                plaintext = decrypt(
+                    self.channel_keys[peer], self.ciphertexts[peer], associated=p.associated(peer, self.site)
+                )
             except SecurityError:
                 need(False, AbortReason.DECRYPTION_FAILED, f"share from {peer}")
             need(len(plaintext) == 2 * SHARE, AbortReason.BAD_MESSAGE, f"share from {peer}")
