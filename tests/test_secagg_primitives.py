@@ -232,6 +232,7 @@ def test_agree_is_symmetric_and_purpose_bound() -> None:
     ab = agree(a.private, b.public, info=b"fedcore/test/mask")
     assert len(ab) == 32
     assert ab == agree(b.private, a.public, info=b"fedcore/test/mask")
+    assert ab == agree(a.key(), b.public, info=b"fedcore/test/mask")  # a loaded key: the same
     assert ab != agree(a.private, b.public, info=b"fedcore/test/encryption")
     assert ab != agree(a.private, c.public, info=b"fedcore/test/mask")
     assert len({generate_keypair().public for _ in range(5)}) == 5

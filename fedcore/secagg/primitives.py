@@ -81,13 +81,18 @@ class KeyPair:
         )
         return KeyPair(private=private, public=public)
 
+    def key(self) -> X25519PrivateKey:
+        """The private key loaded, for several `agree` calls in a row (loading costs as much
+        as the exchange)."""
+        return X25519PrivateKey.from_private_bytes(self.private)
+
 
 def generate_keypair() -> KeyPair:
     """A fresh X25519 key pair from the OS's secure random source."""
     return KeyPair.from_private(os.urandom(KEY_BYTES))
 
 
-def agree(private: bytes, peer_public: bytes, *, info: bytes) -> bytes:
+def agree(private: bytes | X25519PrivateKey, peer_public: bytes, *, info: bytes) -> bytes:
     """The 32-byte key shared with the owner of ``peer_public`` for the purpose named by ``info``.
 
     X25519, then HKDF-SHA256 (salt None, length 32, the given ``info``). Symmetric:
@@ -99,9 +104,10 @@ def agree(private: bytes, peer_public: bytes, *, info: bytes) -> bytes:
             f"malformed X25519 public key: {len(peer_public)} bytes, expected {PUBLIC_KEY_BYTES}"
         )
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
+        key = (
+            private if isinstance(private, X25519PrivateKey) else X25519PrivateKey.from_private_bytes(private)
         )
+        shared = key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:  # cryptography rejects an all-zero shared secret (low-order point)
         raise SecurityError(f"rejected X25519 public key: {exc}") from exc
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore.secagg.common import AbortReason, RoundParams, need
 from fedcore.secagg.primitives import KeyPair, add_masks, agree
@@ -31,7 +32,7 @@ def dtype(params: RoundParams) -> type[np.unsignedinteger[Any]]:
 
 def pairwise_mask(
     params: RoundParams,
-    mask_private: KeyPair,
+    mask_private: X25519PrivateKey,
     me: str,
     peer: str,
     peer_mask_public: bytes,
@@ -40,7 +41,7 @@ def pairwise_mask(
 ) -> tuple[bytes, bool]:
     """The mask `me` adds for `peer`, as (seed, subtract) for `add_masks`: +PRG(s) if me
     sorts before peer, else -PRG(s) (mod 2**bits); `negate` gives its removal instead."""
-    secret = agree(mask_private.private, peer_mask_public, info=params.info("pairwise mask"))
+    secret = agree(mask_private, peer_mask_public, info=params.info("pairwise mask"))
     return secret, (params.index(me) > params.index(peer)) != negate
 
 
@@ -78,8 +79,9 @@ class ClientMaskedInput:
             "input of the wrong shape or type",
         )
         masked = quantized if in_place else quantized.copy()
+        private = self.mask.key()
         masks = [(self.self_seed, False)] + [
-            pairwise_mask(p, self.mask, self.site, peer, self.neighbour_keys[peer].mask_public)
+            pairwise_mask(p, private, self.site, peer, self.neighbour_keys[peer].mask_public)
             for peer in sorted(message.ciphertexts)
         ]
         add_masks(masked, masks)

@@ -65,10 +65,9 @@ class ClientShareKeys:
         seed_shares = _shares(self_seed, xs, p.threshold, randbytes)
         key_shares = _shares(private_bytes(self.mask), xs, p.threshold, randbytes)
         # The channel key with each neighbour, kept for decrypting its shares at unmask.
+        private = self.cipher.key()
         channel = {
-            peer: agree(
-                self.cipher.private, message.keys[peer].cipher_public, info=p.info("share encryption")
-            )
+            peer: agree(private, message.keys[peer].cipher_public, info=p.info("share encryption"))
             for peer in peers
         }
         ciphertexts = {

@@ -140,8 +140,9 @@ class ServerUnmask:
             )
             # Remove what each surviving neighbour added for the dropped site: the dropped
             # site's own view of that pairwise mask is exactly its negation.
+            private = pair.key()
             masks += [
-                pairwise_mask(p, pair, site, peer, self.keys[peer].mask_public)
+                pairwise_mask(p, private, site, peer, self.keys[peer].mask_public)
                 for peer in sorted(p.neighbours[site] & self.survivors)
             ]
         result = self.total.copy()
