@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcore.privacy.randomness import SecureRandom
+from fedcore.secagg.contribution import quantized_contribution
 from fedcore.secagg.quantize import clip, dequantize, quantize, signed, step_for
 
 
@@ -58,3 +59,22 @@ def test_values_outside_the_range_are_refused() -> None:
         quantize(np.array([1e30]), step=1.0, bits=32, rng=g)
     with pytest.raises(ValueError):
         quantize(np.array([np.nan]), step=1.0, bits=32, rng=g)
+
+
+def test_a_contribution_with_nan_or_a_clip_beyond_the_range_is_refused() -> None:
+    template = {"w": np.zeros(200_000, np.float32)}
+    update = {"w": np.full(200_000, 0.5, np.float32)}
+    update["w"][150_000] = np.nan  # in the third piece
+    step = step_for(10.0, bits=32)
+    with pytest.raises(ValueError, match="not finite"):
+        quantized_contribution(
+            update, template, weight=1.0, clip=1.0, step=step, bits=32, rng=SecureRandom.seeded(3)
+        )
+    with pytest.raises(ValueError, match="clipping range"):
+        quantized_contribution(
+            template, template, weight=1.0, clip=1e12, step=step, bits=32, rng=SecureRandom.seeded(3)
+        )
+    clean = quantized_contribution(
+        template, template, weight=1.0, clip=1.0, step=step, bits=32, rng=SecureRandom.seeded(3)
+    )
+    np.testing.assert_array_equal(signed(clean)[:-1], 0)

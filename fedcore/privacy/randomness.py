@@ -42,7 +42,7 @@ class SecureRandom:
         if len(key) != 32:
             raise ValueError("key must be 32 bytes")
         self._stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-        self._raw = bytearray()  # fill_uniform32's keystream, reused
+        self._raw, self._zeros = bytearray(), b""  # fill_uniform32's buffers, reused
 
     @classmethod
     def seeded(cls, seed: int) -> SecureRandom:
@@ -59,10 +59,12 @@ class SecureRandom:
         """out[:] (float64) = uniforms in [0, 1) with 32 random bits each: half the keystream
         of `uniform`, enough for stochastic rounding."""
         nbytes = 4 * out.size
-        if len(self._raw) < nbytes + 15:
+        if len(self._zeros) < nbytes:
+            self._zeros = bytes(nbytes)
             self._raw = bytearray(nbytes + 15)  # update_into wants room for a block of slack
-        self._stream.update_into(bytes(nbytes), self._raw)
-        np.multiply(np.frombuffer(self._raw, dtype="<u4", count=out.size), 2.0**-32, out=out)
+        self._stream.update_into(memoryview(self._zeros)[:nbytes], self._raw)
+        np.copyto(out, np.frombuffer(self._raw, dtype="<u4", count=out.size))
+        out *= 2.0**-32
 
     def uniform(self, count: int) -> np.ndarray:
         """`count` floats uniform in (0, 1): 53 random bits each, never exactly 0."""

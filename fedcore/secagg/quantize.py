@@ -49,6 +49,8 @@ def quantize_into(
     bits = out.itemsize * 8
     target = out.view(np.int32 if bits == 32 else np.int64)
     bound = math.ldexp(1.0, bits - 2)
+    if clip is not None and not abs(clip * scale) <= bound:
+        raise ValueError("the clipping range exceeds the quantization range")
     width = min(_PIECE, values.size)
     scratch, uniforms = np.empty(width), np.empty(width)
     for start in range(0, values.size, _PIECE):
@@ -56,10 +58,13 @@ def quantize_into(
         x, u = scratch[: piece.size], uniforms[: piece.size]
         if clip is None:
             x[...] = piece
+            x *= scale
+            in_range = -bound <= x.min() and x.max() <= bound  # NaN fails too
         else:
             np.clip(piece, -clip, clip, out=x)
-        x *= scale
-        if not (-bound <= x.min() and x.max() <= bound):  # NaN fails too
+            x *= scale
+            in_range = not math.isnan(np.add.reduce(x))  # clipped: only NaN can be wrong
+        if not in_range:
             raise ValueError("values are not finite or exceed the quantization range; clip them first")
         # floor(x + u), u uniform in [0, 1), is floor(x) + 1 with probability frac(x):
         # stochastic rounding (32-bit uniforms: a bias of 2**-32 at most).
