@@ -181,10 +181,11 @@ def check_finite(arrays: Mapping[str, np.ndarray]) -> None:
     for name, array in arrays.items():
         if array.dtype.kind != "f":
             continue
-        # One pass, no temporary: a float64 sum is finite iff every value is, except that
-        # huge finite float64 values can overflow it; only then look element by element.
+        # One pass, no temporary: a sum is finite iff every value is, except that huge finite
+        # values can overflow it; only then look element by element. Summed in the array's
+        # own precision (float16 in float32): twice as fast as in float64.
         with np.errstate(over="ignore", invalid="ignore"):
-            total = np.sum(array, dtype=np.float64)
+            total = np.add.reduce(array, axis=None, dtype=np.float32 if array.dtype == np.float16 else None)
         if not math.isfinite(total) and not np.isfinite(array).all():
             raise ProtocolError(f"tensor {name!r} holds non-finite values")
 

@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only 20 sites x 100K params")
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument(
-        "--rounds", type=int, default=5, help="fedcore rounds per setting (median of all but the first)"
+        "--rounds", type=int, default=8, help="fedcore rounds per setting (median of all but the first)"
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
