@@ -18,8 +18,9 @@ from fedcore.simulation.runners import LocalRunner
 pytestmark = pytest.mark.skipif(not shared_arrays.available(), reason="no /dev/shm")
 
 
-def our_files(owner: int | None = None) -> list[str]:
-    return glob.glob(shared_arrays.file_prefix(owner or os.getpid()) + "*")
+def our_files() -> list[str]:
+    """Every file this process's publishers made."""
+    return glob.glob(f"/dev/shm/fedcore-{os.getpid()}-*")
 
 
 def test_an_array_sent_to_many_sites_is_written_once_and_removed_after_the_last() -> None:
@@ -41,9 +42,21 @@ def test_an_array_sent_to_many_sites_is_written_once_and_removed_after_the_last(
     np.testing.assert_array_equal(received["w"], big)  # a mapping outlives the file's name
 
 
+def test_closing_one_publisher_leaves_another_s_files() -> None:
+    first, second = shared_arrays.Publisher(), shared_arrays.Publisher()
+    array = np.ones(1 << 17)
+    _, used = second.dumps(array)
+    first.dumps(np.zeros(1 << 17))
+    first.close()
+    assert len(our_files()) == 1  # the second simulation's model is still there
+    second.release(used)
+    second.close()
+    assert our_files() == []
+
+
 def test_a_reply_file_is_removed_as_soon_as_it_is_read() -> None:
     vector = np.arange(1 << 18, dtype=np.uint32)
-    data = shared_arrays.dumps([vector], shared_arrays.reply_export(os.getpid()))
+    data = shared_arrays.dumps([vector], shared_arrays.reply_export(f"{os.getpid()}-test"))
     assert len(our_files()) == 1
     (received,) = shared_arrays.loads(data)
     assert our_files() == []

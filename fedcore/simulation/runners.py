@@ -213,7 +213,7 @@ class LocalRunner(SiteRunner):
         self._shared.close()
 
 
-def _handle_batch(payload: bytes, owner: int) -> bytes:
+def _handle_batch(payload: bytes, owner: str) -> bytes:
     """`handle` for each site of a batch, in a worker process: (True, result) or (False,
     the exception) per site, pickled by shared_arrays."""
     outcomes: list[tuple[bool, object]] = []

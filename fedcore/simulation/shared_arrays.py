@@ -45,8 +45,8 @@ def available() -> bool:
     return _DIR.is_dir() and os.access(_DIR, os.W_OK)
 
 
-def file_prefix(owner: int) -> str:
-    """The prefix of every file made for the coordinator process `owner` (for clean-up)."""
+def file_prefix(owner: str) -> str:
+    """The prefix of every file made for the publisher `owner` (for clean-up)."""
     return str(_DIR / f"fedcore-{owner}-")
 
 
@@ -127,7 +127,8 @@ class Publisher:
     """The coordinator's side: files for the arrays of instructions, shared by every task
     that sends the same array object and removed when the last of them is done."""
 
-    owner: int = field(default_factory=os.getpid)
+    # This process and this publisher: closing one simulation never removes another's files.
+    owner: str = field(default_factory=lambda: f"{os.getpid()}-{secrets.token_hex(4)}")
     _live: dict[int, _Published] = field(default_factory=dict)
 
     def dumps(self, obj: object) -> tuple[bytes, list[int]]:
@@ -139,7 +140,7 @@ class Publisher:
                 return None
             entry = self._live.get(id(array))
             if entry is None:
-                path = f"{file_prefix(self.owner)}{next(_counter)}-{secrets.token_hex(4)}"
+                path = f"{file_prefix(self.owner)}{next(_counter)}"
                 if not write(array, path):
                     return None
                 entry = self._live[id(array)] = _Published(array, path)
@@ -167,13 +168,13 @@ class Publisher:
             _remove(str(path))
 
 
-def reply_export(owner: int) -> Export:
+def reply_export(owner: str) -> Export:
     """A worker's side: every large array of a reply into a fresh file the reader removes."""
 
     def export(array: np.ndarray) -> tuple[str, bool] | None:
         if not available():
             return None
-        path = f"{file_prefix(owner)}r{os.getpid()}-{next(_counter)}-{secrets.token_hex(4)}"
+        path = f"{file_prefix(owner)}r{os.getpid()}-{next(_counter)}"
         return (path, True) if write(array, path) else None
 
     return export
