@@ -95,6 +95,45 @@ def test_a_target_epsilon_is_met_and_not_wasted(mode: str) -> None:
     assert final is not None and 1.9 <= final <= 2.0 * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("mode", ["user-central", "user-distributed"])
+def test_a_run_ends_early_rather_than_exceed_its_target_epsilon(mode: str) -> None:
+    """Dropouts (distributed: their noise is lost) and retried attempts whose sum was
+    decrypted spend budget the plan did not count; the run stops before a round that would
+    cross the target, and says why. User-central: fewer sites after round 1 raise q."""
+    overrides: dict[str, object] = {
+        "privacy__mode": mode,
+        "privacy__noise_multiplier": None,
+        "privacy__target_epsilon": 2.0,
+        "federation__rounds": 6,
+        "secure_aggregation__enabled": mode == "user-distributed",
+    }
+    if mode == "user-distributed":
+        overrides.update(simulation__sites=8, simulation__dropout=0.3, federation__min_sites=3)
+    else:
+        overrides.update(simulation__sites=20, federation__sites_per_round=5)
+    e = experiment(**overrides)
+    if mode == "user-central":  # the plan is made for 20 sites; from round 2 only 10 are there
+        from fedcore.simulation import inprocess
+
+        available = inprocess.InProcessTransport.available
+        calls = {"n": 0}
+
+        def shrinking(self: inprocess.InProcessTransport) -> list[str]:
+            calls["n"] += 1
+            every = available(self)
+            return every if calls["n"] <= 2 else every[:10]
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(inprocess.InProcessTransport, "available", shrinking)
+            result, summary = run_simulation(e, None)
+    else:
+        result, summary = run_simulation(e, None)
+    assert 1 <= len(result.records) < 6
+    assert all(r.epsilon is not None and r.epsilon <= 2.0 * (1 + 1e-6) for r in result.records)
+    assert summary["privacy"]["epsilon"] <= 2.0 * (1 + 1e-6)
+    assert "over the target 2" in summary["privacy"]["stopped_early"]
+
+
 def test_distributed_dp_accounts_the_noise_lost_to_dropouts() -> None:
     base = {"privacy__mode": "user-distributed", "secure_aggregation__enabled": True, "simulation__sites": 8}
     full, _ = run_simulation(experiment(**base), None)

@@ -9,6 +9,7 @@ replies is retried; a site that vanishes or misses the deadline is data for the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -22,7 +23,7 @@ from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.engine.records import RoundRecord, RoundStore
 from fedcore.engine.transport import Transport
 from fedcore.errors import ConfigError, FedcoreError, ProtocolError, SiteUnavailable
-from fedcore.privacy.run_privacy import RunPrivacy
+from fedcore.privacy.run_privacy import RunPrivacy, TargetReached
 from fedcore.seeding import derive_seed, rng
 from fedcore.strategies import Strategy, build_strategy
 from fedcore.tasks import Dataset, Task
@@ -90,8 +91,9 @@ class Coordinator:
         records = []
         completed = False
         try:
-            while self.round < self.experiment.federation.rounds:
-                records.append(await self._round_with_retries(self.round + 1))
+            with contextlib.suppress(TargetReached):  # the run's target epsilon is spent
+                while self.round < self.experiment.federation.rounds:
+                    records.append(await self._round_with_retries(self.round + 1))
             completed = True
             return RunResult(self.parameters, records)
         finally:
@@ -101,6 +103,12 @@ class Coordinator:
     async def _round_with_retries(self, number: int) -> RoundRecord:
         fed = self.experiment.federation
         for attempt in range(1, fed.max_round_retries + 2):
+            if self.privacy is not None:
+                try:
+                    self.privacy.check_next_round(len(self.transport.available()))
+                except TargetReached as stop:
+                    log.warning("stopping before round %d: %s", number, stop)
+                    raise
             record = await self._round(number, attempt)
             if record is not None:
                 self.round = number

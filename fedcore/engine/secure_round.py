@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedcore.engine.messages import Instruction, InstructionKind, Reply
 from fedcore.errors import ProtocolError
+from fedcore.privacy.run_privacy import TargetReached
 from fedcore.secagg.common import ProtocolAbort, RoundParams
 from fedcore.secagg.contribution import length, mean_update, step_for_round, unflatten
 from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
@@ -129,6 +130,12 @@ async def secure_aggregate(
             )
 
         masked = await exchange("masked_input", sorted(routed), fit, MaskedInput)
+        if c.privacy is not None:
+            try:
+                c.privacy.check_decryption(len(masked))  # before any sum is decrypted
+            except TargetReached as stop:
+                log.warning("round %d: not unmasking: %s", number, stop)
+                raise
         requests, server4 = server3.collect(masked)
         answers = await exchange("unmask", sorted(requests), secagg(lambda s: requests[s]), UnmaskShares)
         started = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,10 @@ from fedcore.tensors import Arrays
 log = logging.getLogger(__name__)
 
 Config = dict[str, int | float | bool | str]
+
+
+class TargetReached(Exception):
+    """The run's target epsilon leaves no room for what would come next: the run ends."""
 
 
 class RunPrivacy:
@@ -58,6 +63,7 @@ class RunPrivacy:
         self._samples: dict[int, list[str]] = {}  # user-central: this round's Poisson sample
         self._sampled_from = 0  # how many sites it was drawn from
         self._distributed: distributed.DistributedNoise | None = None
+        self.stopped: str | None = None  # why the run ended before its last round, if it did
 
     @property
     def clip_norm(self) -> float:
@@ -127,14 +133,17 @@ class RunPrivacy:
         return config
 
     def distributed_noise(self, sampled: int) -> distributed.DistributedNoise:
-        noise = distributed.DistributedNoise.for_model(
+        """The noise each of `sampled` sites adds this round (kept for decoding the sum)."""
+        self._distributed = self._noise_for_sites(sampled)
+        return self._distributed
+
+    def _noise_for_sites(self, sites: int) -> distributed.DistributedNoise:
+        return distributed.DistributedNoise.for_model(
             dimension=self.dimension,
             clip_norm=self.config.clip_norm,
             noise_multiplier=self.noise_multiplier(1.0),
-            sites=sampled,
+            sites=sites,
         )
-        self._distributed = noise
-        return noise
 
     # Aggregation ----------------------------------------------------------------------
     def central_stage(self, available: int) -> CentralGaussianSum:
@@ -201,6 +210,47 @@ class RunPrivacy:
         record["delta"] = p.delta
         return record
 
+    # A target epsilon is never exceeded ----------------------------------------------
+    def check_next_round(self, available: int) -> None:
+        """TargetReached unless another round, completing with every sampled site's noise in
+        the aggregate (the best case), keeps the run within its target epsilon. Sample-level
+        DP is each site's to enforce (its ledger and budget); a fixed noise multiplier sets
+        no target."""
+        if self.config.target_epsilon is None or self.mode is PrivacyMode.SAMPLE or available < 1:
+            return
+        if self.mode is PrivacyMode.USER_CENTRAL:
+            q = self.sample_rate(available)
+            history = [*self.history, Mechanism(self.noise_multiplier(q), q, 1)]
+            self._within_target(accountant.epsilon(history, self.config.delta))
+        else:
+            k = self.experiment.federation.sites_per_round
+            self._check_distributed(available if k is None else min(k, available), self._noise_for_sites)
+
+    def check_decryption(self, sites: int) -> None:
+        """user-distributed: TargetReached if decrypting a sum that holds the noise of only
+        `sites` sites (the others dropped before their masked input) would take the run over
+        its target. Checked before the unmask stage: a sum never decrypted costs nothing."""
+        if self.config.target_epsilon is not None and self.mode is PrivacyMode.USER_DISTRIBUTED:
+            assert self._distributed is not None
+            noise = self._distributed
+            self._check_distributed(sites, lambda _: noise)
+
+    def _check_distributed(
+        self, sites: int, noise_for: Callable[[int], distributed.DistributedNoise]
+    ) -> None:
+        rho = distributed.round_rho(dimension=self.dimension, noise=noise_for(sites), sites=max(sites, 1))
+        self._within_target(distributed.epsilon([*self.rhos, rho], self.config.delta))
+
+    def _within_target(self, projected: float) -> None:
+        target = self.config.target_epsilon
+        assert target is not None
+        if projected > target * (1 + 1e-6):
+            self.stopped = (
+                f"going on would take epsilon to {projected:.4g} (delta {self.config.delta:g}), "
+                f"over the target {target:g}: the run ends at epsilon {self.epsilon():.4g}"
+            )
+            raise TargetReached(self.stopped)
+
     def epsilon(self) -> float:
         if self.mode is PrivacyMode.SAMPLE:
             return max(self.site_epsilon.values(), default=0.0)
@@ -228,4 +278,5 @@ class RunPrivacy:
             "site_noise_multiplier": dict(sorted(self.site_noise.items())),
             "refused": refused,
             "secure_rng": self.config.secure_rng,
+            "stopped_early": self.stopped,
         }

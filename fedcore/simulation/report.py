@@ -62,7 +62,8 @@ def privacy_summary(privacy: dict[str, Any]) -> str:
         lines.append(f"  noise multiplier {privacy['noise_multiplier']:.4g}")
     if privacy.get("site_noise_multiplier"):
         noise = sorted(privacy["site_noise_multiplier"].values())
-        lines.append(f"  sites' DP-SGD noise multipliers: {noise[0]:.4g} to {noise[-1]:.4g}")
+        what = "DP-SGD noise multipliers" if privacy["mode"] == "sample" else "own noise (in their ledgers)"
+        lines.append(f"  sites' {what}: {noise[0]:.4g} to {noise[-1]:.4g}")
     if privacy.get("site_epsilon"):
         values = sorted(privacy["site_epsilon"].values())
         lines.append(
@@ -71,6 +72,8 @@ def privacy_summary(privacy: dict[str, Any]) -> str:
         )
     if privacy.get("refused"):
         lines.append(f"  rounds refused by a site's privacy budget: {privacy['refused']}")
+    if privacy.get("stopped_early"):
+        lines.append(f"  stopped before the last round: {privacy['stopped_early']}")
     if privacy.get("secure_rng") is False:
         lines.append(
             "  WARNING: secure_rng = false: the noise was reproducible; these figures mean NO privacy"
