@@ -151,8 +151,9 @@ def _simulate(args: argparse.Namespace) -> int:
         table.add_row(str(r.round), str(r.sites), acc, loss, f"{r.seconds:.2f}", *eps)
     out_console = Console()
     out_console.print(table)
+    final = summary["final_accuracy"]
     out_console.print(
-        f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds "
+        f"final accuracy {'-' if final is None else f'{final:.4f}'} after {summary['rounds']} rounds "
         f"in {summary['wall_seconds']:.1f} s; wrote {out}/metrics.jsonl, summary.json, report.png"
     )
     if "privacy" in summary:

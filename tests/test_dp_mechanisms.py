@@ -182,11 +182,19 @@ def test_book_keeping_clips_exactly_as_opacus(name: str) -> None:
 def test_book_keeping_leaves_other_models_to_opacus() -> None:
     """Only models made of known per-example operations qualify; the rest still train."""
     shared = torch.nn.Linear(4, 4)
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    hooked = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    hooked[0].register_forward_hook(lambda module, inputs, output: output - output.mean(0))
     refused = {
         "layer norm": torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)),
         "shared layer": torch.nn.Sequential(shared, torch.nn.ReLU(), shared),
+        "tied weights": tied,
         "grouped conv": torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1, groups=2)),
         "custom forward": _Custom(),
+        "subclass mixing the batch": _MixingSequential(torch.nn.Linear(4, 4)),
+        "in-place activation": torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True)),
+        "forward hook": hooked,
     }
     for name, model in refused.items():
         assert not book_keeping.supports(model), name
@@ -198,6 +206,11 @@ def test_book_keeping_leaves_other_models_to_opacus() -> None:
     )  # fmt: skip
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())  # plain again
+
+
+class _MixingSequential(torch.nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x - x.mean(0))
 
 
 class _Custom(torch.nn.Module):

@@ -134,6 +134,25 @@ def test_a_run_ends_early_rather_than_exceed_its_target_epsilon(mode: str) -> No
     assert "over the target 2" in summary["privacy"]["stopped_early"]
 
 
+def test_a_target_that_allows_no_round_ends_the_run_before_the_first(tmp_path: Path) -> None:
+    """Round 1 loses noise to dropouts: its sum is never decrypted and the run ends with no
+    record, an honest summary and no crash."""
+    e = experiment(
+        privacy__mode="user-distributed",
+        privacy__noise_multiplier=None,
+        privacy__target_epsilon=2.0,
+        secure_aggregation__enabled=True,
+        federation__rounds=1,
+        simulation__sites=8,
+        simulation__dropout=0.3,
+        federation__min_sites=3,
+    )
+    result, summary = run_simulation(e, tmp_path)
+    assert result.records == [] and summary["rounds"] == 0 and summary["final_accuracy"] is None
+    assert summary["privacy"]["epsilon"] == 0.0
+    assert "over the target 2" in summary["privacy"]["stopped_early"]
+
+
 def test_distributed_dp_accounts_the_noise_lost_to_dropouts() -> None:
     base = {"privacy__mode": "user-distributed", "secure_aggregation__enabled": True, "simulation__sites": 8}
     full, _ = run_simulation(experiment(**base), None)

@@ -27,8 +27,10 @@ def test_an_array_sent_to_many_sites_is_written_once_and_removed_after_the_last(
     big = np.arange(300_000, dtype=np.float32)  # 1.2 MB
     small = np.arange(10, dtype=np.float32)
     publisher = shared_arrays.Publisher()
-    first, used_first = publisher.dumps({"w": big, "b": small})
-    second, used_second = publisher.dumps({"w": big, "b": small})
+    used_first: list[int] = []
+    used_second: list[int] = []
+    first = publisher.dumps({"w": big, "b": small}, used_first)
+    second = publisher.dumps({"w": big, "b": small}, used_second)
     assert len(first) < 10_000 and len(our_files()) == 1  # the big array is one file, shared
     received = shared_arrays.loads(second)
     np.testing.assert_array_equal(received["w"], big)
@@ -45,8 +47,9 @@ def test_an_array_sent_to_many_sites_is_written_once_and_removed_after_the_last(
 def test_closing_one_publisher_leaves_another_s_files() -> None:
     first, second = shared_arrays.Publisher(), shared_arrays.Publisher()
     array = np.ones(1 << 17)
-    _, used = second.dumps(array)
-    first.dumps(np.zeros(1 << 17))
+    used: list[int] = []
+    second.dumps(array, used)
+    first.dumps(np.zeros(1 << 17), [])
     first.close()
     assert len(our_files()) == 1  # the second simulation's model is still there
     second.release(used)
@@ -68,7 +71,8 @@ def test_a_reply_file_is_removed_as_soon_as_it_is_read() -> None:
 def test_without_room_in_shared_memory_arrays_go_in_the_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shared_arrays, "write", lambda array, path: False)
     big = np.ones(1 << 20, dtype=np.float64)
-    data, used = shared_arrays.Publisher().dumps(big)
+    used: list[int] = []
+    data = shared_arrays.Publisher().dumps(big, used)
     assert len(data) > big.nbytes and used == [] and our_files() == []
     np.testing.assert_array_equal(shared_arrays.loads(data), big)
 
@@ -114,3 +118,24 @@ def test_a_site_that_fails_in_a_batch_fails_alone() -> None:
     assert isinstance(outcomes[2], ValueError)
     replies = [o for o in outcomes if isinstance(o, Reply)]
     assert [r.site for r in replies] == ["site-1", "site-2", "site-4", "site-5"]
+
+
+def test_a_batch_that_cannot_be_pickled_fails_its_sites_at_once() -> None:
+    experiment = load_experiment().override(task__name="bench:1000", simulation__sites=5)
+    runner = LocalRunner(experiment, workers=2)
+    runner.BATCHES_PER_WORKER = 1  # batches of sites 1-3 and 4-5
+    runner.states[2] = lambda: None  # a state no pickle can carry
+    instruction = Instruction(InstructionKind.EVALUATE, 1, {"w": np.zeros(1 << 15, np.float32)})
+
+    async def all_sites() -> list[object]:
+        return await asyncio.gather(
+            *(runner.run(k, instruction) for k in range(1, 6)), return_exceptions=True
+        )
+
+    try:
+        outcomes = asyncio.run(asyncio.wait_for(all_sites(), timeout=60))
+    finally:
+        runner.close()
+    assert all(isinstance(o, Exception) for o in outcomes[:3])
+    assert [o.site for o in outcomes[3:] if isinstance(o, Reply)] == ["site-4", "site-5"]
+    assert our_files() == []

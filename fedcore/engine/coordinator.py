@@ -98,17 +98,13 @@ class Coordinator:
             return RunResult(self.parameters, records)
         finally:
             reason = "run complete" if completed else "run stopped"
+            if completed and self.privacy is not None and self.privacy.stopped:
+                reason = f"run complete, early: {self.privacy.stopped}"
             await asyncio.shield(self.transport.finish(completed=completed, reason=reason))
 
     async def _round_with_retries(self, number: int) -> RoundRecord:
         fed = self.experiment.federation
         for attempt in range(1, fed.max_round_retries + 2):
-            if self.privacy is not None:
-                try:
-                    self.privacy.check_next_round(len(self.transport.available()))
-                except TargetReached as stop:
-                    log.warning("stopping before round %d: %s", number, stop)
-                    raise
             record = await self._round(number, attempt)
             if record is not None:
                 self.round = number
@@ -227,6 +223,12 @@ class Coordinator:
         await self.transport.wait_for_sites((fed.start_sites or fed.min_sites) if first else fed.min_sites)
         started = time.perf_counter()
         sampled = self._sample(number, attempt)
+        if self.privacy is not None:
+            try:  # before any instruction leaves: the sample, hence q and the sites, is known
+                self.privacy.check_next_round(self._available, len(sampled))
+            except TargetReached as stop:
+                log.warning("stopping before round %d: %s", number, stop)
+                raise
         if self.experiment.secure_aggregation.enabled:
             return await self._secure_round(number, attempt, sampled, started)
         stage = self.aggregation

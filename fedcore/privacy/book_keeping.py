@@ -15,20 +15,21 @@ sum Opacus's GradSampleModule + DPOptimizer compute (tested equal), without thei
 per-parameter bookkeeping, whose fixed cost of ~0.7 ms a step is 3x the whole step of a
 small tabular model.
 
-Only models whose every module is a known per-example operation qualify (`supports`);
-anything else (custom forward code, normalisation over the batch, shared layers) goes
-through Opacus.
+Only models whose every module is exactly a known per-example operation qualify
+(`supports`); anything else (custom forward code, subclasses, normalisation over the batch,
+shared layers or weights, in-place activations, hooks) goes through Opacus.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-_PARAMETER_FREE = (
+_PER_EXAMPLE = {
+    nn.Linear,
+    nn.Conv2d,
     nn.Sequential,
     nn.Identity,
     nn.Flatten,
@@ -44,25 +45,34 @@ _PARAMETER_FREE = (
     nn.MaxPool2d,
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
-)
+}
 
 
 def supports(model: nn.Module) -> bool:
-    """True when every module of `model` is Linear, a plain Conv2d, or a parameter-free
-    per-example operation, and no layer is used twice."""
+    """True when every module of `model` is exactly (not a subclass of) Linear, a plain
+    Conv2d or a known per-example operation, none works in place or carries hooks, and no
+    layer or parameter is used twice: then each example's gradient depends on that example
+    alone, and the layers' recorded inputs and outputs are what autograd differentiates."""
     modules = [m for _, m in model.named_modules(remove_duplicate=False)]
-    if max(Counter(map(id, modules)).values()) > 1:
+    parameters = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    if len({id(m) for m in modules}) < len(modules) or len({id(p) for p in parameters}) < len(parameters):
         return False
     for m in modules:
-        if isinstance(m, nn.Conv2d):
+        kind = type(m)
+        if (
+            kind not in _PER_EXAMPLE
+            or m._forward_hooks
+            or m._forward_pre_hooks
+            or getattr(m, "inplace", False)
+        ):
+            return False
+        if kind is nn.Conv2d:
+            assert isinstance(m, nn.Conv2d)
             if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 return False
-        elif isinstance(m, _PARAMETER_FREE):
-            if any(True for _ in m.parameters(recurse=False)):
-                return False
-        elif not isinstance(m, nn.Linear):
+        elif kind is not nn.Linear and any(True for _ in m.parameters(recurse=False)):
             return False
-    return any(p.requires_grad for p in model.parameters())
+    return any(p.requires_grad for p in parameters)
 
 
 @dataclass

@@ -211,20 +211,20 @@ class RunPrivacy:
         return record
 
     # A target epsilon is never exceeded ----------------------------------------------
-    def check_next_round(self, available: int) -> None:
-        """TargetReached unless another round, completing with every sampled site's noise in
-        the aggregate (the best case), keeps the run within its target epsilon. Sample-level
-        DP is each site's to enforce (its ledger and budget); a fixed noise multiplier sets
-        no target."""
-        if self.config.target_epsilon is None or self.mode is PrivacyMode.SAMPLE or available < 1:
+    def check_next_round(self, available: int, sampled: int) -> None:
+        """TargetReached unless this round, sampled from `available` sites and completing with
+        the noise of all `sampled` sites in the aggregate (the best case), keeps the run
+        within its target epsilon. Called after sampling and before any instruction leaves.
+        Sample-level DP is each site's to enforce (its ledger and budget); a fixed noise
+        multiplier sets no target."""
+        if self.config.target_epsilon is None or self.mode is PrivacyMode.SAMPLE:
             return
         if self.mode is PrivacyMode.USER_CENTRAL:
-            q = self.sample_rate(available)
+            q = self.sample_rate(self._sampled_from or available)  # what complete_round accounts
             history = [*self.history, Mechanism(self.noise_multiplier(q), q, 1)]
             self._within_target(accountant.epsilon(history, self.config.delta))
-        else:
-            k = self.experiment.federation.sites_per_round
-            self._check_distributed(available if k is None else min(k, available), self._noise_for_sites)
+        elif sampled > 0:
+            self._check_distributed(sampled, self._noise_for_sites)
 
     def check_decryption(self, sites: int) -> None:
         """user-distributed: TargetReached if decrypting a sum that holds the noise of only

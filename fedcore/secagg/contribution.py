@@ -35,6 +35,8 @@ def quantized_contribution(
     offset = 0
     for name, ref in template.items():
         values = np.asarray(update[name]).ravel()
+        if values.size != ref.size:
+            raise ValueError(f"update {name!r} has {values.size} values, the model {ref.size}")
         quantize_into(out[offset : offset + ref.size], values, scale=weight / step, clip=clip, rng=rng)
         offset += ref.size
     quantize_into(out[-1:], np.array([weight]), scale=1.0 / step, rng=rng)

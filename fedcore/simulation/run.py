@@ -74,7 +74,7 @@ def run_simulation(
     )
     with PeakMemory() as peak:
         result = asyncio.run(coordinator.run())
-    last = result.records[-1]
+    last = result.records[-1] if result.records else None  # none: the target epsilon allowed no round
     summary: dict[str, Any] = {
         "task": experiment.task.name,
         "model": task.model,
@@ -83,8 +83,8 @@ def run_simulation(
         "seed": experiment.seed,
         "sites": n,
         "rounds": len(result.records),
-        "final_accuracy": last.accuracy,
-        "final_loss": last.loss,
+        "final_accuracy": last.accuracy if last else None,
+        "final_loss": last.loss if last else None,
         "best_accuracy": max((r.accuracy for r in result.records if r.accuracy is not None), default=None),
         "wall_seconds": time.perf_counter() - started,
         # The whole process tree (this process and its workers): PSS, and RSS as an upper bound.
@@ -97,9 +97,10 @@ def run_simulation(
         summary["privacy"] = coordinator.privacy.summary(result.records)
     if out is not None:
         write_summary(out / "summary.json", summary)
-        plot_report(
-            result.records,
-            out / "report.png",
-            title=f"{experiment.task.name}: {n} sites, {summary['strategy']}",
-        )
+        if result.records:
+            plot_report(
+                result.records,
+                out / "report.png",
+                title=f"{experiment.task.name}: {n} sites, {summary['strategy']}",
+            )
     return result, summary

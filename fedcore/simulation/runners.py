@@ -132,7 +132,10 @@ class LocalRunner(SiteRunner):
     (a stage's instructions to all its sites) are cut into `BATCHES_PER_WORKER` batches per
     worker, one task each. A task's fixed cost (futures, pipes, wake-ups, pickling the
     experiment) is then paid per batch, not per site: with 100 sites it was most of the
-    coordinator's time. Large arrays cross through shared memory (`shared_arrays`)."""
+    coordinator's time. Large arrays cross through shared memory (`shared_arrays`). A
+    batch's replies arrive together: at a round deadline, a site whose batch had not
+    finished counts as late even if its own work was done (a batch is at most a quarter of
+    a worker's share of the stage)."""
 
     BATCHES_PER_WORKER = 4
 
@@ -186,8 +189,11 @@ class LocalRunner(SiteRunner):
     async def _run_batch(
         self, batch: list[tuple[int, Instruction, object | None, asyncio.Future[Any]]]
     ) -> None:
-        payload, used = self._shared.dumps([(self.experiment, k, i, s, self.device) for k, i, s, _ in batch])
+        used: list[int] = []
         try:
+            payload = self._shared.dumps(
+                [(self.experiment, k, i, s, self.device) for k, i, s, _ in batch], used
+            )
             data = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _handle_batch, payload, self._shared.owner
             )
@@ -196,7 +202,7 @@ class LocalRunner(SiteRunner):
             for *_, future in batch:
                 future.cancel()
             raise
-        except Exception as err:  # the pool broke or was shut down: every site of the batch fails
+        except Exception as err:  # unpicklable, or the pool broke: every site of the batch fails
             outcomes = [(False, err)] * len(batch)
         finally:
             self._shared.release(used)

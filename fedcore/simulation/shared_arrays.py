@@ -13,6 +13,8 @@ files in /dev/shm (memory, never disk) instead:
 - a worker writes each large array of its reply to a fresh file, which the coordinator maps
   and removes at once: the mapping lives as long as the array does.
 Where /dev/shm is missing (not Linux) or full, arrays go through the pipe as before.
+Closing the simulation removes every file it made, replies never read included; a
+coordinator killed outright leaves its files (named fedcore-PID-...) in /dev/shm.
 """
 
 from __future__ import annotations
@@ -77,7 +79,10 @@ class _Pickler(pickle.Pickler):
 def write(array: np.ndarray, path: str) -> bool:
     """`array`'s bytes into a new file at `path`; False (and no file) if there is no room."""
     data = np.ascontiguousarray(array)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError:  # e.g. out of file descriptors: the pipe will do
+        return False
     try:
         os.posix_fallocate(fd, 0, data.nbytes)  # ENOSPC now, rather than SIGBUS on a full tmpfs later
         view = memoryview(data.view(np.uint8).reshape(-1).data)
@@ -131,9 +136,9 @@ class Publisher:
     owner: str = field(default_factory=lambda: f"{os.getpid()}-{secrets.token_hex(4)}")
     _live: dict[int, _Published] = field(default_factory=dict)
 
-    def dumps(self, obj: object) -> tuple[bytes, list[int]]:
-        """`obj` pickled, and the ids of the published arrays it uses (for `release`)."""
-        used: list[int] = []
+    def dumps(self, obj: object, used: list[int]) -> bytes:
+        """`obj` pickled; the ids of the published arrays it uses are appended to `used` as
+        they are published (for `release`, also when pickling fails half-way)."""
 
         def export(array: np.ndarray) -> tuple[str, bool] | None:
             if not available():
@@ -148,7 +153,7 @@ class Publisher:
             used.append(id(array))
             return entry.path, False
 
-        return dumps(obj, export), used
+        return dumps(obj, export)
 
     def release(self, used: list[int]) -> None:
         for key in used:
