@@ -101,7 +101,7 @@ class BookKeeping:
         calls, self._calls = self._calls, []
         grads = torch.autograd.grad(losses.sum(), [c.output for c in calls])
         squared = torch.zeros(len(losses), dtype=losses.dtype, device=losses.device)
-        sums = []  # per call: a function of the clipping factors giving (weight grad, bias grad)
+        sums = []  # per call: (call, a, g) for Linear on 2-D inputs, else (call, per-example grads, bias grads)
         for call, g in zip(calls, grads, strict=True):
             layer, a = call.layer, call.input
             if isinstance(layer, nn.Linear) and a.dim() == 2:

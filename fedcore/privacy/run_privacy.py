@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -224,7 +223,7 @@ class RunPrivacy:
             history = [*self.history, Mechanism(self.noise_multiplier(q), q, 1)]
             self._within_target(accountant.epsilon(history, self.config.delta))
         elif sampled > 0:
-            self._check_distributed(sampled, self._noise_for_sites)
+            self._check_distributed(sampled, self._noise_for_sites(sampled))
 
     def check_decryption(self, sites: int) -> None:
         """user-distributed: TargetReached if decrypting a sum that holds the noise of only
@@ -232,13 +231,11 @@ class RunPrivacy:
         its target. Checked before the unmask stage: a sum never decrypted costs nothing."""
         if self.config.target_epsilon is not None and self.mode is PrivacyMode.USER_DISTRIBUTED:
             assert self._distributed is not None
-            noise = self._distributed
-            self._check_distributed(sites, lambda _: noise)
+            self._check_distributed(sites, self._distributed)
 
-    def _check_distributed(
-        self, sites: int, noise_for: Callable[[int], distributed.DistributedNoise]
-    ) -> None:
-        rho = distributed.round_rho(dimension=self.dimension, noise=noise_for(sites), sites=max(sites, 1))
+    def _check_distributed(self, sites: int, noise: distributed.DistributedNoise) -> None:
+        """TargetReached unless a sum holding the noise of `sites` sites keeps the run within it."""
+        rho = distributed.round_rho(dimension=self.dimension, noise=noise, sites=max(sites, 1))
         self._within_target(distributed.epsilon([*self.rhos, rho], self.config.delta))
 
     def _within_target(self, projected: float) -> None:
