@@ -14,12 +14,11 @@ from fedcore.errors import ConfigError, FedcoreError, PrivacyBudgetError
 from fedcore.privacy.distributed import encode as encode_distributed
 from fedcore.privacy.randomness import dp_random
 from fedcore.privacy.site_policy import RoundPlan, SitePrivacy, job_setting
-from fedcore.privacy.user_level import clip_arrays
 from fedcore.secagg.client import SecAggClient
 from fedcore.secagg.contribution import weight
 from fedcore.secagg.stages.share_keys import RoutedShares
 from fedcore.tasks import SiteData, Task, TrainSettings
-from fedcore.tensors import Arrays, check_finite, check_like
+from fedcore.tensors import Arrays, check_finite, check_like, clip_l2
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ class Site:
         if mode in ("user-central", "user-distributed"):
             examples = 1  # every site weighs the same: its size need not leave
         if mode == "user-central":
-            update, within = clip_arrays(update, job_setting(config, "dp_clip_norm"))
+            update, within = clip_l2(update, job_setting(config, "dp_clip_norm"))
             metrics["unclipped"] = float(within)
         masked = (
             self._mask(instruction, outcome.num_examples, update, mode, plan, secure_rng) if secure else None

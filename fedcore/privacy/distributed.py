@@ -30,7 +30,7 @@ import numpy as np
 
 from fedcore.privacy.accountant import zcdp_epsilon
 from fedcore.privacy.randomness import SecureRandom
-from fedcore.privacy.user_level import clip_flat
+from fedcore.tensors import clip_l2
 
 ROUNDING_SLACK = 0.01  # sqrt(d) / (clip_norm x scale): rounding's share of the sensitivity
 
@@ -60,7 +60,7 @@ def sensitivity_l2(dimension: int, clip_norm: float, scale: float) -> float:
 def encode(flat: np.ndarray, noise: DistributedNoise, random: SecureRandom) -> np.ndarray:
     """A site's integer vector: [clipped, scaled, stochastically rounded update + noise, 1].
     The last entry counts the site, so the sum says how many sites' noise it carries."""
-    clipped, _ = clip_flat(np.asarray(flat, dtype=np.float64), noise.clip_norm)
+    clipped = clip_l2({"u": np.asarray(flat, dtype=np.float64)}, noise.clip_norm)[0]["u"]
     scaled = clipped * noise.scale
     floor = np.floor(scaled)
     rounded = floor.astype(np.int64) + (random.uniform(len(scaled)) < scaled - floor)

@@ -23,24 +23,7 @@ import numpy as np
 from fedcore.aggregation.base import Accumulator, Aggregate, AggregationStage
 from fedcore.errors import ConfigError
 from fedcore.privacy.randomness import SecureRandom
-from fedcore.tensors import Arrays, check_finite, check_like
-
-
-def clip_flat(flat: np.ndarray, clip_norm: float) -> tuple[np.ndarray, bool]:
-    """`flat` scaled down to L2 norm at most `clip_norm`, and whether it already was."""
-    norm = float(np.linalg.norm(flat))
-    if norm <= clip_norm:
-        return flat, True
-    return flat * (clip_norm / norm), False
-
-
-def clip_arrays(update: Arrays, clip_norm: float) -> tuple[Arrays, bool]:
-    """The update scaled as one vector to L2 norm at most `clip_norm`, and whether it was within."""
-    norm = math.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in update.values()))
-    if norm <= clip_norm:
-        return update, True
-    factor = clip_norm / norm
-    return {k: (a * factor).astype(a.dtype, copy=False) for k, a in update.items()}, False
+from fedcore.tensors import Arrays, check_finite, check_like, clip_l2
 
 
 def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
@@ -66,7 +49,7 @@ class CentralGaussianSum(AggregationStage):
         self.random = random
 
     def encode(self, update: Arrays, weight: float) -> Arrays:
-        return clip_arrays(update, self.clip_norm)[0]
+        return clip_l2(update, self.clip_norm)[0]
 
     def start(self, template: Arrays) -> Accumulator:
         return _NoisySum(self, template)
@@ -92,7 +75,7 @@ class _NoisySum(Accumulator):
         check_finite(contribution)
         # Clip again: an honest site's update is unchanged, a dishonest one cannot raise the
         # sensitivity the noise was sized for. Weights are ignored: every site counts once.
-        clipped, _ = clip_arrays(contribution, self._stage.clip_norm)
+        clipped, _ = clip_l2(contribution, self._stage.clip_norm)
         for k, v in clipped.items():
             self._sums[k] += v
         self._count += 1

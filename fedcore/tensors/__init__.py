@@ -10,6 +10,7 @@ from fedcore.tensors.codec import (
     decode,
     encode,
 )
+from fedcore.tensors.norms import clip_l2, l2_norm
 
 __all__ = [
     "Arrays",
@@ -18,6 +19,8 @@ __all__ = [
     "check_header_like",
     "check_like",
     "chunks",
+    "clip_l2",
     "decode",
     "encode",
+    "l2_norm",
 ]
