@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from fedcore.config import Backend, Experiment, PrivacyMode, StrategyName, load_experiment
+from fedcore.config import AggregationRule, Backend, Experiment, PrivacyMode, StrategyName, load_experiment
 from fedcore.errors import ConfigError, FedcoreError
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ def _experiment(args: argparse.Namespace) -> Experiment:
         data__seed=args.seed,
         data__partition=getattr(args, "partition", None),
         strategy__name=getattr(args, "strategy", None),
+        aggregation__rule=getattr(args, "aggregation", None),
         secure_aggregation__enabled=True if getattr(args, "secure_aggregation", False) else None,
         privacy__mode=getattr(args, "privacy", None),
         privacy__noise_multiplier=getattr(args, "noise_multiplier", None),
@@ -95,10 +96,9 @@ def _compare(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from fedcore.engine import RoundRecord
-    from fedcore.simulation.report import privacy_summary
+    from fedcore.simulation.report import print_results
     from fedcore.simulation.run import check_simulation, run_simulation
 
     if args.compare:
@@ -131,33 +131,7 @@ def _simulate(args: argparse.Namespace) -> int:
             progress.update(bar, advance=1, status=status)
 
         result, summary = run_simulation(experiment, out, device=args.device, on_round=on_round)
-    table = Table(title=f"fedcore simulate: {summary['task']} ({summary['model']}), {summary['strategy']}")
-    table.add_column("round", justify="right")
-    table.add_column("sites", justify="right")
-    table.add_column("accuracy", justify="right")
-    table.add_column("loss", justify="right")
-    table.add_column("seconds", justify="right")
-    private = experiment.privacy.enabled
-    if private:
-        table.add_column("epsilon", justify="right")
-    shown = result.records if len(result.records) <= 12 else [*result.records[:5], None, *result.records[-5:]]
-    for r in shown:
-        if r is None:
-            table.add_row(*["..."] + [""] * (5 if private else 4))
-            continue
-        acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
-        loss = f"{r.loss:.4f}" if r.loss is not None else "-"
-        eps = [f"{r.epsilon:.3f}" if r.epsilon is not None else "-"] if private else []
-        table.add_row(str(r.round), str(r.sites), acc, loss, f"{r.seconds:.2f}", *eps)
-    out_console = Console()
-    out_console.print(table)
-    final = summary["final_accuracy"]
-    out_console.print(
-        f"final accuracy {'-' if final is None else f'{final:.4f}'} after {summary['rounds']} rounds "
-        f"in {summary['wall_seconds']:.1f} s; wrote {out}/metrics.jsonl, summary.json, report.png"
-    )
-    if "privacy" in summary:
-        out_console.print(privacy_summary(summary["privacy"]))
+    print_results(result.records, summary, out)
     return 0
 
 
@@ -321,6 +295,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--partition", help="iid, dirichlet:ALPHA, shards:K or natural")
         p.add_argument("--strategy", type=str.lower, choices=[s.value for s in StrategyName])
         p.add_argument("--sites-per-round", type=int, help="sites sampled per round (default: all)")
+        p.add_argument(
+            "--aggregation",
+            type=str.lower,
+            choices=[r.value for r in AggregationRule],
+            help="mean (default) or a Byzantine-robust rule (needs individual updates: no SecAgg)",
+        )
         p.add_argument(
             "--secure-aggregation", action="store_true", help="SecAgg+: the server learns only the sum"
         )

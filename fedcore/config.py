@@ -6,8 +6,9 @@ errors, and command-line flags override the file (`Experiment.override`).
     [federation]  rounds, min_sites, sites_per_round, start_sites, round_timeout, max_round_retries
     [task]        name, model, local_epochs, batch_size, lr, weight_decay
     [strategy]    name, proximal_mu, server_lr, beta_1, beta_2, tau
+    [aggregation] rule, trim, byzantine, clip_norm
     [data]        partition, seed
-    [simulation]  sites, workers, backend, ray_address, stragglers, dropout
+    [simulation]  sites, workers, backend, ray_address, stragglers, dropout, byzantine, byzantine_attack
     [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, max_examples
     [privacy]     mode, noise_multiplier, target_epsilon, delta, max_grad_norm, ghost_clipping,
                   clip_norm, adaptive_clipping, target_quantile, clip_learning_rate,
@@ -44,6 +45,7 @@ class FederationConfig:
     start_sites: int | None = None  # sites connected before round 1 starts (None: min_sites)
     round_timeout: float = 600.0  # seconds a round may take before late sites are dropped
     max_round_retries: int = 3  # consecutive failed attempts at one round before the run stops
+    keep_models: int | None = None  # the run store keeps the models of the latest N rounds (None: all)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,26 @@ class StrategyConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3  # FedOpt's adaptivity
+
+
+class AggregationRule(enum.StrEnum):
+    MEAN = "mean"  # FedAvg's weighted mean
+    MEDIAN = "median"  # coordinate-wise median (Yin et al. 2018)
+    TRIMMED_MEAN = "trimmed_mean"  # coordinate-wise, `trim` cut at each end (Yin et al. 2018)
+    KRUM = "krum"  # the update closest to its n - f - 2 neighbours (Blanchard et al. 2017)
+    MULTI_KRUM = "multi_krum"  # the mean of the n - f best Krum picks (El Mhamdi et al. 2018)
+
+    @property
+    def needs_individual_updates(self) -> bool:
+        return self is not AggregationRule.MEAN
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    rule: AggregationRule = AggregationRule.MEAN
+    trim: float = 0.1  # trimmed_mean: the fraction cut at each end, per coordinate
+    byzantine: int = 0  # krum / multi_krum: f, the number of attackers tolerated
+    clip_norm: float | None = None  # clip each site's update to this L2 norm (no DP implied)
 
 
 @dataclass(frozen=True)
@@ -118,6 +140,12 @@ class Backend(enum.StrEnum):
     RAY = "ray"  # Ray tasks, on a local Ray instance or a cluster (ray_address)
 
 
+class ByzantineAttack(enum.StrEnum):
+    SIGN_FLIP = "sign_flip"  # -10 x the honest update
+    GAUSSIAN = "gaussian"  # noise of 10 x the honest update's norm
+    ZERO = "zero"  # no update at all
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     sites: int = 5
@@ -126,6 +154,8 @@ class SimulationConfig:
     ray_address: str | None = None  # an existing Ray cluster; None: start one locally
     stragglers: float = 0.0  # fraction of each round's sites that do only part of their local work
     dropout: float = 0.0  # fraction of each round's sites that vanish mid-round
+    byzantine: float = 0.0  # floor(fraction x sampled) of each round's sites send attacks
+    byzantine_attack: ByzantineAttack = ByzantineAttack.SIGN_FLIP
 
 
 @dataclass(frozen=True)
@@ -133,6 +163,7 @@ class Experiment:
     federation: FederationConfig = field(default_factory=FederationConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
@@ -163,6 +194,8 @@ class Experiment:
 
 
 _CHOICES: dict[str, tuple[type[enum.StrEnum], str]] = {
+    "AggregationRule": (AggregationRule, "aggregation rule"),
+    "ByzantineAttack": (ByzantineAttack, "byzantine attack"),
     "Backend": (Backend, "backend"),
     "PrivacyMode": (PrivacyMode, "privacy mode"),
     "StrategyName": (StrategyName, "strategy"),
@@ -257,6 +290,24 @@ def _validate(e: Experiment, source: str) -> None:
         "[strategy] betas must be in [0, 1)",
     )
     need(e.strategy.tau > 0, "[strategy] tau must be > 0")
+    a = e.aggregation
+    need(0 <= a.trim < 0.5, f"[aggregation] trim is a fraction in [0, 0.5), got {a.trim}")
+    need(a.byzantine >= 0, f"[aggregation] byzantine must be >= 0, got {a.byzantine}")
+    need(a.clip_norm is None or a.clip_norm > 0, "[aggregation] clip_norm must be > 0")
+    need(
+        not (a.rule.needs_individual_updates and e.secure_aggregation.enabled),
+        f"[aggregation] rule = {a.rule.value!r} needs every site's update; with secure aggregation "
+        "the server only learns their sum: use rule = 'mean' or turn secure aggregation off",
+    )
+    need(
+        not (a.rule.needs_individual_updates and e.privacy.mode is PrivacyMode.USER_CENTRAL),
+        f"[aggregation] rule = {a.rule.value!r} with user-central DP is not supported: the noise is "
+        "sized for the sum of clipped updates",
+    )
+    need(
+        fed.keep_models is None or fed.keep_models >= 1,
+        "[federation] keep_models must be >= 1 (or unset: all)",
+    )
     sa = e.secure_aggregation
     need(sa.bits in (None, 32, 64), f"[secure_aggregation] bits must be 32 or 64, got {sa.bits}")
     need(sa.clip_range > 0, "[secure_aggregation] clip_range must be > 0")
@@ -268,6 +319,7 @@ def _validate(e: Experiment, source: str) -> None:
     need(sim.workers is None or sim.workers >= 1, f"[simulation] workers must be >= 1, got {sim.workers}")
     need(0 <= sim.stragglers <= 1, f"[simulation] stragglers is a fraction in [0, 1], got {sim.stragglers}")
     need(0 <= sim.dropout <= 1, f"[simulation] dropout is a fraction in [0, 1], got {sim.dropout}")
+    need(0 <= sim.byzantine < 1, f"[simulation] byzantine is a fraction in [0, 1), got {sim.byzantine}")
     _validate_privacy(e, need)
     from fedcore.tasks.partition import parse_partition  # late: tasks import config
 

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from fedcore.aggregation import RefusalCode
 from fedcore.engine.messages import Config, InstructionKind, Scalar
 from fedcore.errors import ProtocolError
 from fedcore.proto.v1 import federation_pb2 as pb
@@ -27,9 +28,21 @@ M = TypeVar("M", bound=Message)
 KIND_TO_WIRE = {
     InstructionKind.FIT: pb.INSTRUCTION_KIND_FIT,
     InstructionKind.EVALUATE: pb.INSTRUCTION_KIND_EVALUATE,
-    InstructionKind.SECAGG: pb.INSTRUCTION_KIND_SECAGG,
+    InstructionKind.STAGE: pb.INSTRUCTION_KIND_STAGE,
 }
 KIND_FROM_WIRE: dict[int, InstructionKind] = {v: k for k, v in KIND_TO_WIRE.items()}
+REFUSAL_TO_WIRE = {
+    RefusalCode.PRIVACY_BUDGET: pb.REFUSAL_CODE_PRIVACY_BUDGET,
+    RefusalCode.BAD_INSTRUCTION: pb.REFUSAL_CODE_BAD_INSTRUCTION,
+    RefusalCode.FAILED: pb.REFUSAL_CODE_FAILED,
+    RefusalCode.ABORTED: pb.REFUSAL_CODE_ABORTED,
+}
+_REFUSAL_FROM_WIRE: dict[int, RefusalCode] = {int(v): k for k, v in REFUSAL_TO_WIRE.items()}
+
+
+def refusal_from_wire(code: int) -> RefusalCode:
+    """A refusal's code; one this side does not know (or none) reads as a failure."""
+    return _REFUSAL_FROM_WIRE.get(code, RefusalCode.FAILED)
 
 
 def scalar_to_wire(value: Scalar) -> pb.Scalar:

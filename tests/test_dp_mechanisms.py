@@ -17,13 +17,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import stats
 
+from fedcore.aggregation import SiteStages
+from fedcore.aggregation.plans import CentralNoisePlan, ClipPlan, SampleDPPlan
 from fedcore.errors import PrivacyBudgetError
 from fedcore.privacy import book_keeping, distributed, dpsgd
 from fedcore.privacy.accountant import Mechanism, epsilon, zcdp_epsilon
 from fedcore.privacy.dpsgd import SampleDP, round_mechanism
 from fedcore.privacy.randomness import SecureRandom
 from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
-from fedcore.privacy.user_level import CentralGaussianSum, update_noise_multiplier
+from fedcore.privacy.user_level import update_noise_multiplier
 from fedcore.secagg.common import RoundParams
 from fedcore.secagg.graph import neighbour_graph
 from fedcore.secagg.local import run_round
@@ -261,24 +263,6 @@ def test_distributed_encoding_never_exceeds_its_sensitivity(flat: np.ndarray, cl
     assert float(np.linalg.norm(encoded[:-1].astype(np.float64))) <= bound
 
 
-def test_the_server_reclips_what_a_site_sends() -> None:
-    stage = CentralGaussianSum(clip_norm=2.0, noise_std=0.0, expected_sites=2, random=SecureRandom.seeded(0))
-    accumulator = stage.start({"w": np.zeros(3, np.float32)})
-    accumulator.add({"w": np.array([1e6, 0, 0], np.float32)}, weight=5.0)  # a dishonest site
-    accumulator.add({"w": np.array([0, 1.0, 0], np.float32)}, weight=1.0)
-    mean = accumulator.result().mean["w"]
-    assert mean == pytest.approx([1.0, 0.5, 0.0])  # (2 + 0, 0 + 1) / 2 expected sites
-
-
-def test_central_noise_has_the_configured_std() -> None:
-    stage = CentralGaussianSum(
-        clip_norm=1.5, noise_std=3.0, expected_sites=4.0, random=SecureRandom.seeded(6)
-    )
-    sums = {"w": np.zeros(100_000)}
-    mean = stage.noisy_mean(sums, 4).mean["w"]
-    variance_within(mean * 4.0, 9.0)
-
-
 # Accountants ----------------------------------------------------------------------------
 @pytest.mark.parametrize(("z", "rounds"), [(0.8, 1), (1.3, 30), (4.0, 200)])
 def test_zcdp_conversion_equals_opacus_for_the_gaussian(z: float, rounds: int) -> None:
@@ -323,13 +307,15 @@ def test_a_dp_sgd_round_is_the_mechanism_opacus_would_account() -> None:
 
 
 # The site's budget ----------------------------------------------------------------------
-SHAPE = {"examples": 120, "batch_size": 30, "local_epochs": 1, "dimension": 10, "secure_participants": None}
+SHAPE = {"examples": 120, "batch_size": 30, "local_epochs": 1}
 JOB = {
-    "dp_mode": "sample",
-    "dp_noise_multiplier": 2.0,
-    "dp_delta": 1e-5,
-    "dp_max_grad_norm": 1.0,
-    "dp_run": "run-a",
+    "noise_multiplier": 2.0,
+    "target_epsilon": None,
+    "rounds": 1,
+    "delta": 1e-5,
+    "max_grad_norm": 1.0,
+    "ghost_clipping": False,
+    "run": "run-a",
 }
 
 
@@ -337,15 +323,13 @@ def test_a_site_refuses_the_round_that_would_cross_its_budget_even_after_a_resta
     ledger = tmp_path / "ledger.json"
     policy = SitePolicy(max_epsilon=1.0, ledger=ledger)
     site = SitePrivacy(policy)
-    shape = SHAPE
     taken = 0
     while True:
         try:
-            plan = site.plan(JOB, **shape)
+            plan = site.plan_dp_sgd(**JOB, **SHAPE)
         except PrivacyBudgetError as err:
             assert "privacy budget" in str(err)
             break
-        assert plan is not None
         site.spend(plan)
         taken += 1
         assert taken < 1000
@@ -354,45 +338,39 @@ def test_a_site_refuses_the_round_that_would_cross_its_budget_even_after_a_resta
     restarted = SitePrivacy(policy)  # a new process reads the same ledger
     assert restarted.ledger.spent() == pytest.approx(epsilon([mechanism] * taken, 1e-5))
     with pytest.raises(PrivacyBudgetError):
-        restarted.plan(JOB, **shape)
+        restarted.plan_dp_sgd(**JOB, **SHAPE)
     with pytest.raises(PrivacyBudgetError):  # a new run does not reset the total either
-        restarted.plan({**JOB, "dp_run": "run-b"}, **shape)
+        restarted.plan_dp_sgd(**{**JOB, "run": "run-b"}, **SHAPE)
 
 
 def test_the_server_cannot_lower_a_sites_noise_or_switch_dp_off() -> None:
-    site = SitePrivacy(SitePolicy(min_noise_multiplier=3.0, require_dp=True))
-    shape = {
-        "examples": 100,
-        "batch_size": 10,
-        "local_epochs": 1,
-        "dimension": 10,
-        "secure_participants": None,
-    }
-    plan = site.plan({**JOB, "dp_noise_multiplier": 0.5}, **shape)
-    assert plan is not None and plan.dp == SampleDP(3.0, 1.0) and plan.mechanism.noise_multiplier == 3.0
-    for mode in ("none", "user-central"):
+    privacy = SitePrivacy(SitePolicy(min_noise_multiplier=3.0, require_dp=True))
+    shape = {"examples": 100, "batch_size": 10, "local_epochs": 1}
+    plan = privacy.plan_dp_sgd(**{**JOB, "noise_multiplier": 0.5}, **shape)
+    assert plan.dp == SampleDP(3.0, 1.0) and plan.mechanism.noise_multiplier == 3.0
+    # Through the site part of the stages, as a fit instruction's plan arrives:
+    stages = SiteStages("site-1", privacy)
+    prepare = {"masked": False, "examples": 100, "batch_size": 10, "local_epochs": 1, "dimension": 10}
+    for plan_items in [(), (ClipPlan(1.0, equal_weights=True), CentralNoisePlan(1e-5, "run-a"))]:
         with pytest.raises(PrivacyBudgetError, match="noise it adds"):
-            site.plan({"dp_mode": mode}, **shape)
-    assert site.secure_rng(False) is True  # a real site never runs reproducible noise
+            stages.prepare(plan_items, **prepare)
+    assert privacy.secure_rng(False) is True  # a real site never runs reproducible noise
     with pytest.raises(PrivacyBudgetError, match="delta"):  # refused before any training
-        site.plan({**JOB, "dp_delta": 1.5}, **shape)
-
-
-DISTRIBUTED = {"dp_mode": "user-distributed", "dp_delta": 1e-5, "dp_run": "run-d"}
+        stages.prepare((SampleDPPlan(1.0, 1, 1.5, "run-a", noise_multiplier=1.0),), **prepare)
 
 
 def test_distributed_dp_needs_masking_and_real_noise_and_costs_the_sites_own_budget(tmp_path: Path) -> None:
     d = 1000
     fair = distributed.DistributedNoise.for_model(dimension=d, clip_norm=1.0, noise_multiplier=2.0, sites=4)
-    job = {**DISTRIBUTED, "dp_clip_norm": 1.0, "dp_scale": fair.scale, "dp_sigma": fair.sigma}
-    shape = {"examples": 50, "batch_size": 10, "local_epochs": 1, "dimension": d}
+    job = {"delta": 1e-5, "run": "run-d", "dimension": d}
     site = SitePrivacy(SitePolicy(min_noise_multiplier=1.5, max_epsilon=50.0, ledger=tmp_path / "l.json"))
     with pytest.raises(PrivacyBudgetError, match="secure aggregation"):  # unmasked: refused
-        site.plan(job, **shape, secure_participants=None)
+        site.plan_distributed(fair, **job, participants=None)
+    silent = distributed.DistributedNoise(fair.clip_norm, fair.scale, 1e-300)
     with pytest.raises(PrivacyBudgetError, match="floor"):  # a near-silent sigma: refused
-        site.plan({**job, "dp_sigma": 1e-300}, **shape, secure_participants=4)
-    plan = site.plan(job, **shape, secure_participants=4)
-    assert plan is not None and plan.distributed == fair
+        site.plan_distributed(silent, **job, participants=4)
+    plan = site.plan_distributed(fair, **job, participants=4)
+    assert plan.distributed == fair
     # What the site records is its own noise alone: multiplier 2 / sqrt(4) = 1, one release.
     assert plan.mechanism.noise_multiplier == pytest.approx(1.0) and plan.mechanism.sample_rate == 1.0
     spent = site.spend(plan)
@@ -401,17 +379,14 @@ def test_distributed_dp_needs_masking_and_real_noise_and_costs_the_sites_own_bud
 
 def test_processes_sharing_a_ledger_never_overspend_it(tmp_path: Path) -> None:
     policy = SitePolicy(max_epsilon=1.0, ledger=tmp_path / "shared.json")
-    shape = SHAPE
-    job = {**JOB, "dp_noise_multiplier": 4.0}  # a round costs a fraction of the budget
+    job = {**JOB, "noise_multiplier": 4.0}  # a round costs a fraction of the budget
     a, b = SitePrivacy(policy), SitePrivacy(policy)
-    planned = a.plan(job, **shape)  # a checks, then trains for a while ...
-    assert planned is not None
+    planned = a.plan_dp_sgd(**job, **SHAPE)  # a checks, then trains for a while ...
     while True:  # ... while b spends the whole budget
         try:
-            plan = b.plan(job, **shape)
+            plan = b.plan_dp_sgd(**job, **SHAPE)
         except PrivacyBudgetError:
             break
-        assert plan is not None
         b.spend(plan)
     with pytest.raises(PrivacyBudgetError):  # a's spend is checked again under the lock
         a.spend(planned)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedcore import load_experiment
+from fedcore.aggregation import Drop, DropReason, RefusalCode
 from fedcore.engine import Coordinator, Instruction, InstructionKind, MemoryStore, Reply, Transport
 from fedcore.engine.coordinator import RoundFailed
 from fedcore.errors import SiteUnavailable
@@ -60,7 +61,9 @@ async def hangs(site: str, ins: Instruction) -> Reply:
 
 
 async def refuses(site: str, ins: Instruction) -> Reply:
-    return Reply(site, ins.kind, ins.round, refusal="budget exhausted")
+    return Reply(
+        site, ins.kind, ins.round, refusal="budget exhausted", refusal_code=RefusalCode.PRIVACY_BUDGET
+    )
 
 
 def sends(update: dict[str, np.ndarray]) -> Behaviour:
@@ -114,17 +117,19 @@ def test_vanished_refusing_and_malformed_sites_are_dropped_and_change_nothing() 
     np.testing.assert_allclose(coordinator.parameters["w"], 2.0)
     record = records[0]
     assert record.sites == 2
-    assert record.dropped["gone"].startswith("unavailable")
-    assert record.dropped["no"] == "refused: budget exhausted"
+    assert record.dropped["gone"] == Drop(DropReason.UNAVAILABLE, "fit", "stream ended")
+    assert record.dropped["no"] == Drop(
+        DropReason.REFUSED, "fit", "budget exhausted", RefusalCode.PRIVACY_BUDGET
+    )
     for bad in ("nan", "shape", "dtype", "names"):
-        assert record.dropped[bad].startswith("bad reply"), record.dropped
+        assert record.dropped[bad].reason is DropReason.BAD_REPLY, record.dropped
 
 
 def test_a_site_missing_the_deadline_is_dropped_and_the_round_completes() -> None:
     coordinator, records, _ = run(
         {"a": adds(1.0), "b": adds(1.0), "slow": hangs}, federation__round_timeout=0.3
     )
-    assert records[0].dropped == {"slow": "missed the round deadline"}
+    assert records[0].dropped == {"slow": Drop(DropReason.DEADLINE, "fit")}
     np.testing.assert_allclose(coordinator.parameters["w"], 1.0)
 
 
@@ -167,7 +172,7 @@ def test_replies_buffered_behind_a_late_first_site_are_not_lost() -> None:
     coordinator, records, _ = run(
         {"0-late": hangs, "a": adds(1.0), "b": adds(3.0)}, federation__round_timeout=0.3
     )
-    assert records[0].dropped == {"0-late": "missed the round deadline"} and records[0].sites == 2
+    assert records[0].dropped == {"0-late": Drop(DropReason.DEADLINE, "fit")} and records[0].sites == 2
     np.testing.assert_allclose(coordinator.parameters["w"], 2.0)
 
 
@@ -183,5 +188,5 @@ def test_malformed_evaluation_replies_are_dropped_not_fatal() -> None:
 
 def test_an_absurd_example_count_cannot_take_over_the_average() -> None:
     coordinator, records, _ = run({"a": adds(1.0), "b": adds(1.0), "greedy": adds(100.0, 10**12)})
-    assert records[0].dropped["greedy"].startswith("bad reply")
+    assert records[0].dropped["greedy"].reason is DropReason.BAD_REPLY
     np.testing.assert_allclose(coordinator.parameters["w"], 1.0)

@@ -160,7 +160,7 @@ def test_distributed_dp_accounts_the_noise_lost_to_dropouts() -> None:
     for record in lossy.records:
         # Sites that vanish before their masked input take their noise with them; those that
         # vanish later (unmask) are in the sum, noise included.
-        lost = [s for s, why in record.dropped.items() if not why.startswith("unmask")]
+        lost = [s for s, drop in record.dropped.items() if not drop.aggregated]
         assert record.privacy["sites_noise"] == record.sites == len(record.sampled) - len(lost)
     assert any(r.sites < len(r.sampled) for r in lossy.records)
     d = sum(a.size for a in build_task("breast_cancer").initial_parameters(0).values())

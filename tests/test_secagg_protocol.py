@@ -16,7 +16,7 @@ from fedcore.secagg.common import Aborted, AbortReason, ProtocolAbort, RoundPara
 from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
 from fedcore.secagg.local import run_round
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
-from fedcore.secagg.stages.unmask import UnmaskRequest
+from fedcore.secagg.stages.messages import UnmaskRequest
 
 
 def params(n: int, degree: int, threshold: int, length: int, bits: int = 32) -> RoundParams:

@@ -14,10 +14,8 @@ from fedcore.secagg import shamir
 from fedcore.secagg.common import AbortReason, ProtocolAbort, RoundParams
 from fedcore.secagg.graph import neighbour_graph
 from fedcore.secagg.primitives import agree, decrypt
-from fedcore.secagg.stages.advertise import AdvertiseKeys, ClientAdvertise, ServerAdvertise
-from fedcore.secagg.stages.masked_input import MaskedInput
-from fedcore.secagg.stages.share_keys import ShareKeys
-from fedcore.secagg.stages.unmask import UnmaskShares
+from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
+from fedcore.secagg.stages.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskShares
 
 N, DEGREE, THRESHOLD, LENGTH = 8, 4, 3, 20_000
 

@@ -9,12 +9,6 @@ import pytest
 
 from fedcore import load_experiment, run_simulation
 from fedcore.config import Experiment
-from fedcore.engine import Coordinator, MemoryStore
-from fedcore.errors import ConfigError
-from fedcore.simulation.inprocess import InProcessTransport
-from fedcore.simulation.runners import LocalRunner
-from fedcore.strategies import FedAvg
-from fedcore.tasks import build_task
 
 
 def experiment(**overrides: object) -> Experiment:
@@ -54,11 +48,11 @@ def test_dropouts_at_every_secagg_stage_never_give_a_wrong_sum() -> None:
         secure_aggregation__enabled=True,
     )
     result, _ = run_simulation(e, None)
-    stages = {reason.split(":")[0] for r in result.records for reason in r.dropped.values()}
+    stages = {drop.exchange for r in result.records for drop in r.dropped.values()}
     assert stages == {"advertise", "share_keys", "masked_input", "unmask"}
     assert sum(r.secure_aggregation["recovered"] for r in result.records) > 0
     for r in result.records:
-        lost = {s for s, why in r.dropped.items() if not why.startswith("unmask")}
+        lost = {s for s, drop in r.dropped.items() if not drop.aggregated}
         assert r.sites == r.secure_aggregation["masked"] == len(r.sampled) - len(lost)
     np.testing.assert_allclose(result.parameters["w"], 0.01 * rounds, atol=1e-6)
 
@@ -66,21 +60,3 @@ def test_dropouts_at_every_secagg_stage_never_give_a_wrong_sum() -> None:
 def test_the_fedopt_family_runs_on_the_secure_sum() -> None:
     result, _ = run_simulation(experiment(strategy__name="fedadam", secure_aggregation__enabled=True), None)
     assert all(r.sites == 6 for r in result.records)
-
-
-def test_a_strategy_that_needs_individual_updates_is_refused() -> None:
-    class Median(FedAvg):
-        name = "median"
-        needs_individual_updates = True
-
-    exp = experiment(secure_aggregation__enabled=True)
-    transport = InProcessTransport(exp, LocalRunner(exp, workers=1), accepts_partial_work=False)
-    with pytest.raises(ConfigError, match="needs every site's update"):
-        Coordinator(
-            experiment=exp,
-            task=build_task("breast_cancer"),
-            transport=transport,
-            store=MemoryStore(),
-            test_data=None,
-            strategy=Median(),
-        )

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedcore import load_experiment, run_simulation
+from fedcore.aggregation import DropReason
 from fedcore.config import Experiment
 
 
@@ -55,7 +56,9 @@ def test_dropout_is_seeded_and_leaves_the_round_to_the_rest() -> None:
     dropped = [r.dropped for r in first.records]
     assert dropped == [r.dropped for r in again.records]
     assert any(dropped) and all(
-        reason.startswith("unavailable: dropped out") for d in dropped for reason in d.values()
+        drop.reason is DropReason.UNAVAILABLE and drop.detail.startswith("dropped out")
+        for d in dropped
+        for drop in d.values()
     )
     assert all(r.sites == 6 - len(r.dropped) for r in first.records)
     other, _ = run_simulation(experiment.override(data__seed=1), None)
@@ -67,7 +70,7 @@ def test_stragglers_are_dropped_by_fedavg_and_kept_with_partial_work_by_fedprox(
     fedavg, _ = run_simulation(experiment, None)
     stragglers = [set(r.dropped) for r in fedavg.records]
     assert any(stragglers)
-    assert all("straggler" in reason for r in fedavg.records for reason in r.dropped.values())
+    assert all("straggler" in drop.detail for r in fedavg.records for drop in r.dropped.values())
     fedprox, _ = run_simulation(
         experiment.override(strategy__name="fedprox", strategy__proximal_mu=0.1), None
     )

@@ -3,7 +3,7 @@ FedAdagrad / FedAdam / FedYogi follow Flower's strategies of the same name round
 
 The fedcore side always goes the way the engine goes: each site's update is
 `fedcore.engine.site.delta(site_params, global)`, the server folds the updates into
-`WeightedMean` with weight = number of examples, and the strategy applies the mean update.
+the plain pipeline (weighted mean leaf) with weight = number of examples, and the strategy applies the mean update.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedcore.aggregation import WeightedMean
-from fedcore.config import StrategyConfig, StrategyName
+from fedcore.aggregation import SiteReply, build_pipeline
+from fedcore.config import StrategyConfig, StrategyName, load_experiment
 from fedcore.engine.site import delta, train_settings
 from fedcore.strategies import FedAdagrad, FedAdam, FedAvg, FedOpt, FedProx, FedYogi, build_strategy
 from fedcore.tensors import Arrays, PayloadAssembler, chunks, encode
+from tests.test_pipeline import aggregate as fedcore_aggregate
 
 with warnings.catch_warnings():
     # flwr imports typer, which touches a deprecated click API at import time (not ours).
@@ -46,13 +47,13 @@ def over_the_wire(arrays: Arrays) -> Arrays:
 
 
 def fedcore_mean_update(global_: Arrays, sites: list[tuple[Arrays, int]], *, wire: bool = False) -> Arrays:
-    accumulator = WeightedMean().start(global_)
-    for params, n in sites:
+    replies = {}
+    for k, (params, n) in enumerate(sites):
         update = delta(params, global_)
-        accumulator.add(over_the_wire(update) if wire else update, float(n))
-    aggregate_ = accumulator.result()
+        replies[f"site-{k}"] = SiteReply(f"site-{k}", over_the_wire(update) if wire else update, float(n))
+    aggregate_ = fedcore_aggregate(build_pipeline(load_experiment()), replies, global_)
     assert aggregate_.count == len(sites)
-    assert aggregate_.total_weight == sum(n for _, n in sites)
+    assert aggregate_.weight == sum(n for _, n in sites)
     return aggregate_.mean
 
 

@@ -1,6 +1,43 @@
-"""Composable aggregation stages."""
+"""Aggregation as a pipeline of stages, built from the experiment in one place (`builder`)."""
 
-from fedcore.aggregation.base import Accumulator, Aggregate, AggregationStage
-from fedcore.aggregation.mean import WeightedMean
+from fedcore.aggregation.base import (
+    Aggregate,
+    Drop,
+    DropReason,
+    Exchange,
+    Leaf,
+    RefusalCode,
+    RoundContext,
+    RoundInfo,
+    Section,
+    SiteReply,
+    SiteRequest,
+    Stage,
+    StopRun,
+)
+from fedcore.aggregation.builder import build_pipeline
+from fedcore.aggregation.pipeline import Pipeline
+from fedcore.aggregation.plans import StagePlan
+from fedcore.aggregation.site import Contribution, Prepared, SiteStages
 
-__all__ = ["Accumulator", "Aggregate", "AggregationStage", "WeightedMean"]
+__all__ = [
+    "Aggregate",
+    "Contribution",
+    "Drop",
+    "DropReason",
+    "Exchange",
+    "Leaf",
+    "Pipeline",
+    "Prepared",
+    "RefusalCode",
+    "RoundContext",
+    "RoundInfo",
+    "Section",
+    "SiteReply",
+    "SiteRequest",
+    "SiteStages",
+    "Stage",
+    "StagePlan",
+    "StopRun",
+    "build_pipeline",
+]

@@ -1,47 +1,54 @@
-"""The plain leaf: an example-weighted mean, kept as running float64 sums."""
+"""The plain leaf: an example-weighted sum, folded as replies arrive (float64 running sums)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedcore.aggregation.base import Accumulator, Aggregate, AggregationStage
+from fedcore.aggregation.base import Aggregate, Leaf, RoundContext, SiteReply, SiteRequest
 from fedcore.errors import ProtocolError
 from fedcore.tensors import Arrays, check_finite, check_like
 
-
-class WeightedMean(AggregationStage):
-    """Sites send their update as is; the server sums weight x update and the weights."""
-
-    def encode(self, update: Arrays, weight: float) -> Arrays:
-        return update
-
-    def start(self, template: Arrays) -> Accumulator:
-        return _MeanAccumulator(template)
+# A site's weight is at most this: no site can claim an absurd count and replace the model.
+MAX_WEIGHT = 10**9
 
 
-class _MeanAccumulator(Accumulator):
-    def __init__(self, template: Arrays) -> None:
-        self._template = template
-        self._sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
-        self._scratch = {k: np.empty(v.shape, dtype=np.float64) for k, v in template.items()}
-        self._weight = 0.0
-        self._count = 0
+def checked(reply: SiteReply, model: Arrays) -> Arrays:
+    """A plain reply's update, once it is known to fit the model: a bad one changes nothing."""
+    if reply.update is None or not 0 < reply.weight <= MAX_WEIGHT:
+        raise ProtocolError(
+            f"a fit reply needs an update and a weight in (0, {MAX_WEIGHT}], got {reply.weight}"
+        )
+    check_like(reply.update, model)
+    check_finite(reply.update)
+    return reply.update
 
-    def add(self, contribution: Arrays, weight: float) -> None:
-        # Validate fully before touching the sums: a bad contribution changes nothing.
-        check_like(contribution, self._template)
-        check_finite(contribution)
-        if not (np.isfinite(weight) and weight > 0):
-            raise ProtocolError(f"contribution weight must be a positive number, got {weight}")
-        for k, v in contribution.items():
-            # weight * v into a reused float64 buffer, then add: no per-site allocations.
-            np.multiply(v, weight, out=self._scratch[k])
-            self._sums[k] += self._scratch[k]
-        self._weight += weight
-        self._count += 1
 
-    def result(self) -> Aggregate:
-        if self._count == 0:
-            raise ValueError("no contributions to aggregate")
-        mean = {k: s / self._weight for k, s in self._sums.items()}
-        return Aggregate(mean=mean, total_weight=self._weight, count=self._count)
+class WeightedMean(Leaf):
+    """Sites send their update as is; the server sums weight x update and the weights.
+    Memory is one model's worth of float64, whatever the number of sites."""
+
+    name = "mean"
+
+    async def collect(self, context: RoundContext) -> Aggregate:
+        info = context.info
+        sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in info.model.items()}
+        scratch = {k: np.empty(v.shape, dtype=np.float64) for k, v in info.model.items()}
+        aggregate = Aggregate(sum=sums, weight=0.0, count=0, contributors=[])
+
+        def accept(reply: SiteReply) -> None:
+            checked(reply, info.model)
+            reply = context.admit(reply)
+            assert reply.update is not None
+            for k, v in reply.update.items():
+                np.multiply(v, reply.weight, out=scratch[k])  # no per-site allocation
+                sums[k] += scratch[k]
+            aggregate.weight += reply.weight
+            aggregate.count += 1
+            aggregate.contributors.append(reply.site)
+            aggregate.site_metrics[reply.site] = dict(reply.metrics)
+
+        plan = context.plan(info)
+        aggregate.dropped = await context.exchange(
+            "fit", info.sampled, lambda site: SiteRequest(train=True, plan=plan), accept
+        )
+        return aggregate

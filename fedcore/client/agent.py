@@ -15,19 +15,20 @@ from dataclasses import dataclass
 
 import grpc
 
+from fedcore.aggregation import SiteStages
+from fedcore.aggregation import wire as stage_wire
 from fedcore.engine import Instruction, InstructionKind, Reply, Site
 from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.pki import TlsFiles
 from fedcore.privacy.site_policy import SitePrivacy
 from fedcore.proto.v1 import federation_pb2 as pb
-from fedcore.secagg import wire as secagg_wire
-from fedcore.secagg.stages.masked_input import MaskedInput
 from fedcore.tasks import Task
 from fedcore.tensors import PayloadAssembler, check_header_like
 from fedcore.wire import (
     KIND_TO_WIRE,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    REFUSAL_TO_WIRE,
     SERVER_CHUNK_FIELD,
     SESSION_METHOD,
     SITE_CHUNK_FIELD,
@@ -193,7 +194,8 @@ class SiteAgent:
             )
         except (KeyError, ValueError) as err:
             raise _Rejected(f"cannot load data {self.settings.data_uri!r} for this run: {err}") from None
-        self.site = Site(name=welcome.site_name, task=self.task, data=data, privacy=self.privacy)
+        stages = SiteStages(welcome.site_name, self.privacy)
+        self.site = Site(name=welcome.site_name, task=self.task, data=data, stages=stages)
         self._site_key = key
         log.info("loaded %d training examples from %s", len(data.train), self.settings.data_uri)
 
@@ -223,8 +225,8 @@ class SiteAgent:
                     # Checked against the model before any allocation: a server cannot make
                     # this site reserve memory for a payload the model does not have.
                     # (A secure-aggregation stage other than the masked input carries no model.)
-                    secagg_stage = kind_from_wire(message.instruction.kind) is InstructionKind.SECAGG
-                    check_header_like(message.instruction.payload, {} if secagg_stage else self.site.template)
+                    stage = kind_from_wire(message.instruction.kind) is InstructionKind.STAGE
+                    check_header_like(message.instruction.payload, {} if stage else self.site.template)
                     current = (message.instruction, PayloadAssembler(message.instruction.payload))
                 elif body == "chunk" and current is not None:
                     current[1].add(message.chunk.data)
@@ -233,15 +235,20 @@ class SiteAgent:
             if current is not None and current[1].complete:
                 ins, assembler = current
                 assert self.site is not None
-                secagg = (
-                    secagg_wire.from_wire(ins.secagg, site=self.site.name) if ins.HasField("secagg") else None
+                stage_message = (
+                    stage_wire.message_from_wire(ins.secagg, site=self.site.name)
+                    if ins.HasField("secagg")
+                    else None
                 )
                 instruction = Instruction(
                     kind=kind_from_wire(ins.kind),
                     round=ins.round,
                     parameters=assembler.arrays(),
                     config=config_from_wire(ins.config),
-                    secagg=secagg,
+                    attempt=max(ins.attempt, 1),
+                    message=stage_message,
+                    plan=stage_wire.plan_from_wire(ins.plan),
+                    exchange=ins.exchange,
                 )
                 await work.put((ins.request_id, instruction))
                 current = None
@@ -291,13 +298,14 @@ def reply_messages(reply: Reply, request_id: int) -> list[bytes]:
         num_examples=reply.num_examples,
         refusal=reply.refusal or "",
     )
+    if reply.refusal is not None and reply.refusal_code is not None:
+        result.refusal_code = REFUSAL_TO_WIRE[reply.refusal_code]
     config_to_wire(result.metrics, reply.metrics)
     pieces: list[bytes | memoryview] = []
     payload = reply.update
-    if reply.secagg is not None and reply.refusal is None:
-        result.secagg.CopyFrom(secagg_wire.to_wire(reply.secagg))
-        if isinstance(reply.secagg, MaskedInput):
-            payload = {secagg_wire.MASKED: reply.secagg.vector}
+    if reply.message is not None and reply.refusal is None:
+        result.secagg.CopyFrom(stage_wire.message_to_wire(reply.message))
+        payload = stage_wire.message_payload(reply.message) or payload
     if payload is not None and reply.refusal is None:
         header, pieces = payload_messages(payload)
         result.payload.CopyFrom(header)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from fedcore.aggregation import RefusalCode, StagePlan
 from fedcore.tensors import Arrays
 
 Scalar = int | float | bool | str
@@ -14,17 +15,19 @@ Config = dict[str, Scalar]
 class InstructionKind(enum.Enum):
     FIT = "fit"
     EVALUATE = "evaluate"
-    SECAGG = "secagg"  # a secure-aggregation stage other than the masked input (which is FIT)
+    STAGE = "stage"  # an aggregation stage's exchange without the model (e.g. SecAgg+ keys)
 
 
 @dataclass(frozen=True)
 class Instruction:
     kind: InstructionKind
     round: int
-    parameters: Arrays  # the global model
-    config: Config = field(default_factory=dict)
+    parameters: Arrays  # the global model (empty for a STAGE exchange)
+    config: Config = field(default_factory=dict)  # training settings (epochs, lr, seed, ...)
     attempt: int = 1  # > 1 when the round is being retried
-    secagg: object | None = None  # the secure-aggregation stage message, when on
+    message: object | None = None  # the stage's own message (e.g. SecAgg+ routed shares)
+    plan: tuple[StagePlan, ...] = ()  # FIT: what each aggregation stage asks of the site
+    exchange: str = ""  # which exchange of the round this is ("fit", "advertise", ...)
 
 
 @dataclass(frozen=True)
@@ -36,4 +39,5 @@ class Reply:
     update: Arrays | None = None  # FIT: the encoded update (parameters after training - global)
     metrics: dict[str, float] = field(default_factory=dict)
     refusal: str | None = None  # set when the site declined or failed the instruction
-    secagg: object | None = None  # the site's secure-aggregation stage message
+    refusal_code: RefusalCode | None = None  # why, as a code (set with `refusal`)
+    message: object | None = None  # the site's stage message (e.g. a masked input)

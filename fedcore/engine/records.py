@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors.numpy import save_file
 
+from fedcore.aggregation import Drop, DropReason, RefusalCode
 from fedcore.tensors import Arrays
 
 
@@ -24,7 +25,7 @@ class RoundRecord:
     loss: float | None
     seconds: float
     sampled: list[str] = field(default_factory=list)
-    dropped: dict[str, str] = field(default_factory=dict)  # site -> reason
+    dropped: dict[str, Drop] = field(default_factory=dict)  # site -> why its input is not in the aggregate
     train_loss: float | None = None  # sites' mean local training loss, example-weighted
     fit_metrics: dict[str, float] = field(default_factory=dict)  # every numeric fit metric, example-weighted
     attempt: int = 1  # > 1 when earlier attempts at this round failed
@@ -33,6 +34,7 @@ class RoundRecord:
     bytes_sent: int = 0  # model payload bytes sent to sites this round (all attempts)
     bytes_received: int = 0  # update payload bytes received from sites
     secure_aggregation: dict[str, Any] = field(default_factory=dict)  # per-stage counts and seconds
+    aggregation: dict[str, Any] = field(default_factory=dict)  # e.g. a robust rule's picks
     epsilon: float | None = None  # the run's DP epsilon after this round (None: no DP)
     delta: float | None = None
     site_epsilon: dict[str, float] = field(default_factory=dict)  # sample-level: each reporting site's
@@ -42,6 +44,22 @@ class RoundRecord:
         """A JSON-safe dict: non-finite numbers (NaN, infinity) become null."""
         clean: dict[str, Any] = _finite(asdict(self))
         return clean
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundRecord:
+        """The record `as_json` wrote (a resumed run's earlier rounds)."""
+        values = dict(data)
+        values["dropped"] = {
+            site: Drop(
+                DropReason(d["reason"]),
+                d["exchange"],
+                d["detail"],
+                RefusalCode(d["refusal"]) if d["refusal"] else None,
+                d["aggregated"],
+            )
+            for site, d in data.get("dropped", {}).items()
+        }
+        return cls(**values)
 
 
 def _finite(value: Any) -> Any:
@@ -88,14 +106,19 @@ def site_rows(record: RoundRecord) -> list[dict[str, Any]]:
     aggregate, why not, and its own epsilon for the run when it reported one."""
     rows = []
     for site in record.sampled:
-        reason = record.dropped.get(site)
+        drop = record.dropped.get(site)
+        picked = record.aggregation.get("trimmed")
         row: dict[str, Any] = {
             "round": record.round,
             "attempt": record.attempt,
             "site": site,
-            "aggregated": reason is None or reason.startswith("unmask"),
-            "dropped": reason,
+            "aggregated": drop is None or drop.aggregated,
+            "dropped": str(drop) if drop else None,
+            "reason": drop.reason.value if drop else None,
+            "refusal": drop.refusal.value if drop and drop.refusal else None,
         }
+        if picked is not None:  # a robust rule saw this site's update and left it out
+            row["trimmed"] = site in picked
         if site in record.site_epsilon:
             row["epsilon"] = _finite(record.site_epsilon[site])
             row["delta"] = record.delta

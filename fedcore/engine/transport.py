@@ -4,6 +4,7 @@ in-process in a simulation. The round code is the same for both."""
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 from fedcore.engine.messages import Instruction, Reply
 
@@ -21,6 +22,10 @@ class Transport(abc.ABC):
     async def request(self, site: str, instruction: Instruction) -> Reply:
         """Send `instruction` to `site` and await its reply. Raises SiteUnavailable when the
         site is gone; the caller bounds the wait with the round's deadline (cancellation)."""
+
+    def sampled(self, round_number: int, attempt: int, sites: Sequence[str]) -> None:  # noqa: B027
+        """The sites sampled for an attempt at a round (a simulation plays its sites'
+        behaviour from it). Nothing to do for a real federation."""
 
     @abc.abstractmethod
     async def finish(self, *, completed: bool, reason: str) -> None:

@@ -15,7 +15,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fedcore.errors import PrivacyBudgetError
 from fedcore.privacy.accountant import Mechanism, epsilon, noise_for
@@ -57,54 +56,44 @@ class SitePrivacy:
         """The site has a policy beyond accounting: it only spends privacy it can account."""
         return self.policy.require_dp or self.policy.max_epsilon is not None
 
-    def plan(
+    def refuse_unaccounted(self, what: str) -> None:
+        """A round whose privacy the site cannot account itself (no DP, or central DP)."""
+        if self.protective:
+            raise PrivacyBudgetError(
+                f"privacy policy: this site only takes part with noise it adds and accounts itself "
+                f"(sample or user-distributed DP); the job asks for {what}"
+            )
+
+    def plan_dp_sgd(
         self,
-        config: dict[str, Any],
         *,
+        noise_multiplier: float | None,
+        target_epsilon: float | None,
+        rounds: int,
+        max_grad_norm: float,
+        ghost_clipping: bool,
+        delta: float,
+        run: str,
         examples: int,
         batch_size: int,
         local_epochs: int,
-        dimension: int,
-        secure_participants: int | None,
-    ) -> RoundPlan | None:
-        """What this round will cost the site (None: no DP asked for and none required);
-        PrivacyBudgetError when the site's policy forbids the round. `secure_participants`
-        is the number of sites in the round's secure aggregation (None: no secure aggregation)."""
-        mode = str(config.get("dp_mode", "none"))
-        if mode == "sample":
-            plan = self._plan_dp_sgd(
-                config, examples=examples, batch_size=batch_size, local_epochs=local_epochs
-            )
-        elif mode == "user-distributed":
-            plan = self._plan_distributed(config, dimension=dimension, participants=secure_participants)
-        else:
-            if self.protective:
-                # Central or no DP: the site cannot account what its data costs.
-                raise PrivacyBudgetError(
-                    f"privacy policy: this site only takes part with noise it adds and accounts itself "
-                    f"(sample or user-distributed DP); the job asks for {mode!r}"
-                )
-            return None
-        self.ledger.reload()  # another process may share the ledger
-        self._check_budget(plan.mechanism)
-        return plan
-
-    def _plan_dp_sgd(
-        self, config: dict[str, Any], *, examples: int, batch_size: int, local_epochs: int
     ) -> RoundPlan:
-        job_delta = _delta(config)
+        """What a DP-SGD round will cost the site; PrivacyBudgetError when its policy forbids it."""
+        job_delta = _delta(delta)
         steps_per_epoch = round_mechanism(
             examples, batch_size=batch_size, local_epochs=1, noise_multiplier=1.0
         )
-        if "dp_target_epsilon" in config:
+        if target_epsilon is not None:
+            if rounds < 1:
+                raise PrivacyBudgetError("privacy policy: a target epsilon needs the job's number of rounds")
             noise = noise_for(
-                target_epsilon=job_setting(config, "dp_target_epsilon"),
+                target_epsilon=job_setting("target_epsilon", target_epsilon),
                 delta=job_delta,
                 sample_rate=steps_per_epoch.sample_rate,
-                steps=steps_per_epoch.steps * local_epochs * int(job_setting(config, "dp_rounds")),
+                steps=steps_per_epoch.steps * local_epochs * rounds,
             )
         else:
-            noise = job_setting(config, "dp_noise_multiplier")
+            noise = job_setting("noise_multiplier", noise_multiplier)
         if noise < self.policy.min_noise_multiplier:
             log.info(
                 "raising the job's noise multiplier %.3f to the site's floor %.3f",
@@ -115,22 +104,21 @@ class SitePrivacy:
         mechanism = round_mechanism(
             examples, batch_size=batch_size, local_epochs=local_epochs, noise_multiplier=noise
         )
-        dp = SampleDP(noise, job_setting(config, "dp_max_grad_norm"), bool(config.get("dp_ghost", False)))
-        return RoundPlan(mechanism, str(config["dp_run"]), job_delta, dp=dp)
+        dp = SampleDP(noise, job_setting("max_grad_norm", max_grad_norm), ghost_clipping)
+        return self._affordable(RoundPlan(mechanism, run, job_delta, dp=dp))
 
-    def _plan_distributed(
-        self, config: dict[str, Any], *, dimension: int, participants: int | None
+    def plan_distributed(
+        self, noise: DistributedNoise, *, delta: float, run: str, dimension: int, participants: int | None
     ) -> RoundPlan:
+        """What adding this distributed noise costs the site (`participants`: the sites in the
+        round's secure aggregation, None without one); PrivacyBudgetError when forbidden."""
         if participants is None:
             # Without masking, the server would see this site's update with its share of noise only.
             raise PrivacyBudgetError(
                 "privacy policy: user-distributed DP needs secure aggregation in this round"
             )
-        noise = DistributedNoise(
-            job_setting(config, "dp_clip_norm"),
-            job_setting(config, "dp_scale"),
-            job_setting(config, "dp_sigma"),
-        )
+        for name, value in (("clip_norm", noise.clip_norm), ("scale", noise.scale), ("sigma", noise.sigma)):
+            job_setting(name, value)
         own = noise.sigma / sensitivity_l2(dimension, noise.clip_norm, noise.scale)
         if own * math.sqrt(participants) < self.policy.min_noise_multiplier:
             raise PrivacyBudgetError(
@@ -139,7 +127,12 @@ class SitePrivacy:
             )
         # The site's own noise alone, against a server that could drop every other site: a
         # single discrete Gaussian is exactly the Gaussian mechanism's zCDP (tau = 0 for one site).
-        return RoundPlan(Mechanism(own, 1.0, 1), str(config["dp_run"]), _delta(config), distributed=noise)
+        return self._affordable(RoundPlan(Mechanism(own, 1.0, 1), run, _delta(delta), distributed=noise))
+
+    def _affordable(self, plan: RoundPlan) -> RoundPlan:
+        self.ledger.reload()  # another process may share the ledger
+        self._check_budget(plan.mechanism)
+        return plan
 
     def _check_budget(self, mechanism: Mechanism) -> None:
         if self.policy.max_epsilon is None:
@@ -174,23 +167,20 @@ class SitePrivacy:
         }
 
 
-def job_setting(config: dict[str, Any], key: str) -> float:
+def job_setting(name: str, value: object) -> float:
     """A positive, finite number the job sends; PrivacyBudgetError (a refusal) otherwise."""
-    value = config.get(key)
     if (
         not isinstance(value, int | float)
         or isinstance(value, bool)
         or not math.isfinite(value)
         or not value > 0
     ):
-        raise PrivacyBudgetError(
-            f"privacy policy: the job's {key!r} must be a positive number, got {value!r}"
-        )
+        raise PrivacyBudgetError(f"privacy policy: the job's {name} must be a positive number, got {value!r}")
     return float(value)
 
 
-def _delta(config: dict[str, Any]) -> float:
-    value = job_setting(config, "dp_delta")
+def _delta(value: float) -> float:
+    value = job_setting("delta", value)
     if not value < 1:
         raise PrivacyBudgetError(f"privacy policy: the job's delta must be in (0, 1), got {value}")
     return value

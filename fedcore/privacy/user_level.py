@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from fedcore.aggregation.base import Accumulator, Aggregate, AggregationStage
 from fedcore.errors import ConfigError
 from fedcore.privacy.randomness import SecureRandom
-from fedcore.tensors import Arrays, check_finite, check_like, clip_l2
 
 
 def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
@@ -35,54 +31,6 @@ def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float
             f"{noise_multiplier}: it must exceed noise_multiplier / 2"
         )
     return float(rest**-0.5)
-
-
-class CentralGaussianSum(AggregationStage):
-    """DP-FedAvg's server side: equal weights, re-clipped sums, Gaussian noise, fixed denominator."""
-
-    def __init__(
-        self, *, clip_norm: float, noise_std: float, expected_sites: float, random: SecureRandom
-    ) -> None:
-        self.clip_norm = clip_norm
-        self.noise_std = noise_std
-        self.expected_sites = expected_sites
-        self.random = random
-
-    def encode(self, update: Arrays, weight: float) -> Arrays:
-        return clip_l2(update, self.clip_norm)[0]
-
-    def start(self, template: Arrays) -> Accumulator:
-        return _NoisySum(self, template)
-
-    def noisy_mean(self, sums: Arrays, count: int) -> Aggregate:
-        """Add the noise to `count` sites' summed clipped updates and divide by the expected count."""
-        mean = {}
-        for k, s in sums.items():
-            noise = self.random.gaussian(s.size, self.noise_std).reshape(s.shape)
-            mean[k] = (s + noise) / self.expected_sites
-        return Aggregate(mean=mean, total_weight=float(count), count=count)
-
-
-class _NoisySum(Accumulator):
-    def __init__(self, stage: CentralGaussianSum, template: Arrays) -> None:
-        self._stage = stage
-        self._template = template
-        self._sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
-        self._count = 0
-
-    def add(self, contribution: Arrays, weight: float) -> None:
-        check_like(contribution, self._template)
-        check_finite(contribution)
-        # Clip again: an honest site's update is unchanged, a dishonest one cannot raise the
-        # sensitivity the noise was sized for. Weights are ignored: every site counts once.
-        clipped, _ = clip_l2(contribution, self._stage.clip_norm)
-        for k, v in clipped.items():
-            self._sums[k] += v
-        self._count += 1
-
-    def result(self) -> Aggregate:
-        # No contribution is a valid outcome: the noise alone is released (and accounted).
-        return self._stage.noisy_mean(self._sums, self._count)
 
 
 class AdaptiveClip:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from fedcore.privacy.randomness import SecureRandom
 from fedcore.secagg.common import AbortReason, RoundParams, need
-from fedcore.secagg.contribution import quantized_contribution
-from fedcore.secagg.stages.advertise import ClientAdvertise, NeighbourKeys
-from fedcore.secagg.stages.masked_input import ClientMaskedInput, MaskedInput
-from fedcore.secagg.stages.share_keys import ClientShareKeys, RoutedShares
-from fedcore.secagg.stages.unmask import ClientUnmask, UnmaskRequest
-from fedcore.tensors import Arrays
+from fedcore.secagg.quantize import UInt
+from fedcore.secagg.stages.advertise import ClientAdvertise
+from fedcore.secagg.stages.masked_input import ClientMaskedInput
+from fedcore.secagg.stages.messages import MaskedInput, NeighbourKeys, RoutedShares, UnmaskRequest, dtype
+from fedcore.secagg.stages.share_keys import ClientShareKeys
+from fedcore.secagg.stages.unmask import ClientUnmask
 
 
 class SecAggClient:
@@ -57,40 +54,16 @@ class SecAggClient:
         need(False, AbortReason.BAD_MESSAGE, f"unexpected {type(message).__name__}")
         raise AssertionError("unreachable")
 
-    def mask(
-        self,
-        routed: RoutedShares,
-        round_number: int,
-        update: Arrays,
-        template: Arrays,
-        *,
-        weight: float,
-        clip: float,
-        step: float,
-    ) -> MaskedInput:
-        """Stage 3: the site's weighted, clipped, quantized and masked update."""
+    def mask(self, routed: RoutedShares, round_number: int, values: UInt) -> MaskedInput:
+        """Stage 3: mask the site's encoded contribution (integers modulo 2**bits, the round's
+        length), in place."""
         self._expect(ClientMaskedInput, round_number)
         assert isinstance(self.state, ClientMaskedInput)
-        quantized = quantized_contribution(
-            update,
-            template,
-            weight=weight,
-            clip=clip,
-            step=step,
-            bits=self.state.params.bits,
-            rng=SecureRandom(),  # stochastic rounding from AES-CTR keyed by the OS
-        )
-        masked, self.state = self.state.receive(routed, quantized, in_place=True)
-        return masked
-
-    def mask_integers(self, routed: RoutedShares, round_number: int, values: np.ndarray) -> MaskedInput:
-        """Stage 3 for a contribution the site has already made integer (distributed DP)."""
-        self._expect(ClientMaskedInput, round_number)
-        assert isinstance(self.state, ClientMaskedInput)
+        p = self.state.params
         need(
-            self.state.params.bits == 64 and len(values) == self.state.params.length,
+            values.dtype == dtype(p) and values.shape == (p.length,),
             AbortReason.BAD_MESSAGE,
-            "an integer contribution needs 64-bit arithmetic and the round's vector length",
+            f"a contribution needs {p.bits}-bit integers and the round's vector length",
         )
-        masked, self.state = self.state.receive(routed, np.asarray(values, dtype=np.int64).view(np.uint64))
+        masked, self.state = self.state.receive(routed, values, in_place=True)
         return masked

@@ -49,21 +49,3 @@ def length(template: Arrays) -> int:
 
 def step_for_round(sites: int, *, clip: float, bits: int) -> float:
     return step_for(sites * max(clip, 1.0), bits=bits)
-
-
-def mean_update(total: np.ndarray, template: Arrays) -> tuple[Arrays, float]:
-    """The weighted mean update and the total weight from a dequantized secure sum."""
-    total_weight = float(total[-1])
-    if not total_weight > 0:
-        raise ValueError("the secure sum carries no weight")
-    return unflatten(total[:-1] / total_weight, template), total_weight
-
-
-def unflatten(flat: np.ndarray, template: Arrays) -> Arrays:
-    """`flat` (the contribution layout, without its last entry) cut back into named arrays."""
-    out: Arrays = {}
-    offset = 0
-    for name, ref in template.items():
-        out[name] = flat[offset : offset + ref.size].reshape(ref.shape)
-        offset += ref.size
-    return out

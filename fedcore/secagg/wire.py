@@ -12,10 +12,15 @@ import numpy as np
 from fedcore.errors import ProtocolError
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.secagg.common import RoundParams
-from fedcore.secagg.stages.advertise import AdvertiseKeys, NeighbourKeys
-from fedcore.secagg.stages.masked_input import MaskedInput
-from fedcore.secagg.stages.share_keys import RoutedShares, ShareKeys
-from fedcore.secagg.stages.unmask import UnmaskRequest, UnmaskShares
+from fedcore.secagg.stages.messages import (
+    AdvertiseKeys,
+    MaskedInput,
+    NeighbourKeys,
+    RoutedShares,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskShares,
+)
 from fedcore.tensors import Arrays
 
 MASKED = "masked"
@@ -105,3 +110,8 @@ def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -
     except ValueError as err:  # RoundParams' own checks
         raise ProtocolError(f"bad secure-aggregation parameters: {err}") from None
     raise ProtocolError(f"unknown secure-aggregation stage {which!r}")
+
+
+def payload_of(message: object) -> Arrays | None:
+    """A masked input's vector travels as the Result's payload."""
+    return {MASKED: message.vector} if isinstance(message, MaskedInput) else None

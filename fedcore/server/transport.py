@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from fedcore.aggregation import wire as stage_wire
 from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
-from fedcore.secagg import wire as secagg_wire
 from fedcore.tasks import TaskSpec
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import (
@@ -36,6 +36,7 @@ from fedcore.wire import (
     kind_from_wire,
     parse,
     payload_messages,
+    refusal_from_wire,
 )
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,11 @@ class GrpcTransport(Transport):
                 payload=header,
             )
             config_to_wire(message.config, instruction.config)
-            if instruction.secagg is not None:
-                message.secagg.CopyFrom(secagg_wire.to_wire(instruction.secagg))
+            message.attempt = instruction.attempt
+            message.exchange = instruction.exchange
+            message.plan.extend(stage_wire.plan_to_wire(instruction.plan))
+            if instruction.message is not None:
+                message.secagg.CopyFrom(stage_wire.message_to_wire(instruction.message))
             head = pb.ServerMessage(instruction=message).SerializeToString()
             session.outbound.put_nowait(_Outgoing([head, *frames], request_id))
             return await future
@@ -318,13 +322,13 @@ class GrpcTransport(Transport):
             )
         metrics = {k: v for k, v in config_from_wire(result.metrics).items() if isinstance(v, int | float)}
         arrays = assembler.arrays() if assembler.header.tensors else None
-        secagg = None
+        stage_message = None
         if result.HasField("secagg") and not result.refusal:
             # The sender is the authenticated session, whatever the message might claim.
-            secagg = secagg_wire.from_wire(result.secagg, site=session.name, payload=arrays)
+            stage_message = stage_wire.message_from_wire(result.secagg, site=session.name, payload=arrays)
             arrays = None
         reply = Reply(
-            secagg=secagg,
+            message=stage_message,
             site=session.name,
             kind=kind,
             round=result.round,
@@ -332,6 +336,7 @@ class GrpcTransport(Transport):
             update=arrays,
             metrics={k: float(v) for k, v in metrics.items()},
             refusal=result.refusal or None,
+            refusal_code=refusal_from_wire(result.refusal_code) if result.refusal else None,
         )
         if not pending.future.done():
             pending.future.set_result(reply)

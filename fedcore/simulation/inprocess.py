@@ -5,17 +5,21 @@ sampled site drops out mid-round with probability `dropout` (under secure aggreg
 one of the four SecAgg+ stages, drawn uniformly), and is a straggler with probability
 `stragglers`. A straggler does only part of its local epochs; its partial work
 counts when the strategy accepts partial work (FedProx) and is dropped otherwise (FedAvg),
-as in the FedProx paper.
+as in the FedProx paper. With `byzantine`, floor(fraction x sampled) of each round's sites
+send an attack (`byzantine_attack`) instead of their update, to test robust aggregation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
+from fedcore.aggregation.secure_sum import EXCHANGES as SECURE_EXCHANGES
 from fedcore.config import Experiment
 from fedcore.engine import Instruction, InstructionKind, Reply, Transport
 from fedcore.errors import SiteUnavailable
 from fedcore.seeding import rng
+from fedcore.simulation.byzantine import attack, attackers
 from fedcore.simulation.runners import SiteRunner, site_name
 
 
@@ -25,6 +29,7 @@ class InProcessTransport(Transport):
         self.runner = runner
         self.accepts_partial_work = accepts_partial_work
         self._index = {site_name(k): k for k in range(1, experiment.simulation.sites + 1)}
+        self._attackers: dict[int, set[str]] = {}  # round -> its Byzantine sites
 
     async def wait_for_sites(self, count: int) -> None:
         if count > len(self._index):
@@ -43,7 +48,7 @@ class InProcessTransport(Transport):
         if not self.experiment.secure_aggregation.enabled:
             return instruction.kind is InstructionKind.FIT
         stage = int(rng(seed, "dropout-stage", *when, site).integers(1, 5))
-        return stage == _secagg_stage(instruction)
+        return SECURE_EXCHANGES[stage - 1] == instruction.exchange
 
     def _heterogeneity(self, site: str, instruction: Instruction) -> Instruction:
         sim, seed = self.experiment.simulation, self.experiment.seed
@@ -57,6 +62,21 @@ class InProcessTransport(Transport):
             return dataclasses.replace(instruction, config={**instruction.config, "local_epochs": partial})
         return instruction
 
+    def sampled(self, round_number: int, attempt: int, sites: Sequence[str]) -> None:
+        fraction = self.experiment.simulation.byzantine
+        if fraction:
+            chosen = attackers(list(sites), fraction, seed=self.experiment.seed, round_number=round_number)
+            self._attackers = {round_number: chosen}
+
+    def _lie(self, site: str, reply: Reply) -> Reply:
+        """A Byzantine site sends an attack instead of its honest update (the difference from
+        the global model), as its own reply: a site that lies."""
+        if reply.update is None or site not in self._attackers.get(reply.round, ()):
+            return reply
+        kind = self.experiment.simulation.byzantine_attack
+        lie = attack(reply.update, kind, seed=self.experiment.seed, round_number=reply.round, site=site)
+        return dataclasses.replace(reply, update=lie)
+
     async def request(self, site: str, instruction: Instruction) -> Reply:
         k = self._index.get(site)
         if k is None:
@@ -65,18 +85,7 @@ class InProcessTransport(Transport):
             raise SiteUnavailable(site, "dropped out mid-round (simulated)")
         if instruction.kind is InstructionKind.FIT:
             instruction = self._heterogeneity(site, instruction)
-        return await self.runner.run(k, instruction)
+        return self._lie(site, await self.runner.run(k, instruction))
 
     async def finish(self, *, completed: bool, reason: str) -> None:
         self.runner.close()
-
-
-def _secagg_stage(instruction: Instruction) -> int:
-    from fedcore.secagg.common import RoundParams
-    from fedcore.secagg.stages.advertise import NeighbourKeys
-
-    if instruction.kind is InstructionKind.FIT:
-        return 3
-    if isinstance(instruction.secagg, RoundParams):
-        return 1
-    return 2 if isinstance(instruction.secagg, NeighbourKeys) else 4

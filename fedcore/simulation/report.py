@@ -119,3 +119,37 @@ def plot_compare(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def print_results(records: list[RoundRecord], summary: dict[str, Any], out: Path) -> None:
+    """The table `fedcore simulate` prints at the end of a run, and where its files are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fedcore simulate: {summary['task']} ({summary['model']}), {summary['strategy']}")
+    table.add_column("round", justify="right")
+    table.add_column("sites", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("seconds", justify="right")
+    private = any(r.epsilon is not None for r in records)
+    if private:
+        table.add_column("epsilon", justify="right")
+    shown = records if len(records) <= 12 else [*records[:5], None, *records[-5:]]
+    for r in shown:
+        if r is None:
+            table.add_row(*["..."] + [""] * (5 if private else 4))
+            continue
+        acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
+        loss = f"{r.loss:.4f}" if r.loss is not None else "-"
+        eps = [f"{r.epsilon:.3f}" if r.epsilon is not None else "-"] if private else []
+        table.add_row(str(r.round), str(r.sites), acc, loss, f"{r.seconds:.2f}", *eps)
+    out_console = Console()
+    out_console.print(table)
+    final = summary["final_accuracy"]
+    out_console.print(
+        f"final accuracy {'-' if final is None else f'{final:.4f}'} after {summary['rounds']} rounds "
+        f"in {summary['wall_seconds']:.1f} s; wrote {out}/metrics.jsonl, summary.json, report.png"
+    )
+    if "privacy" in summary:
+        out_console.print(privacy_summary(summary["privacy"]))

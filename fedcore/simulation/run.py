@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from fedcore.config import Experiment, PrivacyMode
+from fedcore.aggregation import build_pipeline
+from fedcore.config import Experiment
 from fedcore.engine import Coordinator, DirectoryStore, MemoryStore, RoundRecord, RoundStore, RunResult
 from fedcore.engine.records import FanOutStore
 from fedcore.errors import ConfigError
@@ -34,10 +35,7 @@ def check_simulation(experiment: Experiment) -> Task:
         make_site(experiment, 1)  # the partition fits the task and the number of sites
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if experiment.privacy.mode is PrivacyMode.SAMPLE and not task.supports_dp_sgd:
-        raise ConfigError(
-            f"task {experiment.task.name!r} cannot train with DP-SGD ([privacy] mode = 'sample')"
-        )
+    build_pipeline(experiment, supports_dp_sgd=task.supports_dp_sgd)  # the stages fit the task
     return task
 
 
@@ -93,8 +91,7 @@ def run_simulation(
         "bytes_sent_per_round": [r.bytes_sent for r in result.records],
         "bytes_received_per_round": [r.bytes_received for r in result.records],
     }
-    if coordinator.privacy is not None:
-        summary["privacy"] = coordinator.privacy.summary(result.records)
+    summary.update(coordinator.pipeline.summary())
     if out is not None:
         write_summary(out / "summary.json", summary)
         if result.records:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fedcore.aggregation import SiteStages
 from fedcore.config import Backend, Experiment
 from fedcore.engine import Instruction, Reply, Site
 from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
@@ -57,7 +58,8 @@ def make_site(experiment: Experiment, k: int, device: str | None = None) -> Site
     # A virtual site keeps its ledger in memory (carried between rounds as its state) and
     # follows the experiment's secure_rng: the simulation is the researcher's own machine.
     privacy = SitePrivacy(SitePolicy(allow_insecure_rng=True))
-    return Site(name=site_name(k), task=task, data=data, template=template, privacy=privacy)
+    name = site_name(k)
+    return Site(name=name, task=task, data=data, template=template, stages=SiteStages(name, privacy))
 
 
 def handle(

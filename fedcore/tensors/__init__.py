@@ -10,6 +10,7 @@ from fedcore.tensors.codec import (
     decode,
     encode,
 )
+from fedcore.tensors.flat import flatten, unflatten
 from fedcore.tensors.norms import clip_l2, l2_norm
 
 __all__ = [
@@ -22,5 +23,7 @@ __all__ = [
     "clip_l2",
     "decode",
     "encode",
+    "flatten",
     "l2_norm",
+    "unflatten",
 ]

@@ -29,7 +29,15 @@ class InstructionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTRUCTION_KIND_UNSPECIFIED: _ClassVar[InstructionKind]
     INSTRUCTION_KIND_FIT: _ClassVar[InstructionKind]
     INSTRUCTION_KIND_EVALUATE: _ClassVar[InstructionKind]
-    INSTRUCTION_KIND_SECAGG: _ClassVar[InstructionKind]
+    INSTRUCTION_KIND_STAGE: _ClassVar[InstructionKind]
+
+class RefusalCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFUSAL_CODE_UNSPECIFIED: _ClassVar[RefusalCode]
+    REFUSAL_CODE_PRIVACY_BUDGET: _ClassVar[RefusalCode]
+    REFUSAL_CODE_BAD_INSTRUCTION: _ClassVar[RefusalCode]
+    REFUSAL_CODE_FAILED: _ClassVar[RefusalCode]
+    REFUSAL_CODE_ABORTED: _ClassVar[RefusalCode]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT16: DType
 DTYPE_FLOAT32: DType
@@ -46,7 +54,12 @@ DTYPE_BOOL: DType
 INSTRUCTION_KIND_UNSPECIFIED: InstructionKind
 INSTRUCTION_KIND_FIT: InstructionKind
 INSTRUCTION_KIND_EVALUATE: InstructionKind
-INSTRUCTION_KIND_SECAGG: InstructionKind
+INSTRUCTION_KIND_STAGE: InstructionKind
+REFUSAL_CODE_UNSPECIFIED: RefusalCode
+REFUSAL_CODE_PRIVACY_BUDGET: RefusalCode
+REFUSAL_CODE_BAD_INSTRUCTION: RefusalCode
+REFUSAL_CODE_FAILED: RefusalCode
+REFUSAL_CODE_ABORTED: RefusalCode
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -83,6 +96,88 @@ class Scalar(_message.Message):
     bool: bool
     string: str
     def __init__(self, double: _Optional[float] = ..., int: _Optional[int] = ..., bool: _Optional[bool] = ..., string: _Optional[str] = ...) -> None: ...
+
+class ClipPlan(_message.Message):
+    __slots__ = ("norm", "equal_weights", "report_unclipped")
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    EQUAL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_UNCLIPPED_FIELD_NUMBER: _ClassVar[int]
+    norm: float
+    equal_weights: bool
+    report_unclipped: bool
+    def __init__(self, norm: _Optional[float] = ..., equal_weights: _Optional[bool] = ..., report_unclipped: _Optional[bool] = ...) -> None: ...
+
+class SampleDPPlan(_message.Message):
+    __slots__ = ("max_grad_norm", "noise_multiplier", "target_epsilon", "rounds", "ghost_clipping", "delta", "run", "secure_rng")
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    GHOST_CLIPPING_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SECURE_RNG_FIELD_NUMBER: _ClassVar[int]
+    max_grad_norm: float
+    noise_multiplier: float
+    target_epsilon: float
+    rounds: int
+    ghost_clipping: bool
+    delta: float
+    run: str
+    secure_rng: bool
+    def __init__(self, max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., rounds: _Optional[int] = ..., ghost_clipping: _Optional[bool] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ...) -> None: ...
+
+class CentralNoisePlan(_message.Message):
+    __slots__ = ("delta", "run")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    delta: float
+    run: str
+    def __init__(self, delta: _Optional[float] = ..., run: _Optional[str] = ...) -> None: ...
+
+class DistributedNoisePlan(_message.Message):
+    __slots__ = ("clip_norm", "scale", "sigma", "delta", "run", "secure_rng")
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SECURE_RNG_FIELD_NUMBER: _ClassVar[int]
+    clip_norm: float
+    scale: float
+    sigma: float
+    delta: float
+    run: str
+    secure_rng: bool
+    def __init__(self, clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., sigma: _Optional[float] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ...) -> None: ...
+
+class QuantizePlan(_message.Message):
+    __slots__ = ("clip_range", "step", "max_examples", "equal_weights", "bits")
+    CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EQUAL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    clip_range: float
+    step: float
+    max_examples: int
+    equal_weights: bool
+    bits: int
+    def __init__(self, clip_range: _Optional[float] = ..., step: _Optional[float] = ..., max_examples: _Optional[int] = ..., equal_weights: _Optional[bool] = ..., bits: _Optional[int] = ...) -> None: ...
+
+class StagePlan(_message.Message):
+    __slots__ = ("clip", "sample_dp", "central_noise", "distributed_noise", "quantize")
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_DP_FIELD_NUMBER: _ClassVar[int]
+    CENTRAL_NOISE_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTED_NOISE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    clip: ClipPlan
+    sample_dp: SampleDPPlan
+    central_noise: CentralNoisePlan
+    distributed_noise: DistributedNoisePlan
+    quantize: QuantizePlan
+    def __init__(self, clip: _Optional[_Union[ClipPlan, _Mapping]] = ..., sample_dp: _Optional[_Union[SampleDPPlan, _Mapping]] = ..., central_noise: _Optional[_Union[CentralNoisePlan, _Mapping]] = ..., distributed_noise: _Optional[_Union[DistributedNoisePlan, _Mapping]] = ..., quantize: _Optional[_Union[QuantizePlan, _Mapping]] = ...) -> None: ...
 
 class SiteList(_message.Message):
     __slots__ = ("sites",)
@@ -216,7 +311,7 @@ class Heartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("request_id", "round", "kind", "num_examples", "metrics", "refusal", "payload", "secagg")
+    __slots__ = ("request_id", "round", "kind", "num_examples", "metrics", "refusal", "payload", "secagg", "refusal_code")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +327,7 @@ class Result(_message.Message):
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_CODE_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     round: int
     kind: InstructionKind
@@ -240,7 +336,8 @@ class Result(_message.Message):
     refusal: str
     payload: Payload
     secagg: SecAgg
-    def __init__(self, request_id: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., refusal: _Optional[str] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ..., secagg: _Optional[_Union[SecAgg, _Mapping]] = ...) -> None: ...
+    refusal_code: RefusalCode
+    def __init__(self, request_id: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., refusal: _Optional[str] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ..., secagg: _Optional[_Union[SecAgg, _Mapping]] = ..., refusal_code: _Optional[_Union[RefusalCode, str]] = ...) -> None: ...
 
 class SiteMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "result", "chunk")
@@ -274,7 +371,7 @@ class Welcome(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., site_name: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, Scalar]] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("request_id", "round", "kind", "config", "payload", "secagg")
+    __slots__ = ("request_id", "round", "kind", "config", "payload", "secagg", "plan", "attempt", "exchange")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -288,13 +385,19 @@ class Instruction(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     round: int
     kind: InstructionKind
     config: _containers.MessageMap[str, Scalar]
     payload: Payload
     secagg: SecAgg
-    def __init__(self, request_id: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ..., secagg: _Optional[_Union[SecAgg, _Mapping]] = ...) -> None: ...
+    plan: _containers.RepeatedCompositeFieldContainer[StagePlan]
+    attempt: int
+    exchange: str
+    def __init__(self, request_id: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ..., secagg: _Optional[_Union[SecAgg, _Mapping]] = ..., plan: _Optional[_Iterable[_Union[StagePlan, _Mapping]]] = ..., attempt: _Optional[int] = ..., exchange: _Optional[str] = ...) -> None: ...
 
 class RunEnd(_message.Message):
     __slots__ = ("completed", "reason")

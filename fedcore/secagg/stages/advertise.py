@@ -4,28 +4,11 @@ it sends its neighbours, one to agree pairwise masks with them, and publishes bo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
 from fedcore.secagg.primitives import KeyPair
-
-if TYPE_CHECKING:  # the next stage's states (imported when the transition happens)
-    from fedcore.secagg.stages.share_keys import ClientShareKeys, ServerShareKeys
-
-
-@dataclass(frozen=True)
-class AdvertiseKeys:
-    site: str
-    cipher_public: bytes  # for the share encryption keys
-    mask_public: bytes  # for the pairwise mask seeds
-
-
-@dataclass(frozen=True)
-class NeighbourKeys:
-    """What the server forwards to a site: its live neighbours' public keys."""
-
-    site: str
-    keys: dict[str, AdvertiseKeys]
+from fedcore.secagg.stages.messages import AdvertiseKeys, NeighbourKeys
+from fedcore.secagg.stages.share_keys import ClientShareKeys, ServerShareKeys
 
 
 def keypair(randbytes: RandBytes) -> KeyPair:
@@ -38,8 +21,6 @@ class ClientAdvertise:
     site: str
 
     def start(self, randbytes: RandBytes) -> tuple[AdvertiseKeys, ClientShareKeys]:
-        from fedcore.secagg.stages.share_keys import ClientShareKeys
-
         cipher, mask = keypair(randbytes), keypair(randbytes)
         message = AdvertiseKeys(self.site, cipher.public, mask.public)
         return message, ClientShareKeys(self.params, self.site, cipher, mask)
@@ -51,8 +32,6 @@ class ServerAdvertise:
 
     def collect(self, messages: list[AdvertiseKeys]) -> tuple[dict[str, NeighbourKeys], ServerShareKeys]:
         """Forward each live site its live neighbours' keys. Sites that sent nothing dropped out."""
-        from fedcore.secagg.stages.share_keys import ServerShareKeys
-
         keys: dict[str, AdvertiseKeys] = {}
         for m in messages:
             need(

@@ -6,43 +6,20 @@ that the pairwise masks of two live neighbours cancel in the sum."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore.secagg.common import AbortReason, RoundParams, need
-from fedcore.secagg.primitives import KeyPair, add_masks, agree
-from fedcore.secagg.stages.advertise import AdvertiseKeys
-from fedcore.secagg.stages.share_keys import RoutedShares
-
-if TYPE_CHECKING:
-    from fedcore.secagg.stages.unmask import ClientUnmask, ServerUnmask
-
-
-@dataclass(frozen=True)
-class MaskedInput:
-    site: str
-    vector: np.ndarray  # uint32 or uint64, length params.length
-
-
-def dtype(params: RoundParams) -> type[np.unsignedinteger[Any]]:
-    return np.uint32 if params.bits == 32 else np.uint64
-
-
-def pairwise_mask(
-    params: RoundParams,
-    mask_private: X25519PrivateKey,
-    me: str,
-    peer: str,
-    peer_mask_public: bytes,
-    *,
-    negate: bool = False,
-) -> tuple[bytes, bool]:
-    """The mask `me` adds for `peer`, as (seed, subtract) for `add_masks`: +PRG(s) if me
-    sorts before peer, else -PRG(s) (mod 2**bits); `negate` gives its removal instead."""
-    secret = agree(mask_private, peer_mask_public, info=params.info("pairwise mask"))
-    return secret, (params.index(me) > params.index(peer)) != negate
+from fedcore.secagg.primitives import KeyPair, add_masks
+from fedcore.secagg.stages.messages import (
+    AdvertiseKeys,
+    MaskedInput,
+    RoutedShares,
+    UnmaskRequest,
+    dtype,
+    pairwise_mask,
+)
+from fedcore.secagg.stages.unmask import ClientUnmask, ServerUnmask
 
 
 @dataclass(frozen=True)
@@ -59,8 +36,6 @@ class ClientMaskedInput:
     ) -> tuple[MaskedInput, ClientUnmask]:
         """Mask `quantized` (integers modulo 2**bits) against the neighbours that shared keys;
         `in_place` masks the caller's array itself (a copy of 4 MB per 1M parameters saved)."""
-        from fedcore.secagg.stages.unmask import ClientUnmask
-
         p = self.params
         need(message.site == self.site, AbortReason.BAD_MESSAGE, "shares addressed to another site")
         need(
@@ -98,8 +73,6 @@ class ServerMaskedInput:
     def collect(self, messages: list[MaskedInput]) -> tuple[dict[str, UnmaskRequest], ServerUnmask]:
         """Sum the masked inputs; ask every site that sent one for the shares that remove the
         masks: self-mask shares of the survivors, mask-key shares of the dropped."""
-        from fedcore.secagg.stages.unmask import ServerUnmask, UnmaskRequest
-
         p = self.params
         total = np.zeros(p.length, dtype=dtype(p))
         survivors: set[str] = set()
@@ -132,7 +105,3 @@ class ServerMaskedInput:
             for site in sorted(survivors)
         }
         return requests, ServerUnmask(p, self.keys, self.shared, frozenset(survivors), total)
-
-
-if TYPE_CHECKING:
-    from fedcore.secagg.stages.unmask import UnmaskRequest

@@ -6,29 +6,12 @@ The server only routes the ciphertexts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
 from fedcore.secagg.primitives import KeyPair, agree, encrypt
-from fedcore.secagg.stages.advertise import AdvertiseKeys, NeighbourKeys
-
-if TYPE_CHECKING:
-    from fedcore.secagg.stages.masked_input import ClientMaskedInput, ServerMaskedInput
-
-
-@dataclass(frozen=True)
-class ShareKeys:
-    site: str
-    ciphertexts: dict[str, bytes]  # neighbour -> its encrypted pair of shares
-
-
-@dataclass(frozen=True)
-class RoutedShares:
-    """What the server hands a site: the ciphertexts its neighbours addressed to it."""
-
-    site: str
-    ciphertexts: dict[str, bytes]  # sender -> ciphertext
+from fedcore.secagg.stages.masked_input import ClientMaskedInput, ServerMaskedInput
+from fedcore.secagg.stages.messages import AdvertiseKeys, NeighbourKeys, RoutedShares, ShareKeys
 
 
 def private_bytes(pair: KeyPair) -> bytes:
@@ -43,8 +26,6 @@ class ClientShareKeys:
     mask: KeyPair
 
     def receive(self, message: NeighbourKeys, randbytes: RandBytes) -> tuple[ShareKeys, ClientMaskedInput]:
-        from fedcore.secagg.stages.masked_input import ClientMaskedInput
-
         p = self.params
         need(message.site == self.site, AbortReason.BAD_MESSAGE, "neighbour keys addressed to another site")
         need(
@@ -94,8 +75,6 @@ class ServerShareKeys:
 
     def collect(self, messages: list[ShareKeys]) -> tuple[dict[str, RoutedShares], ServerMaskedInput]:
         """Route each ciphertext to its recipient. Sites that sent nothing dropped out."""
-        from fedcore.secagg.stages.masked_input import ServerMaskedInput
-
         p = self.params
         sent: dict[str, ShareKeys] = {}
         for m in messages:

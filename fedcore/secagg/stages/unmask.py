@@ -14,24 +14,9 @@ from fedcore.errors import SecurityError
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RoundParams, need
 from fedcore.secagg.primitives import KeyPair, add_masks, decrypt
-from fedcore.secagg.stages.advertise import AdvertiseKeys
-from fedcore.secagg.stages.masked_input import pairwise_mask
+from fedcore.secagg.stages.messages import AdvertiseKeys, UnmaskRequest, UnmaskShares, pairwise_mask
 
 SHARE = shamir.SHARE_BYTES
-
-
-@dataclass(frozen=True)
-class UnmaskRequest:
-    site: str
-    survivors: frozenset[str]  # neighbours that sent masked input: send their seed shares
-    dropped: frozenset[str]  # neighbours that shared keys but sent no input: send key shares
-
-
-@dataclass(frozen=True)
-class UnmaskShares:
-    site: str
-    seed_shares: dict[str, bytes]  # survivor -> share of its self-mask seed
-    key_shares: dict[str, bytes]  # dropped site -> share of its mask private key
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,66 @@
+"""The one place that reads the experiment's aggregation, privacy and secure-aggregation
+settings and turns them into a pipeline of stages. A new stage is a module and a line here.
+
+    no DP, no SecAgg            mean | robust rule          (optionally <- clip)
+    sample-level DP             sample_dp <- mean | robust rule
+    user-central DP             central_noise <- clip (equal weights) <- mean
+    SecAgg                      quantize <- secure_sum
+    user-central DP + SecAgg    central_noise <- clip (equal weights) <- quantize (equal weights) <- secure_sum
+    user-distributed DP         distributed_noise <- secure_sum (64 bits)
+"""
+
+from __future__ import annotations
+
+from fedcore.aggregation.base import Leaf, Stage
+from fedcore.aggregation.central_noise import CentralNoise
+from fedcore.aggregation.clip import Clip
+from fedcore.aggregation.distributed_noise import DistributedNoise
+from fedcore.aggregation.mean import WeightedMean
+from fedcore.aggregation.pipeline import Pipeline
+from fedcore.aggregation.quantize import Quantize
+from fedcore.aggregation.robust_mean import RobustMean
+from fedcore.aggregation.sample_dp import SampleLevelDP
+from fedcore.aggregation.secure_sum import SecureSum
+from fedcore.config import AggregationRule, Experiment, PrivacyMode
+from fedcore.errors import ConfigError
+
+
+def build_pipeline(experiment: Experiment, *, supports_dp_sgd: bool = True) -> Pipeline:
+    p, sa, agg, fed = (
+        experiment.privacy,
+        experiment.secure_aggregation,
+        experiment.aggregation,
+        experiment.federation,
+    )
+    common = {"rounds": fed.rounds, "seed": experiment.seed}
+    wrappers: list[Stage] = []
+    if p.mode is PrivacyMode.SAMPLE:
+        if not supports_dp_sgd:
+            raise ConfigError(
+                f"task {experiment.task.name!r} cannot train with DP-SGD ([privacy] mode = 'sample')"
+            )
+        wrappers.append(SampleLevelDP(p, **common))
+    elif p.mode is PrivacyMode.USER_CENTRAL:
+        clip = Clip(p.clip_norm, equal_weights=True, report_unclipped=p.adaptive_clipping)
+        wrappers += [CentralNoise(p, clip=clip, sites_per_round=fed.sites_per_round, **common), clip]
+    elif p.mode is PrivacyMode.USER_DISTRIBUTED:
+        wrappers.append(DistributedNoise(p, **common))  # it clips, scales and rounds itself
+    if agg.clip_norm is not None and p.mode is not PrivacyMode.USER_CENTRAL:
+        wrappers.append(Clip(agg.clip_norm))
+    leaf: Leaf
+    if sa.enabled:
+        if p.mode is not PrivacyMode.USER_DISTRIBUTED:
+            wrappers.append(
+                Quantize(
+                    clip_range=sa.clip_range,
+                    bits=experiment.secagg_bits,
+                    max_examples=sa.max_examples,
+                    equal_weights=p.user_level,
+                )
+            )
+        leaf = SecureSum(sa, bits=experiment.secagg_bits)
+    elif agg.rule is AggregationRule.MEAN:
+        leaf = WeightedMean()
+    else:
+        leaf = RobustMean(agg.rule, trim=agg.trim, byzantine=agg.byzantine)
+    return Pipeline(wrappers, leaf)

@@ -1,0 +1,53 @@
+"""Fixed-point encoding for the secure sum. A site sends one integer vector modulo 2**bits:
+[clip(update) x w, w], quantized with stochastic rounding at the round's step (see
+fedcore.secagg.contribution), where w in (0, 1] is its example count over the largest count
+declared this round (capped by `max_examples`), or 1 with equal weights. The server
+dequantizes the decrypted sum into [sum w x, sum w]: the weighted mean is their ratio.
+
+Every entry is at most max(clip_range, 1) in magnitude, so the step chosen for the sampled
+sites' count can never let the sum wrap around.
+"""
+
+from __future__ import annotations
+
+from fedcore.aggregation.base import Aggregate, RoundInfo, Section, Stage
+from fedcore.aggregation.plans import QuantizePlan, StagePlan
+from fedcore.secagg.contribution import step_for_round
+from fedcore.secagg.quantize import dequantize
+from fedcore.tensors import unflatten
+
+
+class Quantize(Stage):
+    name = "quantize"
+    section = Section.SECURE_AGGREGATION
+
+    def __init__(self, *, clip_range: float, bits: int, max_examples: int, equal_weights: bool) -> None:
+        self.clip_range = clip_range
+        self.bits = bits
+        self.max_examples = max_examples
+        self.equal_weights = equal_weights
+
+    def step(self, info: RoundInfo) -> float:
+        return step_for_round(len(info.sampled), clip=self.clip_range, bits=self.bits)
+
+    def site_plan(self, info: RoundInfo) -> StagePlan:
+        # Weights relative to the largest count declared this round, so the biggest site
+        # weighs 1 and the sum keeps its precision. A site that under-declares cannot
+        # exceed weight 1; one that over-declares only coarsens everyone's weights. The
+        # counts are what plain FedAvg reveals anyway.
+        declared = max((n for n in info.declared_examples.values() if n > 0), default=self.max_examples)
+        return QuantizePlan(
+            clip_range=self.clip_range,
+            step=self.step(info),
+            max_examples=min(declared, self.max_examples),
+            bits=self.bits,
+            equal_weights=self.equal_weights,
+        )
+
+    def finish(self, aggregate: Aggregate, info: RoundInfo) -> Aggregate:
+        if aggregate.integers is None:  # nothing was summed (e.g. a noise-only round)
+            return aggregate
+        flat = dequantize(aggregate.integers, step=self.step(info))
+        aggregate.sum = unflatten(flat[:-1], info.model)
+        aggregate.weight = float(flat[-1])
+        return aggregate

@@ -1,0 +1,156 @@
+"""The SecAgg+ leaf: the server's side of one secure sum, four exchanges with the sites.
+
+Advertise keys, share keys, fit-and-mask (the global model and the stage plan go out with
+the routed shares; a masked integer vector comes back), unmask. The server's stage states
+(fedcore.secagg.stages) check every message and keep only what the protocol allows; an
+abort at any stage fails the attempt, which the engine retries. The result is the sum
+modulo 2**bits of the masked inputs, still encoded: the wrapper that encoded the inputs
+(quantize, or distributed noise) decodes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fedcore.aggregation.base import (
+    Aggregate,
+    Drop,
+    DropReason,
+    Leaf,
+    RoundContext,
+    RoundInfo,
+    Section,
+    SiteReply,
+    SiteRequest,
+)
+from fedcore.config import SecureAggregationConfig
+from fedcore.errors import ProtocolError
+from fedcore.secagg.common import ProtocolAbort, RoundParams
+from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
+from fedcore.secagg.stages.advertise import ServerAdvertise
+from fedcore.secagg.stages.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskShares
+
+log = logging.getLogger(__name__)
+
+EXCHANGES = ("advertise", "share_keys", "masked_input", "unmask")  # in protocol order
+
+
+def round_params(config: SecureAggregationConfig, info: RoundInfo, *, bits: int) -> RoundParams:
+    sampled = list(info.sampled)
+    degree = config.neighbors or default_degree(len(sampled))
+    graph = neighbour_graph(sampled, degree, seed=info.seed, round_number=info.round * 1000 + info.attempt)
+    smallest = min(len(peers) for peers in graph.values())
+    threshold = min(config.threshold or default_threshold(smallest), smallest)
+    length = sum(a.size for a in info.model.values()) + 1  # the update, then its weight
+    return RoundParams(info.round, tuple(sampled), graph, threshold, length, bits)
+
+
+class SecureSum(Leaf):
+    name = "secure_sum"
+    section = Section.SECURE_AGGREGATION
+
+    def __init__(self, config: SecureAggregationConfig, *, bits: int) -> None:
+        self.config = config
+        self.bits = bits
+
+    async def collect(self, context: RoundContext) -> Aggregate | None:
+        info = context.info
+        if len(info.sampled) < 2:
+            # SecAgg+ needs two sites to hide one. A round that completes with any sample
+            # (user-central DP) still releases its noise alone, so sampling stays what the
+            # accountant assumes.
+            if not context.completes_any_sample:
+                log.warning(
+                    "round %d: %d site(s) sampled, secure aggregation needs 2", info.round, len(info.sampled)
+                )
+                return None
+            drop = Drop(DropReason.NOT_AGGREGATED, "advertise", "secure aggregation needs 2 sites")
+            zeros = {k: np.zeros(v.shape) for k, v in info.model.items()}
+            return Aggregate(
+                sum=zeros, weight=0.0, count=0, contributors=[], dropped=dict.fromkeys(info.sampled, drop)
+            )
+        params = round_params(self.config, info, bits=self.bits)
+        dropped: dict[str, Drop] = {}
+        stages: dict[str, dict[str, Any]] = {}
+        site_metrics: dict[str, dict[str, float]] = {}
+        examples: dict[str, int] = {}  # what each site declares with its keys
+
+        async def exchange(
+            name: str, sites: list[str], make: Callable[[str], SiteRequest], kind: type
+        ) -> list[Any]:
+            got: list[Any] = []
+
+            def keep(reply: SiteReply) -> None:
+                if not isinstance(reply.message, kind):
+                    raise ProtocolError(f"expected {kind.__name__} in the {name} exchange")
+                got.append(reply.message)
+                examples[reply.site] = int(reply.weight)
+                if reply.metrics:
+                    site_metrics[reply.site] = dict(reply.metrics)
+
+            started = time.perf_counter()
+            lost = await context.exchange(name, sites, make, keep)
+            stages[name] = {
+                "sites": len(sites),
+                "replied": len(got),
+                "dropped": len(lost),
+                "seconds": time.perf_counter() - started,
+            }
+            # A site lost at unmask has its masked input in the sum already.
+            dropped.update({s: dataclasses.replace(d, aggregated=name == "unmask") for s, d in lost.items()})
+            return got
+
+        def send(messages: dict[str, Any]) -> Callable[[str], SiteRequest]:
+            return lambda site: SiteRequest(train=False, message=messages[site])
+
+        try:
+            keys = await exchange(
+                "advertise", list(info.sampled), lambda s: SiteRequest(False, params), AdvertiseKeys
+            )
+            forwarded, server2 = ServerAdvertise(params).collect(keys)
+            shares = await exchange("share_keys", sorted(forwarded), send(forwarded), ShareKeys)
+            routed, server3 = server2.collect(shares)
+            declared = {s: n for s, n in examples.items() if s in forwarded and n > 0}
+            plan = context.plan(dataclasses.replace(info, declared_examples=declared))
+            masked = await exchange(
+                "masked_input",
+                sorted(routed),
+                lambda s: SiteRequest(train=True, message=routed[s], plan=plan),
+                MaskedInput,
+            )
+            context.before_release(len(masked))  # before any sum is decrypted
+            requests, server4 = server3.collect(masked)
+            answers = await exchange("unmask", sorted(requests), send(requests), UnmaskShares)
+            started = time.perf_counter()
+            total = server4.collect(answers)
+        except ProtocolAbort as abort:
+            log.warning(
+                "round %d attempt %d: secure aggregation aborted: %s", info.round, info.attempt, abort
+            )
+            return None
+        stages["unmask"]["seconds"] += time.perf_counter() - started
+        contributors = [m.site for m in masked]
+        aggregate = Aggregate(
+            sum=None,
+            weight=0.0,
+            count=len(masked),
+            contributors=contributors,
+            dropped=dropped,
+            integers=total,
+            site_metrics={s: site_metrics[s] for s in contributors if s in site_metrics},
+        )
+        aggregate.measure(
+            self.section,
+            masked=len(masked),
+            recovered=len(set(routed) - set(contributors)),  # shared keys, then dropped
+            threshold=params.threshold,
+            neighbors=min(len(p) for p in params.neighbours.values()),
+            stages=stages,
+        )
+        return aggregate

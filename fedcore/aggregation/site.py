@@ -1,0 +1,207 @@
+"""The site part of every stage: what a site does with the stage plan of a fit instruction.
+
+Before training, the site's own privacy policy judges the plan (its budget, its noise floor,
+whether it takes part without noise it adds) and turns a DP-SGD item into training settings;
+a round it forbids is refused untrained. After training, the update goes through the plan's
+items in order (clip, distributed noise or quantization) and, under secure aggregation, is
+masked. The privacy the round cost is written to the site's ledger before anything leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedcore.aggregation.plans import (
+    CentralNoisePlan,
+    ClipPlan,
+    DistributedNoisePlan,
+    QuantizePlan,
+    SampleDPPlan,
+    StagePlan,
+)
+from fedcore.errors import ProtocolError
+from fedcore.privacy.distributed import DistributedNoise
+from fedcore.privacy.distributed import encode as encode_distributed
+from fedcore.privacy.dpsgd import SampleDP
+from fedcore.privacy.randomness import SecureRandom, dp_random
+from fedcore.privacy.site_policy import RoundPlan, SitePrivacy
+from fedcore.secagg.client import SecAggClient
+from fedcore.secagg.contribution import quantized_contribution, weight
+from fedcore.secagg.stages.messages import RoutedShares
+from fedcore.tensors import Arrays, clip_l2, flatten
+
+PRIVACY_METRICS = ("epsilon", "epsilon_total", "noise_multiplier")  # what a site reports of its spend
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The plan, judged by the site's policy, ready for training."""
+
+    plan: tuple[StagePlan, ...]
+    dp: SampleDP | None = None  # DP-SGD settings for the task's training
+    secure_rng: bool = True
+    spend: RoundPlan | None = None  # what the ledger records before the update leaves
+
+    @property
+    def private(self) -> bool:
+        return any(item.private for item in self.plan)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What leaves the site for the round."""
+
+    update: Arrays | None = None  # a plain contribution
+    weight: int = 0  # the example count it claims (1 under equal weights)
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: object | None = None  # a masked input, under secure aggregation
+
+
+def _one(plan: tuple[StagePlan, ...], kind: type) -> object | None:
+    found = [item for item in plan if isinstance(item, kind)]
+    if len(found) > 1:
+        raise ProtocolError(f"the stage plan holds {len(found)} {kind.__name__} items")
+    return found[0] if found else None
+
+
+class SiteStages:
+    def __init__(self, name: str, privacy: SitePrivacy | None = None) -> None:
+        self.secagg = SecAggClient(name)
+        self.privacy = privacy or SitePrivacy()
+        self.private = False  # this site has trained under DP: no exact statistics leave it
+
+    @property
+    def protective(self) -> bool:
+        return self.privacy.protective
+
+    def exchange(self, message: object, round_number: int) -> object:
+        """A stage's exchange that carries no model (SecAgg+ keys, shares, unmasking)."""
+        return self.secagg.step(message, round_number)
+
+    def prepare(
+        self,
+        plan: tuple[StagePlan, ...],
+        *,
+        masked: bool,
+        examples: int,
+        batch_size: int,
+        local_epochs: int,
+        dimension: int,
+    ) -> Prepared:
+        """Judge the plan by the site's policy; PrivacyBudgetError when it forbids the round."""
+        sample = _one(plan, SampleDPPlan)
+        distributed = _one(plan, DistributedNoisePlan)
+        central = _one(plan, CentralNoisePlan)
+        quantize = _one(plan, QuantizePlan)
+        if sum(x is not None for x in (sample, distributed, central)) > 1:
+            raise ProtocolError("the stage plan asks for two kinds of differential privacy")
+        if masked != (quantize is not None or distributed is not None):
+            raise ProtocolError(
+                "a masked contribution needs an integer encoding, and only a masked one has one"
+            )
+        if quantize is not None and distributed is not None:
+            raise ProtocolError("the stage plan encodes the update twice")
+        prepared = Prepared(plan)
+        if isinstance(sample, SampleDPPlan):
+            spend = self.privacy.plan_dp_sgd(
+                noise_multiplier=sample.noise_multiplier,
+                target_epsilon=sample.target_epsilon,
+                rounds=sample.rounds,
+                max_grad_norm=sample.max_grad_norm,
+                ghost_clipping=sample.ghost_clipping,
+                delta=sample.delta,
+                run=sample.run,
+                examples=examples,
+                batch_size=batch_size,
+                local_epochs=local_epochs,
+            )
+            rng = self.privacy.secure_rng(sample.secure_rng)
+            prepared = Prepared(plan, dp=spend.dp, secure_rng=rng, spend=spend)
+        elif isinstance(distributed, DistributedNoisePlan):
+            noise = DistributedNoise(distributed.clip_norm, distributed.scale, distributed.sigma)
+            spend = self.privacy.plan_distributed(
+                noise,
+                delta=distributed.delta,
+                run=distributed.run,
+                dimension=dimension,
+                participants=len(self.secagg.participants()) if masked else None,
+            )
+            prepared = Prepared(plan, secure_rng=self.privacy.secure_rng(distributed.secure_rng), spend=spend)
+        else:
+            self.privacy.refuse_unaccounted("user-central DP" if central is not None else "no DP")
+        if prepared.private:
+            self.private = True
+        return prepared
+
+    def contribute(
+        self,
+        prepared: Prepared,
+        *,
+        update: Arrays,
+        examples: int,
+        metrics: Mapping[str, float],
+        template: Arrays,
+        round_number: int,
+        seed: int,
+        routed: object | None,
+    ) -> Contribution:
+        """Encode the trained update through the plan; record the spend; what leaves."""
+        # Under DP only the privacy accounting goes with the update: a training loss or an
+        # exact example count would be statistics of the data that no noise covers.
+        out = {} if prepared.private else dict(metrics)
+        claimed = examples
+        integers: np.ndarray | None = None
+        for item in prepared.plan:
+            if isinstance(item, ClipPlan):
+                update, within = clip_l2(update, item.norm)
+                if item.equal_weights:
+                    claimed = 1  # every site weighs the same: its size need not leave
+                if item.report_unclipped:
+                    out["unclipped"] = float(within)
+            elif isinstance(item, DistributedNoisePlan) and prepared.spend is not None:
+                assert prepared.spend.distributed is not None
+                random = dp_random(secure=prepared.secure_rng, seed=seed)
+                encoded = encode_distributed(flatten(update, template), prepared.spend.distributed, random)
+                integers = encoded.view(np.uint64)
+            elif isinstance(item, QuantizePlan):
+                integers = quantized_contribution(
+                    update,
+                    template,
+                    weight=1.0 if item.equal_weights else weight(examples, item.max_examples),
+                    clip=item.clip_range,
+                    step=item.step,
+                    bits=item.bits,
+                    rng=SecureRandom(),  # stochastic rounding from AES-CTR keyed by the OS
+                )
+        message = None
+        if routed is not None:
+            if not isinstance(routed, RoutedShares) or integers is None:
+                raise ProtocolError("a masked contribution needs the routed shares and an encoding")
+            message = self.secagg.mask(routed, round_number, integers)
+        if prepared.spend is not None:
+            out.update(self.privacy.spend(prepared.spend))  # written before anything leaves the site
+        if message is not None:
+            # Secure aggregation: the server gets a masked vector and the privacy accounting,
+            # nothing else of the site's.
+            return Contribution(
+                metrics={k: v for k, v in out.items() if k in PRIVACY_METRICS}, message=message
+            )
+        return Contribution(update=update, weight=claimed, metrics=out)
+
+    def export_state(self) -> object | None:
+        """What a simulated site keeps between instructions (None: nothing)."""
+        state = (self.secagg.state, self.privacy.ledger.state() or None, self.private)
+        return None if state == (None, None, False) else state
+
+    def import_state(self, state: object | None) -> None:
+        if state is None:
+            self.secagg.state, self.private = None, False
+            self.privacy.ledger.restore({})
+            return
+        if not isinstance(state, tuple) or len(state) != 3:
+            raise ValueError("not a site's stage state")
+        self.secagg.state, ledger, self.private = state
+        self.privacy.ledger.restore(ledger or {})
