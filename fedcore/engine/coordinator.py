@@ -11,17 +11,18 @@ privacy and secure aggregation are stages of the pipeline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from fedcore.aggregation import (
     Drop,
     DropReason,
+    Exchange,
     Pipeline,
     RoundInfo,
     Section,
@@ -151,15 +152,7 @@ class Coordinator:
         info = RoundInfo(
             self.run_id, number, attempt, (), len(available), self.parameters, self.experiment.seed
         )
-        info = RoundInfo(
-            self.run_id,
-            number,
-            attempt,
-            tuple(self._sample(available, info)),
-            len(available),
-            self.parameters,
-            self.experiment.seed,
-        )
+        info = dataclasses.replace(info, sampled=tuple(self._sample(available, info)))
         self.pipeline.check_round(info)  # before any instruction leaves
         self.transport.sampled(number, attempt, info.sampled)
         traffic = _Traffic()
@@ -212,11 +205,11 @@ class Coordinator:
             privacy=privacy,
         )
 
-    def _exchange(self, info: RoundInfo, traffic: _Traffic) -> Any:
+    def _exchange(self, info: RoundInfo, traffic: _Traffic) -> Exchange:
         """The pipeline's Exchange for this attempt: stage requests as instructions."""
 
-        async def exchange(
-            name: str,
+        async def run(
+            exchange: str,
             sites: Sequence[str],
             request: Callable[[str], SiteRequest],
             accept: Callable[[SiteReply], None],
@@ -225,7 +218,7 @@ class Coordinator:
                 r = request(site)
                 if not r.train:
                     return Instruction(
-                        InstructionKind.STAGE, info.round, {}, {}, info.attempt, r.message, (), name
+                        InstructionKind.STAGE, info.round, {}, {}, info.attempt, r.message, (), exchange
                     )
                 traffic.sent += sum(a.nbytes for a in info.model.values())
                 return Instruction(
@@ -236,7 +229,7 @@ class Coordinator:
                     info.attempt,
                     r.message,
                     r.plan,
-                    name,
+                    exchange,
                 )
 
             def on_reply(reply: Reply) -> None:
@@ -249,9 +242,9 @@ class Coordinator:
                     traffic.fit[reply.site] = (reply.metrics, reply.num_examples)
                     traffic.received += sum(a.nbytes for a in (reply.update or {}).values())
 
-            return await self._gather(name, list(sites), instruction_for, on_reply)
+            return await self._gather(exchange, list(sites), instruction_for, on_reply)
 
-        return exchange
+        return run
 
     async def _gather(
         self,
