@@ -12,13 +12,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from fedcore.config import AggregationRule, Backend, Experiment, PrivacyMode, StrategyName, load_experiment
 from fedcore.errors import ConfigError, FedcoreError
-
-if TYPE_CHECKING:
-    from fedcore.privacy.site_policy import SitePrivacy
 
 EXIT_CONFIG = 2
 EXIT_REJECTED = 3
@@ -54,20 +51,36 @@ def _experiment(args: argparse.Namespace) -> Experiment:
     )
 
 
-def _check_device(device: str | None) -> None:
-    """A torch device this machine has (so sites fail here, not in every round)."""
-    if device is None:
-        return
-    import torch
+def _command(args: argparse.Namespace, config: str | None) -> dict[str, object]:
+    """How the experiment was given: the command line and the experiment file's text."""
+    return {
+        "argv": args.argv,
+        "config_file": config,
+        "config_text": Path(config).read_text() if config else None,
+    }
 
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (
-        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
-    ):
-        raise ConfigError(f"--device {device}: no such CUDA device on this machine; use --device cpu")
+
+# With --resume DIR the experiment is the stored one: only these flags may go with it.
+_RESUME_FLAGS = {"rounds", "workers", "backend", "ray_address", "device", "resume", "run", "command", "argv"}
+
+
+def _resumed_experiment(args: argparse.Namespace) -> tuple[Experiment, Path, int]:
+    from fedcore.engine.runs import stored_experiment
+
+    if given := [k for k, v in vars(args).items() if v not in (None, False) and k not in _RESUME_FLAGS]:
+        raise ConfigError(
+            "--resume DIR continues the experiment stored in DIR; only --rounds (to extend it), --workers, "
+            f"--backend, --ray-address and --device may go with it, not --{given[0].replace('_', '-')}"
+        )
+    out = Path(args.resume)
+    stored, done = stored_experiment(out)
+    experiment = stored.override(
+        federation__rounds=args.rounds,
+        simulation__workers=args.workers,
+        simulation__backend=args.backend,
+        simulation__ray_address=args.ray_address,
+    )
+    return experiment, out, done
 
 
 def _check_task(experiment: Experiment) -> None:
@@ -80,16 +93,9 @@ def _check_task(experiment: Experiment) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedcore.simulation.report import plot_compare, read_metrics
+    from fedcore.simulation.report import compare_runs
 
-    runs = {Path(d).name or d: read_metrics(Path(d)) for d in args.compare}
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    plot_compare(runs, out / "compare.png")
-    for label, rows in runs.items():
-        last = rows[-1] if rows else {}
-        print(f"{label}: {len(rows)} rounds, final accuracy {last.get('accuracy')}, loss {last.get('loss')}")
-    print(f"wrote {out / 'compare.png'}")
+    compare_runs([Path(d) for d in args.compare], Path(args.out) if args.out else None)
     return 0
 
 
@@ -100,13 +106,18 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedcore.engine import RoundRecord
     from fedcore.simulation.report import print_results
     from fedcore.simulation.run import check_simulation, run_simulation
+    from fedcore.tasks.torch_task import check_device
 
     if args.compare:
         return _compare(args)
-    experiment = _experiment(args)
-    _check_device(args.device)
+    done = 0
+    if args.resume:
+        experiment, out, done = _resumed_experiment(args)
+    else:
+        experiment = _experiment(args)
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    check_device(args.device)
     check_simulation(experiment)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     console = Console(stderr=True)
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -119,7 +130,8 @@ def _simulate(args: argparse.Namespace) -> int:
         bar = progress.add_task(
             f"{experiment.task.name}, {experiment.simulation.sites} sites",
             total=experiment.federation.rounds,
-            status="",
+            completed=done,
+            status="resumed" if args.resume else "",
         )
 
         def on_round(record: RoundRecord) -> None:
@@ -130,7 +142,14 @@ def _simulate(args: argparse.Namespace) -> int:
             )
             progress.update(bar, advance=1, status=status)
 
-        result, summary = run_simulation(experiment, out, device=args.device, on_round=on_round)
+        result, summary = run_simulation(
+            experiment,
+            out,
+            device=args.device,
+            on_round=on_round,
+            resume=bool(args.resume),
+            command=_command(args, args.config),
+        )
     print_results(result.records, summary, out)
     return 0
 
@@ -177,7 +196,13 @@ def _server(args: argparse.Namespace) -> int:
         )
 
     result = run_server(
-        experiment, listen=args.listen, state=Path(args.state), pki_dir=pki_dir, on_round=on_round
+        experiment,
+        listen=args.listen,
+        state=Path(args.state),
+        pki_dir=pki_dir,
+        on_round=on_round,
+        resume=args.resume,
+        command=_command(args, args.config),
     )
     if result is None:
         return 0  # stopped by a signal: a clean, requested shutdown
@@ -188,8 +213,9 @@ def _server(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> int:
     from fedcore import pki
     from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
-    from fedcore.client.site_config import load_site_config
+    from fedcore.client.site_config import load_site_config, site_privacy
     from fedcore.tasks import build_task
+    from fedcore.tasks.torch_task import check_device
 
     site = load_site_config(args.config) if args.config else {}
 
@@ -214,7 +240,7 @@ def _client(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     device = pick(args.device, "agent.device")
-    _check_device(str(device) if device else None)
+    check_device(str(device) if device else None)
     if device:
         task.device = device  # type: ignore[attr-defined]
     tls = pki.site_files(Path(str(kit))) if kit else None
@@ -229,43 +255,13 @@ def _client(args: argparse.Namespace) -> int:
         site_name=str(name or ""),
         give_up_after=float(pick(args.give_up_after, "agent.give_up_after") or 600.0),  # type: ignore[arg-type]
     )
-    outcome = asyncio.run(SiteAgent(settings, task, _site_privacy(args, site, kit, name)).run())
+    outcome = asyncio.run(
+        SiteAgent(settings, task, site_privacy(site, args.privacy_ledger, args.max_epsilon, kit, name)).run()
+    )
     logging.getLogger("fedcore.client").info("site agent finished: %s", outcome.value)
     return {Outcome.COMPLETED: 0, Outcome.STOPPED: 0, Outcome.GAVE_UP: 1, Outcome.REJECTED: EXIT_REJECTED}[
         outcome
     ]
-
-
-def _site_privacy(
-    args: argparse.Namespace, site: dict[str, object], kit: object, name: object
-) -> SitePrivacy:
-    """The site's own privacy policy: flags, then site.toml [privacy]; the ledger defaults to
-    the site's kit folder (or ./fedcore-privacy-NAME.json without one)."""
-    from fedcore.privacy.site_policy import DEFAULT_DELTA, SitePolicy, SitePrivacy
-
-    ledger = args.privacy_ledger or site.get("privacy.ledger")
-    if ledger is None:
-        ledger = Path(str(kit)) / "privacy-ledger.json" if kit else Path(f"fedcore-privacy-{name}.json")
-    max_epsilon = args.max_epsilon if args.max_epsilon is not None else site.get("privacy.max_epsilon")
-    policy = SitePolicy(
-        max_epsilon=float(max_epsilon) if max_epsilon is not None else None,  # type: ignore[arg-type]
-        delta=float(site.get("privacy.delta", DEFAULT_DELTA)),  # type: ignore[arg-type]
-        min_noise_multiplier=float(site.get("privacy.min_noise_multiplier", 0.0)),  # type: ignore[arg-type]
-        require_dp=bool(site.get("privacy.require_dp", False)),
-        ledger=Path(str(ledger)),
-    )
-    if policy.max_epsilon is not None and not policy.max_epsilon > 0:
-        raise ConfigError("max_epsilon must be > 0")
-    if not 0 < policy.delta < 1:
-        raise ConfigError("[privacy] delta must be in (0, 1)")
-    privacy = SitePrivacy(policy)
-    logging.getLogger("fedcore.client").info(
-        "privacy ledger %s: epsilon spent %.3f (budget %s)",
-        policy.ledger,
-        privacy.ledger.spent(),
-        policy.max_epsilon,
-    )
-    return privacy
 
 
 def _pki(args: argparse.Namespace) -> int:
@@ -327,6 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--ray-address", help="an existing Ray cluster (with --backend ray)")
     sim.add_argument("--out", help="output directory (default: runs/simulate-TIMESTAMP)")
+    sim.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR (an --out of a run that was stopped)"
+    )
     sim.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     sim.add_argument(
         "--compare", nargs="+", metavar="DIR", help="plot the curves of earlier runs in one figure"
@@ -336,7 +335,12 @@ def _parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("server", help="run the aggregation server (the coordinator's process)")
     srv.add_argument("--listen", required=True, help="HOST:PORT to listen on")
     srv.add_argument("--pki", help="PKI directory from `fedcore pki init` (mutual TLS)")
-    srv.add_argument("--state", required=True, help="directory for metrics.jsonl and the model")
+    srv.add_argument(
+        "--state", required=True, help="the run's directory: run.db, metrics.jsonl, sites.jsonl, the model"
+    )
+    srv.add_argument(
+        "--resume", action="store_true", help="continue the run in --state after its last completed round"
+    )
     srv.add_argument("--config", help="experiment file (TOML)")
     srv.add_argument("--min-sites", type=int, help="sites needed to start and to complete a round")
     srv.add_argument("--insecure", action="store_true", help="plaintext, no site authentication")
@@ -374,7 +378,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         code: int = args.run(args)
         return code

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
-import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedcore.errors import ConfigError
+from fedcore.typed_toml import read_toml, replace_tables
 
 
 class StrategyName(enum.StrEnum):
@@ -181,6 +180,15 @@ class Experiment:
     def seed(self) -> int:
         return self.data.seed
 
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Every setting, by table and key (enums are strings): what a run store records."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str) -> Experiment:
+        """The experiment `to_dict` gave (checked like a file)."""
+        return _build(raw, base=cls(), source=source)
+
     def override(self, **dotted: Any) -> Experiment:
         """Copy with `section.key` values replaced; `None` values are ignored (flag not given)."""
         sections: dict[str, dict[str, Any]] = {}
@@ -202,60 +210,8 @@ _CHOICES: dict[str, tuple[type[enum.StrEnum], str]] = {
 }
 
 
-def _coerce(value: Any, kind: Any, where: str) -> Any:
-    """Check a TOML value against a dataclass field's annotation (given as a string)."""
-    kind = str(kind)
-    optional = "None" in kind
-    if value is None and optional:
-        return None
-    base = kind.replace(" | None", "")
-    if base == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if base == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if base == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"{where} must be a finite number, got {value!r}")
-        return float(value)
-    if base == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    if base in _CHOICES:
-        choice, what = _CHOICES[base]
-        try:
-            return choice(str(value).lower())
-        except ValueError:
-            options = ", ".join(c.value for c in choice)
-            raise ConfigError(f"{where} = {value!r} is not a {what}; choose one of: {options}") from None
-    raise AssertionError(f"unhandled field type {kind}")
-
-
 def _build(raw: dict[str, Any], *, base: Experiment, source: str) -> Experiment:
-    sections = {f.name: f for f in fields(Experiment)}
-    built: dict[str, Any] = {}
-    for name, table in raw.items():
-        if name not in sections:
-            raise ConfigError(
-                f"{source}: unknown table [{name}]; known tables: {', '.join(f'[{s}]' for s in sections)}"
-            )
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [{name}] must be a table")
-        current = getattr(base, name)
-        known = {f.name: f for f in fields(current)}
-        values = {}
-        for key, value in table.items():
-            if key not in known:
-                raise ConfigError(
-                    f"{source}: unknown key {key!r} in [{name}]; known keys: {', '.join(known)}"
-                )
-            values[key] = _coerce(value, known[key].type, f"{source}: [{name}] {key}")
-        built[name] = dataclasses.replace(current, **values)
-    experiment = dataclasses.replace(base, **built)
+    experiment = replace_tables(base, raw, source=source, choices=_CHOICES)
     _validate(experiment, source)
     return experiment
 
@@ -384,14 +340,3 @@ def load_experiment(path: str | Path | None = None) -> Experiment:
     if path is None:
         return _build({}, base=Experiment(), source="defaults")
     return _build(read_toml(path, "experiment"), base=Experiment(), source=str(path))
-
-
-def read_toml(path: str | Path, what: str) -> dict[str, Any]:
-    """A TOML file's tables; ConfigError when it is missing or malformed."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}") from None

@@ -23,7 +23,7 @@ LAYERS = [
     {"privacy"},  # DP-SGD, accountants, the site's policy and ledger
     {"strategies"},
     {"pki", "config", "seeding"},
-    {"tensors", "tasks.partition"},  # tasks.partition is pure numpy: config validates with it
+    {"tensors", "tasks.partition", "typed_toml"},  # tasks.partition is pure numpy: config validates with it
     {"proto", "errors"},
 ]
 MAX_LINES = 400

@@ -18,13 +18,14 @@ from fedcore.aggregation.base import (
 from fedcore.aggregation.builder import build_pipeline
 from fedcore.aggregation.pipeline import Pipeline
 from fedcore.aggregation.plans import StagePlan
-from fedcore.aggregation.site import Contribution, Prepared, SiteStages
+from fedcore.aggregation.site import Contribution, Encoded, Prepared, SiteStages, StageState
 
 __all__ = [
     "Aggregate",
     "Contribution",
     "Drop",
     "DropReason",
+    "Encoded",
     "Exchange",
     "Leaf",
     "Pipeline",
@@ -38,6 +39,7 @@ __all__ = [
     "SiteStages",
     "Stage",
     "StagePlan",
+    "StageState",
     "StopRun",
     "build_pipeline",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -23,12 +24,13 @@ from fedcore.aggregation.plans import (
     StagePlan,
 )
 from fedcore.errors import ProtocolError
+from fedcore.privacy.accountant import Mechanism
 from fedcore.privacy.distributed import DistributedNoise
 from fedcore.privacy.distributed import encode as encode_distributed
 from fedcore.privacy.dpsgd import SampleDP
 from fedcore.privacy.randomness import SecureRandom, dp_random
 from fedcore.privacy.site_policy import RoundPlan, SitePrivacy
-from fedcore.secagg.client import SecAggClient
+from fedcore.secagg.client import SecAggClient, SecAggState
 from fedcore.secagg.contribution import quantized_contribution, weight
 from fedcore.secagg.stages.messages import RoutedShares
 from fedcore.tensors import Arrays, clip_l2, flatten
@@ -48,6 +50,18 @@ class Prepared:
     @property
     def private(self) -> bool:
         return any(item.private for item in self.plan)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A fit's contribution as encoded before masking, and what the ledger recorded for it."""
+
+    key: str  # the fit it answers (see Site.fit_key)
+    update: Arrays  # the clipped update (plain contributions)
+    weight: int  # the example count it claims
+    integers: np.ndarray | None  # the integer encoding a secure sum adds
+    metrics: dict[str, float]  # what leaves with it (the privacy spend under DP)
+    distributed: DistributedNoise | None  # the distributed noise it carries
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,7 @@ class SiteStages:
         self.secagg = SecAggClient(name)
         self.privacy = privacy or SitePrivacy()
         self.private = False  # this site has trained under DP: no exact statistics leave it
+        self._last: Encoded | None = None  # the last fit's encoding, for `replay`
 
     @property
     def protective(self) -> bool:
@@ -136,19 +151,31 @@ class SiteStages:
             self.private = True
         return prepared
 
-    def contribute(
+    def replay(self, key: str, *, dimension: int, participants: int | None) -> Encoded | None:
+        """The encoded contribution already made for this exact fit (same run, round, model,
+        settings and plan), if it was the last one: resending it releases nothing new, so it
+        is not charged again (a server that crashed and redoes the round, or a retried
+        attempt). The site's noise floor is checked again for the new secure sum's size."""
+        cached = self._last
+        if cached is None or cached.key != key:
+            return None
+        if cached.distributed is not None and participants is not None:
+            self.privacy.check_noise_floor(cached.distributed, dimension=dimension, participants=participants)
+        return cached
+
+    def encode(
         self,
         prepared: Prepared,
         *,
+        key: str,
         update: Arrays,
         examples: int,
         metrics: Mapping[str, float],
         template: Arrays,
-        round_number: int,
         seed: int,
-        routed: object | None,
-    ) -> Contribution:
-        """Encode the trained update through the plan; record the spend; what leaves."""
+    ) -> Encoded:
+        """Encode the trained update through the plan and record the spend in the ledger
+        (before anything leaves); kept for `replay`."""
         # Under DP only the privacy accounting goes with the update: a training loss or an
         # exact example count would be statistics of the data that no noise covers.
         out = {} if prepared.private else dict(metrics)
@@ -176,32 +203,62 @@ class SiteStages:
                     bits=item.bits,
                     rng=SecureRandom(),  # stochastic rounding from AES-CTR keyed by the OS
                 )
-        message = None
-        if routed is not None:
-            if not isinstance(routed, RoutedShares) or integers is None:
-                raise ProtocolError("a masked contribution needs the routed shares and an encoding")
-            message = self.secagg.mask(routed, round_number, integers)
         if prepared.spend is not None:
             out.update(self.privacy.spend(prepared.spend))  # written before anything leaves the site
-        if message is not None:
-            # Secure aggregation: the server gets a masked vector and the privacy accounting,
-            # nothing else of the site's.
-            return Contribution(
-                metrics={k: v for k, v in out.items() if k in PRIVACY_METRICS}, message=message
-            )
-        return Contribution(update=update, weight=claimed, metrics=out)
+        distributed = prepared.spend.distributed if prepared.spend is not None else None
+        self._last = Encoded(key, update, claimed, integers, out, distributed)
+        return self._last
 
-    def export_state(self) -> object | None:
+    def release(self, encoded: Encoded, *, round_number: int, routed: object | None) -> Contribution:
+        """What leaves the site: the update, or under secure aggregation its masked encoding."""
+        if routed is None:
+            if encoded.integers is not None:
+                raise ProtocolError("an integer encoding leaves the site only masked")
+            return Contribution(update=encoded.update, weight=encoded.weight, metrics=dict(encoded.metrics))
+        if not isinstance(routed, RoutedShares) or encoded.integers is None:
+            raise ProtocolError("a masked contribution needs the routed shares and an encoding")
+        # Masking works in place: the cached encoding stays intact for a replay.
+        message = self.secagg.mask(routed, round_number, encoded.integers.copy())
+        # Secure aggregation: the server gets a masked vector and the privacy accounting,
+        # nothing else of the site's.
+        return Contribution(
+            metrics={k: v for k, v in encoded.metrics.items() if k in PRIVACY_METRICS}, message=message
+        )
+
+    def export_state(self) -> StageState | None:
         """What a simulated site keeps between instructions (None: nothing)."""
-        state = (self.secagg.state, self.privacy.ledger.state() or None, self.private)
-        return None if state == (None, None, False) else state
+        state = StageState(self.secagg.state, self.privacy.ledger.state(), self.private)
+        return None if state == StageState() else state
 
-    def import_state(self, state: object | None) -> None:
-        if state is None:
-            self.secagg.state, self.private = None, False
-            self.privacy.ledger.restore({})
-            return
-        if not isinstance(state, tuple) or len(state) != 3:
-            raise ValueError("not a site's stage state")
-        self.secagg.state, ledger, self.private = state
-        self.privacy.ledger.restore(ledger or {})
+    def import_state(self, state: StageState | None) -> None:
+        state = state or StageState()
+        self.secagg.state, self.private = state.secagg, state.private
+        self.privacy.ledger.restore(state.ledger)
+
+
+@dataclass
+class StageState:
+    """A simulated site's stage state between instructions."""
+
+    secagg: SecAggState | None = None  # the SecAgg+ client state, within a round only
+    ledger: dict[str, list[Mechanism]] = field(default_factory=dict)  # the privacy spent, per run
+    private: bool = False  # it has trained under DP
+
+    def to_json(self) -> dict[str, Any]:
+        """The state between rounds, JSON: a round under way is redone whole on resume, so
+        its secure-aggregation state is not kept."""
+        return {
+            "ledger": {
+                run: [[m.noise_multiplier, m.sample_rate, m.steps] for m in spent]
+                for run, spent in self.ledger.items()
+            },
+            "private": self.private,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StageState:
+        ledger = {
+            str(run): [Mechanism(float(z), float(q), int(n)) for z, q, n in spent]
+            for run, spent in data["ledger"].items()
+        }
+        return cls(None, ledger, bool(data["private"]))

@@ -182,7 +182,9 @@ class SiteAgent:
                 f"the server runs task {welcome.task!r}, this site has {self.settings.task_name!r}"
             )
         config = config_from_wire(welcome.task_config)
-        key = (welcome.task, *sorted(config.items()))
+        # A new run gets a fresh site (its stages' state, its last contribution); the same
+        # run after the server restarted keeps it, so a redone round is not charged twice.
+        key = (welcome.run_id, welcome.task, *sorted(config.items()))
         if self.site is not None and key == self._site_key:
             return
         try:

@@ -9,11 +9,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from fedcore.config import read_toml
 from fedcore.errors import ConfigError
+from fedcore.privacy.site_policy import DEFAULT_DELTA, SitePolicy, SitePrivacy
+from fedcore.typed_toml import read_toml
+
+log = logging.getLogger("fedcore.client")
 
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "server": {"address": str},
@@ -51,3 +55,34 @@ def load_site_config(path: str | Path) -> dict[str, Any]:
         if key in flat:
             flat[key] = str((path.parent / flat[key]).resolve())
     return flat
+
+
+def site_privacy(
+    site: dict[str, Any], ledger: str | None, max_epsilon: float | None, kit: object, name: object
+) -> SitePrivacy:
+    """The site's own privacy policy: flags (`ledger`, `max_epsilon`), then the site file's
+    [privacy]; the ledger defaults to the site's kit folder (or ./fedcore-privacy-NAME.json)."""
+    ledger = ledger or site.get("privacy.ledger")
+    if ledger is None:
+        ledger = str(Path(str(kit)) / "privacy-ledger.json" if kit else Path(f"fedcore-privacy-{name}.json"))
+    if max_epsilon is None:
+        max_epsilon = site.get("privacy.max_epsilon")
+    policy = SitePolicy(
+        max_epsilon=float(max_epsilon) if max_epsilon is not None else None,
+        delta=float(site.get("privacy.delta", DEFAULT_DELTA)),
+        min_noise_multiplier=float(site.get("privacy.min_noise_multiplier", 0.0)),
+        require_dp=bool(site.get("privacy.require_dp", False)),
+        ledger=Path(ledger),
+    )
+    if policy.max_epsilon is not None and not policy.max_epsilon > 0:
+        raise ConfigError("max_epsilon must be > 0")
+    if not 0 < policy.delta < 1:
+        raise ConfigError("[privacy] delta must be in (0, 1)")
+    privacy = SitePrivacy(policy)
+    log.info(
+        "privacy ledger %s: epsilon spent %.3f (budget %s)",
+        policy.ledger,
+        privacy.ledger.spent(),
+        policy.max_epsilon,
+    )
+    return privacy

@@ -2,13 +2,13 @@
 
 from fedcore.engine.coordinator import Coordinator, RoundFailed, RunResult
 from fedcore.engine.messages import Instruction, InstructionKind, Reply
-from fedcore.engine.records import DirectoryStore, MemoryStore, RoundRecord, RoundStore
+from fedcore.engine.records import MemoryStore, RoundRecord, RoundStore
+from fedcore.engine.run_state import RunState
 from fedcore.engine.site import Site
 from fedcore.engine.transport import Transport
 
 __all__ = [
     "Coordinator",
-    "DirectoryStore",
     "Instruction",
     "InstructionKind",
     "MemoryStore",
@@ -17,6 +17,7 @@ __all__ = [
     "RoundRecord",
     "RoundStore",
     "RunResult",
+    "RunState",
     "Site",
     "Transport",
 ]

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 from fedcore.aggregation import (
     Drop,
-    DropReason,
     Exchange,
     Pipeline,
     RoundInfo,
@@ -32,10 +31,13 @@ from fedcore.aggregation import (
     build_pipeline,
 )
 from fedcore.config import Experiment
+from fedcore.engine import faults
+from fedcore.engine.gather import gather
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.engine.records import RoundRecord, RoundStore
+from fedcore.engine.run_state import RunState
 from fedcore.engine.transport import Transport
-from fedcore.errors import FedcoreError, ProtocolError, SiteUnavailable
+from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.seeding import derive_seed, rng
 from fedcore.strategies import Strategy, build_strategy
 from fedcore.tasks import Dataset, Task
@@ -71,7 +73,10 @@ class Coordinator:
         on_round: Callable[[RoundRecord], None] | None = None,
         ordered_replies: bool = True,
         run_id: str | None = None,
+        resume: RunState | None = None,
+        history: Sequence[RoundRecord] = (),
     ) -> None:
+        """`resume`: continue a run from its saved state (`history`: its records so far)."""
         self.experiment = experiment
         self.task = task
         self.transport = transport
@@ -86,13 +91,43 @@ class Coordinator:
         self.round = 0  # last completed round
         self.records: list[RoundRecord] = []
         self.stopped: str | None = None
+        self.roster: list[str] = []  # the sites available at the last completed round
+        self.resumed_at: int | None = None  # the first round after a resume
+        if resume is not None:
+            self._restore(resume, history)
+
+    def _restore(self, state: RunState, history: Sequence[RoundRecord]) -> None:
+        if [r.round for r in history] != list(range(1, state.round + 1)):
+            raise ValueError(
+                f"the history of a run resumed after round {state.round} must hold rounds 1..{state.round}"
+            )
+        self.run_id, self.round, self.parameters = state.run_id, state.round, state.parameters
+        self.strategy.load_state_dict(state.strategy)
+        self.pipeline.load_state_dict(state.pipeline)
+        self.transport.load_state(state.transport)
+        self.stopped, self.roster = state.stopped, list(state.roster)
+        self.records = list(history)
+        self.resumed_at = state.round + 1
+
+    def checkpoint(self) -> RunState:
+        """The run's state after its last completed round: what `resume` continues from."""
+        return RunState(
+            run_id=self.run_id,
+            round=self.round,
+            parameters=self.parameters,
+            strategy=self.strategy.state_dict(),
+            pipeline=self.pipeline.state_dict(),
+            stopped=self.stopped,
+            roster=list(self.roster),
+            transport=self.transport.state(),
+        )
 
     async def run(self) -> RunResult:
         """Run every remaining round, then tell the sites the run is over."""
         completed = False
         try:
             try:
-                while self.round < self.experiment.federation.rounds:
+                while self.round < self.experiment.federation.rounds and not self.stopped:
                     self.records.append(await self._round_with_retries(self.round + 1))
             except StopRun as stop:  # a stage ended the run (e.g. its target epsilon is spent)
                 self.stopped = str(stop)
@@ -111,13 +146,34 @@ class Coordinator:
             record = await self._round(number, attempt)
             if record is not None:
                 self.round = number
-                self.store.record(record, self.parameters)
+                faults.reach(number, "before_commit")
+                self.store.record(record, self.checkpoint())
                 if self.on_round:
                     self.on_round(record)
                 return record
         raise RoundFailed(
             f"round {number} got fewer than {fed.min_sites} replies in {fed.max_round_retries + 1} attempts"
         )
+
+    async def _wait_to_start(self) -> None:
+        """Before a run's first round, `start_sites`; after a resume, also the sites of the
+        last round (they reconnect by themselves), so that the redone round samples from
+        the same sites as the lost one, for up to a round's timeout."""
+        fed = self.experiment.federation
+        start = fed.start_sites or fed.min_sites
+        if len(self.roster) > start:
+            try:
+                async with asyncio.timeout(fed.round_timeout):
+                    await self.transport.wait_for_sites(len(self.roster))
+                return
+            except TimeoutError:
+                log.warning(
+                    "resumed: %d of the last round's %d sites are back after %.0f s; going on",
+                    len(self.transport.available()),
+                    len(self.roster),
+                    fed.round_timeout,
+                )
+        await self.transport.wait_for_sites(start)
 
     def _sample(self, available: list[str], info: RoundInfo) -> list[str]:
         chosen = self.pipeline.sample(available, info)
@@ -145,8 +201,11 @@ class Coordinator:
 
     async def _round(self, number: int, attempt: int) -> RoundRecord | None:
         fed = self.experiment.federation
-        first = number == 1 and attempt == 1
-        await self.transport.wait_for_sites((fed.start_sites or fed.min_sites) if first else fed.min_sites)
+        if attempt == 1 and number == (self.resumed_at or 1):
+            await self._wait_to_start()
+        else:
+            await self.transport.wait_for_sites(fed.min_sites)
+        faults.reach(number, faults.Point.BEFORE_SAMPLING)
         started = time.perf_counter()
         available = sorted(self.transport.available())
         info = RoundInfo(
@@ -159,6 +218,7 @@ class Coordinator:
         aggregate = await self.pipeline.aggregate(info, self._exchange(info, traffic))
         if aggregate is None:
             return None
+        faults.reach(number, faults.Point.AFTER_AGGREGATION)
         for site, drop in aggregate.dropped.items():
             log.info("round %d: dropped %s (%s)", number, site, drop)
         if aggregate.count < fed.min_sites and not self.pipeline.completes_any_sample:
@@ -175,6 +235,7 @@ class Coordinator:
         accuracy, loss, evaluation = await self._evaluate(number, sorted(aggregate.contributors))
         sections = aggregate.measurements
         privacy = sections.get(Section.PRIVACY.value, {})
+        self.roster = available
         fit_metrics = {
             k: v
             for k, values in sorted(
@@ -233,6 +294,7 @@ class Coordinator:
                 )
 
             def on_reply(reply: Reply) -> None:
+                faults.reach(info.round, exchange)
                 accept(
                     SiteReply(
                         reply.site, reply.update, float(reply.num_examples), reply.metrics, reply.message
@@ -253,75 +315,15 @@ class Coordinator:
         instruction_for: Callable[[str], Instruction],
         on_reply: Callable[[Reply], None],
     ) -> dict[str, Drop]:
-        """Send to every site; hand each good reply to `on_reply`; return the dropped sites
-        with why. Late sites are cancelled at the round's deadline.
-
-        With `ordered_replies` (the default), replies are handed on in `sites` order whatever
-        order they arrive in (early ones wait in a buffer), so the floating-point sum, and so
-        the model, does not depend on timing: the same seed gives the same model with any
-        number of workers. The buffer can hold up to all replies; a deployment that must keep
-        memory at one model turns it off and folds replies as they arrive."""
-        dropped: dict[str, Drop] = {}
-        settled: dict[str, Reply | Drop] = {}  # site -> its reply, or why it has none
-        order = iter(sites)
-        upcoming = next(order, None)
-
-        def hand_on(site: str, outcome: Reply | Drop) -> None:
-            if isinstance(outcome, Drop):
-                dropped[site] = outcome
-            elif outcome.refusal is not None:
-                dropped[site] = Drop(DropReason.REFUSED, exchange, outcome.refusal, outcome.refusal_code)
-            else:
-                try:
-                    on_reply(outcome)
-                except Exception as err:  # malformed in a way the checks did not name
-                    dropped[site] = Drop(DropReason.BAD_REPLY, exchange, str(err))
-
-        def settle(site: str, outcome: Reply | Drop) -> None:
-            nonlocal upcoming
-            if not self.ordered_replies:
-                hand_on(site, outcome)
-                return
-            settled[site] = outcome
-            while upcoming is not None and upcoming in settled:
-                hand_on(upcoming, settled.pop(upcoming))
-                upcoming = next(order, None)
-
-        def outcome_of(task: asyncio.Future[Reply], site: str) -> Reply | Drop:
-            try:
-                return task.result()
-            except SiteUnavailable as err:
-                return Drop(DropReason.UNAVAILABLE, exchange, err.reason)
-            except Exception as err:  # a site's crash is data for the round
-                log.exception("site %s failed", site)
-                return Drop(DropReason.FAILED, exchange, f"{type(err).__name__}: {err}")
-
-        tasks = {asyncio.ensure_future(self.transport.request(s, instruction_for(s))): s for s in sites}
-        handled: set[asyncio.Future[Reply]] = set()
-        try:
-            async with asyncio.timeout(self.experiment.federation.round_timeout):
-                while len(handled) < len(tasks):
-                    done, _ = await asyncio.wait(set(tasks) - handled, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        handled.add(task)
-                        settle(tasks[task], outcome_of(task, tasks[task]))
-        except TimeoutError:
-            pass
-        finally:
-            # Every task is accounted for exactly once: finished ones (even those that
-            # finished as the deadline struck) by their outcome, the rest as late.
-            for task, site in tasks.items():
-                if task in handled:
-                    continue
-                if task.done():
-                    outcome = outcome_of(task, site)
-                else:
-                    task.cancel()
-                    outcome = Drop(DropReason.DEADLINE, exchange)
-                handled.add(task)
-                settle(site, outcome)
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return dropped
+        return await gather(
+            self.transport,
+            exchange,
+            sites,
+            instruction_for,
+            on_reply,
+            deadline=self.experiment.federation.round_timeout,
+            ordered=self.ordered_replies,
+        )
 
     async def _evaluate(self, number: int, sites: list[str]) -> tuple[float | None, float | None, str]:
         if self.test_data is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -14,6 +13,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from fedcore.aggregation import Drop, DropReason, RefusalCode
+from fedcore.engine.run_state import RunState
 from fedcore.tensors import Arrays
 
 
@@ -73,32 +73,9 @@ def _finite(value: Any) -> Any:
 
 
 class RoundStore(Protocol):
-    """Records each completed round and the global model after it."""
+    """Records each completed round with the run's state after it (the global model in it)."""
 
-    def record(self, record: RoundRecord, parameters: Arrays) -> None: ...
-
-
-class DirectoryStore:
-    """`metrics.jsonl` (one JSON object per round), `sites.jsonl` (one per sampled site and
-    round: who took part in what, and what it reported having spent in privacy) and
-    `model.safetensors` (latest global model, written atomically) in a directory."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = directory / "metrics.jsonl"
-        self.sites_path = directory / "sites.jsonl"
-        self.model_path = directory / "model.safetensors"
-        self.metrics_path.write_text("")
-        self.sites_path.write_text("")
-
-    def record(self, record: RoundRecord, parameters: Arrays) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record.as_json()) + "\n")
-        with self.sites_path.open("a") as f:
-            for row in site_rows(record):
-                f.write(json.dumps(row) + "\n")
-        save_model(self.model_path, parameters, metadata={"round": str(record.round)})
+    def record(self, record: RoundRecord, state: RunState) -> None: ...
 
 
 def site_rows(record: RoundRecord) -> list[dict[str, Any]]:
@@ -130,7 +107,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.records: list[RoundRecord] = []
 
-    def record(self, record: RoundRecord, parameters: Arrays) -> None:
+    def record(self, record: RoundRecord, state: RunState) -> None:
         self.records.append(record)
 
 
@@ -140,9 +117,9 @@ class FanOutStore:
     def __init__(self, stores: list[RoundStore]) -> None:
         self.stores = stores
 
-    def record(self, record: RoundRecord, parameters: Arrays) -> None:
+    def record(self, record: RoundRecord, state: RunState) -> None:
         for store in self.stores:
-            store.record(record, parameters)
+            store.record(record, state)
 
 
 def save_model(path: Path, parameters: Arrays, metadata: dict[str, str] | None = None) -> None:

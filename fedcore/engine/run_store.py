@@ -9,6 +9,7 @@ Nothing is pickled: records are JSON, models safetensors, checkpoint state opaqu
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load, save
 
-from fedcore.engine.records import save_model
+from fedcore.engine.records import RoundRecord, save_model, site_rows
+from fedcore.engine.run_state import RunState
 from fedcore.errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -91,7 +93,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old file or the new, never a mix."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -285,6 +287,14 @@ class SqliteRunStore:
             save_model(self.model_path, model, metadata={"round": str(round)})
         self._views_stale = False
 
+    def record(self, record: RoundRecord, state: RunState) -> None:
+        """The RoundStore interface: the round, and the run's state with its model stored once."""
+        checkpoint = dataclasses.replace(state, parameters={}).to_bytes()  # the model is in `models`
+        rows = site_rows(record)
+        self.commit_round(
+            round=record.round, record=record.as_json(), sites=rows, model=state.parameters, state=checkpoint
+        )
+
     def _last_round(self) -> int:
         value = self._db.execute("SELECT max(round) FROM rounds").fetchone()[0]
         return int(value) if value is not None else 0
@@ -345,11 +355,11 @@ class SqliteRunStore:
         for path, expected in ((self.metrics_path, lines), (self.sites_path, site_lines)):
             data = "".join(line + "\n" for line in expected).encode()
             if not path.exists() or path.read_bytes() != data:
-                _atomic_write(path, data)
+                atomic_write(path, data)
         if last:
             blob = self._model_blob(last)
             if not self.model_path.exists() or self.model_path.read_bytes() != blob:
-                _atomic_write(self.model_path, blob)
+                atomic_write(self.model_path, blob)
         self._views_stale = False
 
     def _unlock(self) -> None:

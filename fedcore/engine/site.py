@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fedcore.aggregation import RefusalCode, SiteStages
+from fedcore.aggregation import RefusalCode, SiteStages, StageState
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.errors import ConfigError, FedcoreError, PrivacyBudgetError, SecurityError
 from fedcore.tasks import SiteData, Task, TrainSettings
@@ -38,21 +41,16 @@ class Site:
         # Names, shapes and dtypes that incoming models must have.
         self._template = template if template is not None else task.initial_parameters(0)
 
-    def export_state(self) -> object | None:
+    def export_state(self) -> SiteState | None:
         """What this site must remember until its next instruction (None: nothing): the
         task's per-site state and its stages' (secure-aggregation stage, ledger)."""
-        state = (self.task.site_state(self.data), self.stages.export_state())
-        return None if state == (None, None) else state
+        state = SiteState(self.task.site_state(self.data), self.stages.export_state())
+        return None if state == SiteState() else state
 
-    def import_state(self, state: object | None) -> None:
-        task_state: object = None
-        stages: object = None
-        if state is not None:
-            if not isinstance(state, tuple) or len(state) != 2:
-                raise ValueError("not a site's state")
-            task_state, stages = state
-        self.task.restore_site_state(self.data, task_state)
-        self.stages.import_state(stages)
+    def import_state(self, state: SiteState | None) -> None:
+        state = state or SiteState()
+        self.task.restore_site_state(self.data, state.task)
+        self.stages.import_state(state.stages)
 
     @property
     def template(self) -> Arrays:
@@ -89,29 +87,44 @@ class Site:
 
     def _fit(self, instruction: Instruction) -> Reply:
         settings = dataclasses.replace(train_settings(instruction.config), round=instruction.round)
-        # The site's policy first: a round that would cross its budget is refused untrained.
-        prepared = self.stages.prepare(
-            instruction.plan,
-            masked=instruction.message is not None,
-            examples=len(self.data.train),
-            batch_size=settings.batch_size,
-            local_epochs=settings.local_epochs,
-            dimension=sum(a.size for a in self._template.values()),
+        masked = instruction.message is not None
+        dimension = sum(a.size for a in self._template.values())
+        key = fit_key(instruction)
+        encoded = self.stages.replay(
+            key, dimension=dimension, participants=len(self.stages.secagg.participants()) if masked else None
         )
-        if prepared.dp is not None:
-            if not self.task.supports_dp_sgd:
-                raise ConfigError(f"task {self.task.name!r} cannot train with DP-SGD")
-            settings = dataclasses.replace(settings, dp=prepared.dp, secure_rng=prepared.secure_rng)
-        outcome = self.task.fit(instruction.parameters, self.data, settings)
-        contribution = self.stages.contribute(
-            prepared,
-            update=delta(outcome.parameters, instruction.parameters),
-            examples=outcome.num_examples,
-            metrics=outcome.metrics,
-            template=self._template,
-            round_number=instruction.round,
-            seed=settings.seed,
-            routed=instruction.message,
+        if encoded is None:
+            # The site's policy first: a round that would cross its budget is refused untrained.
+            prepared = self.stages.prepare(
+                instruction.plan,
+                masked=masked,
+                examples=len(self.data.train),
+                batch_size=settings.batch_size,
+                local_epochs=settings.local_epochs,
+                dimension=dimension,
+            )
+            if prepared.dp is not None:
+                if not self.task.supports_dp_sgd:
+                    raise ConfigError(f"task {self.task.name!r} cannot train with DP-SGD")
+                settings = dataclasses.replace(settings, dp=prepared.dp, secure_rng=prepared.secure_rng)
+            outcome = self.task.fit(instruction.parameters, self.data, settings)
+            encoded = self.stages.encode(
+                prepared,
+                key=key,
+                update=delta(outcome.parameters, instruction.parameters),
+                examples=outcome.num_examples,
+                metrics=outcome.metrics,
+                template=self._template,
+                seed=settings.seed,
+            )
+        else:
+            log.info(
+                "site %s: round %d was already trained for this model; resending it",
+                self.name,
+                instruction.round,
+            )
+        contribution = self.stages.release(
+            encoded, round_number=instruction.round, routed=instruction.message
         )
         return Reply(
             site=self.name,
@@ -139,6 +152,50 @@ class Site:
             num_examples=result.num_examples,
             metrics={"loss": result.loss, "accuracy": result.accuracy},
         )
+
+
+@dataclass
+class SiteState:
+    """What a site carries between instructions when it is rebuilt for each (a simulation)."""
+
+    task: bytes | None = None  # Task.site_state
+    stages: StageState | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The state between rounds, JSON (saved with a simulation's checkpoint)."""
+        return {
+            "task": base64.b64encode(self.task).decode() if self.task is not None else None,
+            "stages": self.stages.to_json() if self.stages is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SiteState:
+        task, stages = data["task"], data["stages"]
+        return cls(
+            base64.b64decode(task) if task is not None else None,
+            StageState.from_json(stages) if stages is not None else None,
+        )
+
+
+def fit_key(instruction: Instruction) -> str:
+    """What makes two fit instructions the same fit: round, model, settings, stage plan, and
+    whether it is masked (the run's id is in a private plan; a site object serves one run)."""
+    h = hashlib.sha256()
+    h.update(
+        repr(
+            (
+                instruction.round,
+                instruction.message is not None,
+                sorted(instruction.config.items()),
+                instruction.plan,
+            )
+        ).encode()
+    )
+    for name in sorted(instruction.parameters):
+        array = np.ascontiguousarray(instruction.parameters[name])
+        h.update(repr((name, array.dtype.str, array.shape)).encode())
+        h.update(array.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
 
 
 def delta(new: Arrays, old: Arrays) -> Arrays:

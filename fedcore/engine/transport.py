@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Any
 
 from fedcore.engine.messages import Instruction, Reply
 
@@ -26,6 +27,14 @@ class Transport(abc.ABC):
     def sampled(self, round_number: int, attempt: int, sites: Sequence[str]) -> None:  # noqa: B027
         """The sites sampled for an attempt at a round (a simulation plays its sites'
         behaviour from it). Nothing to do for a real federation."""
+
+    def state(self) -> Any:
+        """What the transport must keep for a resumed run, as JSON (a simulation's virtual
+        sites' states); None for a real federation, whose sites keep their own."""
+        return None
+
+    def load_state(self, state: Any) -> None:  # noqa: B027
+        """Continue from `state()`'s value."""
 
     @abc.abstractmethod
     async def finish(self, *, completed: bool, reason: str) -> None:

@@ -119,15 +119,21 @@ class SitePrivacy:
             )
         for name, value in (("clip_norm", noise.clip_norm), ("scale", noise.scale), ("sigma", noise.sigma)):
             job_setting(name, value)
+        own = self.check_noise_floor(noise, dimension=dimension, participants=participants)
+        # The site's own noise alone, against a server that could drop every other site: a
+        # single discrete Gaussian is exactly the Gaussian mechanism's zCDP (tau = 0 for one site).
+        return self._affordable(RoundPlan(Mechanism(own, 1.0, 1), run, _delta(delta), distributed=noise))
+
+    def check_noise_floor(self, noise: DistributedNoise, *, dimension: int, participants: int) -> float:
+        """The site's own noise multiplier; PrivacyBudgetError when the secure sum of
+        `participants` such sites would carry less noise than the site's floor."""
         own = noise.sigma / sensitivity_l2(dimension, noise.clip_norm, noise.scale)
         if own * math.sqrt(participants) < self.policy.min_noise_multiplier:
             raise PrivacyBudgetError(
                 f"privacy policy: the round's summed noise multiplier {own * math.sqrt(participants):.3f} is below "
                 f"this site's floor {self.policy.min_noise_multiplier}"
             )
-        # The site's own noise alone, against a server that could drop every other site: a
-        # single discrete Gaussian is exactly the Gaussian mechanism's zCDP (tau = 0 for one site).
-        return self._affordable(RoundPlan(Mechanism(own, 1.0, 1), run, _delta(delta), distributed=noise))
+        return own
 
     def _affordable(self, plan: RoundPlan) -> RoundPlan:
         self.ledger.reload()  # another process may share the ledger

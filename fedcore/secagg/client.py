@@ -12,11 +12,13 @@ from fedcore.secagg.stages.messages import MaskedInput, NeighbourKeys, RoutedSha
 from fedcore.secagg.stages.share_keys import ClientShareKeys
 from fedcore.secagg.stages.unmask import ClientUnmask
 
+SecAggState = ClientShareKeys | ClientMaskedInput | ClientUnmask  # a site's state within a round
+
 
 class SecAggClient:
     def __init__(self, site: str) -> None:
         self.site = site
-        self.state: ClientShareKeys | ClientMaskedInput | ClientUnmask | None = None
+        self.state: SecAggState | None = None
 
     def participants(self) -> tuple[str, ...]:
         """The sites in the current round's secure aggregation (empty between rounds)."""

@@ -1,5 +1,7 @@
-"""`fedcore server`: the coordinator's process. Serves the Federation service, runs the
-Coordinator's rounds over the gRPC transport, writes STATE/metrics.jsonl and the model."""
+"""`fedcore server`: the coordinator's process. Serves the Federation service and runs the
+Coordinator's rounds over the gRPC transport. The run is durable in the state directory
+(run.db; metrics.jsonl, sites.jsonl and model.safetensors are views of it): with
+`resume`, a server killed at any point continues from its last completed round."""
 
 from __future__ import annotations
 
@@ -8,15 +10,17 @@ import contextlib
 import gc
 import logging
 import signal
-import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from fedcore import pki
 from fedcore.config import Experiment
-from fedcore.engine import Coordinator, DirectoryStore, RoundRecord, RunResult
+from fedcore.engine import Coordinator, RoundRecord, RunResult
+from fedcore.engine.runs import OpenedRun, open_run
+from fedcore.seeding import derive_seed
 from fedcore.server.transport import GrpcTransport
 from fedcore.tasks import Task, TaskSpec, build_task, default_partition
 from fedcore.wire import MAX_MESSAGE_BYTES
@@ -57,13 +61,47 @@ async def serve(
     on_round: Callable[[RoundRecord], None] | None = None,
     on_listening: Callable[[int], None] | None = None,
     ordered_replies: bool = True,
+    resume: bool = False,
+    command: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Run the federation until every round is done (or the task is cancelled)."""
+    """Run the federation until every round is done (or the task is cancelled). With
+    `resume`, continue the run stored in `state` (ConfigError if the experiment differs);
+    a run already complete returns at once. `command`: how the experiment was given."""
     task = task or build_task(experiment.task.name, experiment.task.model)
+    opened = open_run(state, experiment, resume=resume, command=command)  # before listening: the lock
+    try:
+        if opened.complete:
+            log.info(
+                "run %s is already complete (%d rounds); nothing to do", opened.run_id, len(opened.history)
+            )
+            initial = task.initial_parameters(derive_seed(experiment.seed, "init"))
+            parameters = opened.state.parameters if opened.state else initial
+            return RunResult(parameters, opened.history, opened.state.stopped if opened.state else None)
+        if opened.state is not None:
+            log.info("resuming run %s after round %d", opened.run_id, opened.state.round)
+        result = await _serve(
+            experiment, task, opened, listen, pki_dir, on_round, on_listening, ordered_replies
+        )
+        opened.store.finish()
+        return result
+    finally:
+        opened.close()
+
+
+async def _serve(
+    experiment: Experiment,
+    task: Task,
+    opened: OpenedRun,
+    listen: str,
+    pki_dir: Path | None,
+    on_round: Callable[[RoundRecord], None] | None,
+    on_listening: Callable[[int], None] | None,
+    ordered_replies: bool,
+) -> RunResult:
     model_bytes = sum(a.nbytes for a in task.initial_parameters(0).values())
     transport = GrpcTransport(
         spec=task_spec(experiment, task),
-        run_id=uuid.uuid4().hex,
+        run_id=opened.run_id,
         max_payload_bytes=4 * model_bytes + (1 << 20),
         mutual_tls=pki_dir is not None,
     )
@@ -90,10 +128,13 @@ async def serve(
         experiment=experiment,
         task=task,
         transport=transport,
-        store=DirectoryStore(state),
+        store=opened.store,
         test_data=task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites),
         on_round=on_round,
         ordered_replies=ordered_replies,
+        run_id=opened.run_id,
+        resume=opened.state,
+        history=opened.history,
     )
     try:
         return await coordinator.run()

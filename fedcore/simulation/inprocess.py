@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from fedcore.aggregation.secure_sum import EXCHANGES as SECURE_EXCHANGES
 from fedcore.config import Experiment
@@ -86,6 +87,12 @@ class InProcessTransport(Transport):
         if instruction.kind is InstructionKind.FIT:
             instruction = self._heterogeneity(site, instruction)
         return self._lie(site, await self.runner.run(k, instruction))
+
+    def state(self) -> Any:
+        return self.runner.state_to_json()
+
+    def load_state(self, state: Any) -> None:
+        self.runner.load_state_json(state or {})
 
     async def finish(self, *, completed: bool, reason: str) -> None:
         self.runner.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,19 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
             f"{directory} holds no metrics.jsonl; give directories written by fedcore simulate or server"
         )
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def compare_runs(directories: list[Path], out: Path | None) -> Path:
+    """Plot the curves of earlier runs in one figure (OUT/compare.png) and print their ends."""
+    runs = {d.name or str(d): read_metrics(d) for d in directories}
+    out = out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_compare(runs, out / "compare.png")
+    for label, rows in runs.items():
+        last = rows[-1] if rows else {}
+        print(f"{label}: {len(rows)} rounds, final accuracy {last.get('accuracy')}, loss {last.get('loss')}")
+    print(f"wrote {out / 'compare.png'}")
+    return out / "compare.png"
 
 
 def plot_compare(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:

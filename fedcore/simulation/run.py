@@ -12,9 +12,11 @@ import torch
 
 from fedcore.aggregation import build_pipeline
 from fedcore.config import Experiment
-from fedcore.engine import Coordinator, DirectoryStore, MemoryStore, RoundRecord, RoundStore, RunResult
+from fedcore.engine import Coordinator, MemoryStore, RoundRecord, RoundStore, RunResult
 from fedcore.engine.records import FanOutStore
+from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.errors import ConfigError
+from fedcore.seeding import derive_seed
 from fedcore.simulation.inprocess import InProcessTransport
 from fedcore.simulation.memory import PeakMemory
 from fedcore.simulation.report import plot_report, write_summary
@@ -46,58 +48,105 @@ def run_simulation(
     device: str | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     observers: Sequence[RoundStore] = (),
+    resume: bool = False,
+    command: dict[str, Any] | None = None,
 ) -> tuple[RunResult, dict[str, Any]]:
-    """Run the experiment; write metrics.jsonl, model.safetensors, summary.json and
-    report.png into `out` (when given). `observers` also see every round's record and global
-    model. Returns the result and the summary."""
+    """Run the experiment. With `out`, the run is durable there (run.db, with the views
+    metrics.jsonl, sites.jsonl and model.safetensors; summary.json and report.png at the
+    end), and `resume` continues the run stored in `out`. `observers` also see every
+    round's record and the run's state after it. Returns the result and the summary."""
     started = time.perf_counter()
     set_threads(1)  # see fedcore.simulation.runners: workers give the parallelism
     task = check_simulation(experiment)
     if device is not None:
         task.device = torch.device(device)  # type: ignore[attr-defined]
-    n = experiment.simulation.sites
-    strategy = build_strategy(experiment.strategy)
-    transport = InProcessTransport(
-        experiment, make_runner(experiment, device), accepts_partial_work=strategy.accepts_partial_work
-    )
-    store = FanOutStore([DirectoryStore(out) if out is not None else MemoryStore(), *observers])
-    coordinator = Coordinator(
-        experiment=experiment,
-        task=task,
-        transport=transport,
-        store=store,
-        test_data=task.test_data(seed=experiment.seed, partitions=n),
-        strategy=strategy,
-        on_round=on_round,
-    )
-    with PeakMemory() as peak:
-        result = asyncio.run(coordinator.run())
-    last = result.records[-1] if result.records else None  # none: the target epsilon allowed no round
-    summary: dict[str, Any] = {
-        "task": experiment.task.name,
-        "model": task.model,
-        "strategy": experiment.strategy.name.value,
-        "partition": experiment.data.partition or default_partition(task),
-        "seed": experiment.seed,
-        "sites": n,
-        "rounds": len(result.records),
-        "final_accuracy": last.accuracy if last else None,
-        "final_loss": last.loss if last else None,
-        "best_accuracy": max((r.accuracy for r in result.records if r.accuracy is not None), default=None),
-        "wall_seconds": time.perf_counter() - started,
-        # The whole process tree (this process and its workers): PSS, and RSS as an upper bound.
-        "peak_memory_bytes": peak.bytes,
-        "peak_rss_bytes": peak.rss_bytes,
-        "bytes_sent_per_round": [r.bytes_sent for r in result.records],
-        "bytes_received_per_round": [r.bytes_received for r in result.records],
-    }
-    summary.update(coordinator.pipeline.summary())
+    opened: OpenedRun | None = None
+    if out is not None:
+        opened = open_run(out, experiment, resume=resume, command=command)
+    try:
+        if opened is not None and opened.complete:
+            summary, result = _finished(experiment, task, opened, started)
+        else:
+            result, summary = _run(experiment, task, opened, device, on_round, observers, started)
+        if opened is not None:
+            opened.store.finish()
+    finally:
+        if opened is not None:
+            opened.close()
     if out is not None:
         write_summary(out / "summary.json", summary)
         if result.records:
             plot_report(
                 result.records,
                 out / "report.png",
-                title=f"{experiment.task.name}: {n} sites, {summary['strategy']}",
+                title=f"{experiment.task.name}: {experiment.simulation.sites} sites, {summary['strategy']}",
             )
     return result, summary
+
+
+def _finished(
+    experiment: Experiment, task: Task, opened: OpenedRun, started: float
+) -> tuple[dict[str, Any], RunResult]:
+    """The summary and result of a run that was already complete."""
+    pipeline = build_pipeline(experiment, supports_dp_sgd=task.supports_dp_sgd)
+    if opened.state is None:  # it ended before its first round (a stage stopped it)
+        result = RunResult(task.initial_parameters(derive_seed(experiment.seed, "init")), [])
+    else:
+        pipeline.load_state_dict(opened.state.pipeline)
+        result = RunResult(opened.state.parameters, opened.history, opened.state.stopped)
+    return _summary(experiment, task, result, started, None) | pipeline.summary(), result
+
+
+def _run(
+    experiment: Experiment,
+    task: Task,
+    opened: OpenedRun | None,
+    device: str | None,
+    on_round: Callable[[RoundRecord], None] | None,
+    observers: Sequence[RoundStore],
+    started: float,
+) -> tuple[RunResult, dict[str, Any]]:
+    strategy = build_strategy(experiment.strategy)
+    transport = InProcessTransport(
+        experiment, make_runner(experiment, device), accepts_partial_work=strategy.accepts_partial_work
+    )
+    store = FanOutStore([opened.store if opened is not None else MemoryStore(), *observers])
+    coordinator = Coordinator(
+        experiment=experiment,
+        task=task,
+        transport=transport,
+        store=store,
+        test_data=task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites),
+        strategy=strategy,
+        on_round=on_round,
+        run_id=opened.run_id if opened is not None else None,
+        resume=opened.state if opened is not None else None,
+        history=opened.history if opened is not None else (),
+    )
+    with PeakMemory() as peak:
+        result = asyncio.run(coordinator.run())
+    return result, _summary(experiment, task, result, started, peak) | coordinator.pipeline.summary()
+
+
+def _summary(
+    experiment: Experiment, task: Task, result: RunResult, started: float, peak: PeakMemory | None
+) -> dict[str, Any]:
+    last = result.records[-1] if result.records else None  # none: the target epsilon allowed no round
+    return {
+        "task": experiment.task.name,
+        "model": task.model,
+        "strategy": experiment.strategy.name.value,
+        "partition": experiment.data.partition or default_partition(task),
+        "seed": experiment.seed,
+        "sites": experiment.simulation.sites,
+        "rounds": len(result.records),
+        "final_accuracy": last.accuracy if last else None,
+        "final_loss": last.loss if last else None,
+        "best_accuracy": max((r.accuracy for r in result.records if r.accuracy is not None), default=None),
+        "wall_seconds": time.perf_counter() - started,
+        # The whole process tree (this process and its workers): PSS, and RSS as an upper bound.
+        "peak_memory_bytes": peak.bytes if peak else None,
+        "peak_rss_bytes": peak.rss_bytes if peak else None,
+        "bytes_sent_per_round": [r.bytes_sent for r in result.records],
+        "bytes_received_per_round": [r.bytes_received for r in result.records],
+    }

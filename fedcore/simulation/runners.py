@@ -26,6 +26,7 @@ import torch
 from fedcore.aggregation import SiteStages
 from fedcore.config import Backend, Experiment
 from fedcore.engine import Instruction, Reply, Site
+from fedcore.engine.site import SiteState
 from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
 from fedcore.simulation import shared_arrays
 from fedcore.tasks import Task, build_task, default_partition
@@ -63,8 +64,12 @@ def make_site(experiment: Experiment, k: int, device: str | None = None) -> Site
 
 
 def handle(
-    experiment: Experiment, k: int, instruction: Instruction, state: object | None, device: str | None = None
-) -> tuple[Reply, object | None]:
+    experiment: Experiment,
+    k: int,
+    instruction: Instruction,
+    state: SiteState | None,
+    device: str | None = None,
+) -> tuple[Reply, SiteState | None]:
     """Run one instruction at virtual site k, given the state it kept from earlier rounds;
     return its reply and the state to keep. The site is gone afterwards."""
     site = make_site(experiment, k, device)
@@ -104,7 +109,14 @@ class SiteRunner(abc.ABC):
     they must carry from round to round (`Task.site_state`)."""
 
     def __init__(self) -> None:
-        self.states: dict[int, object] = {}
+        self.states: dict[int, SiteState] = {}
+
+    def state_to_json(self) -> dict[str, Any]:
+        """The sites' states between rounds (saved with the run's checkpoint)."""
+        return {str(k): state.to_json() for k, state in sorted(self.states.items())}
+
+    def load_state_json(self, data: dict[str, Any]) -> None:
+        self.states = {int(k): SiteState.from_json(v) for k, v in data.items()}
 
     async def run(self, k: int, instruction: Instruction) -> Reply:
         """Site k's reply to `instruction`."""
@@ -117,8 +129,8 @@ class SiteRunner(abc.ABC):
 
     @abc.abstractmethod
     async def _run(
-        self, k: int, instruction: Instruction, state: object | None
-    ) -> tuple[Reply, object | None]: ...
+        self, k: int, instruction: Instruction, state: SiteState | None
+    ) -> tuple[Reply, SiteState | None]: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -158,12 +170,12 @@ class LocalRunner(SiteRunner):
                 initializer=_start_worker,
             )
         self._shared = shared_arrays.Publisher()
-        self._pending: list[tuple[int, Instruction, object | None, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[int, Instruction, SiteState | None, asyncio.Future[Any]]] = []
         self._batches: set[asyncio.Future[None]] = set()  # batches in flight (held: not collected)
 
     async def _run(
-        self, k: int, instruction: Instruction, state: object | None
-    ) -> tuple[Reply, object | None]:
+        self, k: int, instruction: Instruction, state: SiteState | None
+    ) -> tuple[Reply, SiteState | None]:
         loop = asyncio.get_running_loop()
         if self.workers == 1:
             return await loop.run_in_executor(
@@ -171,7 +183,7 @@ class LocalRunner(SiteRunner):
             )
         if not self._pending:
             loop.call_soon(self._dispatch)
-        future: asyncio.Future[tuple[Reply, object | None]] = loop.create_future()
+        future: asyncio.Future[tuple[Reply, SiteState | None]] = loop.create_future()
         self._pending.append((k, instruction, state, future))
         return await future
 
@@ -189,7 +201,7 @@ class LocalRunner(SiteRunner):
             start = end
 
     async def _run_batch(
-        self, batch: list[tuple[int, Instruction, object | None, asyncio.Future[Any]]]
+        self, batch: list[tuple[int, Instruction, SiteState | None, asyncio.Future[Any]]]
     ) -> None:
         used: list[int] = []
         try:
@@ -258,9 +270,9 @@ class RayRunner(SiteRunner):
         self._remote = ray.remote(num_cpus=1)(_ray_handle)
 
     async def _run(
-        self, k: int, instruction: Instruction, state: object | None
-    ) -> tuple[Reply, object | None]:
-        result: tuple[Reply, object | None] = await self._remote.remote(
+        self, k: int, instruction: Instruction, state: SiteState | None
+    ) -> tuple[Reply, SiteState | None]:
+        result: tuple[Reply, SiteState | None] = await self._remote.remote(
             self._experiment, k, instruction, state
         )
         return result
@@ -271,8 +283,8 @@ class RayRunner(SiteRunner):
 
 
 def _ray_handle(
-    experiment: Experiment, k: int, instruction: Instruction, state: object | None
-) -> tuple[Reply, object | None]:
+    experiment: Experiment, k: int, instruction: Instruction, state: SiteState | None
+) -> tuple[Reply, SiteState | None]:
     if torch.get_num_threads() != 1:  # a Ray task holds one CPU
         set_threads(1)
     return handle(experiment, k, instruction, state)

@@ -29,6 +29,11 @@ class Strategy(abc.ABC):
     def apply(self, current: Arrays, mean_update: Arrays) -> Arrays:
         """The next global model from the current one and the sites' mean update."""
 
-    def state(self) -> dict[str, Arrays]:
-        """Optimizer state to checkpoint with the model (empty when stateless)."""
+    def state_dict(self) -> dict[str, Arrays]:
+        """Optimizer state to save with the model (empty when stateless)."""
         return {}
+
+    def load_state_dict(self, state: dict[str, Arrays]) -> None:
+        """Continue from `state_dict()`'s value."""
+        if state:
+            raise ValueError(f"strategy {self.name} keeps no state, got {sorted(state)}")

@@ -42,8 +42,15 @@ class FedOpt(Strategy):
             new[k] = (x + eta * self.m[k] / (np.sqrt(self.v[k]) + self.tau)).astype(x.dtype)
         return new
 
-    def state(self) -> dict[str, Arrays]:
-        return {"m": dict(self.m), "v": dict(self.v), "steps": {"steps": np.array(self.steps)}}
+    def state_dict(self) -> dict[str, Arrays]:
+        return {"m": dict(self.m), "v": dict(self.v), "steps": {"steps": np.array([self.steps], np.int64)}}
+
+    def load_state_dict(self, state: dict[str, Arrays]) -> None:
+        if set(state) != {"m", "v", "steps"}:
+            raise ValueError(f"not a {self.name} state: {sorted(state)}")
+        self.m = {k: np.asarray(v, np.float64) for k, v in state["m"].items()}
+        self.v = {k: np.asarray(v, np.float64) for k, v in state["v"].items()}
+        self.steps = int(state["steps"]["steps"][0])
 
 
 class FedAdagrad(FedOpt):

@@ -122,13 +122,14 @@ class Task(abc.ABC):
     def evaluate(self, parameters: Arrays, data: Dataset) -> Evaluation:
         """Loss and accuracy of `parameters` on `data`."""
 
-    def site_state(self, data: SiteData) -> object | None:
-        """What this site must remember between rounds, or None. A simulation rebuilds its
-        virtual sites every round: it keeps this (only for sites that have some) and hands
-        it back through `restore_site_state` the next time the site is built."""
+    def site_state(self, data: SiteData) -> bytes | None:
+        """What this site must remember between rounds, encoded (never pickled: it is saved
+        with a simulation's checkpoint), or None. A simulation rebuilds its virtual sites
+        every round: it keeps this (only for sites that have some) and hands it back through
+        `restore_site_state` the next time the site is built."""
         return None
 
-    def restore_site_state(self, data: SiteData, state: object | None) -> None:  # noqa: B027 - optional hook
+    def restore_site_state(self, data: SiteData, state: bytes | None) -> None:  # noqa: B027 - optional hook
         """Give a rebuilt site what `site_state` returned last time (None: a fresh site)."""
 
 

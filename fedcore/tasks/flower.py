@@ -174,17 +174,25 @@ class FlowerTask(Task):
     def test_data(self, *, seed: int, partitions: int) -> Dataset | None:
         return None
 
-    def site_state(self, data: SiteData) -> object | None:
-        """The node's `Context.state`, which Flower keeps for the whole run."""
+    def site_state(self, data: SiteData) -> bytes | None:
+        """The node's `Context.state`, which Flower keeps for the whole run, in Flower's own
+        protobuf encoding (flwr.common.serde)."""
+        from flwr.common.serde import recorddict_to_proto
+
         part = _partition(data.train)
         state = self.context(part.partition_id, part.num_partitions).state
-        return state if len(state) else None
+        return bytes(recorddict_to_proto(state).SerializeToString()) if len(state) else None
 
-    def restore_site_state(self, data: SiteData, state: object | None) -> None:
+    def restore_site_state(self, data: SiteData, state: bytes | None) -> None:
         from flwr.app import RecordDict
+        from flwr.common.serde import recorddict_from_proto
+        from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
         part = _partition(data.train)
-        self.context(part.partition_id, part.num_partitions).state = RecordDict() if state is None else state
+        restored = RecordDict()
+        if state is not None:
+            restored = recorddict_from_proto(ProtoRecordDict.FromString(state))
+        self.context(part.partition_id, part.num_partitions).state = restored
 
     def fit(self, parameters: Arrays, data: SiteData, settings: TrainSettings) -> FitOutcome:
         from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays

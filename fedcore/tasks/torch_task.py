@@ -8,12 +8,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcore.errors import ConfigError
 from fedcore.privacy import dpsgd
 from fedcore.privacy.randomness import dp_random
 from fedcore.tasks.base import Dataset, Evaluation, FitOutcome, SiteData, Task, TrainSettings
 from fedcore.tensors import Arrays
 
 _EVAL_BATCH = 4096
+
+
+def check_device(device: str | None) -> None:
+    """A torch device this machine has (so sites fail here, not in every round)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"--device {device}: no such CUDA device on this machine; use --device cpu")
 
 
 def default_device() -> torch.device:
