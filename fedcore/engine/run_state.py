@@ -41,10 +41,10 @@ class RunState:
             if "/" in group:
                 raise ValueError(f"strategy state group {group!r} must not contain '/'")
             tensors.update({f"{_STRATEGY}{group}/{k}": np.ascontiguousarray(v) for k, v in arrays.items()})
-        metadata = {
-            "format": FORMAT,
+        metadata = {  # one key: safetensors writes several in no fixed order
             "state": json.dumps(
                 {
+                    "format": FORMAT,
                     "run_id": self.run_id,
                     "round": self.round,
                     "pipeline": self.pipeline,
@@ -52,6 +52,7 @@ class RunState:
                     "roster": self.roster,
                     "transport": self.transport,
                     "strategy_groups": sorted(self.strategy),
+                    "names": list(self.parameters),  # safetensors sorts tensors; a model's order matters
                 }
             ),
         }
@@ -61,13 +62,12 @@ class RunState:
     def from_bytes(cls, data: bytes) -> RunState:
         try:
             tensors = load(data)
-            metadata = _metadata(data)
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
-            meta = json.loads(metadata["state"])
+            meta = json.loads(safetensors_metadata(data)["state"])
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"the saved run state is unreadable ({err})") from None
-        parameters = {k.removeprefix(_MODEL): v for k, v in tensors.items() if k.startswith(_MODEL)}
+        parameters = {name: tensors[_MODEL + name] for name in meta["names"]}
         strategy: dict[str, Arrays] = {group: {} for group in meta["strategy_groups"]}
         for key, value in tensors.items():
             if key.startswith(_STRATEGY):
@@ -85,7 +85,7 @@ class RunState:
         )
 
 
-def _metadata(data: bytes) -> dict[str, str]:
+def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The `__metadata__` of a safetensors buffer (its JSON header, after an 8-byte length)."""
     if len(data) < 8:
         raise ValueError("too short for safetensors")

@@ -29,11 +29,14 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load, save
 
-from fedcore.engine.records import RoundRecord, save_model, site_rows
-from fedcore.engine.run_state import RunState
+from fedcore.engine.records import RoundRecord, site_rows
+from fedcore.engine.run_state import RunState, safetensors_metadata
 from fedcore.errors import ConfigError
 
 SCHEMA_VERSION = 1
+# A stored model's safetensors metadata, one JSON value (safetensors writes several keys in
+# no fixed order): its round, and its tensors' order (safetensors sorts them; a model's is not).
+MODEL_METADATA = "fedcore.model"
 
 _SCHEMA = (  # sites.position keeps each round's rows in the order the views list them
     "CREATE TABLE runs (id INTEGER PRIMARY KEY CHECK (id = 1), run_id TEXT NOT NULL,"
@@ -136,6 +139,14 @@ def _lock(directory: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def load_ordered(blob: bytes) -> dict[str, np.ndarray]:
+    """A safetensors buffer's tensors in the order they were saved in (safetensors sorts them)."""
+    arrays: dict[str, np.ndarray] = load(blob)
+    about = json.loads(safetensors_metadata(blob).get(MODEL_METADATA, "{}"))
+    names = about.get("names") or sorted(arrays)
+    return {name: arrays[name] for name in names}
 
 
 class SqliteRunStore:
@@ -245,7 +256,10 @@ class SqliteRunStore:
             raise ValueError(f"record says round {record['round']} but is committed as round {round}")
         line = _dumps(record)
         site_lines = [_dumps(row) for row in sites]
-        blob = save({k: np.ascontiguousarray(v) for k, v in model.items()}, metadata={"round": str(round)})
+        blob = save(
+            {k: np.ascontiguousarray(v) for k, v in model.items()},
+            metadata={MODEL_METADATA: json.dumps({"round": round, "names": list(model)})},
+        )
         with self._mutex:
             with self._transaction():
                 last = self._last_round()
@@ -284,7 +298,7 @@ class SqliteRunStore:
         else:
             _append_lines(self.metrics_path, [line])
             _append_lines(self.sites_path, site_lines)
-            save_model(self.model_path, model, metadata={"round": str(round)})
+            atomic_write(self.model_path, blob)  # the very bytes stored, SHA-256 and all
         self._views_stale = False
 
     def record(self, record: RoundRecord, state: RunState) -> None:
@@ -323,8 +337,7 @@ class SqliteRunStore:
 
     def model(self, round: int) -> dict[str, np.ndarray]:
         """The global model after `round`, checked against the SHA-256 stored with it."""
-        arrays: dict[str, np.ndarray] = load(self._model_blob(round))
-        return arrays
+        return load_ordered(self._model_blob(round))
 
     def _model_blob(self, round: int) -> bytes:
         with self._mutex:

@@ -48,6 +48,8 @@ class Site:
         return None if state == SiteState() else state
 
     def import_state(self, state: SiteState | None) -> None:
+        if state is not None and not isinstance(state, SiteState):
+            raise ValueError("not a site's state")
         state = state or SiteState()
         self.task.restore_site_state(self.data, state.task)
         self.stages.import_state(state.stages)

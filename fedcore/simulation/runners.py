@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import multiprocessing
 import os
+import signal
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
@@ -97,11 +98,17 @@ def _start_worker() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
         return
+    # Die with the coordinator: a simulation killed with SIGKILL leaves no workers behind
+    # (they would hold its output pipes open and wait for work forever).
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the coordinator died before the line above
+        os._exit(1)
     libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: big buffers come from the heap
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # and the heap is not shrunk after each site
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_PR_SET_PDEATHSIG = 1  # Linux's prctl option
 
 
 class SiteRunner(abc.ABC):

@@ -195,6 +195,8 @@ def check_like(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndar
     if list(arrays) != list(reference):
         missing = sorted(set(reference) - set(arrays))
         extra = sorted(set(arrays) - set(reference))
+        if not missing and not extra:
+            raise ProtocolError(f"tensors are in another order than the model's {list(reference)}")
         raise ProtocolError(f"tensor names differ from the model's (missing {missing}, unexpected {extra})")
     for name, ref in reference.items():
         got = arrays[name]

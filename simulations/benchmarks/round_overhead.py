@@ -42,7 +42,8 @@ from rich.table import Table
 import fedcore
 from fedcore import pki
 from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
-from fedcore.engine import RoundRecord
+from fedcore.engine import RoundRecord, RunState
+from fedcore.engine.run_store import SqliteRunStore
 from fedcore.server.app import serve
 from fedcore.tasks import build_task
 
@@ -180,13 +181,37 @@ async def _grpc_run(sites: int, params: int, rounds: int, on_round: OnRound, tmp
     if any(codes):
         raise RuntimeError(f"site worker exit codes {codes}")
     check_final(result.parameters["w"], rounds)
+    grpc = summarise([r.seconds for r in result.records])
+    save = state_save_seconds(result.records, result.parameters, tmp / "save")
     return {
-        **summarise([r.seconds for r in result.records]),
+        **grpc,
+        "state_save_median_seconds": save,
+        "state_save_fraction_of_round": save / grpc["median_seconds"],
         "round_end_intervals_seconds": clock.intervals(),
         # PKI, worker start-up (interpreter + imports) and TLS handshakes, plus round 1.
         "startup_and_first_round_seconds": clock.ends[0] - start,
         "total_seconds": time.perf_counter() - start,
     }
+
+
+def state_save_seconds(
+    records: list[RoundRecord], parameters: dict[str, np.ndarray], directory: Path
+) -> float:
+    """Median time to make one round durable, as the server does after each: the run's state
+    (model, strategy, stages) and the round's record in one SQLite transaction (fsync'd),
+    then the views (metrics.jsonl, sites.jsonl, model.safetensors) appended or replaced."""
+    store = SqliteRunStore(directory)
+    store.open_run(run_id="bench", experiment={})
+    times = []
+    try:
+        for record in records:
+            state = RunState("bench", record.round, parameters, roster=list(record.sampled))
+            started = time.perf_counter()
+            store.record(record, state)
+            times.append(time.perf_counter() - started)
+    finally:
+        store.close()
+    return statistics.median(times)
 
 
 def run_grpc(sites: int, params: int, rounds: int, on_round: OnRound) -> dict[str, Any]:
@@ -254,17 +279,21 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 def render(report: dict[str, Any], console: Console) -> None:
     table = Table(title=f"Per-round overhead (median of rounds 2..R, {report['machine']['nproc']} CPUs)")
-    names = ("workload", "fedcore in-proc", "fedcore gRPC", "Flower", "Flower/in-proc", "Flower/gRPC")
+    names = (
+        "workload", "fedcore in-proc", "fedcore gRPC", "Flower", "Flower/in-proc", "Flower/gRPC", "state save",
+    )  # fmt: skip
     for name in names:
         table.add_column(name, justify="left" if name == names[0] else "right")
     for row in report["workloads"]:
         ratios = [row["flower_over_inprocess"], row["flower_over_grpc"]]
+        grpc = row["fedcore_grpc"]
         table.add_row(
             f"{row['sites']} x {_count(row['params'])}",
             _fmt(row["fedcore_inprocess"]["median_seconds"]),
             _fmt(row["fedcore_grpc"]["median_seconds"]),
             _fmt(row.get("flower", {}).get("median_seconds")),
             *("—" if r is None else f"{r:.1f}x" for r in ratios),
+            f"{_fmt(grpc['state_save_median_seconds'])} ({grpc['state_save_fraction_of_round']:.1%} of a round)",
         )
     console.print(table)
 
