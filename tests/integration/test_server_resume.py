@@ -117,8 +117,8 @@ def test_a_redone_dp_round_is_not_charged_twice_in_the_sites_ledgers(tmp_path: P
     assert wait(second, logs["resumed"]) == 0, logs["resumed"].read_text()[-3000:]
     assert all(wait(clients[s], logs[s]) == 0 for s in SITES)
     assert rounds(state) == list(range(1, rounds_ + 1))
-    resent = sum("already trained for this model; resending it" in logs[s].read_text() for s in SITES)
-    assert resent >= 1  # the site whose reply reached the killed server trained round 3 before
     for s in SITES:
         runs = json.loads(ledgers[s].read_text())["runs"]
         assert [len(spent) for spent in runs.values()] == [rounds_], (s, runs)
+    resent = sum("already trained for this model; resending it" in logs[s].read_text() for s in SITES)
+    assert resent >= 1  # the site whose reply reached the killed server trained round 3 before
