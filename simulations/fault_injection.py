@@ -54,8 +54,14 @@ def simulate(args: list[str], crash_at: str | None = None) -> int:
     if crash_at:
         env["FEDCORE_CRASH_AT"] = crash_at
     done = subprocess.run(
-        [sys.executable, "-m", "fedcore", "simulate", *args], capture_output=True, env=env, timeout=600
+        [sys.executable, "-m", "fedcore", "simulate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
+    if done.returncode not in (0, -signal.SIGKILL):
+        print(done.stderr[-2000:], file=sys.stderr)
     return done.returncode
 
 
@@ -67,15 +73,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--round", type=int, default=3, help="the round to kill the run in")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (default: all)"
+    )
     args = parser.parse_args()
     console = Console()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for run, flags in RUNS.items():
+        for run, flags in ((r, RUNS[r]) for r in args.runs):
             # Reproducible DP noise for the comparison (tests only): see [privacy] secure_rng.
             config = Path(tmp) / f"{run}.toml"
             config.write_text(
-                "[privacy]\nsecure_rng = false\nnoise_multiplier = 1.0\n" if "privacy" in flags[-2:] else ""
+                "[privacy]\nsecure_rng = false\nnoise_multiplier = 1.0\n" if "--privacy" in flags else ""
             )
             base = [str(config), *flags]
             whole = Path(tmp) / f"{run}-whole"
