@@ -207,3 +207,18 @@ def test_a_simulation_killed_at_a_point_of_a_round_resumes_to_the_same_model(
             np.testing.assert_array_equal(got[key], value)
         else:  # the secure sum's stochastic rounding: within the suite's SecAgg tolerance
             np.testing.assert_allclose(got[key], value, atol=1e-6)
+
+
+def test_a_run_with_a_target_epsilon_is_not_extended(tmp_path: Path) -> None:
+    """Its noise was calibrated for its rounds: more rounds would overshoot the target."""
+    targeted = load_experiment().override(
+        federation__rounds=2,
+        simulation__sites=4,
+        simulation__workers=1,
+        privacy__mode="user-central",
+        privacy__target_epsilon=50.0,
+        privacy__secure_rng=False,
+    )
+    run_simulation(targeted, tmp_path)
+    with pytest.raises(ConfigError, match="cannot be extended"):
+        run_simulation(targeted.override(federation__rounds=3), tmp_path, resume=True)

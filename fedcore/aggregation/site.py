@@ -61,7 +61,7 @@ class Encoded:
     weight: int  # the example count it claims
     integers: np.ndarray | None  # the integer encoding a secure sum adds
     metrics: dict[str, float]  # what leaves with it (the privacy spend under DP)
-    distributed: DistributedNoise | None  # the distributed noise it carries
+    secure_sum: str | None  # the secure sum it was masked into (SecAggClient.binding), if any
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class SiteStages:
                 delta=distributed.delta,
                 run=distributed.run,
                 dimension=dimension,
-                participants=len(self.secagg.participants()) if masked else None,
+                participants=self.secagg.threshold() if masked else None,
             )
             prepared = Prepared(plan, secure_rng=self.privacy.secure_rng(distributed.secure_rng), spend=spend)
         else:
@@ -151,16 +151,17 @@ class SiteStages:
             self.private = True
         return prepared
 
-    def replay(self, key: str, *, dimension: int, participants: int | None) -> Encoded | None:
-        """The encoded contribution already made for this exact fit (same run, round, model,
-        settings and plan), if it was the last one: resending it releases nothing new, so it
-        is not charged again (a server that crashed and redoes the round, or a retried
-        attempt). The site's noise floor is checked again for the new secure sum's size."""
+    def replay(self, key: str) -> Encoded | None:
+        """The encoding already made for this exact fit (same run, round, model, settings and
+        plan), if it was the last one: resending it releases nothing the site has not already
+        released and charged, so it is not charged again (a server that crashed and redoes
+        the round). A masked encoding is resent only into the same attempt's sum with the
+        same participants, neighbour graph and threshold (the attempt is in the key): a
+        retry, or a redo over other sites, gets fresh noise and a charge, so that two sums
+        the server decrypts share no noise that cancels when one is subtracted from the other."""
         cached = self._last
-        if cached is None or cached.key != key:
+        if cached is None or cached.key != key or cached.secure_sum != self.secagg.binding():
             return None
-        if cached.distributed is not None and participants is not None:
-            self.privacy.check_noise_floor(cached.distributed, dimension=dimension, participants=participants)
         return cached
 
     def encode(
@@ -205,8 +206,7 @@ class SiteStages:
                 )
         if prepared.spend is not None:
             out.update(self.privacy.spend(prepared.spend))  # written before anything leaves the site
-        distributed = prepared.spend.distributed if prepared.spend is not None else None
-        self._last = Encoded(key, update, claimed, integers, out, distributed)
+        self._last = Encoded(key, update, claimed, integers, out, self.secagg.binding())
         return self._last
 
     def release(self, encoded: Encoded, *, round_number: int, routed: object | None) -> Contribution:

@@ -93,6 +93,7 @@ class Coordinator:
         self.stopped: str | None = None
         self.roster: list[str] = []  # the sites available at the last completed round
         self.resumed_at: int | None = None  # the first round after a resume
+        faults.warn_if_armed()
         if resume is not None:
             self._restore(resume, history)
 

@@ -34,3 +34,13 @@ def reach(round_number: int, point: str) -> None:
         log.critical("fault injection: killing this process at round %d, %s", round_number, point)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def warn_if_armed() -> None:
+    """Say loudly that this process will kill itself (a test setting left in production)."""
+    if _CRASH_AT is not None:
+        log.warning(
+            "%s=%s is set: this process will SIGKILL itself there (fault-injection tests only)",
+            ENVIRONMENT,
+            _CRASH_AT,
+        )

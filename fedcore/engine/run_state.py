@@ -65,14 +65,14 @@ class RunState:
             meta = json.loads(safetensors_metadata(data)["state"])
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+            parameters = {name: tensors[_MODEL + name] for name in meta["names"]}
+            strategy: dict[str, Arrays] = {group: {} for group in meta["strategy_groups"]}
+            for key, value in tensors.items():
+                if key.startswith(_STRATEGY):
+                    group, _, name = key.removeprefix(_STRATEGY).partition("/")
+                    strategy[group][name] = value
         except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"the saved run state is unreadable ({err})") from None
-        parameters = {name: tensors[_MODEL + name] for name in meta["names"]}
-        strategy: dict[str, Arrays] = {group: {} for group in meta["strategy_groups"]}
-        for key, value in tensors.items():
-            if key.startswith(_STRATEGY):
-                group, _, name = key.removeprefix(_STRATEGY).partition("/")
-                strategy[group][name] = value
+            raise ConfigError(f"the saved run state is unreadable ({err!r})") from None
         return cls(
             run_id=str(meta["run_id"]),
             round=int(meta["round"]),

@@ -166,6 +166,7 @@ class SqliteRunStore:
         try:
             self._db = sqlite3.connect(directory / "run.db", isolation_level=None, check_same_thread=False)
             try:
+                self._db.execute("PRAGMA trusted_schema=OFF")  # no SQL functions from a crafted schema
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._init_schema()

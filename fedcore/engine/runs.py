@@ -110,7 +110,13 @@ def differences(stored: Experiment, given: Experiment) -> str:
             if value == other or (section, key) in OPERATIONAL:
                 continue
             if (section, key) == ("federation", "rounds") and other > value:
-                continue  # extends the run
+                if stored.privacy.target_epsilon is None:
+                    continue  # extends the run
+                out.append(
+                    f"[federation] rounds is {other!r}, the run has {value!r}: a run with a target epsilon "
+                    "cannot be extended (its noise was calibrated for its rounds)"
+                )
+                continue
             out.append(f"[{section}] {key} is {other!r}, the run has {value!r}")
     return "; ".join(out)
 

@@ -92,9 +92,7 @@ class Site:
         masked = instruction.message is not None
         dimension = sum(a.size for a in self._template.values())
         key = fit_key(instruction)
-        encoded = self.stages.replay(
-            key, dimension=dimension, participants=len(self.stages.secagg.participants()) if masked else None
-        )
+        encoded = self.stages.replay(key)
         if encoded is None:
             # The site's policy first: a round that would cross its budget is refused untrained.
             prepared = self.stages.prepare(
@@ -180,14 +178,16 @@ class SiteState:
 
 
 def fit_key(instruction: Instruction) -> str:
-    """What makes two fit instructions the same fit: round, model, settings, stage plan, and
-    whether it is masked (the run's id is in a private plan; a site object serves one run)."""
+    """What makes two fit instructions the same fit: round, model, settings and stage plan
+    (the run's id is in a private plan; a site object serves one run); masked, also the
+    attempt: a retried secure round is a new sum, whose noise must be fresh."""
+    masked = instruction.message is not None
     h = hashlib.sha256()
     h.update(
         repr(
             (
                 instruction.round,
-                instruction.message is not None,
+                instruction.attempt if masked else None,
                 sorted(instruction.config.items()),
                 instruction.plan,
             )

@@ -110,8 +110,9 @@ class SitePrivacy:
     def plan_distributed(
         self, noise: DistributedNoise, *, delta: float, run: str, dimension: int, participants: int | None
     ) -> RoundPlan:
-        """What adding this distributed noise costs the site (`participants`: the sites in the
-        round's secure aggregation, None without one); PrivacyBudgetError when forbidden."""
+        """What adding this distributed noise costs the site (`participants`: the fewest sites
+        whose sum the round's secure aggregation can unmask, its threshold; None without
+        one); PrivacyBudgetError when forbidden."""
         if participants is None:
             # Without masking, the server would see this site's update with its share of noise only.
             raise PrivacyBudgetError(
@@ -125,8 +126,10 @@ class SitePrivacy:
         return self._affordable(RoundPlan(Mechanism(own, 1.0, 1), run, _delta(delta), distributed=noise))
 
     def check_noise_floor(self, noise: DistributedNoise, *, dimension: int, participants: int) -> float:
-        """The site's own noise multiplier; PrivacyBudgetError when the secure sum of
-        `participants` such sites would carry less noise than the site's floor."""
+        """The site's own noise multiplier; PrivacyBudgetError when a secure sum of
+        `participants` such sites would carry less noise than the site's floor. (Against a
+        server that drops sites on purpose the floor is only as good as the threshold; the
+        ledger charges the site's own noise alone, which holds whatever the server does.)"""
         own = noise.sigma / sensitivity_l2(dimension, noise.clip_norm, noise.scale)
         if own * math.sqrt(participants) < self.policy.min_noise_multiplier:
             raise PrivacyBudgetError(
