@@ -48,7 +48,7 @@ def fit(e: Experiment, site: Site, parameters: dict[str, np.ndarray], attempt: i
 
 def test_the_same_dp_fit_is_resent_uncharged_and_another_model_is_trained_and_charged() -> None:
     e = experiment(privacy__mode="sample", privacy__secure_rng=True)  # fresh noise: a retrain would differ
-    site = make_site(e, 1)
+    site = make_site(e, 1, live=True)
     model = build_task("breast_cancer").initial_parameters(0)
     first, again = fit(e, site, model), fit(e, site, model, attempt=2)
     assert first.refusal is None and again.refusal is None
@@ -65,7 +65,7 @@ class LiveSites(Transport):
     """Three live sites; `drops` names (attempt, site, exchange) where a site vanishes."""
 
     def __init__(self, e: Experiment, drops: set[tuple[int, str, str]]) -> None:
-        self.sites = {site_name(k): make_site(e, k) for k in range(1, e.simulation.sites + 1)}
+        self.sites = {site_name(k): make_site(e, k, live=True) for k in range(1, e.simulation.sites + 1)}
         self.drops = drops
         self.absent: set[str] = set()  # sites not connected
 

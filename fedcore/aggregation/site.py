@@ -82,7 +82,10 @@ def _one(plan: tuple[StagePlan, ...], kind: type) -> object | None:
 
 
 class SiteStages:
-    def __init__(self, name: str, privacy: SitePrivacy | None = None) -> None:
+    def __init__(self, name: str, privacy: SitePrivacy | None = None, *, remembers: bool = True) -> None:
+        """`remembers`: the site lives on between instructions (a site agent) and keeps its
+        last contribution for `replay`; a simulated site, rebuilt for every instruction, does not."""
+        self.remembers = remembers
         self.secagg = SecAggClient(name)
         self.privacy = privacy or SitePrivacy()
         self.private = False  # this site has trained under DP: no exact statistics leave it
@@ -206,8 +209,10 @@ class SiteStages:
                 )
         if prepared.spend is not None:
             out.update(self.privacy.spend(prepared.spend))  # written before anything leaves the site
-        self._last = Encoded(key, update, claimed, integers, out, self.secagg.binding())
-        return self._last
+        made = Encoded(key, update, claimed, integers, out, self.secagg.binding())
+        if self.remembers:
+            self._last = made
+        return made
 
     def release(self, encoded: Encoded, *, round_number: int, routed: object | None) -> Contribution:
         """What leaves the site: the update, or under secure aggregation its masked encoding."""

@@ -96,26 +96,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old file or the new, never a mix."""
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace `path` with `data` so that a crash leaves the old file or the new, never a
+    mix. `durable`: also fsync, so that the new file survives a power cut (the views need
+    not: the store rebuilds them when it opens)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:
+    """Append to a view. Not fsync'd: the rounds are durable in run.db, and a view that lost
+    its last lines in a power cut is rebuilt from it when the store opens."""
     with path.open("a", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _lock(directory: Path) -> int:
@@ -299,7 +303,7 @@ class SqliteRunStore:
         else:
             _append_lines(self.metrics_path, [line])
             _append_lines(self.sites_path, site_lines)
-            atomic_write(self.model_path, blob)  # the very bytes stored, SHA-256 and all
+            atomic_write(self.model_path, blob, durable=False)  # the very bytes stored
         self._views_stale = False
 
     def record(self, record: RoundRecord, state: RunState) -> None:
@@ -369,11 +373,11 @@ class SqliteRunStore:
         for path, expected in ((self.metrics_path, lines), (self.sites_path, site_lines)):
             data = "".join(line + "\n" for line in expected).encode()
             if not path.exists() or path.read_bytes() != data:
-                atomic_write(path, data)
+                atomic_write(path, data, durable=False)
         if last:
             blob = self._model_blob(last)
             if not self.model_path.exists() or self.model_path.read_bytes() != blob:
-                atomic_write(self.model_path, blob)
+                atomic_write(self.model_path, blob, durable=False)
         self._views_stale = False
 
     def _unlock(self) -> None:

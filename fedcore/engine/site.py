@@ -91,7 +91,7 @@ class Site:
         settings = dataclasses.replace(train_settings(instruction.config), round=instruction.round)
         masked = instruction.message is not None
         dimension = sum(a.size for a in self._template.values())
-        key = fit_key(instruction)
+        key = fit_key(instruction) if self.stages.remembers else ""  # hashing the model costs
         encoded = self.stages.replay(key)
         if encoded is None:
             # The site's policy first: a round that would cross its budget is refused untrained.

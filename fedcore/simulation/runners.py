@@ -41,8 +41,9 @@ def site_name(k: int) -> str:
     return f"site-{k}"
 
 
-def make_site(experiment: Experiment, k: int, device: str | None = None) -> Site:
-    """Virtual site k of the experiment, built from the seed (task cached per process)."""
+def make_site(experiment: Experiment, k: int, device: str | None = None, *, live: bool = False) -> Site:
+    """Virtual site k of the experiment, built from the seed (task cached per process).
+    `live`: the site object serves many instructions, as a site agent's does (tests)."""
     key = (experiment.task.name, experiment.task.model, device)
     if key not in _TASKS:
         task = build_task(experiment.task.name, experiment.task.model)
@@ -61,7 +62,9 @@ def make_site(experiment: Experiment, k: int, device: str | None = None) -> Site
     # follows the experiment's secure_rng: the simulation is the researcher's own machine.
     privacy = SitePrivacy(SitePolicy(allow_insecure_rng=True))
     name = site_name(k)
-    return Site(name=name, task=task, data=data, template=template, stages=SiteStages(name, privacy))
+    return Site(
+        name=name, task=task, data=data, template=template, stages=SiteStages(name, privacy, remembers=live)
+    )
 
 
 def handle(
