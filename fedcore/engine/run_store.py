@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from safetensors.numpy import load, save
 
 from fedcore.engine.records import RoundRecord, site_rows
 from fedcore.engine.run_state import RunState, safetensors_metadata
+from fedcore.engine.state_files import append_lines, atomic_write, lock
 from fedcore.errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -47,10 +47,6 @@ _SCHEMA = (  # sites.position keeps each round's rows in the order the views lis
     "CREATE TABLE models (round INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, data BLOB NOT NULL)",
     "CREATE TABLE checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1), round INTEGER NOT NULL, state BLOB NOT NULL)",
 )
-
-
-class StateInUse(ConfigError):
-    """Another live process holds the state directory (two writers would interleave rounds)."""
 
 
 class StoreCorrupted(ConfigError):
@@ -88,63 +84,6 @@ def _dumps(value: Any) -> str:
     return json.dumps(_finite(value), allow_nan=False)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data` so that a crash leaves the old file or the new, never a
-    mix. `durable`: also fsync, so that the new file survives a power cut (the views need
-    not: the store rebuilds them when it opens)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if durable:
-            _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _append_lines(path: Path, lines: list[str]) -> None:
-    """Append to a view. Not fsync'd: the rounds are durable in run.db, and a view that lost
-    its last lines in a power cut is rebuilt from it when the store opens."""
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-
-
-def _lock(directory: Path) -> int:
-    """Take `run.lock` without waiting and write our pid into it; StateInUse if it is held."""
-    path = directory / "run.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        try:
-            pid = path.read_text().strip() or "unknown"
-        except OSError:
-            pid = "unknown"
-        raise StateInUse(
-            f"state directory {directory} is in use by another fedcore process (pid {pid})"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 def load_ordered(blob: bytes) -> dict[str, np.ndarray]:
     """A safetensors buffer's tensors in the order they were saved in (safetensors sorts them)."""
     arrays: dict[str, np.ndarray] = load(blob)
@@ -165,7 +104,7 @@ class SqliteRunStore:
         self.sites_path = directory / "sites.jsonl"
         self.model_path = directory / "model.safetensors"
         directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = _lock(directory)
+        self._lock_fd: int | None = lock(directory)
         self._mutex = threading.Lock()  # the connection may be used from the coordinator's threads
         try:
             self._db = sqlite3.connect(directory / "run.db", isolation_level=None, check_same_thread=False)
@@ -301,8 +240,8 @@ class SqliteRunStore:
         if stale:
             self.reconcile_views()
         else:
-            _append_lines(self.metrics_path, [line])
-            _append_lines(self.sites_path, site_lines)
+            append_lines(self.metrics_path, [line])
+            append_lines(self.sites_path, site_lines)
             atomic_write(self.model_path, blob, durable=False)  # the very bytes stored
         self._views_stale = False
 

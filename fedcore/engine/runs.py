@@ -18,7 +18,8 @@ from typing import Any
 from fedcore.config import Experiment
 from fedcore.engine.records import RoundRecord
 from fedcore.engine.run_state import RunState
-from fedcore.engine.run_store import SqliteRunStore, atomic_write
+from fedcore.engine.run_store import SqliteRunStore
+from fedcore.engine.state_files import atomic_write
 from fedcore.errors import ConfigError
 
 # Where virtual sites run, not what they compute: a resume may change these.
