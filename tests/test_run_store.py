@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedcore.engine.run_store import RunInfo, SqliteRunStore, StateInUse, StoreCorrupted
+from fedcore.engine.run_store import RunInfo, SqliteRunStore, StoreCorrupted
+from fedcore.engine.state_files import StateInUse
 from fedcore.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
