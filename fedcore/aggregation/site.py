@@ -222,8 +222,9 @@ class SiteStages:
             return Contribution(update=encoded.update, weight=encoded.weight, metrics=dict(encoded.metrics))
         if not isinstance(routed, RoutedShares) or encoded.integers is None:
             raise ProtocolError("a masked contribution needs the routed shares and an encoding")
-        # Masking works in place: the cached encoding stays intact for a replay.
-        message = self.secagg.mask(routed, round_number, encoded.integers.copy())
+        # Masking works in place: a remembered encoding is copied, to stay intact for a replay.
+        integers = encoded.integers.copy() if self.remembers else encoded.integers
+        message = self.secagg.mask(routed, round_number, integers)
         # Secure aggregation: the server gets a masked vector and the privacy accounting,
         # nothing else of the site's.
         return Contribution(

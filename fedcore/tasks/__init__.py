@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from fedcore.tasks import plugins
 from fedcore.tasks.base import (
     Dataset,
     Evaluation,
@@ -15,6 +16,7 @@ from fedcore.tasks.base import (
 )
 from fedcore.tasks.bench import Bench
 from fedcore.tasks.breast_cancer import BreastCancer
+from fedcore.tasks.definition import TaskDefinition
 from fedcore.tasks.digits import Digits
 from fedcore.tasks.flower import FlowerTask
 from fedcore.tasks.synthetic import Synthetic
@@ -56,11 +58,23 @@ def register_task(name: str, factory: TaskFactory) -> None:
 
 
 def build_task(name: str, model: str | None = None) -> Task:
-    """The task called `name` (`NAME` or `NAME:ARGUMENT`); ValueError lists what is installed."""
+    """The task called `name`: a built-in (`NAME` or `NAME:ARGUMENT`), an installed plug-in
+    (entry point group `fedcore.tasks`) or `package.module:attr`; ValueError lists the choices."""
     base, _, arg = name.partition(":")
-    if base not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; installed tasks: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[base](arg, model)
+    if base in _REGISTRY:
+        return _REGISTRY[base](arg, model)
+    factory = plugins.plugin_factory(name)
+    if factory is None:
+        raise ValueError(
+            f"unknown task {name!r}; installed tasks: {', '.join(installed_tasks())} "
+            "(or give package.module:attr)"
+        )
+    return factory(arg, model)
+
+
+def installed_tasks() -> list[str]:
+    """Built-in and plug-in task names."""
+    return sorted({*_REGISTRY, *plugins.entry_points()})
 
 
 def default_partition(task: Task) -> str:
@@ -73,9 +87,11 @@ __all__ = [
     "FitOutcome",
     "SiteData",
     "Task",
+    "TaskDefinition",
     "TaskSpec",
     "TrainSettings",
     "build_task",
     "default_partition",
+    "installed_tasks",
     "register_task",
 ]

@@ -44,7 +44,7 @@ class BundledTask(TorchClassifierTask):
         """The training split cut into n parts (virtual sites ask for theirs every round)."""
         return split_indices(self._split[0].y, n, parse_partition(partition), rng(seed, "partition", n))
 
-    def test_data(self, *, seed: int, partitions: int) -> Dataset:
+    def test_data(self, *, seed: int, partitions: int) -> Dataset | None:
         return self._split[1]
 
     def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
