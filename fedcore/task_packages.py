@@ -40,8 +40,9 @@ def _list_tasks(args: argparse.Namespace) -> int:
     from fedcore.tasks import installed_tasks, plugins
 
     table = Table(title="installed tasks")
-    for column in ("task", "from", "package", "version", "code SHA-256"):
+    for column in ("task", "from", "package", "version"):
         table.add_column(column)
+    table.add_column("code SHA-256", overflow="fold")
     for name in installed_tasks():
         s = plugins.source(name)
         table.add_row(s.name, s.origin, s.package, s.version, s.code_hash)
