@@ -93,13 +93,6 @@ def _check_task(experiment: Experiment) -> None:
         raise ConfigError(str(err)) from None
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from fedcore.simulation.report import compare_runs
-
-    compare_runs([Path(d) for d in args.compare], Path(args.out) if args.out else None)
-    return 0
-
-
 def _simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,7 +103,10 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedcore.tasks.torch_task import check_device
 
     if args.compare:
-        return _compare(args)
+        from fedcore.simulation.report import compare_runs
+
+        compare_runs([Path(d) for d in args.compare], Path(args.out) if args.out else None)
+        return 0
     done = 0
     if args.resume:
         experiment, out, done = _resumed_experiment(args)
@@ -215,6 +211,7 @@ def _client(args: argparse.Namespace) -> int:
     from fedcore import pki
     from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
     from fedcore.client.site_config import load_site_config, site_privacy
+    from fedcore.client.task_policy import parse_policy
     from fedcore.tasks import build_task
     from fedcore.tasks.torch_task import check_device
 
@@ -255,6 +252,7 @@ def _client(args: argparse.Namespace) -> int:
         tls=tls,
         site_name=str(name or ""),
         give_up_after=float(pick(args.give_up_after, "agent.give_up_after") or 600.0),  # type: ignore[arg-type]
+        approved_tasks=parse_policy(site["policy.tasks"]) if "policy.tasks" in site else None,
     )
     outcome = asyncio.run(
         SiteAgent(settings, task, site_privacy(site, args.privacy_ledger, args.max_epsilon, kit, name)).run()

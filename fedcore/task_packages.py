@@ -87,6 +87,7 @@ def new_task(directory: Path, name: str) -> list[Path]:
         ),
         f"{package}/sample.csv": _csv(features, x, y),
         "tests/test_task.py": _TEST.format(name=name, package=package),
+        "site.toml": _SITE.format(name=name),
         "README.md": _README.format(name=name, package=package),
     }
     written = []
@@ -219,6 +220,24 @@ def test_five_rounds_of_three_sites_learn() -> None:
     assert result.records[-1].accuracy >= 0.8
 '''
 
+_SITE = """\
+# A site's settings for `fedcore client --config site.toml`; flags override them.
+[server]
+address = "localhost:7443"
+
+[identity]
+kit = "kit"  # this site's folder from `fedcore pki add-site` (relative to this file)
+
+[data]
+task = "{name}"
+uri = "data.csv"  # the site's own data: the task's columns and a label column
+
+[policy]
+# The task code this site runs: NAME==VERSION, pinned to its code with @SHA256 (the hash
+# `fedcore tasks` prints). A job of any other task or code is declined.
+tasks = ["{name}==0.1.0"]
+"""
+
 _README = """\
 # {name}
 
@@ -230,6 +249,9 @@ pip install -e .                       # registers the task with fedcore (entry 
 fedcore tasks                          # lists it, with its version and code hash
 fedcore simulate --task {name}         # virtual sites on the sample
 pytest tests                           # the task's own test
-fedcore client --task {name} --data my-site.csv --server HOST:PORT --pki KIT
+fedcore client --config site.toml       # a site: its server, kit, data, and the code it approves
 ```
+
+`site.toml` approves this task's version 0.1.0 only (`[policy] tasks`); pin the exact code
+with `{name}==0.1.0@SHA256`, the hash `fedcore tasks` prints.
 """

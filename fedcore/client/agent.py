@@ -17,12 +17,13 @@ import grpc
 
 from fedcore.aggregation import SiteStages
 from fedcore.aggregation import wire as stage_wire
+from fedcore.client.task_policy import Approval, JobCode, refusal
 from fedcore.engine import Instruction, InstructionKind, Reply, Site
 from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.pki import TlsFiles
 from fedcore.privacy.site_policy import SitePrivacy
 from fedcore.proto.v1 import federation_pb2 as pb
-from fedcore.tasks import Task
+from fedcore.tasks import Task, plugins
 from fedcore.tensors import PayloadAssembler, check_header_like
 from fedcore.wire import (
     KIND_TO_WIRE,
@@ -71,6 +72,7 @@ class AgentSettings:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     give_up_after: float = 600.0  # seconds without a working connection
+    approved_tasks: list[Approval] | None = None  # site.toml [policy] tasks; None: no policy
 
 
 class _Rejected(FedcoreError):
@@ -153,6 +155,10 @@ class SiteAgent:
         if first.WhichOneof("body") != "welcome":
             raise ProtocolError("the server's first message was not a Welcome")
         self._last_contact = time.monotonic()
+        if (why := self._declines(first.welcome)) is not None:
+            await call.write(pb.SiteMessage(decline=pb.Decline(reason=why)).SerializeToString())
+            await call.done_writing()
+            raise _Rejected(f"declined the job: {why}")
         self._prepare(first.welcome)
         log.info("connected to %s as %s", self.settings.server, first.welcome.site_name)
         outbound: asyncio.Queue[bytes] = asyncio.Queue(64)
@@ -174,6 +180,14 @@ class SiteAgent:
             await asyncio.gather(*tasks, return_exceptions=True)
             call.cancel()
         return True
+
+    def _declines(self, welcome: pb.Welcome) -> str | None:
+        """Why this site will not run the job (its policy on task code), or None."""
+        if welcome.task != self.settings.task_name:
+            return None  # refused below, without a word to the server
+        identity = welcome.task_identity
+        job = JobCode(identity.package, identity.version, identity.code_hash)
+        return refusal(self.settings.approved_tasks, plugins.source(self.settings.task_name), job)
 
     def _prepare(self, welcome: pb.Welcome) -> None:
         """Load the site's data the way the run says (once per distinct run setup)."""

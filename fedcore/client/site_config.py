@@ -5,6 +5,7 @@
 [data]      task, uri
 [agent]     device, give_up_after
 [privacy]   ledger, max_epsilon, delta, min_noise_multiplier, require_dp
+[policy]    tasks (the task code this site approves: "NAME==VERSION[@SHA256]")
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "min_noise_multiplier": (int, float),
         "require_dp": bool,
     },
+    "policy": {"tasks": list},
 }
 
 
@@ -51,8 +53,8 @@ def load_site_config(path: str | Path) -> dict[str, Any]:
             if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
                 raise ConfigError(f"{path}: [{section}] {key} has the wrong type ({value!r})")
             flat[f"{section}.{key}"] = value
-    for key in ("identity.kit", "privacy.ledger"):  # relative to the file: a site folder moves whole
-        if key in flat:
+    for key in ("identity.kit", "privacy.ledger", "data.uri"):  # relative to the file: a site folder moves whole
+        if key in flat and not str(flat[key]).startswith("builtin:"):
             flat[key] = str((path.parent / flat[key]).resolve())
     return flat
 

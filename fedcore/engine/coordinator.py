@@ -265,6 +265,7 @@ class Coordinator:
             delta=privacy.get("delta"),
             site_epsilon=privacy.pop("site_epsilon", {}),
             privacy=privacy,
+            declined=self.transport.declined(),
         )
 
     def _exchange(self, info: RoundInfo, traffic: _Traffic) -> Exchange:

@@ -24,6 +24,11 @@ class Transport(abc.ABC):
         """Send `instruction` to `site` and await its reply. Raises SiteUnavailable when the
         site is gone; the caller bounds the wait with the round's deadline (cancellation)."""
 
+    def declined(self) -> dict[str, str]:
+        """Sites that declined the job since the last call, with their reasons (a site's
+        policy may refuse the task's code)."""
+        return {}
+
     def sampled(self, round_number: int, attempt: int, sites: Sequence[str]) -> None:  # noqa: B027
         """The sites sampled for an attempt at a round (a simulation plays its sites'
         behaviour from it). Nothing to do for a real federation."""

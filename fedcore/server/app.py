@@ -22,7 +22,7 @@ from fedcore.engine import Coordinator, RoundRecord, RunResult
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.transport import GrpcTransport
-from fedcore.tasks import Task, TaskSpec, build_task, default_partition
+from fedcore.tasks import Task, TaskSpec, build_task, default_partition, plugins
 from fedcore.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,16 @@ MAX_STREAMS = 10_000
 
 
 def task_spec(experiment: Experiment, task: Task) -> TaskSpec:
+    code = plugins.source(experiment.task.name)
     return TaskSpec(
         name=experiment.task.name,
         model=task.model,
         partition=experiment.data.partition or default_partition(task),
         seed=experiment.seed,
         partitions=experiment.simulation.sites,
+        package=code.package,
+        version=code.version,
+        code_hash=code.code_hash,
     )
 
 

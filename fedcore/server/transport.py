@@ -42,6 +42,7 @@ from fedcore.wire import (
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+MAX_REASON = 500  # characters of a site's stated reason kept in the record
 
 
 @dataclass
@@ -99,6 +100,7 @@ class GrpcTransport(Transport):
         self._ids = itertools.count(1)
         self._finished: pb.RunEnd | None = None
         self._encoded: tuple[object, pb.Payload, list[bytes]] | None = None
+        self._declines: dict[str, str] = {}  # since the coordinator last asked
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The Federation service, taking and giving serialized messages."""
@@ -115,6 +117,10 @@ class GrpcTransport(Transport):
 
     def available(self) -> list[str]:
         return list(self._sessions)
+
+    def declined(self) -> dict[str, str]:
+        declines, self._declines = self._declines, {}
+        return declines
 
     def _payload(self, instruction: Instruction) -> tuple[pb.Payload, list[bytes]]:
         # Every site gets the same global model in a round: encode it once.
@@ -214,6 +220,9 @@ class GrpcTransport(Transport):
             )
         welcome = pb.Welcome(run_id=self.run_id, site_name=name, task=self.spec.name)
         config_to_wire(welcome.task_config, self.spec.as_config())
+        welcome.task_identity.package = self.spec.package
+        welcome.task_identity.version = self.spec.version
+        welcome.task_identity.code_hash = self.spec.code_hash
         await context.write(pb.ServerMessage(welcome=welcome).SerializeToString())
 
         session = _Session(name)
@@ -285,6 +294,11 @@ class GrpcTransport(Transport):
             body = message.WhichOneof("body")
             if body == "heartbeat":
                 continue
+            if body == "decline":  # the site's policy refuses this job: recorded, and it leaves
+                reason = message.decline.reason[:MAX_REASON] or "no reason given"
+                log.warning("site %s declined the job: %s", session.name, reason)
+                self._declines[session.name] = reason
+                return
             if body == "result":
                 if assembling is not None:
                     raise ProtocolError("a new Result began before the previous payload was complete")

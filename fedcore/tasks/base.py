@@ -81,6 +81,9 @@ class TaskSpec:
     partition: str
     seed: int
     partitions: int  # how many parts `builtin:K/N` data is cut into when N is not given
+    package: str = ""  # the code the job was built with (fedcore.tasks.plugins.TaskSource)
+    version: str = ""
+    code_hash: str = ""
 
     def as_config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("model", "partition", "seed", "partitions")}

@@ -310,6 +310,12 @@ class Heartbeat(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Decline(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
 class Result(_message.Message):
     __slots__ = ("request_id", "round", "kind", "num_examples", "metrics", "refusal", "payload", "secagg", "refusal_code")
     class MetricsEntry(_message.Message):
@@ -340,19 +346,21 @@ class Result(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., refusal: _Optional[str] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ..., secagg: _Optional[_Union[SecAgg, _Mapping]] = ..., refusal_code: _Optional[_Union[RefusalCode, str]] = ...) -> None: ...
 
 class SiteMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "result", "chunk")
+    __slots__ = ("hello", "heartbeat", "result", "chunk", "decline")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     result: Result
     chunk: Chunk
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    decline: Decline
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., decline: _Optional[_Union[Decline, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("run_id", "site_name", "task", "task_config")
+    __slots__ = ("run_id", "site_name", "task", "task_config", "task_identity")
     class TaskConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -364,11 +372,23 @@ class Welcome(_message.Message):
     SITE_NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     TASK_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TASK_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     site_name: str
     task: str
     task_config: _containers.MessageMap[str, Scalar]
-    def __init__(self, run_id: _Optional[str] = ..., site_name: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, Scalar]] = ...) -> None: ...
+    task_identity: TaskIdentity
+    def __init__(self, run_id: _Optional[str] = ..., site_name: _Optional[str] = ..., task: _Optional[str] = ..., task_config: _Optional[_Mapping[str, Scalar]] = ..., task_identity: _Optional[_Union[TaskIdentity, _Mapping]] = ...) -> None: ...
+
+class TaskIdentity(_message.Message):
+    __slots__ = ("package", "version", "code_hash")
+    PACKAGE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CODE_HASH_FIELD_NUMBER: _ClassVar[int]
+    package: str
+    version: str
+    code_hash: str
+    def __init__(self, package: _Optional[str] = ..., version: _Optional[str] = ..., code_hash: _Optional[str] = ...) -> None: ...
 
 class Instruction(_message.Message):
     __slots__ = ("request_id", "round", "kind", "config", "payload", "secagg", "plan", "attempt", "exchange")

@@ -1,0 +1,133 @@
+"""A scaffolded task package, installed as a site would install it (`pip install -e`),
+runs from any directory in `fedcore simulate` and in a real federation over mutual TLS
+with sample-level DP and secure aggregation; a site whose policy does not approve the
+task's code declines the job, and the server records why."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_cli_federation import fedcore, free_port, wait
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NAME = "scaffold-check"
+FEDCORE = [sys.executable, "-m", "fedcore"]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    directory = tmp_path_factory.mktemp("task") / "pkg"
+    subprocess.run([*FEDCORE, "new-task", str(directory), "--name", NAME], check=True, capture_output=True)
+    install = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-e",
+        str(directory),
+    ]
+    subprocess.run(install, check=True, capture_output=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", NAME], capture_output=True)
+
+
+def test_the_scaffold_runs_from_any_directory(package: Path, tmp_path: Path) -> None:
+    listed = subprocess.run([*FEDCORE, "tasks"], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert NAME in listed.stdout and "entry point" in listed.stdout
+    done = subprocess.run(
+        [*FEDCORE, "simulate", "--task", NAME, "--rounds", "10", "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["accuracy"] >= 0.9
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
+        capture_output=True,
+        text=True,
+        cwd=package,
+    )
+    assert tests.returncode == 0, tests.stdout[-2000:]
+
+
+def split_sample(package: Path, directory: Path, parts: int) -> list[Path]:
+    """The package's sample cut into one CSV per site, as sites would hold their own files."""
+    with (package / NAME.replace("-", "_") / "sample.csv").open() as f:
+        header, *rows = list(csv.reader(f))
+    paths = []
+    for k in range(parts):
+        path = directory / f"site-{k + 1}.csv"
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows([header, *rows[k::parts]])
+        paths.append(path)
+    return paths
+
+
+def test_a_federation_runs_the_task_with_dp_and_secagg_and_records_a_declining_site(
+    package: Path, tmp_path: Path
+) -> None:
+    pki = tmp_path / "pki"
+    sites = ("site-1", "site-2", "site-3")
+    for command in (
+        ["pki", "init", pki, "--host", "localhost"],
+        *(["pki", "add-site", pki, s] for s in sites),
+    ):
+        subprocess.run([*FEDCORE, *map(str, command)], check=True, capture_output=True)
+    data = split_sample(package, tmp_path, 2)
+    port, state = free_port(), tmp_path / "state"
+    logs = {name: tmp_path / f"{name}.log" for name in ("server", *sites)}
+    server = fedcore(
+        "server", "--listen", f"127.0.0.1:{port}", "--pki", pki, "--task", NAME, "--rounds", 3,
+        "--min-sites", 2, "--state", state, "--secure-aggregation", "--privacy", "sample",
+        "--noise-multiplier", "1.0", log=logs["server"],
+    )  # fmt: skip
+    # site-3 approves only another version of the task: it must decline, and say why.
+    strict = tmp_path / "strict.toml"
+    strict.write_text(f'[policy]\ntasks = ["{NAME}==9.9.9"]\n')
+    declining = fedcore(
+        "client", "--config", strict, "--server", f"localhost:{port}", "--pki", pki / "sites" / "site-3",
+        "--task", NAME, "--data", data[0], log=logs["site-3"],
+    )  # fmt: skip
+    assert wait(declining, logs["site-3"], 120) == 3, logs["site-3"].read_text()[-2000:]
+    assert "declined the job" in logs["site-3"].read_text()
+    deadline = time.monotonic() + 60
+    while "site-3 declined the job" not in logs["server"].read_text():
+        assert time.monotonic() < deadline, logs["server"].read_text()[-2000:]
+        time.sleep(0.1)
+    clients = [
+        fedcore(
+            "client",
+            "--server",
+            f"localhost:{port}",
+            "--pki",
+            pki / "sites" / site,
+            "--task",
+            NAME,
+            "--data",
+            data[k],
+            log=logs[site],
+        )
+        for k, site in enumerate(sites[:2])
+    ]
+    assert wait(server, logs["server"]) == 0, logs["server"].read_text()[-3000:]
+    assert all(wait(c, logs[s]) == 0 for c, s in zip(clients, sites, strict=False))
+    records = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert "does not approve task" in records[0]["declined"]["site-3"]
+    assert all(r["sites"] == 2 and r["epsilon"] is not None and r["secure_aggregation"] for r in records)

@@ -1,0 +1,120 @@
+"""Tasks from outside fedcore: a TaskDefinition found as `module:attr` or through an
+installed package's entry point, listed with its version and code hash; the scaffold."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedcore import load_experiment, run_simulation
+from fedcore.tasks import TaskDefinition, build_task, plugins
+from fedcore.tasks.base import Dataset, TrainSettings
+
+MODULE = "fedcore_test_task_module"
+
+
+@pytest.fixture
+def module_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A task module on sys.path, as a developer's working copy would be."""
+    (tmp_path / f"{MODULE}.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            from torch import nn
+            from fedcore.tasks import TaskDefinition
+
+            def sample():
+                rng = np.random.default_rng(0)
+                x = rng.standard_normal((400, 4)).astype(np.float32)
+                return x, (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+
+            task = TaskDefinition(
+                name="two-features",
+                model=lambda: nn.Sequential(nn.Linear(4, 2)),
+                load=lambda path: sample(),
+                sample=sample,
+                defaults={"local_epochs": 2, "lr": 0.1},
+            )
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, MODULE, raising=False)  # each test imports its own copy
+    return f"{MODULE}:task"
+
+
+def test_a_module_task_trains_in_a_simulation_with_dp_and_secure_aggregation(module_task: str) -> None:
+    task = build_task(module_task)
+    assert task.name == "two-features" and task.supports_dp_sgd
+    base = load_experiment().override(
+        task__name=module_task, federation__rounds=5, simulation__sites=3, simulation__workers=1
+    )
+    plain, _ = run_simulation(base, None)
+    assert plain.records[-1].accuracy >= 0.9
+    private = base.override(
+        privacy__mode="sample", privacy__noise_multiplier=0.5, secure_aggregation__enabled=True
+    )
+    result, _ = run_simulation(private, None)
+    assert result.records[-1].epsilon is not None and result.records[-1].sites == 3
+    source = plugins.source(module_task)
+    assert (source.origin, source.package) == ("module", MODULE) and len(source.code_hash) == 64
+
+
+def test_the_code_hash_changes_with_the_code(module_task: str, tmp_path: Path) -> None:
+    import importlib
+
+    before = plugins.source(module_task).code_hash
+    path = tmp_path / f"{MODULE}.py"
+    path.write_text(path.read_text() + "\n# a change\n")
+    importlib.invalidate_caches()
+    assert plugins.code_hash(importlib.import_module(MODULE)) != before
+
+
+def test_a_task_with_its_own_training_cannot_run_dp_sgd() -> None:
+    def fit(model: torch.nn.Module, data: Dataset, settings: TrainSettings) -> dict[str, float]:
+        return {"custom": 1.0}
+
+    definition = TaskDefinition(
+        name="own-training",
+        model=lambda: torch.nn.Linear(2, 2),
+        load=lambda p: (np.zeros((4, 2)), np.zeros(4, np.int64)),
+        fit=fit,
+    )
+    assert not definition.build().supports_dp_sgd
+    with pytest.raises(ValueError, match="unknown defaults"):
+        TaskDefinition(
+            name="x", model=lambda: torch.nn.Linear(1, 1), load=lambda p: (None, None), defaults={"lr2": 1}
+        )
+
+
+def test_unknown_and_broken_task_names_say_what_is_installed() -> None:
+    with pytest.raises(ValueError, match=r"installed tasks: .*breast_cancer"):
+        build_task("no_such_task")
+    with pytest.raises(ValueError, match="cannot load"):
+        build_task("no_such_module_xyz:task")
+
+
+def test_a_site_policy_approves_exact_task_code() -> None:
+    from fedcore.client.task_policy import JobCode, parse_policy, refusal
+    from fedcore.errors import ConfigError
+    from fedcore.tasks.plugins import TaskSource
+
+    local = TaskSource("heart", "entry point", "heart", "1.2.0", "ab" * 32)
+    same_job = JobCode("heart", "1.2.0", "ab" * 32)
+    assert refusal(None, local, same_job) is None
+    assert refusal(parse_policy(["heart==1.2.0"]), local, same_job) is None
+    assert refusal(parse_policy(["heart==1.2.0@" + "ab" * 6]), local, same_job) is None
+    assert "does not approve" in str(refusal(parse_policy(["heart==1.2.0@" + "cd" * 6]), local, same_job))
+    assert "does not approve" in str(refusal(parse_policy(["heart==1.1.0", "other==1.2.0"]), local, same_job))
+    assert "does not approve" in str(refusal(parse_policy([]), local, same_job))
+    other_code = JobCode("heart", "1.2.0", "ef" * 32)  # the server built the job with other code
+    assert "the job was built with" in str(refusal(parse_policy(["heart==1.2.0"]), local, other_code))
+    assert refusal(None, local, other_code) is None  # no policy: a warning only
+    for bad in ("heart", "heart==", "heart==1.0@xyz", 3):
+        with pytest.raises(ConfigError, match="NAME==VERSION"):
+            parse_policy([bad])
