@@ -53,7 +53,11 @@ def load_site_config(path: str | Path) -> dict[str, Any]:
             if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
                 raise ConfigError(f"{path}: [{section}] {key} has the wrong type ({value!r})")
             flat[f"{section}.{key}"] = value
-    for key in ("identity.kit", "privacy.ledger", "data.uri"):  # relative to the file: a site folder moves whole
+    for key in (
+        "identity.kit",
+        "privacy.ledger",
+        "data.uri",
+    ):  # relative to the file: a site folder moves whole
         if key in flat and not str(flat[key]).startswith("builtin:"):
             flat[key] = str((path.parent / flat[key]).resolve())
     return flat

@@ -95,7 +95,7 @@ def load_ordered(blob: bytes) -> dict[str, np.ndarray]:
 class SqliteRunStore:
     """A run's rounds, site rows, models and resume checkpoint in `DIRECTORY/run.db`."""
 
-    def __init__(self, directory: Path, *, keep_models: int | None = None) -> None:
+    def __init__(self, directory: Path, *, keep_models: int | None = None, read_only: bool = False) -> None:
         if keep_models is not None and keep_models < 1:
             raise ConfigError(f"keep_models must be at least 1 (or unset to keep all), not {keep_models}")
         self.directory = directory
@@ -103,9 +103,22 @@ class SqliteRunStore:
         self.metrics_path = directory / "metrics.jsonl"
         self.sites_path = directory / "sites.jsonl"
         self.model_path = directory / "model.safetensors"
-        directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = lock(directory)
         self._mutex = threading.Lock()  # the connection may be used from the coordinator's threads
+        if read_only:  # a reader (fedcore models): no lock, no writes; a live run may hold the directory
+            if not (directory / "run.db").is_file():
+                raise ConfigError(
+                    f"{directory} holds no run (no run.db): give a simulate --out or server --state directory"
+                )
+            self._lock_fd = None
+            self._db = sqlite3.connect(
+                f"file:{directory / 'run.db'}?mode=ro", uri=True, check_same_thread=False
+            )
+            self._db.execute("PRAGMA trusted_schema=OFF")
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                raise ConfigError(f"{directory}/run.db is not a fedcore run store this version reads")
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock(directory)
         try:
             self._db = sqlite3.connect(directory / "run.db", isolation_level=None, check_same_thread=False)
             try:
@@ -327,8 +340,6 @@ class SqliteRunStore:
 
     def close(self) -> None:
         """Release the database, then the directory (another process may take it at once)."""
-        if self._lock_fd is None:
-            return
         with self._mutex:
             self._db.close()
         self._unlock()

@@ -21,6 +21,7 @@ from fedcore.engine.run_state import RunState
 from fedcore.engine.run_store import SqliteRunStore
 from fedcore.engine.state_files import atomic_write
 from fedcore.errors import ConfigError
+from fedcore.tasks import plugins
 
 # Where virtual sites run, not what they compute: a resume may change these.
 OPERATIONAL = frozenset({("simulation", "workers"), ("simulation", "backend"), ("simulation", "ray_address")})
@@ -123,7 +124,16 @@ def differences(stored: Experiment, given: Experiment) -> str:
 
 
 def _document(run_id: str, experiment: Experiment, command: dict[str, Any]) -> dict[str, Any]:
-    return {"run_id": run_id, "experiment": experiment.to_dict(), "command": command}
+    """What run.db records of the run: the experiment, how it was given, and the task's code
+    (package, version, SHA-256: the models' lineage)."""
+    code = plugins.source(experiment.task.name)
+    task = {
+        "name": experiment.task.name,
+        "package": code.package,
+        "version": code.version,
+        "code_hash": code.code_hash,
+    }
+    return {"run_id": run_id, "experiment": experiment.to_dict(), "command": command, "task": task}
 
 
 def _stored_experiment(document: dict[str, Any], directory: Path) -> Experiment:

@@ -97,6 +97,8 @@ class Task(abc.ABC):
     models: ClassVar[tuple[str, ...]]
     defaults: ClassVar[dict[str, Any]]
     supports_dp_sgd: ClassVar[bool] = False  # fit() honours TrainSettings.dp
+    # What the model takes, for people and exported models (e.g. "N x 1 x 8 x 8, pixels / 16").
+    input_description: ClassVar[str] = "N x features, float32, as the task's loader prepares them"
 
     def __init__(self, model: str | None = None) -> None:
         model = model or self.models[0]

@@ -20,6 +20,7 @@ FEATURES = 30
 class BreastCancer(BundledTask):
     name = "breast_cancer"
     models = ("logreg", "mlp")
+    input_description = "N x 30 float32: the 30 features, standardised with the bundled data's mean and std"
     defaults: ClassVar[dict[str, Any]] = {
         "local_epochs": 5,
         "batch_size": 16,

@@ -15,6 +15,7 @@ from fedcore.tasks.bundled import BundledTask
 class Digits(BundledTask):
     name = "digits"
     models = ("cnn",)
+    input_description = "N x 1 x 8 x 8 float32: the 8x8 digit image, pixels / 16 (0..1)"
     defaults: ClassVar[dict[str, Any]] = {"local_epochs": 3, "batch_size": 16, "lr": 0.1, "weight_decay": 0.0}
 
     def load_bundled(self) -> Dataset:

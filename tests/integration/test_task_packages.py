@@ -20,6 +20,21 @@ from tests.integration.test_cli_federation import fedcore, free_port, wait
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NAME = "scaffold-check"
+# Run in a fresh interpreter (the installed entry point is visible there).
+ONNX_CHECK = f"""
+import sys, numpy as np, onnxruntime, torch
+from pathlib import Path
+from fedcore.engine.run_store import SqliteRunStore
+from fedcore.tasks import build_task
+with SqliteRunStore(Path(sys.argv[1]), read_only=True) as store:
+    arrays = store.model(store.last_round())
+task = build_task("{NAME}")
+x = task.test_data(seed=0, partitions=5).x
+net = task._model_from(arrays).eval()
+want = net(torch.as_tensor(x)).detach().numpy()
+got = onnxruntime.InferenceSession(sys.argv[2]).run(None, {{"input": x}})[0]
+np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+"""
 FEDCORE = [sys.executable, "-m", "fedcore"]
 
 
@@ -57,6 +72,21 @@ def test_the_scaffold_runs_from_any_directory(package: Path, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-2000:]
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["accuracy"] >= 0.9
+    # Its model exports to ONNX, and onnxruntime predicts what PyTorch does.
+    onnx_path = tmp_path / "model.onnx"
+    exported = subprocess.run(
+        [*FEDCORE, "models", "export", str(tmp_path / "run"), "--format", "onnx", "-o", str(onnx_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    check = subprocess.run(
+        [sys.executable, "-c", ONNX_CHECK, str(tmp_path / "run"), str(onnx_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stderr[-2000:]
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
         capture_output=True,
