@@ -28,28 +28,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG, f"fedcore: error: {message} (see '{self.prog} --help')\n")
 
 
+# Command-line flags -> experiment settings (TABLE__KEY); a flag not given is None.
+_FLAGS = {
+    "task": "task__name", "model": "task__model", "rounds": "federation__rounds",
+    "min_sites": "federation__min_sites", "sites_per_round": "federation__sites_per_round",
+    "sites": "simulation__sites", "workers": "simulation__workers", "backend": "simulation__backend",
+    "ray_address": "simulation__ray_address", "seed": "data__seed", "partition": "data__partition",
+    "strategy": "strategy__name", "aggregation": "aggregation__rule", "privacy": "privacy__mode",
+    "noise_multiplier": "privacy__noise_multiplier", "target_epsilon": "privacy__target_epsilon",
+}  # fmt: skip
+
+
 def _experiment(args: argparse.Namespace) -> Experiment:
     """The experiment file (or defaults) with the command line's flags on top."""
-    experiment = load_experiment(args.config)
-    return experiment.override(
-        task__name=args.task,
-        task__model=getattr(args, "model", None),
-        federation__rounds=args.rounds,
-        federation__min_sites=getattr(args, "min_sites", None),
-        federation__sites_per_round=getattr(args, "sites_per_round", None),
-        simulation__sites=getattr(args, "sites", None),
-        simulation__workers=getattr(args, "workers", None),
-        simulation__backend=getattr(args, "backend", None),
-        simulation__ray_address=getattr(args, "ray_address", None),
-        data__seed=args.seed,
-        data__partition=getattr(args, "partition", None),
-        strategy__name=getattr(args, "strategy", None),
-        aggregation__rule=getattr(args, "aggregation", None),
-        secure_aggregation__enabled=True if getattr(args, "secure_aggregation", False) else None,
-        privacy__mode=getattr(args, "privacy", None),
-        privacy__noise_multiplier=getattr(args, "noise_multiplier", None),
-        privacy__target_epsilon=getattr(args, "target_epsilon", None),
-    )
+    flags = {key: getattr(args, flag, None) for flag, key in _FLAGS.items()}
+    secure = True if getattr(args, "secure_aggregation", False) else None
+    return load_experiment(args.config).override(**flags, secure_aggregation__enabled=secure)
 
 
 def _command(args: argparse.Namespace, config: str | None) -> dict[str, object]:
@@ -101,6 +95,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedcore.simulation.report import print_results
     from fedcore.simulation.run import check_simulation, run_simulation
     from fedcore.tasks.torch_task import check_device
+    from fedcore.tracking import build_tracker
 
     if args.compare:
         from fedcore.simulation.report import compare_runs
@@ -146,6 +141,7 @@ def _simulate(args: argparse.Namespace) -> int:
             on_round=on_round,
             resume=bool(args.resume),
             command=_command(args, args.config),
+            trackers=[build_tracker(spec) for spec in args.track or ()],
         )
     print_results(result.records, summary, out)
     return 0
@@ -162,6 +158,7 @@ def _logging(verbose: bool) -> None:
 def _server(args: argparse.Namespace) -> int:
     from fedcore.engine import RoundRecord
     from fedcore.server.app import run_server
+    from fedcore.tracking import build_tracker
 
     experiment = _experiment(args)
     _check_task(experiment)
@@ -200,6 +197,7 @@ def _server(args: argparse.Namespace) -> int:
         on_round=on_round,
         resume=args.resume,
         command=_command(args, args.config),
+        trackers=[build_tracker(spec) for spec in args.track or ()],
     )
     if result is None:
         return 0  # stopped by a signal: a clean, requested shutdown
@@ -308,6 +306,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier")
         p.add_argument(
             "--target-epsilon", type=float, help="DP: choose the noise so the run stays within this"
+        )
+        p.add_argument(
+            "--track", action="append", metavar="mlflow:URI|tensorboard:DIR", help="log the run there"
         )
 
     sim = sub.add_parser("simulate", help="run a federation of virtual sites on this machine")

@@ -10,7 +10,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,12 @@ import grpc
 from fedcore import pki
 from fedcore.config import Experiment
 from fedcore.engine import Coordinator, RoundRecord, RunResult
+from fedcore.engine.records import FanOutStore
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.transport import GrpcTransport
 from fedcore.tasks import Task, TaskSpec, build_task, default_partition, plugins
+from fedcore.tracking import Tracker
 from fedcore.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ async def serve(
     ordered_replies: bool = True,
     resume: bool = False,
     command: dict[str, Any] | None = None,
+    trackers: Sequence[Tracker] = (),
 ) -> RunResult:
     """Run the federation until every round is done (or the task is cancelled). With
     `resume`, continue the run stored in `state` (ConfigError if the experiment differs);
@@ -83,9 +86,16 @@ async def serve(
             return RunResult(parameters, opened.history, opened.state.stopped if opened.state else None)
         if opened.state is not None:
             log.info("resuming run %s after round %d", opened.run_id, opened.state.round)
-        result = await _serve(
-            experiment, task, opened, listen, pki_dir, on_round, on_listening, ordered_replies
-        )
+        for tracker in trackers:
+            tracker.start(experiment, opened.run_id, opened.history)
+        result: RunResult | None = None
+        try:
+            result = await _serve(
+                experiment, task, opened, listen, pki_dir, on_round, on_listening, ordered_replies, trackers
+            )
+        finally:
+            for tracker in trackers:
+                tracker.finish(result.parameters if result else None, completed=result is not None)
         opened.store.finish()
         return result
     finally:
@@ -101,6 +111,7 @@ async def _serve(
     on_round: Callable[[RoundRecord], None] | None,
     on_listening: Callable[[int], None] | None,
     ordered_replies: bool,
+    trackers: Sequence[Tracker],
 ) -> RunResult:
     model_bytes = sum(a.nbytes for a in task.initial_parameters(0).values())
     transport = GrpcTransport(
@@ -132,7 +143,7 @@ async def _serve(
         experiment=experiment,
         task=task,
         transport=transport,
-        store=opened.store,
+        store=FanOutStore([opened.store, *trackers]),
         test_data=task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites),
         on_round=on_round,
         ordered_replies=ordered_replies,

@@ -23,6 +23,7 @@ from fedcore.simulation.report import plot_report, write_summary
 from fedcore.simulation.runners import make_runner, make_site, set_threads
 from fedcore.strategies import build_strategy
 from fedcore.tasks import Task, build_task, default_partition
+from fedcore.tracking import Tracker
 
 
 def check_simulation(experiment: Experiment) -> Task:
@@ -50,6 +51,7 @@ def run_simulation(
     observers: Sequence[RoundStore] = (),
     resume: bool = False,
     command: dict[str, Any] | None = None,
+    trackers: Sequence[Tracker] = (),
 ) -> tuple[RunResult, dict[str, Any]]:
     """Run the experiment. With `out`, the run is durable there (run.db, with the views
     metrics.jsonl, sites.jsonl and model.safetensors; summary.json and report.png at the
@@ -67,7 +69,7 @@ def run_simulation(
         if opened is not None and opened.complete:
             summary, result = _finished(experiment, task, opened, started)
         else:
-            result, summary = _run(experiment, task, opened, device, on_round, observers, started)
+            result, summary = _run(experiment, task, opened, device, on_round, observers, trackers, started)
         if opened is not None:
             opened.store.finish()
     finally:
@@ -104,13 +106,14 @@ def _run(
     device: str | None,
     on_round: Callable[[RoundRecord], None] | None,
     observers: Sequence[RoundStore],
+    trackers: Sequence[Tracker],
     started: float,
 ) -> tuple[RunResult, dict[str, Any]]:
     strategy = build_strategy(experiment.strategy)
     transport = InProcessTransport(
         experiment, make_runner(experiment, device), accepts_partial_work=strategy.accepts_partial_work
     )
-    store = FanOutStore([opened.store if opened is not None else MemoryStore(), *observers])
+    store = FanOutStore([opened.store if opened is not None else MemoryStore(), *observers, *trackers])
     coordinator = Coordinator(
         experiment=experiment,
         task=task,
@@ -123,8 +126,16 @@ def _run(
         resume=opened.state if opened is not None else None,
         history=opened.history if opened is not None else (),
     )
-    with PeakMemory() as peak:
-        result = asyncio.run(coordinator.run())
+    for tracker in trackers:
+        tracker.start(experiment, coordinator.run_id, coordinator.records)
+    completed = False
+    try:
+        with PeakMemory() as peak:
+            result = asyncio.run(coordinator.run())
+        completed = True
+    finally:
+        for tracker in trackers:
+            tracker.finish(coordinator.parameters if completed else None, completed=completed)
     return result, _summary(experiment, task, result, started, peak) | coordinator.pipeline.summary()
 
 

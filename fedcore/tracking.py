@@ -1,0 +1,167 @@
+"""Experiment tracking: `--track mlflow:URI` and `--track tensorboard:DIR` on `simulate` and
+`server`. A tracker is an observer of the one place that records rounds (the run's round
+store fan-out): it logs the experiment's settings at the start, every round's metrics
+(step = round) as the round is stored, and the final model at the end. A resumed run
+continues its MLflow run (found by the `fedcore.run_id` tag) and logs there the rounds that
+were stored but not logged before the crash. A TensorBoard run directory gets a new event
+file on resume, from the resumed round on.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcore.config import Experiment
+from fedcore.engine import RoundRecord, RunState
+from fedcore.errors import ConfigError
+from fedcore.tensors import Arrays
+
+RUN_TAG = "fedcore.run_id"
+
+
+class Tracker(abc.ABC):
+    @abc.abstractmethod
+    def start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord] = ()) -> None:
+        """A run starts, or resumes after the rounds of `history` (already stored)."""
+
+    @abc.abstractmethod
+    def record(self, record: RoundRecord, state: RunState) -> None:
+        """A round was stored (the RoundStore interface)."""
+
+    @abc.abstractmethod
+    def finish(self, parameters: Arrays | None, *, completed: bool) -> None:
+        """The run ended (or stopped): log the final model."""
+
+
+def build_tracker(spec: str) -> Tracker:
+    """`mlflow:URI` (a tracking server, `sqlite:///mlflow.db`, or a local folder) or `tensorboard:DIR`."""
+    kind, _, where = spec.partition(":")
+    if kind == "mlflow" and where:
+        return MlflowTracker(where)
+    if kind == "tensorboard" and where:
+        return TensorBoardTracker(Path(where))
+    raise ConfigError(f"--track {spec!r}: give mlflow:URI or tensorboard:DIR")
+
+
+def parameters_of(experiment: Experiment) -> dict[str, str]:
+    """Every setting as `table.key`: value."""
+    return {
+        f"{table}.{key}": str(value)
+        for table, values in experiment.to_dict().items()
+        for key, value in values.items()
+    }
+
+
+def metrics_of(record: RoundRecord) -> dict[str, float]:
+    """A round's numbers (finite ones): accuracy, loss, epsilon, sites, time, traffic, fit metrics."""
+    values: dict[str, Any] = {
+        "accuracy": record.accuracy,
+        "loss": record.loss,
+        "train_loss": record.train_loss,
+        "epsilon": record.epsilon,
+        "sites": record.sites,
+        "examples": record.examples,
+        "seconds": record.seconds,
+        "bytes_sent": record.bytes_sent,
+        "bytes_received": record.bytes_received,
+        **{f"fit.{k}": v for k, v in record.fit_metrics.items()},
+    }
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+def _save_model(parameters: Arrays, path: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in parameters.items()}, str(path))
+    return path
+
+
+class MlflowTracker(Tracker):
+    def __init__(self, uri: str) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ConfigError("--track mlflow needs MLflow: pip install 'fedcore[tracking]'") from None
+        if "://" not in uri or uri.startswith("file:"):
+            # A local folder: MLflow's file store, which it keeps in maintenance mode behind a flag.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = uri if uri.startswith("file:") else Path(uri).resolve().as_uri()
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run: str | None = None
+
+    def start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord] = ()) -> None:
+        found = self.client.get_experiment_by_name("fedcore")
+        experiment_id = found.experiment_id if found else self.client.create_experiment("fedcore")
+        existing = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'")
+        if existing:  # a resumed run goes on logging into its MLflow run, from the last round it has
+            self.run = existing[0].info.run_id
+            logged = {m.step for m in self.client.get_metric_history(self.run, "sites")}
+            for record in history:
+                if record.round not in logged:  # stored, but the process died before it was logged
+                    self.record(record, None)
+            return
+        self.run = self.client.create_run(experiment_id, run_name=run_id, tags={RUN_TAG: run_id}).info.run_id
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run, params=[Param(k, v) for k, v in parameters_of(experiment).items()])
+
+    def record(self, record: RoundRecord, state: RunState | None) -> None:
+        from mlflow.entities import Metric
+
+        assert self.run is not None, "start() first"
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, record.round) for k, v in metrics_of(record).items()]
+        self.client.log_batch(self.run, metrics=metrics)
+
+    def finish(self, parameters: Arrays | None, *, completed: bool) -> None:
+        if self.run is None:
+            return
+        if parameters is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.client.log_artifact(
+                    self.run, str(_save_model(parameters, Path(tmp) / "model.safetensors"))
+                )
+        self.client.set_terminated(self.run, "FINISHED" if completed else "KILLED")
+
+
+class TensorBoardTracker(Tracker):
+    """Event files in DIR/RUN_ID: scalars per round, the settings as text, the final model beside them."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "--track tensorboard needs TensorBoard: pip install 'fedcore[tracking]'"
+            ) from None
+        self._writer_type = SummaryWriter
+        self.directory = directory
+        self.writer: Any = None
+
+    def start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord] = ()) -> None:
+        self.run_dir = self.directory / run_id
+        self.writer = self._writer_type(log_dir=str(self.run_dir))
+        table = "\n".join(f"| {k} | {v} |" for k, v in parameters_of(experiment).items())
+        self.writer.add_text("experiment", "| setting | value |\n| --- | --- |\n" + table)
+
+    def record(self, record: RoundRecord, state: RunState) -> None:
+        for key, value in metrics_of(record).items():
+            self.writer.add_scalar(key, value, record.round)
+        self.writer.flush()
+
+    def finish(self, parameters: Arrays | None, *, completed: bool) -> None:
+        if self.writer is None:
+            return
+        if parameters is not None:
+            _save_model(parameters, self.run_dir / "model.safetensors")
+        self.writer.close()
