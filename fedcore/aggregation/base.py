@@ -165,6 +165,9 @@ class Stage:
     # Why the sites must not report exact evaluation metrics (None: they may).
     withholds_evaluation: ClassVar[str | None] = None
     reserved_metrics: ClassVar[frozenset[str]] = frozenset()  # reply metrics this stage owns
+    # The stage accounts a privacy loss for every model released: a round must be durable
+    # before its model leaves (else a crash could release a round the resumed run forgets).
+    accounts_privacy: ClassVar[bool] = False
 
     def site_plan(self, info: RoundInfo) -> StagePlan | None:
         """What sites must do for this stage in this round (None: nothing)."""

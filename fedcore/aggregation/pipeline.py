@@ -36,6 +36,7 @@ class Pipeline:
             (s.withholds_evaluation for s in self.stages if s.withholds_evaluation), None
         )
         self.reserved_metrics = frozenset().union(*(s.reserved_metrics for s in self.stages))
+        self.accounts_privacy = any(s.accounts_privacy for s in self.stages)
 
     def __str__(self) -> str:
         return " <- ".join(s.name for s in self.stages)

@@ -18,6 +18,7 @@ EPSILON, EPSILON_TOTAL, NOISE = "epsilon", "epsilon_total", "noise_multiplier"  
 class PrivateStage(Stage):
     section = Section.PRIVACY
     withholds_evaluation = "differential privacy"
+    accounts_privacy = True
     mode: ClassVar[str]
     unit: ClassVar[str] = "one site's whole data"
     accountant: ClassVar[str]

@@ -11,13 +11,14 @@ privacy and secure aggregation are stages of the pipeline.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fedcore.aggregation import (
     Drop,
@@ -32,7 +33,7 @@ from fedcore.aggregation import (
 )
 from fedcore.config import Experiment
 from fedcore.engine import faults
-from fedcore.engine.gather import gather
+from fedcore.engine.gather import Traffic, gather, weighted
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.engine.records import RoundRecord, RoundStore
 from fedcore.engine.run_state import RunState
@@ -57,6 +58,7 @@ class RunResult:
     parameters: Arrays
     records: list[RoundRecord]
     stopped: str | None = None  # why the run ended before its last round, if a stage ended it
+    commit_wait_seconds: float = 0.0  # time the rounds waited for the store (see Coordinator._commit)
 
 
 class Coordinator:
@@ -93,6 +95,8 @@ class Coordinator:
         self.stopped: str | None = None
         self.roster: list[str] = []  # the sites available at the last completed round
         self.resumed_at: int | None = None  # the first round after a resume
+        self._committing: asyncio.Future[None] | None = None  # the last round's store write
+        self.commit_wait = 0.0
         faults.warn_if_armed()
         if resume is not None:
             self._restore(resume, history)
@@ -117,7 +121,7 @@ class Coordinator:
             round=self.round,
             parameters=self.parameters,
             strategy=self.strategy.state_dict(),
-            pipeline=self.pipeline.state_dict(),
+            pipeline=copy.deepcopy(self.pipeline.state_dict()),  # a snapshot: stages go on
             stopped=self.stopped,
             roster=list(self.roster),
             transport=self.transport.state(),
@@ -133,9 +137,12 @@ class Coordinator:
             except StopRun as stop:  # a stage ended the run (e.g. its target epsilon is spent)
                 self.stopped = str(stop)
                 log.warning("stopping before round %d: %s", self.round + 1, stop)
+            await self._settle()
             completed = True
-            return RunResult(self.parameters, self.records, self.stopped)
+            return RunResult(self.parameters, self.records, self.stopped, self.commit_wait)
         finally:
+            if not completed and self._committing is not None:  # let the store finish its write
+                await asyncio.gather(self._committing, return_exceptions=True)
             reason = "run complete" if completed else "run stopped"
             if completed and self.stopped:
                 reason = f"run complete, early: {self.stopped}"
@@ -148,13 +155,35 @@ class Coordinator:
             if record is not None:
                 self.round = number
                 faults.reach(number, "before_commit")
-                self.store.record(record, self.checkpoint())
+                await self._commit(record)
                 if self.on_round:
                     self.on_round(record)
                 return record
         raise RoundFailed(
             f"round {number} got fewer than {fed.min_sites} replies in {fed.max_round_retries + 1} attempts"
         )
+
+    async def _commit(self, record: RoundRecord) -> None:
+        """Store the round with the run's state. A run that accounts privacy waits for it:
+        the round is durable before its model leaves in the next round. Otherwise the write
+        goes on in a thread while the next round runs (a crash before it is durable redoes
+        the round, with the same result); writes stay in order, one at a time."""
+        state = self.checkpoint()
+        await self._settle()
+        if self.pipeline.accounts_privacy:
+            started = time.perf_counter()
+            self.store.record(record, state)
+            self.commit_wait += time.perf_counter() - started
+        else:
+            self._committing = asyncio.ensure_future(asyncio.to_thread(self.store.record, record, state))
+
+    async def _settle(self) -> None:
+        """Wait for the last round's store write (its error, if any, is the run's)."""
+        if self._committing is not None:
+            pending, self._committing = self._committing, None
+            started = time.perf_counter()
+            await pending
+            self.commit_wait += time.perf_counter() - started
 
     async def _wait_to_start(self) -> None:
         """Before a run's first round, `start_sites`; after a resume, also the sites of the
@@ -215,7 +244,7 @@ class Coordinator:
         info = dataclasses.replace(info, sampled=tuple(self._sample(available, info)))
         self.pipeline.check_round(info)  # before any instruction leaves
         self.transport.sampled(number, attempt, info.sampled)
-        traffic = _Traffic()
+        traffic = Traffic()
         aggregate = await self.pipeline.aggregate(info, self._exchange(info, traffic))
         if aggregate is None:
             return None
@@ -242,7 +271,7 @@ class Coordinator:
             for k, values in sorted(
                 traffic.metrics(aggregate.contributors, self.pipeline.reserved_metrics).items()
             )
-            if (v := _weighted(values)) is not None
+            if (v := weighted(values)) is not None
         }
         return RoundRecord(
             round=number,
@@ -268,7 +297,7 @@ class Coordinator:
             declined=self.transport.declined(),
         )
 
-    def _exchange(self, info: RoundInfo, traffic: _Traffic) -> Exchange:
+    def _exchange(self, info: RoundInfo, traffic: Traffic) -> Exchange:
         """The pipeline's Exchange for this attempt: stage requests as instructions."""
 
         async def run(
@@ -353,28 +382,4 @@ class Coordinator:
 
         instruction = Instruction(InstructionKind.EVALUATE, number, self.parameters, exchange="evaluate")
         await self._gather("evaluate", sites, lambda s: instruction, collect)
-        return _weighted(accs), _weighted(losses), "federated"
-
-
-@dataclass
-class _Traffic:
-    """One attempt's model bytes out, update bytes in, and the sites' fit metrics."""
-
-    sent: int = 0
-    received: int = 0
-    fit: dict[str, tuple[dict[str, float], int]] = field(default_factory=dict)
-
-    def metrics(self, sites: list[str], reserved: frozenset[str]) -> dict[str, list[tuple[float, int]]]:
-        """Each numeric fit metric of `sites`, with its example weight (stage-owned ones aside)."""
-        out: dict[str, list[tuple[float, int]]] = {}
-        for site in sites:
-            metrics, examples = self.fit.get(site, ({}, 1))
-            for key, value in metrics.items():
-                if key not in reserved:
-                    out.setdefault(key, []).append((value, max(examples, 1)))
-        return out
-
-
-def _weighted(values: list[tuple[float, int]]) -> float | None:
-    total = sum(n for _, n in values)
-    return sum(v * n for v, n in values) / total if total else None
+        return weighted(accs), weighted(losses), "federated"

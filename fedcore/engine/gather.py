@@ -1,10 +1,12 @@
-"""Fan an exchange out to sites and gather the replies, with the round's deadline."""
+"""Fan an exchange out to sites and gather the replies, with the round's deadline; what an
+attempt's exchanges carried (Traffic)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from fedcore.aggregation import Drop, DropReason
 from fedcore.engine.messages import Instruction, Reply
@@ -93,3 +95,27 @@ async def gather(
             settle(site, outcome)
         await asyncio.gather(*tasks, return_exceptions=True)
     return dropped
+
+
+@dataclass
+class Traffic:
+    """One attempt's model bytes out, update bytes in, and the sites' fit metrics."""
+
+    sent: int = 0
+    received: int = 0
+    fit: dict[str, tuple[dict[str, float], int]] = field(default_factory=dict)
+
+    def metrics(self, sites: list[str], reserved: frozenset[str]) -> dict[str, list[tuple[float, int]]]:
+        """Each numeric fit metric of `sites`, with its example weight (stage-owned ones aside)."""
+        out: dict[str, list[tuple[float, int]]] = {}
+        for site in sites:
+            metrics, examples = self.fit.get(site, ({}, 1))
+            for key, value in metrics.items():
+                if key not in reserved:
+                    out.setdefault(key, []).append((value, max(examples, 1)))
+        return out
+
+
+def weighted(values: list[tuple[float, int]]) -> float | None:
+    total = sum(n for _, n in values)
+    return sum(v * n for v, n in values) / total if total else None
