@@ -196,7 +196,9 @@ def test_a_simulation_killed_at_a_point_of_a_round_resumes_to_the_same_model(
     killed = simulate(flags, tmp_path, crash_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     crashed_in = int(crash_at.split(":")[0])
-    assert [m["round"] for m in metrics(tmp_path)] == list(range(1, crashed_in))
+    # A run without DP writes a round while the next one runs: the last may not be durable.
+    stored = [m["round"] for m in metrics(tmp_path)]
+    assert stored in (list(range(1, crashed_in)), list(range(1, crashed_in - 1)))
     resumed = simulate([], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [m["round"] for m in metrics(tmp_path)] == [1, 2, 3, 4]

@@ -76,7 +76,8 @@ def test_synthetic_alpha_beta() -> None:
 
 def test_unknown_task_lists_the_installed_ones() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown task 'mnist'; installed tasks: .*breast_cancer, digits, flower, .*synthetic"
+        ValueError,
+        match=r"unknown task 'mnist'; installed tasks: .*breast_cancer, digits, flower, .*synthetic",
     ):
         build_task("mnist")
 
