@@ -68,7 +68,8 @@ def test_a_server_killed_in_round_6_resumes_over_mutual_tls_to_the_uninterrupted
         for k, s in enumerate(SITES, start=1)
     }
     assert wait(first, logs["server"]) == -signal.SIGKILL, logs["server"].read_text()[-3000:]
-    assert rounds(state) == [1, 2, 3, 4, 5]
+    # Without DP round 5 is written while round 6 runs: it may not have been durable yet.
+    assert rounds(state) in ([1, 2, 3, 4, 5], [1, 2, 3, 4])
     second = server(port, state, logs["resumed"], *flags, "--resume")
     assert wait(second, logs["resumed"]) == 0, logs["resumed"].read_text()[-3000:]
     assert all(wait(clients[s], logs[s]) == 0 for s in SITES)
