@@ -130,9 +130,16 @@ def _torch_model(experiment: Any, arrays: dict[str, np.ndarray]) -> tuple[Any, A
     """The task's torch model holding `arrays`, an example input batch, its description."""
     import torch
 
-    from fedcore.tasks import build_task
+    from fedcore.tasks import build_task, installed_tasks
     from fedcore.tasks.torch_task import TorchClassifierTask
 
+    # The task name comes from run.db: only built-in and installed tasks are built from it,
+    # never an arbitrary `module:attr` (that would run whatever callable the file names).
+    base = experiment.task.name.partition(":")[0]
+    if base not in installed_tasks() or base == "flower":
+        raise ConfigError(
+            f"the run's task {experiment.task.name!r} is not a built-in or installed PyTorch task: export it as safetensors"
+        )
     task = build_task(experiment.task.name, experiment.task.model)
     if not isinstance(task, TorchClassifierTask):
         raise ConfigError(f"task {task.name!r} is not a PyTorch model: export it as safetensors")

@@ -37,14 +37,14 @@ def _list_tasks(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedcore.tasks import installed_tasks, plugins
+    from fedcore.tasks import installed_tasks, task_source
 
     table = Table(title="installed tasks")
     for column in ("task", "from", "package", "version"):
         table.add_column(column)
     table.add_column("code SHA-256", overflow="fold")
     for name in installed_tasks():
-        s = plugins.source(name)
+        s = task_source(name)
         table.add_row(s.name, s.origin, s.package, s.version, s.code_hash)
     Console().print(table)
     return 0
@@ -67,6 +67,12 @@ def new_task(directory: Path, name: str) -> list[Path]:
     """Write the package; ConfigError if the name is not a distribution name or DIR is not empty."""
     if not _NAME.match(name):
         raise ConfigError(f"--name {name!r}: use letters, digits, '-' and '_' (e.g. heart-task)")
+    from importlib.util import find_spec
+
+    from fedcore.tasks import installed_tasks
+
+    if name in installed_tasks() or find_spec(module_name(name)) is not None:
+        raise ConfigError(f"--name {name!r} is already a task or an importable module; choose another")
     if directory.exists() and any(directory.iterdir()):
         raise ConfigError(f"{directory} is not empty; give a new directory")
     import numpy as np
@@ -82,8 +88,6 @@ def new_task(directory: Path, name: str) -> list[Path]:
             name=name,
             features=features,
             classes=len(np.unique(y)),
-            mean=[round(float(v), 6) for v in x.mean(axis=0)],
-            std=[round(float(v), 6) for v in x.std(axis=0)],
         ),
         f"{package}/sample.csv": _csv(features, x, y),
         "tests/test_task.py": _TEST.format(name=name, package=package),
@@ -131,7 +135,8 @@ packages = ["{package}"]
 """
 
 _TASK = '''\
-"""{name}: a fedcore task. Change FEATURES, CLASSES, build_model and load to your data.
+"""{name}: a fedcore task. For your data: replace sample.csv, set FEATURES and CLASSES,
+and change build_model (and `read`, for another file format).
 
 Sites give their data as a CSV with a header: the FEATURES columns (any order) and a
 `label` column holding the class index (0 .. CLASSES - 1).
@@ -150,33 +155,54 @@ from fedcore.tasks import TaskDefinition
 
 FEATURES = {features!r}
 CLASSES = {classes}
-# Standardisation every site applies: statistics the federation agreed on (here, the
-# sample's). Never a site's own: the model must see one feature scale.
-MEAN = np.array({mean!r}, dtype=np.float32)
-STD = np.array({std!r}, dtype=np.float32)
-SAMPLE = Path(__file__).with_name("sample.csv")
+SAMPLE = Path(__file__).with_name("sample.csv")  # replace it with a sample of your data
 
 
 def build_model() -> nn.Module:
     return nn.Sequential(nn.Linear(len(FEATURES), 32), nn.ReLU(), nn.Linear(32, CLASSES))
 
 
+def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features (float32) and labels (int) from a CSV; ValueError says what is wrong."""
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    if not rows:
+        raise ValueError(f"{{path}}: empty file")
+    header = [name.strip() for name in rows[0]]
+    wanted = [*FEATURES, "label"]
+    missing = [c for c in wanted if c not in header]
+    extra = [c for c in header if c not in wanted]
+    doubled = sorted({{c for c in header if header.count(c) > 1}})
+    if missing or extra or doubled:
+        raise ValueError(f"{{path}}: columns differ from the task's: missing {{missing}}, extra {{extra}}, twice {{doubled}}")
+    columns = [header.index(c) for c in FEATURES]
+    x, y = [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{{path}}, line {{line}}: {{len(row)}} fields, the header has {{len(header)}}")
+        try:
+            x.append([float(row[i]) for i in columns])
+            label = float(row[header.index("label")])
+        except ValueError as err:
+            raise ValueError(f"{{path}}, line {{line}}: not a number ({{err}})") from None
+        if label != int(label) or not 0 <= label < CLASSES:
+            raise ValueError(f"{{path}}, line {{line}}: label {{label:g}} is not a class 0 .. {{CLASSES - 1}}")
+        y.append(int(label))
+    if not y:
+        raise ValueError(f"{{path}}: no data rows")
+    return np.array(x, dtype=np.float32), np.array(y, dtype=np.int64)
+
+
+# Standardisation every site applies: statistics the federation agrees on, here the shipped
+# sample's (never a site's own: the model must see one feature scale).
+_SAMPLE_X, _ = read(SAMPLE)
+MEAN = _SAMPLE_X.mean(axis=0)
+STD = np.where(_SAMPLE_X.std(axis=0) > 0, _SAMPLE_X.std(axis=0), 1.0).astype(np.float32)
+
+
 def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Features (standardised, float32) and labels (int) from a site's CSV."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    header, body = rows[0], [r for r in rows[1:] if r]
-    missing = [c for c in [*FEATURES, "label"] if c not in header]
-    extra = [c for c in header if c not in [*FEATURES, "label"]]
-    if missing or extra:
-        raise ValueError(f"{{path}}: columns differ from the task's: missing {{missing}}, extra {{extra}}")
-    try:
-        x = np.array([[float(r[header.index(c)]) for c in FEATURES] for r in body], dtype=np.float32)
-        y = np.array([int(r[header.index("label")]) for r in body], dtype=np.int64)
-    except ValueError as err:
-        raise ValueError(f"{{path}}: not a number ({{err}})") from None
-    if len(y) and not ((0 <= y) & (y < CLASSES)).all():
-        raise ValueError(f"{{path}}: labels must be 0 .. {{CLASSES - 1}}")
+    """Standardised features and labels from a site's CSV."""
+    x, y = read(path)
     return (x - MEAN) / STD, y
 
 
@@ -233,8 +259,8 @@ task = "{name}"
 uri = "data.csv"  # the site's own data: the task's columns and a label column
 
 [policy]
-# The task code this site runs: NAME==VERSION, pinned to its code with @SHA256 (the hash
-# `fedcore tasks` prints). A job of any other task or code is declined.
+# The task code this site runs: NAME==VERSION. A job of any other task or version is
+# declined; add @SHA256 (the hash `fedcore tasks` prints) to approve exactly one code.
 tasks = ["{name}==0.1.0"]
 """
 

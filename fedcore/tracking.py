@@ -10,11 +10,12 @@ file on resume, from the resumed round on.
 from __future__ import annotations
 
 import abc
+import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,38 @@ from fedcore.errors import ConfigError
 from fedcore.tensors import Arrays
 
 RUN_TAG = "fedcore.run_id"
+log = logging.getLogger(__name__)
 
 
 class Tracker(abc.ABC):
-    @abc.abstractmethod
+    """A tracker's failure (a tracking server down, a full disk) is logged, never the run's."""
+
     def start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord] = ()) -> None:
         """A run starts, or resumes after the rounds of `history` (already stored)."""
+        self._safely("start", self._start, experiment, run_id, history)
 
-    @abc.abstractmethod
-    def record(self, record: RoundRecord, state: RunState) -> None:
+    def record(self, record: RoundRecord, state: RunState | None) -> None:
         """A round was stored (the RoundStore interface)."""
+        self._safely("log round", self._record, record)
 
-    @abc.abstractmethod
     def finish(self, parameters: Arrays | None, *, completed: bool) -> None:
         """The run ended (or stopped): log the final model."""
+        self._safely("finish", self._finish, parameters, completed)
+
+    def _safely(self, what: str, action: Callable[..., None], *args: Any) -> None:
+        try:
+            action(*args)
+        except Exception:
+            log.exception("%s: could not %s; the run goes on", type(self).__name__, what)
+
+    @abc.abstractmethod
+    def _start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord]) -> None: ...
+
+    @abc.abstractmethod
+    def _record(self, record: RoundRecord) -> None: ...
+
+    @abc.abstractmethod
+    def _finish(self, parameters: Arrays | None, completed: bool) -> None: ...
 
 
 def build_tracker(spec: str) -> Tracker:
@@ -99,23 +118,25 @@ class MlflowTracker(Tracker):
         self.client = MlflowClient(tracking_uri=uri)
         self.run: str | None = None
 
-    def start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord] = ()) -> None:
+    def _start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord]) -> None:
         found = self.client.get_experiment_by_name("fedcore")
         experiment_id = found.experiment_id if found else self.client.create_experiment("fedcore")
+        if not run_id.isalnum():  # it goes into a filter expression
+            raise ValueError(f"run id {run_id!r} is not a plain name")
         existing = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'")
         if existing:  # a resumed run goes on logging into its MLflow run, from the last round it has
             self.run = existing[0].info.run_id
             logged = {m.step for m in self.client.get_metric_history(self.run, "sites")}
             for record in history:
                 if record.round not in logged:  # stored, but the process died before it was logged
-                    self.record(record, None)
+                    self._record(record)
             return
         self.run = self.client.create_run(experiment_id, run_name=run_id, tags={RUN_TAG: run_id}).info.run_id
         from mlflow.entities import Param
 
         self.client.log_batch(self.run, params=[Param(k, v) for k, v in parameters_of(experiment).items()])
 
-    def record(self, record: RoundRecord, state: RunState | None) -> None:
+    def _record(self, record: RoundRecord) -> None:
         from mlflow.entities import Metric
 
         assert self.run is not None, "start() first"
@@ -123,7 +144,7 @@ class MlflowTracker(Tracker):
         metrics = [Metric(k, v, now, record.round) for k, v in metrics_of(record).items()]
         self.client.log_batch(self.run, metrics=metrics)
 
-    def finish(self, parameters: Arrays | None, *, completed: bool) -> None:
+    def _finish(self, parameters: Arrays | None, completed: bool) -> None:
         if self.run is None:
             return
         if parameters is not None:
@@ -148,18 +169,20 @@ class TensorBoardTracker(Tracker):
         self.directory = directory
         self.writer: Any = None
 
-    def start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord] = ()) -> None:
+    def _start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord]) -> None:
+        if not run_id.isalnum():  # a directory name: nothing that could climb out of DIR
+            raise ValueError(f"run id {run_id!r} is not a plain name")
         self.run_dir = self.directory / run_id
         self.writer = self._writer_type(log_dir=str(self.run_dir))
         table = "\n".join(f"| {k} | {v} |" for k, v in parameters_of(experiment).items())
         self.writer.add_text("experiment", "| setting | value |\n| --- | --- |\n" + table)
 
-    def record(self, record: RoundRecord, state: RunState) -> None:
+    def _record(self, record: RoundRecord) -> None:
         for key, value in metrics_of(record).items():
             self.writer.add_scalar(key, value, record.round)
         self.writer.flush()
 
-    def finish(self, parameters: Arrays | None, *, completed: bool) -> None:
+    def _finish(self, parameters: Arrays | None, completed: bool) -> None:
         if self.writer is None:
             return
         if parameters is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedcore import load_experiment, run_simulation
-from fedcore.tasks import TaskDefinition, build_task, plugins
+from fedcore.tasks import TaskDefinition, build_task, plugins, register_task, task_source
 from fedcore.tasks.base import Dataset, TrainSettings
 
 MODULE = "fedcore_test_task_module"
@@ -61,14 +61,14 @@ def test_a_module_task_trains_in_a_simulation_with_dp_and_secure_aggregation(mod
     )
     result, _ = run_simulation(private, None)
     assert result.records[-1].epsilon is not None and result.records[-1].sites == 3
-    source = plugins.source(module_task)
+    source = task_source(module_task)
     assert (source.origin, source.package) == ("module", MODULE) and len(source.code_hash) == 64
 
 
 def test_the_code_hash_changes_with_the_code(module_task: str, tmp_path: Path) -> None:
     import importlib
 
-    before = plugins.source(module_task).code_hash
+    before = task_source(module_task).code_hash
     path = tmp_path / f"{MODULE}.py"
     path.write_text(path.read_text() + "\n# a change\n")
     importlib.invalidate_caches()
@@ -108,13 +108,35 @@ def test_a_site_policy_approves_exact_task_code() -> None:
     same_job = JobCode("heart", "1.2.0", "ab" * 32)
     assert refusal(None, local, same_job) is None
     assert refusal(parse_policy(["heart==1.2.0"]), local, same_job) is None
-    assert refusal(parse_policy(["heart==1.2.0@" + "ab" * 6]), local, same_job) is None
-    assert "does not approve" in str(refusal(parse_policy(["heart==1.2.0@" + "cd" * 6]), local, same_job))
+    assert refusal(parse_policy(["heart==1.2.0@" + "ab" * 16]), local, same_job) is None
+    assert "does not approve" in str(refusal(parse_policy(["heart==1.2.0@" + "cd" * 16]), local, same_job))
     assert "does not approve" in str(refusal(parse_policy(["heart==1.1.0", "other==1.2.0"]), local, same_job))
     assert "does not approve" in str(refusal(parse_policy([]), local, same_job))
     other_code = JobCode("heart", "1.2.0", "ef" * 32)  # the server built the job with other code
     assert "the job was built with" in str(refusal(parse_policy(["heart==1.2.0"]), local, other_code))
     assert refusal(None, local, other_code) is None  # no policy: a warning only
-    for bad in ("heart", "heart==", "heart==1.0@xyz", 3):
+    for bad in ("heart", "heart==", "heart==1.0@xyz", "heart==1.0@" + "ab" * 6, 3):
         with pytest.raises(ConfigError, match="NAME==VERSION"):
             parse_policy([bad])
+
+
+def test_the_source_is_the_code_build_task_runs(module_task: str) -> None:
+    """Resolved in build_task's order: a built-in with an argument is fedcore; a hosted
+    Flower app and a registered factory are their own module's code, not fedcore's."""
+    fedcore_code = task_source("digits")
+    assert (fedcore_code.origin, fedcore_code.package) == ("built-in", "fedcore")
+    assert task_source("synthetic:1,1").code_hash == fedcore_code.code_hash
+    flower = task_source("flower:tests.support.stateful_flower_client:client_fn")
+    assert (flower.origin, flower.package) == (
+        "flower app",
+        "tests",
+    ) and flower.code_hash != fedcore_code.code_hash
+    module = sys.modules.get(MODULE) or __import__(MODULE)
+    register_task("registered-check", lambda arg, model: module.task.build(model))
+    try:
+        registered = task_source("registered-check")
+        assert registered.origin == "registered" and registered.package == "tests"
+    finally:
+        from fedcore.tasks import _REGISTRY
+
+        _REGISTRY.pop("registered-check")

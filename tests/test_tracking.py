@@ -76,3 +76,27 @@ def test_a_bad_track_spec_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match="mlflow:URI or tensorboard:DIR"):
         build_tracker("wandb:project")
     assert isinstance(build_tracker("tensorboard:/tmp/x"), TensorBoardTracker)
+
+
+def test_a_failing_tracker_is_logged_and_the_run_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from collections.abc import Sequence
+
+    from fedcore.config import Experiment
+    from fedcore.tensors import Arrays
+    from fedcore.tracking import Tracker
+
+    class Broken(Tracker):
+        def _start(self, experiment: Experiment, run_id: str, history: Sequence[RoundRecord]) -> None:
+            pass
+
+        def _record(self, record: RoundRecord) -> None:
+            raise ConnectionError("tracking server down")
+
+        def _finish(self, parameters: Arrays | None, completed: bool) -> None:
+            raise ConnectionError("tracking server down")
+
+    e = load_experiment().override(federation__rounds=2, simulation__workers=1)
+    result, _ = run_simulation(e, tmp_path, trackers=[Broken()])
+    assert len(result.records) == 2 and "tracking server down" in caplog.text

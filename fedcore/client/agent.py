@@ -23,7 +23,7 @@ from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.pki import TlsFiles
 from fedcore.privacy.site_policy import SitePrivacy
 from fedcore.proto.v1 import federation_pb2 as pb
-from fedcore.tasks import Task, plugins
+from fedcore.tasks import Task, task_source
 from fedcore.tensors import PayloadAssembler, check_header_like
 from fedcore.wire import (
     KIND_TO_WIRE,
@@ -187,7 +187,7 @@ class SiteAgent:
             return None  # refused below, without a word to the server
         identity = welcome.task_identity
         job = JobCode(identity.package, identity.version, identity.code_hash)
-        return refusal(self.settings.approved_tasks, plugins.source(self.settings.task_name), job)
+        return refusal(self.settings.approved_tasks, task_source(self.settings.task_name), job)
 
     def _prepare(self, welcome: pb.Welcome) -> None:
         """Load the site's data the way the run says (once per distinct run setup)."""

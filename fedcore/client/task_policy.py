@@ -1,6 +1,6 @@
 """Which task code a site agrees to run: `site.toml` `[policy] tasks`, a list of
-`"NAME==VERSION"` or `"NAME==VERSION@SHA256"` (a prefix of at least 12 hex digits of the
-code hash `fedcore tasks` prints).
+`"NAME==VERSION"` or `"NAME==VERSION@SHA256"` (the code hash `fedcore tasks` prints, or a
+prefix of at least 32 hex digits: 128 bits, beyond forging).
 
 The site runs its own installed code, never code from the network. With a policy, it
 declines a job unless that code is approved and is the code the job was built with (the
@@ -20,7 +20,7 @@ from fedcore.tasks.plugins import TaskSource
 
 log = logging.getLogger(__name__)
 
-_ENTRY = re.compile(r"^(?P<name>[^=@\s]+)==(?P<version>[^=@\s]+)(@(?P<hash>[0-9a-fA-F]{12,64}))?$")
+_ENTRY = re.compile(r"^(?P<name>[^=@\s]+)==(?P<version>[^=@\s]+)(@(?P<hash>[0-9a-fA-F]{32,64}))?$")
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,10 @@ class Coordinator:
             completed = True
             return RunResult(self.parameters, self.records, self.stopped, self.commit_wait)
         finally:
-            if not completed and self._committing is not None:  # let the store finish its write
-                await asyncio.gather(self._committing, return_exceptions=True)
+            if not completed and self._committing is not None:  # the store's write ends first
+                (failed,) = await asyncio.shield(asyncio.gather(self._committing, return_exceptions=True))
+                if isinstance(failed, BaseException):
+                    log.error("round %d was not stored: %r", self.round, failed)
             reason = "run complete" if completed else "run stopped"
             if completed and self.stopped:
                 reason = f"run complete, early: {self.stopped}"
@@ -178,11 +180,12 @@ class Coordinator:
             self._committing = asyncio.ensure_future(asyncio.to_thread(self.store.record, record, state))
 
     async def _settle(self) -> None:
-        """Wait for the last round's store write (its error, if any, is the run's)."""
+        """Wait for the last round's store write (its error, if any, is the run's). The
+        write is a thread that cancellation cannot stop: it stays tracked until it is done."""
         if self._committing is not None:
-            pending, self._committing = self._committing, None
             started = time.perf_counter()
-            await pending
+            await asyncio.shield(self._committing)
+            self._committing = None
             self.commit_wait += time.perf_counter() - started
 
     async def _wait_to_start(self) -> None:

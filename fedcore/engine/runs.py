@@ -21,7 +21,7 @@ from fedcore.engine.run_state import RunState
 from fedcore.engine.run_store import SqliteRunStore
 from fedcore.engine.state_files import atomic_write
 from fedcore.errors import ConfigError
-from fedcore.tasks import plugins
+from fedcore.tasks import task_source
 
 # Where virtual sites run, not what they compute: a resume may change these.
 OPERATIONAL = frozenset({("simulation", "workers"), ("simulation", "backend"), ("simulation", "ray_address")})
@@ -126,7 +126,7 @@ def differences(stored: Experiment, given: Experiment) -> str:
 def _document(run_id: str, experiment: Experiment, command: dict[str, Any]) -> dict[str, Any]:
     """What run.db records of the run: the experiment, how it was given, and the task's code
     (package, version, SHA-256: the models' lineage)."""
-    code = plugins.source(experiment.task.name)
+    code = task_source(experiment.task.name)
     task = {
         "name": experiment.task.name,
         "package": code.package,

@@ -23,7 +23,7 @@ from fedcore.engine.records import FanOutStore
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.transport import GrpcTransport
-from fedcore.tasks import Task, TaskSpec, build_task, default_partition, plugins
+from fedcore.tasks import Task, TaskSpec, build_task, default_partition, task_source
 from fedcore.tracking import Tracker
 from fedcore.wire import MAX_MESSAGE_BYTES
 
@@ -44,7 +44,7 @@ MAX_STREAMS = 10_000
 
 
 def task_spec(experiment: Experiment, task: Task) -> TaskSpec:
-    code = plugins.source(experiment.task.name)
+    code = task_source(experiment.task.name)
     return TaskSpec(
         name=experiment.task.name,
         model=task.model,

@@ -72,6 +72,20 @@ def build_task(name: str, model: str | None = None) -> Task:
     return factory(arg, model)
 
 
+def task_source(name: str) -> plugins.TaskSource:
+    """Where the code that `build_task(name)` runs comes from (what a site approves),
+    resolved in build_task's order: built-in (a hosted Flower app: its own package; a
+    registered factory: its module), then plug-in."""
+    base, _, arg = name.partition(":")
+    if base == "flower" and arg:  # the Flower app's code (bare `flower`: the host, fedcore)
+        return plugins.module_source(name, arg.partition(":")[0], "flower app")
+    if base in _REGISTRY:
+        module = _REGISTRY[base].__module__
+        origin = "built-in" if module.partition(".")[0] == "fedcore" else "registered"
+        return plugins.module_source(base, module, origin)
+    return plugins.plugin_source(name)
+
+
 def installed_tasks() -> list[str]:
     """Built-in and plug-in task names."""
     return sorted({*_REGISTRY, *plugins.entry_points()})
@@ -94,4 +108,5 @@ __all__ = [
     "default_partition",
     "installed_tasks",
     "register_task",
+    "task_source",
 ]

@@ -77,8 +77,8 @@ def _factory(target: Any, name: str) -> TaskFactory:
     raise ValueError(f"task {name!r} is a {type(target).__name__}, not a TaskDefinition, Task or factory")
 
 
-def source(name: str) -> TaskSource:
-    """Where the code of task `name` comes from, with its version and hash."""
+def plugin_source(name: str) -> TaskSource:
+    """Where the code of a plug-in task (entry point or `package.module:attr`) comes from."""
     base = name.partition(":")[0]
     if (ep := entry_points().get(base)) is not None:
         dist = ep.dist
@@ -91,11 +91,14 @@ def source(name: str) -> TaskSource:
             code_hash(module),
         )
     if is_module_path(name):
-        module = importlib.import_module(name.partition(":")[0])
-        return TaskSource(name, "module", module.__name__, _version(module), code_hash(module))
-    import fedcore
+        return module_source(name, name.partition(":")[0], "module")
+    raise ValueError(f"no task {name!r}")
 
-    return TaskSource(base, "built-in", "fedcore", _version(fedcore), code_hash(fedcore))
+
+def module_source(name: str, module_name: str, origin: str) -> TaskSource:
+    """A task whose code is the top-level package of `module_name` (imported to find it)."""
+    module = importlib.import_module(module_name)
+    return TaskSource(name, origin, module.__name__.partition(".")[0], _version(module), code_hash(module))
 
 
 def code_hash(module: ModuleType) -> str:
