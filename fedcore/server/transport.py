@@ -69,6 +69,7 @@ class _Session:
     last_seen: float = field(default_factory=time.monotonic)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    answered: bool = False  # it has sent a result: it took the job, and may no longer decline it
 
     def fail_pending(self, reason: str) -> None:
         for item in self.pending.values():
@@ -295,11 +296,15 @@ class GrpcTransport(Transport):
             if body == "heartbeat":
                 continue
             if body == "decline":  # the site's policy refuses this job: recorded, and it leaves
-                reason = message.decline.reason[:MAX_REASON] or "no reason given"
+                if session.answered:
+                    raise ProtocolError("a site that took part in the job cannot decline it")
+                reason = "".join(c if c.isprintable() else " " for c in message.decline.reason[:MAX_REASON])
+                reason = reason.strip() or "no reason given"
                 log.warning("site %s declined the job: %s", session.name, reason)
                 self._declines[session.name] = reason
                 return
             if body == "result":
+                session.answered = True
                 if assembling is not None:
                     raise ProtocolError("a new Result began before the previous payload was complete")
                 result = message.result

@@ -146,6 +146,8 @@ async def _evil(port: int, name: str, act: str) -> grpc.StatusCode | None:
             if act != "huge-header":
                 for piece in pieces:
                     await call.write(pb.SiteMessage(chunk=pb.Chunk(data=piece)))
+            if act == "decline-after-result":  # took part, then tries to write a reason into the record
+                await call.write(pb.SiteMessage(decline=pb.Decline(reason="\x1b[31mforged\nline")))
         try:
             while (message := await call.read()) is not grpc.aio.EOF:
                 if message.WhichOneof("body") == "run_end":
@@ -175,6 +177,19 @@ def test_malformed_messages_are_refused_and_change_nothing(tmp_path: Path) -> No
     protocol_breakers = dict(zip(acts, outcomes[2:], strict=True))
     for act in ("wrong-round", "orphan-chunk", "huge-header", "too-many-bytes"):
         assert protocol_breakers[act] == grpc.StatusCode.INVALID_ARGUMENT, protocol_breakers
+
+
+def test_a_site_that_took_part_cannot_decline_the_job(tmp_path: Path) -> None:
+    async def sites(port: int) -> list[object]:
+        honest = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2)]
+        evil = asyncio.ensure_future(_evil(port, "evil", "decline-after-result"))
+        return list(await asyncio.gather(*honest, evil))
+
+    result, outcomes = asyncio.run(
+        federation(experiment(federation__start_sites=3, federation__rounds=2), tmp_path, sites)
+    )
+    assert outcomes[2] == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(not r.declined for r in result.records)
 
 
 def test_a_site_offering_another_task_is_rejected(tmp_path: Path) -> None:
