@@ -79,10 +79,10 @@ def _resumed_experiment(args: argparse.Namespace) -> tuple[Experiment, Path, int
 
 
 def _check_task(experiment: Experiment) -> None:
-    from fedcore.tasks import build_task
+    from fedcore.tasks import task_for
 
     try:
-        build_task(experiment.task.name, experiment.task.model)
+        task_for(experiment)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -4,7 +4,7 @@ An experiment is a TOML file with the tables below; every key is optional, unkno
 errors, and command-line flags override the file (`Experiment.override`).
 
     [federation]  rounds, min_sites, sites_per_round, start_sites, round_timeout, max_round_retries
-    [task]        name, model, local_epochs, batch_size, lr, weight_decay
+    [task]        name, model, local_epochs, batch_size, lr, weight_decay, initial
     [strategy]    name, proximal_mu, server_lr, beta_1, beta_2, tau
     [aggregation] rule, trim, byzantine, clip_norm
     [data]        partition, seed
@@ -55,6 +55,7 @@ class TaskConfig:
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float | None = None
+    initial: str | None = None  # MODULE:FUNC giving the initial model (a Flower ClientApp's task)
 
 
 @dataclass(frozen=True)

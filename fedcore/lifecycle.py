@@ -130,7 +130,7 @@ def _torch_model(experiment: Any, arrays: dict[str, np.ndarray]) -> tuple[Any, A
     """The task's torch model holding `arrays`, an example input batch, its description."""
     import torch
 
-    from fedcore.tasks import build_task, installed_tasks
+    from fedcore.tasks import installed_tasks, task_for
     from fedcore.tasks.torch_task import TorchClassifierTask
 
     # The task name comes from run.db: only built-in and installed tasks are built from it,
@@ -140,7 +140,7 @@ def _torch_model(experiment: Any, arrays: dict[str, np.ndarray]) -> tuple[Any, A
         raise ConfigError(
             f"the run's task {experiment.task.name!r} is not a built-in or installed PyTorch task: export it as safetensors"
         )
-    task = build_task(experiment.task.name, experiment.task.model)
+    task = task_for(experiment)
     if not isinstance(task, TorchClassifierTask):
         raise ConfigError(f"task {task.name!r} is not a PyTorch model: export it as safetensors")
     task.device = torch.device("cpu")

@@ -210,8 +210,12 @@ class SiteAgent:
             )
         except (KeyError, ValueError) as err:
             raise _Rejected(f"cannot load data {self.settings.data_uri!r} for this run: {err}") from None
-        stages = SiteStages(welcome.site_name, self.privacy)
-        self.site = Site(name=welcome.site_name, task=self.task, data=data, stages=stages)
+        try:  # the job's task settings (where the model comes from), then the model's template
+            self.task.configure({k: v for k, v in config.items() if k == "initial"})
+            stages = SiteStages(welcome.site_name, self.privacy)
+            self.site = Site(name=welcome.site_name, task=self.task, data=data, stages=stages)
+        except ValueError as err:
+            raise _Rejected(f"cannot set up task {welcome.task!r} for this run: {err}") from None
         self._site_key = key
         log.info("loaded %d training examples from %s", len(data.train), self.settings.data_uri)
 

@@ -23,7 +23,7 @@ from fedcore.engine.records import FanOutStore
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.transport import GrpcTransport
-from fedcore.tasks import Task, TaskSpec, build_task, default_partition, task_source
+from fedcore.tasks import Task, TaskSpec, default_partition, task_for, task_source
 from fedcore.tracking import Tracker
 from fedcore.wire import MAX_MESSAGE_BYTES
 
@@ -54,6 +54,7 @@ def task_spec(experiment: Experiment, task: Task) -> TaskSpec:
         package=code.package,
         version=code.version,
         code_hash=code.code_hash,
+        initial=experiment.task.initial or "",
     )
 
 
@@ -74,7 +75,7 @@ async def serve(
     """Run the federation until every round is done (or the task is cancelled). With
     `resume`, continue the run stored in `state` (ConfigError if the experiment differs);
     a run already complete returns at once. `command`: how the experiment was given."""
-    task = task or build_task(experiment.task.name, experiment.task.model)
+    task = task or task_for(experiment)
     opened = open_run(state, experiment, resume=resume, command=command)  # before listening: the lock
     try:
         if opened.complete:

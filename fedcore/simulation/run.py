@@ -22,7 +22,7 @@ from fedcore.simulation.memory import PeakMemory
 from fedcore.simulation.report import plot_report, write_summary
 from fedcore.simulation.runners import make_runner, make_site, set_threads
 from fedcore.strategies import build_strategy
-from fedcore.tasks import Task, build_task, default_partition
+from fedcore.tasks import Task, default_partition, task_for
 from fedcore.tracking import Tracker
 
 
@@ -34,7 +34,7 @@ def check_simulation(experiment: Experiment) -> Task:
             f"({experiment.federation.min_sites}); lower min_sites or add sites"
         )
     try:
-        task = build_task(experiment.task.name, experiment.task.model)
+        task = task_for(experiment)
         make_site(experiment, 1)  # the partition fits the task and the number of sites
     except ValueError as err:
         raise ConfigError(str(err)) from None

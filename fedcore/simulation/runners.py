@@ -30,10 +30,10 @@ from fedcore.engine import Instruction, Reply, Site
 from fedcore.engine.site import SiteState
 from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
 from fedcore.simulation import shared_arrays
-from fedcore.tasks import Task, build_task, default_partition
+from fedcore.tasks import Task, default_partition, task_for
 from fedcore.tensors import Arrays
 
-_TASKS: dict[tuple[str, str | None, str | None], tuple[Task, Arrays]] = {}
+_TASKS: dict[tuple[str, str | None, str | None, str | None], tuple[Task, Arrays]] = {}
 
 
 def site_name(k: int) -> str:
@@ -44,9 +44,9 @@ def site_name(k: int) -> str:
 def make_site(experiment: Experiment, k: int, device: str | None = None, *, live: bool = False) -> Site:
     """Virtual site k of the experiment, built from the seed (task cached per process).
     `live`: the site object serves many instructions, as a site agent's does (tests)."""
-    key = (experiment.task.name, experiment.task.model, device)
+    key = (experiment.task.name, experiment.task.model, experiment.task.initial, device)
     if key not in _TASKS:
-        task = build_task(experiment.task.name, experiment.task.model)
+        task = task_for(experiment)
         if device is not None:
             task.device = torch.device(device)  # type: ignore[attr-defined]
         _TASKS[key] = (task, task.initial_parameters(0))

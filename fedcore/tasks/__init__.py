@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from fedcore.config import Experiment
 from fedcore.tasks import plugins
 from fedcore.tasks.base import (
     Dataset,
@@ -86,6 +88,18 @@ def task_source(name: str) -> plugins.TaskSource:
     return plugins.plugin_source(name)
 
 
+def task_for(experiment: Experiment) -> Task:
+    """The experiment's task, configured with the job's task settings."""
+    task = build_task(experiment.task.name, experiment.task.model)
+    task.configure(job_settings(experiment))
+    return task
+
+
+def job_settings(experiment: Experiment) -> dict[str, Any]:
+    """The `[task]` settings a task may need at every party (sent to sites in the Welcome)."""
+    return {"initial": experiment.task.initial} if experiment.task.initial else {}
+
+
 def installed_tasks() -> list[str]:
     """Built-in and plug-in task names."""
     return sorted({*_REGISTRY, *plugins.entry_points()})
@@ -108,5 +122,6 @@ __all__ = [
     "default_partition",
     "installed_tasks",
     "register_task",
+    "task_for",
     "task_source",
 ]

@@ -8,6 +8,7 @@ site's data, trains for a round and evaluates. Everything is seeded by the calle
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -85,8 +86,11 @@ class TaskSpec:
     version: str = ""
     code_hash: str = ""
 
+    initial: str = ""  # [task] initial, for tasks whose model comes from the user's code
+
     def as_config(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("model", "partition", "seed", "partitions")}
+        config = {k: getattr(self, k) for k in ("model", "partition", "seed", "partitions")}
+        return {**config, "initial": self.initial} if self.initial else config
 
 
 class Task(abc.ABC):
@@ -126,6 +130,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, parameters: Arrays, data: Dataset) -> Evaluation:
         """Loss and accuracy of `parameters` on `data`."""
+
+    def configure(self, job: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """The job's task settings that the task itself needs (e.g. `initial`, where a
+        model comes from); every party calls it before `initial_parameters`."""
 
     def site_state(self, data: SiteData) -> bytes | None:
         """What this site must remember between rounds, encoded (never pickled: it is saved

@@ -1,7 +1,8 @@
 """Flower clients hosted as fedcore sites: `[task] name = "flower:MODULE:ATTR"`.
 
 ATTR is a Flower `client_fn(context)` in MODULE returning a `flwr.client.NumPyClient` or a
-`flwr.client.Client`. MODULE is imported with importlib, so it must be importable where the
+`flwr.client.Client`, or a `flwr.clientapp.ClientApp` in the Message API (see
+`flower_app.py`; its initial model comes from `[task] initial = "MODULE:FUNC"`). MODULE is imported with importlib, so it must be importable where the
 task is built (the server, every site, every simulation worker): installed, or on
 `sys.path` (PYTHONPATH; the current directory only with `python -m fedcore`, not with the
 `fedcore` script). This module adds nothing to `sys.path`.
@@ -32,12 +33,13 @@ import importlib
 import math
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from fedcore.tasks import flower_app
 from fedcore.tasks.base import (
     Dataset,
     Evaluation,
@@ -132,7 +134,13 @@ class FlowerTask(Task):
             raise ValueError("task 'flower:...' needs Flower: pip install 'fedcore[flower]'") from None
         self.spec = spec
         self.client_fn = load_client_fn(spec)
+        self.app = self.client_fn if flower_app.is_client_app(self.client_fn) else None  # Message API
+        self.initial: str | None = None  # [task] initial: where a ClientApp's model comes from
         self._contexts: dict[tuple[int, int], Any] = {}
+
+    def configure(self, job: Mapping[str, Any]) -> None:
+        initial = job.get("initial")
+        self.initial = str(initial) if initial else None
 
     def context(self, partition_id: int, num_partitions: int) -> Any:
         """Node `partition_id + 1`'s Flower Context (kept, as Flower keeps it per node)."""
@@ -158,6 +166,13 @@ class FlowerTask(Task):
         from flwr.common import GetParametersIns, parameters_to_ndarrays
 
         seed_globals(seed)
+        if self.app is not None:
+            if self.initial is None:
+                raise ValueError(
+                    f'task flower:{self.spec} is a ClientApp: set [task] initial = "MODULE:FUNC"'
+                )
+            initial = flower_app.load_initial(self.initial)
+            return to_named(initial) if isinstance(initial, list) else initial
         client = self.client(new_context(0, 1))  # a live site's Context stays untouched
         res = client.get_parameters(GetParametersIns(config={}))
         _check_status(res, "get_parameters")
@@ -208,7 +223,18 @@ class FlowerTask(Task):
             "server_round": settings.round,
         }
         seed_globals(settings.seed)
-        client = self.client(self.context(part.partition_id, part.num_partitions))
+        context = self.context(part.partition_id, part.num_partitions)
+        if self.app is not None:
+            arrays, examples, metrics = flower_app.train(
+                self.app,
+                context,
+                part.partition_id + 1,
+                settings.round,
+                parameters,
+                {k: v for k, v in config.items() if k != "server_round"},
+            )
+            return FitOutcome(arrays, examples, metrics)
+        client = self.client(context)
         res = client.fit(FitIns(ndarrays_to_parameters(to_list(parameters)), config))
         _check_status(res, "fit")
         metrics = {
@@ -222,7 +248,13 @@ class FlowerTask(Task):
         from flwr.common import EvaluateIns, ndarrays_to_parameters
 
         part = _partition(data)
-        client = self.client(self.context(part.partition_id, part.num_partitions))
+        context = self.context(part.partition_id, part.num_partitions)
+        if self.app is not None:
+            loss, accuracy, examples = flower_app.evaluate(
+                self.app, context, part.partition_id + 1, 0, parameters
+            )
+            return Evaluation(loss=loss, accuracy=accuracy, num_examples=examples)
+        client = self.client(context)
         res = client.evaluate(EvaluateIns(ndarrays_to_parameters(to_list(parameters)), {}))
         _check_status(res, "evaluate")
         accuracy = res.metrics.get("accuracy")
