@@ -35,7 +35,7 @@ _FLAGS = {
     "sites": "simulation__sites", "workers": "simulation__workers", "backend": "simulation__backend",
     "ray_address": "simulation__ray_address", "seed": "data__seed", "partition": "data__partition",
     "strategy": "strategy__name", "aggregation": "aggregation__rule", "privacy": "privacy__mode",
-    "noise_multiplier": "privacy__noise_multiplier", "target_epsilon": "privacy__target_epsilon",
+    "noise_multiplier": "privacy__noise_multiplier", "target_epsilon": "privacy__target_epsilon", "data": "task__data",
 }  # fmt: skip
 
 
@@ -148,11 +148,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level, fmt = logging.DEBUG if verbose else logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -317,6 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     experiment_flags(sim)
     sim.add_argument("--sites", type=int, help="number of virtual sites")
+    sim.add_argument("--data", help="one file or folder split into the virtual sites (e.g. --task images)")
     sim.add_argument("--workers", type=int, help="sites trained in parallel (default: the number of cores)")
     sim.add_argument(
         "--backend", type=str.lower, choices=[b.value for b in Backend], help="local (default) or ray"

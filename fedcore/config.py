@@ -4,7 +4,8 @@ An experiment is a TOML file with the tables below; every key is optional, unkno
 errors, and command-line flags override the file (`Experiment.override`).
 
     [federation]  rounds, min_sites, sites_per_round, start_sites, round_timeout, max_round_retries
-    [task]        name, model, local_epochs, batch_size, lr, weight_decay, initial
+    [task]        name, model, local_epochs, batch_size, lr, weight_decay, initial,
+                  classes, image_size, channels, data
     [strategy]    name, proximal_mu, server_lr, beta_1, beta_2, tau
     [aggregation] rule, trim, byzantine, clip_norm
     [data]        partition, seed
@@ -56,6 +57,12 @@ class TaskConfig:
     lr: float | None = None
     weight_decay: float | None = None
     initial: str | None = None  # MODULE:FUNC giving the initial model (a Flower ClientApp's task)
+    # The job's data schema, for tasks that read a site's own files (`images`): what every
+    # site's data must match. `fedcore simulate` infers it from `data`.
+    classes: tuple[str, ...] | None = None  # class names (images: the sub-folder names)
+    image_size: tuple[int, ...] | None = None  # images: [height, width]; every image is resized
+    channels: int | None = None  # images: 1 (grey) or 3 (RGB)
+    data: str | None = None  # simulate: one file or folder, split into the virtual sites
 
 
 @dataclass(frozen=True)

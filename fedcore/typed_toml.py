@@ -79,6 +79,15 @@ def _coerce(value: Any, kind: Any, where: str, choices: Choices) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if base in ("tuple[str, ...]", "tuple[int, ...]"):
+        item = str if "str" in base else int
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(
+                f"{where} must be a list of {'strings' if item is str else 'integers'}, got {value!r}"
+            )
+        return tuple(value)
     if base in choices:
         choice, what = choices[base]
         try:

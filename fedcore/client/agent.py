@@ -24,6 +24,7 @@ from fedcore.pki import TlsFiles
 from fedcore.privacy.site_policy import SitePrivacy
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.tasks import Task, task_source
+from fedcore.tasks.base import job_from_config
 from fedcore.tensors import PayloadAssembler, check_header_like
 from fedcore.wire import (
     KIND_TO_WIRE,
@@ -211,7 +212,7 @@ class SiteAgent:
         except (KeyError, ValueError) as err:
             raise _Rejected(f"cannot load data {self.settings.data_uri!r} for this run: {err}") from None
         try:  # the job's task settings (where the model comes from), then the model's template
-            self.task.configure({k: v for k, v in config.items() if k == "initial"})
+            self.task.configure(job_from_config(config))
             stages = SiteStages(welcome.site_name, self.privacy)
             self.site = Site(name=welcome.site_name, task=self.task, data=data, stages=stages)
         except ValueError as err:

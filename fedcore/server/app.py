@@ -23,7 +23,7 @@ from fedcore.engine.records import FanOutStore
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.transport import GrpcTransport
-from fedcore.tasks import Task, TaskSpec, default_partition, task_for, task_source
+from fedcore.tasks import Task, TaskSpec, default_partition, job_settings, task_for, task_source
 from fedcore.tracking import Tracker
 from fedcore.wire import MAX_MESSAGE_BYTES
 
@@ -54,7 +54,7 @@ def task_spec(experiment: Experiment, task: Task) -> TaskSpec:
         package=code.package,
         version=code.version,
         code_hash=code.code_hash,
-        initial=experiment.task.initial or "",
+        job=job_settings(experiment, sites=True),
     )
 
 

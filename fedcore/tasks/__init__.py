@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from fedcore.tasks.breast_cancer import BreastCancer
 from fedcore.tasks.definition import TaskDefinition
 from fedcore.tasks.digits import Digits
 from fedcore.tasks.flower import FlowerTask
+from fedcore.tasks.images import Images
 from fedcore.tasks.synthetic import Synthetic
 
 TaskFactory = Callable[[str, str | None], Task]
@@ -49,6 +51,7 @@ _REGISTRY: dict[str, TaskFactory] = {
     "bench": _bench,
     "breast_cancer": lambda arg, model: BreastCancer(model),
     "digits": lambda arg, model: Digits(model),
+    "images": lambda arg, model: Images(model),  # a folder per class; schema from the job
     "flower": lambda arg, model: FlowerTask(arg, model),  # flower:MODULE:ATTR, a Flower client_fn
     "synthetic": _synthetic,
 }
@@ -95,9 +98,18 @@ def task_for(experiment: Experiment) -> Task:
     return task
 
 
-def job_settings(experiment: Experiment) -> dict[str, Any]:
-    """The `[task]` settings a task may need at every party (sent to sites in the Welcome)."""
-    return {"initial": experiment.task.initial} if experiment.task.initial else {}
+def job_settings(experiment: Experiment, *, sites: bool = False) -> dict[str, Any]:
+    """The `[task]` settings a task needs (Task.configure): where its model comes from and
+    the data schema. `sites`: those sent to sites in the Welcome (not the simulation's data)."""
+    t = experiment.task
+    settings: dict[str, Any] = {
+        "initial": t.initial,
+        "classes": json.dumps(list(t.classes)) if t.classes is not None else None,
+        "image_size": json.dumps(list(t.image_size)) if t.image_size is not None else None,
+        "channels": t.channels,
+        "data": None if sites else t.data,
+    }
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def installed_tasks() -> list[str]:
@@ -121,6 +133,7 @@ __all__ = [
     "build_task",
     "default_partition",
     "installed_tasks",
+    "job_settings",
     "register_task",
     "task_for",
     "task_source",

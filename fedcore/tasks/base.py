@@ -86,11 +86,19 @@ class TaskSpec:
     version: str = ""
     code_hash: str = ""
 
-    initial: str = ""  # [task] initial, for tasks whose model comes from the user's code
+    job: Mapping[str, Any] = field(default_factory=dict)  # the task's job settings (Task.configure)
 
     def as_config(self) -> dict[str, Any]:
         config = {k: getattr(self, k) for k in ("model", "partition", "seed", "partitions")}
-        return {**config, "initial": self.initial} if self.initial else config
+        return {**config, **{JOB_PREFIX + k: v for k, v in self.job.items()}}
+
+
+JOB_PREFIX = "job."  # a Welcome's task_config keys that carry Task.configure settings
+
+
+def job_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The Task.configure settings in a Welcome's task_config."""
+    return {k.removeprefix(JOB_PREFIX): v for k, v in config.items() if k.startswith(JOB_PREFIX)}
 
 
 class Task(abc.ABC):

@@ -19,6 +19,20 @@ TEST_FRACTION = 0.2
 _SPLIT_SEED = 20240229  # the test split belongs to the task, not to an experiment
 
 
+def stratified_split(data: Dataset, *, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, test): TEST_FRACTION of each class held out, drawn with `seed`."""
+    generator = np.random.default_rng(seed)
+    test = np.concatenate(
+        [
+            generator.permutation(idx)[: round(TEST_FRACTION * len(idx))]
+            for idx in (np.flatnonzero(data.y == c) for c in np.unique(data.y))
+        ]
+    ).astype(np.int64)
+    mask = np.zeros(len(data), dtype=bool)
+    mask[test] = True
+    return data.subset(np.flatnonzero(~mask)), data.subset(np.sort(test))
+
+
 class BundledTask(TorchClassifierTask):
     @abc.abstractmethod
     def load_bundled(self) -> Dataset:
@@ -26,18 +40,7 @@ class BundledTask(TorchClassifierTask):
 
     @cached_property
     def _split(self) -> tuple[Dataset, Dataset]:
-        data = self.load_bundled()
-        # Stratified: the same fraction of each class is held out.
-        generator = np.random.default_rng(_SPLIT_SEED)
-        test = np.concatenate(
-            [
-                generator.permutation(idx)[: round(TEST_FRACTION * len(idx))]
-                for idx in (np.flatnonzero(data.y == c) for c in np.unique(data.y))
-            ]
-        )
-        mask = np.zeros(len(data), dtype=bool)
-        mask[test] = True
-        return data.subset(np.flatnonzero(~mask)), data.subset(np.sort(test))
+        return stratified_split(self.load_bundled(), seed=_SPLIT_SEED)
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 - tasks live as long as the process
     def _parts(self, n: int, partition: str, seed: int) -> list[np.ndarray]:
