@@ -68,7 +68,8 @@ def simulate(args: list[str], crash_at: str | None = None) -> int:
 
 
 def rounds(out: Path) -> list[int]:
-    return [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    path = out / "metrics.jsonl"  # absent: no round stored yet
+    return [json.loads(line)["round"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def main() -> None:

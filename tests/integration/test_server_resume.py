@@ -36,7 +36,8 @@ def server(
 
 
 def rounds(state: Path) -> list[int]:
-    return [json.loads(line)["round"] for line in (state / "metrics.jsonl").read_text().splitlines()]
+    path = state / "metrics.jsonl"  # absent: no round stored yet
+    return [json.loads(line)["round"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_a_server_killed_in_round_6_resumes_over_mutual_tls_to_the_uninterrupted_model(
