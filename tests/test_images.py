@@ -58,3 +58,42 @@ def test_a_site_folder_must_fit_the_jobs_schema(digits_folder: Path, tmp_path: P
         task.site_data(str(site), partition="iid", seed=0, partitions=1)
     with pytest.raises(ValueError, match="needs its schema"):
         build_task("images").configure({})
+
+
+def test_sites_train_their_own_folders_over_grpc_with_the_jobs_schema(
+    digits_folder: Path, tmp_path: Path
+) -> None:
+    """The server knows only the schema ([task] classes, image_size, channels); each site
+    reads its own folder and evaluates on its own held-out part."""
+    import asyncio
+    import shutil
+
+    from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
+    from tests.integration.test_grpc_rounds import federation
+
+    sites = []
+    for k in range(2):  # every other image of each class to each site
+        site = tmp_path / f"site-{k + 1}"
+        for class_dir in sorted(digits_folder.iterdir()):
+            (site / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[k::2]:
+                shutil.copy(image, site / class_dir.name / image.name)
+        sites.append(site)
+    e = load_experiment().override(
+        task__name="images", task__classes=[f"digit-{d}" for d in range(10)], task__image_size=[8, 8],
+        task__channels=1, federation__rounds=8, federation__min_sites=2,
+    )  # fmt: skip
+
+    def agent(port: int, k: int) -> SiteAgent:
+        settings = AgentSettings(
+            f"127.0.0.1:{port}", "images", str(sites[k]), None, site_name=f"site-{k + 1}"
+        )
+        return SiteAgent(settings, build_task("images"))  # the schema comes with the job
+
+    async def run_sites(port: int) -> list[object]:
+        return list(await asyncio.gather(*(agent(port, k).run() for k in range(2))))
+
+    result, outcomes = asyncio.run(federation(e, tmp_path, run_sites))
+    assert outcomes == [Outcome.COMPLETED, Outcome.COMPLETED]
+    last = result.records[-1]
+    assert last.evaluation == "federated" and last.accuracy is not None and last.accuracy >= 0.85

@@ -202,7 +202,8 @@ class SiteAgent:
         key = (welcome.run_id, welcome.task, *sorted(config.items()))
         if self.site is not None and key == self._site_key:
             return
-        try:
+        try:  # the job's task settings first (where the model comes from, the data schema)
+            self.task.configure(job_from_config(config))
             data = self.task.site_data(
                 self.settings.data_uri,
                 partition=str(config["partition"]),
@@ -211,8 +212,7 @@ class SiteAgent:
             )
         except (KeyError, ValueError) as err:
             raise _Rejected(f"cannot load data {self.settings.data_uri!r} for this run: {err}") from None
-        try:  # the job's task settings (where the model comes from), then the model's template
-            self.task.configure(job_from_config(config))
+        try:  # the model's template, from the configured task
             stages = SiteStages(welcome.site_name, self.privacy)
             self.site = Site(name=welcome.site_name, task=self.task, data=data, stages=stages)
         except ValueError as err:

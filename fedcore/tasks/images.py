@@ -93,6 +93,11 @@ class Images(BundledTask):
             )
         return self.load_folder(self.data)
 
+    def test_data(self, *, seed: int, partitions: int) -> Dataset | None:
+        """The held-out part of the simulation's folder; a server without one evaluates
+        federatedly, on the sites' own held-out parts."""
+        return super().test_data(seed=seed, partitions=partitions) if self.data is not None else None
+
     def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
         if uri.startswith("builtin:"):
             return super().site_data(uri, partition=partition, seed=seed, partitions=partitions)
