@@ -104,13 +104,9 @@ def export(directory: Path, fmt: ExportFormat, out: Path, round_number: int | No
         arrays = store.model(chosen.round)  # SHA-256 checked
     about = {**asdict(chosen), "input": "", "format": fmt.value}
     if fmt is ExportFormat.SAFETENSORS:
-        from safetensors.numpy import save_file
+        from fedcore.engine.records import save_model
 
-        save_file(
-            {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-            str(out),
-            metadata={"fedcore": json.dumps(about)},
-        )
+        save_model(out, arrays, metadata={"fedcore": json.dumps(about)})
         return chosen
     model, example, description = _torch_model(experiment, arrays)
     about["input"] = description

@@ -19,10 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedcore.config import Experiment
 from fedcore.engine import RoundRecord, RunState
+from fedcore.engine.records import save_model
 from fedcore.errors import ConfigError
 from fedcore.tensors import Arrays
 
@@ -97,13 +96,6 @@ def metrics_of(record: RoundRecord) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)}
 
 
-def _save_model(parameters: Arrays, path: Path) -> Path:
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v) for k, v in parameters.items()}, str(path))
-    return path
-
-
 class MlflowTracker(Tracker):
     def __init__(self, uri: str) -> None:
         try:
@@ -149,9 +141,8 @@ class MlflowTracker(Tracker):
             return
         if parameters is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                self.client.log_artifact(
-                    self.run, str(_save_model(parameters, Path(tmp) / "model.safetensors"))
-                )
+                save_model(Path(tmp) / "model.safetensors", parameters)
+                self.client.log_artifact(self.run, str(Path(tmp) / "model.safetensors"))
         self.client.set_terminated(self.run, "FINISHED" if completed else "KILLED")
 
 
@@ -186,5 +177,5 @@ class TensorBoardTracker(Tracker):
         if self.writer is None:
             return
         if parameters is not None:
-            _save_model(parameters, self.run_dir / "model.safetensors")
+            save_model(self.run_dir / "model.safetensors", parameters)
         self.writer.close()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ SIMULATIONS = Path(__file__).resolve().parents[1] / "simulations"
 TASK = "flower:flower_client_example:client_fn"
 SITES, ROUNDS = 3, 3
 TRAIN = {"local_epochs": 2, "batch_size": 16, "lr": 0.1, "weight_decay": 0.001}
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 def _flower(initial_path: str) -> dict[str, Any]:
@@ -93,28 +90,10 @@ def _flower(initial_path: str) -> dict[str, Any]:
 
 
 def run_flower(initial_path: Path) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        **QUIET_ENV,
-        "PYTHONPATH": os.pathsep.join([str(SIMULATIONS), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__, str(initial_path)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, (
-        f"Flower simulation failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
-    )
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return run_flower_script(__file__, str(initial_path))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the Flower half needs only the imports above
     print(json.dumps(_flower(sys.argv[1])), flush=True)
     sys.exit(0)
 
@@ -128,6 +107,7 @@ from fedcore.simulation import run_simulation  # noqa: E402
 from fedcore.tasks import build_task  # noqa: E402
 from fedcore.tasks.flower import FlowerTask, names  # noqa: E402
 from tests.integration.test_grpc_rounds import federation  # noqa: E402
+from tests.support.flower_script import run_flower_script  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

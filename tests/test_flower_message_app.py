@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ TASK = "flower:flower_message_app:app"
 INITIAL = "flower_message_app:initial_arrays"
 SITES, ROUNDS = 3, 3
 TRAIN = {"lr": 0.5, "local_epochs": 5}
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 def _flower() -> dict[str, list[float]]:
@@ -59,7 +56,7 @@ def _flower() -> dict[str, list[float]]:
     return out
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the Flower half needs only the imports above
     print(json.dumps(_flower()), flush=True)
     sys.exit(0)
 
@@ -67,6 +64,7 @@ if __name__ == "__main__":
 from fedcore import load_experiment, run_simulation  # noqa: E402
 from fedcore.config import Experiment  # noqa: E402
 from tests.integration.test_grpc_rounds import federation  # noqa: E402
+from tests.support.flower_script import run_flower_script  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -87,20 +85,7 @@ def experiment() -> Experiment:
 
 
 def run_flower() -> dict[str, Any]:
-    env = {
-        **os.environ,
-        **QUIET_ENV,
-        "PYTHONPATH": os.pathsep.join([str(SIMULATIONS), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__], stdout=subprocess.PIPE, text=True, env=env, timeout=300, check=False
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, (
-        f"Flower simulation failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
-    )
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return run_flower_script(__file__)
 
 
 @pytest.mark.slow

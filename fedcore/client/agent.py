@@ -25,6 +25,7 @@ from fedcore.privacy.site_policy import SitePrivacy
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.tasks import Task, task_source
 from fedcore.tasks.base import job_from_config
+from fedcore.tasks.plugins import TaskSource
 from fedcore.tensors import PayloadAssembler, check_header_like
 from fedcore.wire import (
     KIND_TO_WIRE,
@@ -90,6 +91,7 @@ class SiteAgent:
         self.run_end: pb.RunEnd | None = None
         self._last_contact = time.monotonic()
         self._inflight: asyncio.Future[Reply] | None = None
+        self._code: TaskSource | None = None  # the task's package, version and code hash
 
     def _channel(self) -> grpc.aio.Channel:
         s = self.settings
@@ -188,7 +190,9 @@ class SiteAgent:
             return None  # refused below, without a word to the server
         identity = welcome.task_identity
         job = JobCode(identity.package, identity.version, identity.code_hash)
-        return refusal(self.settings.approved_tasks, task_source(self.settings.task_name), job)
+        if self._code is None:  # once: the code this process loaded, not what is on disk later
+            self._code = task_source(self.settings.task_name)
+        return refusal(self.settings.approved_tasks, self._code, job)
 
     def _prepare(self, welcome: pb.Welcome) -> None:
         """Load the site's data the way the run says (once per distinct run setup)."""

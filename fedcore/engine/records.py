@@ -43,7 +43,7 @@ class RoundRecord:
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-safe dict: non-finite numbers (NaN, infinity) become null."""
-        clean: dict[str, Any] = _finite(asdict(self))
+        clean: dict[str, Any] = finite(asdict(self))
         return clean
 
     @classmethod
@@ -63,13 +63,14 @@ class RoundRecord:
         return cls(**values)
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
+    """`value` with non-finite floats (NaN, infinity) as None, for strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
     return value
 
 
@@ -98,7 +99,7 @@ def site_rows(record: RoundRecord) -> list[dict[str, Any]]:
         if picked is not None:  # a robust rule saw this site's update and left it out
             row["trimmed"] = site in picked
         if site in record.site_epsilon:
-            row["epsilon"] = _finite(record.site_epsilon[site])
+            row["epsilon"] = finite(record.site_epsilon[site])
             row["delta"] = record.delta
         rows.append(row)
     return rows

@@ -13,7 +13,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import sqlite3
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load, save
 
-from fedcore.engine.records import RoundRecord, site_rows
+from fedcore.engine.records import RoundRecord, finite, site_rows
 from fedcore.engine.run_state import RunState, safetensors_metadata
 from fedcore.engine.state_files import append_lines, atomic_write, lock
 from fedcore.errors import ConfigError
@@ -69,19 +68,9 @@ class StoredRound:
     model_sha256: str | None  # None: the model was pruned by keep_models
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _dumps(value: Any) -> str:
     """The one JSON text stored and written to the views (NaN/infinity -> null, strict JSON)."""
-    return json.dumps(_finite(value), allow_nan=False)
+    return json.dumps(finite(value), allow_nan=False)
 
 
 def load_ordered(blob: bytes) -> dict[str, np.ndarray]:

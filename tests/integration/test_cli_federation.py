@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,27 @@ def fedcore(*args: str | Path | int, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "fedcore", *map(str, args)], stdout=out, stderr=subprocess.STDOUT, env=env
         )
+
+
+def start_sites(
+    port: int, pki: Path, sites: Sequence[str], logs: dict[str, Path]
+) -> dict[str, subprocess.Popen[bytes]]:
+    """A `fedcore client` per site with its kit from `pki`; site K of N holds builtin:K/N."""
+    return {
+        site: fedcore(
+            "client",
+            "--server",
+            f"localhost:{port}",
+            "--pki",
+            pki / "sites" / site,
+            "--task",
+            "breast_cancer",
+            "--data",
+            f"builtin:{k}/{len(sites)}",
+            log=logs[site],
+        )
+        for k, site in enumerate(sites, start=1)
+    }
 
 
 def free_port() -> int:
@@ -120,11 +142,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
             log=logs["no-certificate"],
         ),
     }
-    for k, site in enumerate(SITES, start=1):
-        processes[site] = fedcore(
-            "client", "--server", f"localhost:{port}", "--pki", pki / "sites" / site,
-            "--task", "breast_cancer", "--data", f"builtin:{k}/3", log=logs[site],
-        )  # fmt: skip
+    processes.update(start_sites(port, pki, SITES, logs))
     codes = {name: wait(p, logs[name]) for name, p in processes.items()}
     return Run(d, codes, logs)
 
@@ -196,21 +214,7 @@ def test_secure_aggregation_over_mutual_tls_survives_a_site_killed_during_masked
         "--min-sites", 3, "--state", tmp_path / "state", "--secure-aggregation", "--config", _start_with(tmp_path, 5, SLOW_EPOCHS),
         log=logs["server"],
     )  # fmt: skip
-    clients = {
-        s: fedcore(
-            "client",
-            "--server",
-            f"localhost:{port}",
-            "--pki",
-            pki / "sites" / s,
-            "--task",
-            "breast_cancer",
-            "--data",
-            f"builtin:{k}/5",
-            log=logs[s],
-        )
-        for k, s in enumerate(sites, start=1)
-    }
+    clients = start_sites(port, pki, sites, logs)
     deadline = time.monotonic() + 120
     while "round 3 fit started" not in logs["site-5"].read_text():  # training = the masked-input stage
         assert time.monotonic() < deadline and clients["site-5"].poll() is None, logs["site-5"].read_text()[

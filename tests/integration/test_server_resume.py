@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedcore import load_experiment, run_simulation
-from tests.integration.test_cli_federation import fedcore, free_port, wait
+from tests.integration.test_cli_federation import fedcore, free_port, start_sites, wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,21 +53,7 @@ def test_a_server_killed_in_round_6_resumes_over_mutual_tls_to_the_uninterrupted
     flags = ("--pki", pki, "--task", "breast_cancer", "--rounds", 10, "--min-sites", 3)
     logs = {name: tmp_path / f"{name}.log" for name in ("server", "resumed", *SITES)}
     first = server(port, state, logs["server"], *flags, crash_at="6:fit")
-    clients = {
-        s: fedcore(
-            "client",
-            "--server",
-            f"localhost:{port}",
-            "--pki",
-            pki / "sites" / s,
-            "--task",
-            "breast_cancer",
-            "--data",
-            f"builtin:{k}/3",
-            log=logs[s],
-        )
-        for k, s in enumerate(SITES, start=1)
-    }
+    clients = start_sites(port, pki, SITES, logs)
     assert wait(first, logs["server"]) == -signal.SIGKILL, logs["server"].read_text()[-3000:]
     # Without DP round 5 is written while round 6 runs: it may not have been durable yet.
     assert rounds(state) in ([1, 2, 3, 4, 5], [1, 2, 3, 4])
