@@ -6,7 +6,6 @@ Bad configuration or arguments exit with code 2 and one line saying what is wron
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -15,11 +14,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from fedcore import lifecycle, task_packages
+from fedcore.client import command as client_command
 from fedcore.config import AggregationRule, Backend, Experiment, PrivacyMode, StrategyName, load_experiment
 from fedcore.errors import ConfigError, FedcoreError
 
 EXIT_CONFIG = 2
-EXIT_REJECTED = 3
 INSECURE_WARNING = "WARNING: --insecure: traffic is plaintext and sites are not authenticated; use only for local experiments"
 
 
@@ -36,6 +35,7 @@ _FLAGS = {
     "ray_address": "simulation__ray_address", "seed": "data__seed", "partition": "data__partition",
     "strategy": "strategy__name", "aggregation": "aggregation__rule", "privacy": "privacy__mode",
     "noise_multiplier": "privacy__noise_multiplier", "target_epsilon": "privacy__target_epsilon", "data": "task__data",
+    "label": "task__label",
 }  # fmt: skip
 
 
@@ -202,62 +202,6 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace) -> int:
-    from fedcore import pki
-    from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
-    from fedcore.client.site_config import load_site_config, site_privacy
-    from fedcore.client.task_policy import parse_policy
-    from fedcore.tasks import build_task
-    from fedcore.tasks.torch_task import check_device
-
-    site = load_site_config(args.config) if args.config else {}
-
-    def pick(flag: object, key: str, what: str | None = None) -> object:
-        value = flag if flag is not None else site.get(key)
-        if value is None and what:
-            raise ConfigError(f"give {what} (or set {key.replace('.', ' ')} in the site file)")
-        return value
-
-    server = str(pick(args.server, "server.address", "--server HOST:PORT"))
-    task_name = str(pick(args.task, "data.task", "--task TASK"))
-    data_uri = str(pick(args.data, "data.uri", "--data URI"))
-    kit = pick(args.pki, "identity.kit")
-    insecure = bool(args.insecure or site.get("identity.insecure", False))
-    name = pick(args.name, "identity.name")
-    if insecure == (kit is not None):
-        raise ConfigError("give either --pki KIT (this site's kit folder) or --insecure")
-    if insecure and not name:
-        raise ConfigError("--insecure needs --name NAME (with --pki the certificate names the site)")
-    try:
-        task = build_task(task_name, None)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    device = pick(args.device, "agent.device")
-    check_device(str(device) if device else None)
-    if device:
-        task.device = device  # type: ignore[attr-defined]
-    tls = pki.site_files(Path(str(kit))) if kit else None
-    if insecure:
-        print(INSECURE_WARNING, file=sys.stderr)
-    _logging(args.verbose)
-    settings = AgentSettings(
-        server=server,
-        task_name=task_name,
-        data_uri=data_uri,
-        tls=tls,
-        site_name=str(name or ""),
-        give_up_after=float(pick(args.give_up_after, "agent.give_up_after") or 600.0),  # type: ignore[arg-type]
-        approved_tasks=parse_policy(site["policy.tasks"]) if "policy.tasks" in site else None,
-    )
-    outcome = asyncio.run(
-        SiteAgent(settings, task, site_privacy(site, args.privacy_ledger, args.max_epsilon, kit, name)).run()
-    )
-    logging.getLogger("fedcore.client").info("site agent finished: %s", outcome.value)
-    return {Outcome.COMPLETED: 0, Outcome.STOPPED: 0, Outcome.GAVE_UP: 1, Outcome.REJECTED: EXIT_REJECTED}[
-        outcome
-    ]
-
-
 def _pki(args: argparse.Namespace) -> int:
     from fedcore import pki
 
@@ -315,6 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     experiment_flags(sim)
     sim.add_argument("--sites", type=int, help="number of virtual sites")
     sim.add_argument("--data", help="one file or folder split into the virtual sites (e.g. --task images)")
+    sim.add_argument("--label", help="tabular: the label column of --data")
     sim.add_argument("--workers", type=int, help="sites trained in parallel (default: the number of cores)")
     sim.add_argument(
         "--backend", type=str.lower, choices=[b.value for b in Backend], help="local (default) or ray"
@@ -346,22 +291,10 @@ def _parser() -> argparse.ArgumentParser:
     experiment_flags(srv)
     srv.set_defaults(run=_server)
 
-    cli = sub.add_parser("client", help="run a site's agent (dials out to the server)")
-    cli.add_argument("--config", help="site file (TOML, see client/site.toml); flags override it")
-    cli.add_argument("--server", help="HOST:PORT of the server")
-    cli.add_argument("--pki", help="this site's kit folder from `fedcore pki add-site`")
-    cli.add_argument("--task", help="the installed task this site trains")
-    cli.add_argument("--data", help="builtin:K/N (part K of N of the bundled data) or a CSV path")
-    cli.add_argument("--insecure", action="store_true", help="plaintext, no authentication")
-    cli.add_argument("--name", help="site name (only with --insecure)")
-    cli.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    cli.add_argument(
-        "--give-up-after", type=float, help="seconds without a server before exiting (default 600)"
+    client_command.add_command(
+        sub,
+        run=lambda args: client_command.run(args, setup_logging=_logging, insecure_warning=INSECURE_WARNING),
     )
-    cli.add_argument("--privacy-ledger", help="this site's privacy ledger (default: in its kit folder)")
-    cli.add_argument("--max-epsilon", type=float, help="this site's total privacy budget (all runs)")
-    cli.add_argument("-v", "--verbose", action="store_true")
-    cli.set_defaults(run=_client)
 
     task_packages.add_commands(sub)
     lifecycle.add_commands(sub)

@@ -48,6 +48,11 @@ class FederationConfig:
     keep_models: int | None = None  # the run store keeps the models of the latest N rounds (None: all)
 
 
+class Standardise(enum.StrEnum):
+    FEDERATED = "federated"  # from statistics the sites sum before round 1
+    RANGES = "ranges"  # from the declared [task] ranges alone: nothing about the data leaves
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "breast_cancer"
@@ -63,6 +68,13 @@ class TaskConfig:
     image_size: tuple[int, ...] | None = None  # images: [height, width]; every image is resized
     channels: int | None = None  # images: 1 (grey) or 3 (RGB)
     data: str | None = None  # simulate: one file or folder, split into the virtual sites
+    # tabular: the label column, the feature columns (in order), the categories of the
+    # categorical ones, and public [low, high] bounds of numeric ones (secure or DP statistics).
+    label: str | None = None
+    columns: tuple[str, ...] | None = None
+    categories: dict[str, tuple[str, ...]] | None = None
+    ranges: dict[str, tuple[float, ...]] | None = None
+    standardise: Standardise = Standardise.FEDERATED  # tabular
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,9 @@ class PrivacyConfig:
     clip_learning_rate: float = 0.2  # adaptive: geometric step of the clip norm
     clipped_count_stddev: float | None = None  # adaptive: noise on the unclipped count (None: sites/20)
     secure_rng: bool = True  # False: reproducible noise for tests, and NO privacy
+    # sample: the Gaussian noise (x the per-record sensitivity) each site adds to the
+    # statistics a task asks for before round 1 (tabular's standardisation)
+    statistics_noise_multiplier: float = 10.0
 
     @property
     def enabled(self) -> bool:
@@ -215,6 +230,7 @@ _CHOICES: dict[str, tuple[type[enum.StrEnum], str]] = {
     "Backend": (Backend, "backend"),
     "PrivacyMode": (PrivacyMode, "privacy mode"),
     "StrategyName": (StrategyName, "strategy"),
+    "Standardise": (Standardise, "standardisation"),
 }
 
 
@@ -306,6 +322,7 @@ def _validate_privacy(e: Experiment, need: Callable[[bool, str], None]) -> None:
     need(p.noise_multiplier is None or p.noise_multiplier > 0, "[privacy] noise_multiplier must be > 0")
     need(p.target_epsilon is None or p.target_epsilon > 0, "[privacy] target_epsilon must be > 0")
     need(0 < p.delta < 1, f"[privacy] delta must be in (0, 1), got {p.delta}")
+    need(p.statistics_noise_multiplier > 0, "[privacy] statistics_noise_multiplier must be > 0")
     need(p.max_grad_norm > 0 and p.clip_norm > 0, "[privacy] max_grad_norm and clip_norm must be > 0")
     need(0 < p.target_quantile < 1, "[privacy] target_quantile must be in (0, 1)")
     need(p.clip_learning_rate > 0, "[privacy] clip_learning_rate must be > 0")

@@ -88,6 +88,15 @@ def _coerce(value: Any, kind: Any, where: str, choices: Choices) -> Any:
                 f"{where} must be a list of {'strings' if item is str else 'integers'}, got {value!r}"
             )
         return tuple(value)
+    if base in ("dict[str, tuple[str, ...]]", "dict[str, tuple[float, ...]]"):
+        item_kind = base.removeprefix("dict[str, ").removesuffix("]")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table of lists, got {value!r}")
+        return {str(k): _coerce(v, item_kind, f"{where}.{k}", choices) for k, v in value.items()}
+    if base == "tuple[float, ...]":
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
+        return tuple(_coerce(v, "float", where, choices) for v in value)
     if base in choices:
         choice, what = choices[base]
         try:

@@ -29,6 +29,7 @@ KIND_TO_WIRE = {
     InstructionKind.FIT: pb.INSTRUCTION_KIND_FIT,
     InstructionKind.EVALUATE: pb.INSTRUCTION_KIND_EVALUATE,
     InstructionKind.STAGE: pb.INSTRUCTION_KIND_STAGE,
+    InstructionKind.STATISTICS: pb.INSTRUCTION_KIND_STATISTICS,
 }
 KIND_FROM_WIRE: dict[int, InstructionKind] = {v: k for k, v in KIND_TO_WIRE.items()}
 REFUSAL_TO_WIRE = {

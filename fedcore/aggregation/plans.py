@@ -70,4 +70,32 @@ class QuantizePlan(PlanItem):
     equal_weights: bool = False  # w = 1
 
 
-StagePlan = ClipPlan | SampleDPPlan | CentralNoisePlan | DistributedNoisePlan | QuantizePlan
+@dataclass(frozen=True)
+class StatisticsNoisePlan(PlanItem):
+    """Gaussian noise on a task's statistics vector (before round 1): std = noise_multiplier x
+    the task's per-record sensitivity, charged to the site's ledger as one Gaussian release."""
+
+    private: ClassVar[bool] = True
+    noise_multiplier: float
+    delta: float
+    run: str
+    secure_rng: bool = True
+
+
+@dataclass(frozen=True)
+class StatisticsScalePlan(PlanItem):
+    """Divide a task's statistics vector by `scale` (a public cap on a site's records), so
+    that its entries fit the secure sum's fixed point."""
+
+    scale: float
+
+
+StagePlan = (
+    ClipPlan
+    | SampleDPPlan
+    | CentralNoisePlan
+    | DistributedNoisePlan
+    | QuantizePlan
+    | StatisticsNoisePlan
+    | StatisticsScalePlan
+)

@@ -9,6 +9,7 @@ masked. The privacy the round cost is written to the site's ledger before anythi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,10 @@ from fedcore.aggregation.plans import (
     QuantizePlan,
     SampleDPPlan,
     StagePlan,
+    StatisticsNoisePlan,
+    StatisticsScalePlan,
 )
-from fedcore.errors import ProtocolError
+from fedcore.errors import PrivacyBudgetError, ProtocolError
 from fedcore.privacy.accountant import Mechanism
 from fedcore.privacy.distributed import DistributedNoise
 from fedcore.privacy.distributed import encode as encode_distributed
@@ -46,6 +49,7 @@ class Prepared:
     dp: SampleDP | None = None  # DP-SGD settings for the task's training
     secure_rng: bool = True
     spend: RoundPlan | None = None  # what the ledger records before the update leaves
+    sensitivity: float | None = None  # statistics: one record's L2 contribution, what noise scales to
 
     @property
     def private(self) -> bool:
@@ -108,13 +112,16 @@ class SiteStages:
         batch_size: int,
         local_epochs: int,
         dimension: int,
+        sensitivity: float | None = None,
     ) -> Prepared:
-        """Judge the plan by the site's policy; PrivacyBudgetError when it forbids the round."""
+        """Judge the plan by the site's policy; PrivacyBudgetError when it forbids the round.
+        `sensitivity`: a statistics vector's per-record L2 bound (None: unbounded)."""
         sample = _one(plan, SampleDPPlan)
         distributed = _one(plan, DistributedNoisePlan)
         central = _one(plan, CentralNoisePlan)
+        statistics = _one(plan, StatisticsNoisePlan)
         quantize = _one(plan, QuantizePlan)
-        if sum(x is not None for x in (sample, distributed, central)) > 1:
+        if sum(x is not None for x in (sample, distributed, central, statistics)) > 1:
             raise ProtocolError("the stage plan asks for two kinds of differential privacy")
         if masked != (quantize is not None or distributed is not None):
             raise ProtocolError(
@@ -148,6 +155,17 @@ class SiteStages:
                 participants=self.secagg.threshold() if masked else None,
             )
             prepared = Prepared(plan, secure_rng=self.privacy.secure_rng(distributed.secure_rng), spend=spend)
+        elif isinstance(statistics, StatisticsNoisePlan):
+            if sensitivity is None:
+                raise PrivacyBudgetError(
+                    "privacy policy: the task's statistics have no per-record bound (no public "
+                    "ranges), so no noise can make them private"
+                )
+            spend = self.privacy.plan_statistics(
+                noise_multiplier=statistics.noise_multiplier, delta=statistics.delta, run=statistics.run
+            )
+            rng = self.privacy.secure_rng(statistics.secure_rng)
+            prepared = Prepared(plan, secure_rng=rng, spend=spend, sensitivity=sensitivity)
         else:
             self.privacy.refuse_unaccounted("user-central DP" if central is not None else "no DP")
         if prepared.private:
@@ -197,6 +215,15 @@ class SiteStages:
                 random = dp_random(secure=prepared.secure_rng, seed=seed)
                 encoded = encode_distributed(flatten(update, template), prepared.spend.distributed, random)
                 integers = encoded.view(np.uint64)
+            elif isinstance(item, StatisticsNoisePlan) and prepared.spend is not None:
+                assert prepared.sensitivity is not None
+                std = prepared.spend.mechanism.noise_multiplier * prepared.sensitivity
+                random = dp_random(secure=prepared.secure_rng, seed=seed)
+                update = {k: gaussian_noised(v, std, random) for k, v in update.items()}
+            elif isinstance(item, StatisticsScalePlan):
+                if not item.scale >= 1:
+                    raise ProtocolError(f"a statistics scale must be >= 1, got {item.scale}")
+                update = {k: v / item.scale for k, v in update.items()}
             elif isinstance(item, QuantizePlan):
                 integers = quantized_contribution(
                     update,
@@ -240,6 +267,15 @@ class SiteStages:
         state = state or StageState()
         self.secagg.state, self.private = state.secagg, state.private
         self.privacy.ledger.restore(state.ledger)
+
+
+def gaussian_noised(values: np.ndarray, std: float, random: SecureRandom) -> np.ndarray:
+    """values + N(0, std^2), snapped to a power-of-two grid far below the noise (std / 2^10
+    or finer): the low bits of a float sum cannot tell which values were noised (Mironov 2012)."""
+    noised = values + random.gaussian(values.size, std).reshape(values.shape)
+    grid = math.ldexp(1.0, math.frexp(std)[1] - 11)
+    snapped: np.ndarray = np.round(noised / grid) * grid
+    return snapped
 
 
 @dataclass

@@ -12,6 +12,8 @@ from fedcore.aggregation.plans import (
     QuantizePlan,
     SampleDPPlan,
     StagePlan,
+    StatisticsNoisePlan,
+    StatisticsScalePlan,
 )
 from fedcore.errors import ProtocolError
 from fedcore.proto.v1 import federation_pb2 as pb
@@ -35,6 +37,10 @@ def plan_to_wire(plan: Iterable[StagePlan]) -> list[pb.StagePlan]:
             out.append(pb.StagePlan(distributed_noise=pb.DistributedNoisePlan(**vars(item))))
         elif isinstance(item, QuantizePlan):
             out.append(pb.StagePlan(quantize=pb.QuantizePlan(**vars(item))))
+        elif isinstance(item, StatisticsNoisePlan):
+            out.append(pb.StagePlan(statistics_noise=pb.StatisticsNoisePlan(**vars(item))))
+        elif isinstance(item, StatisticsScalePlan):
+            out.append(pb.StagePlan(statistics_scale=pb.StatisticsScalePlan(**vars(item))))
         else:
             raise TypeError(f"not a stage plan item: {type(item).__name__}")
     return out
@@ -73,6 +79,11 @@ def plan_from_wire(items: Iterable[pb.StagePlan]) -> tuple[StagePlan, ...]:
         elif which == "quantize":
             q = item.quantize
             out.append(QuantizePlan(q.clip_range, q.step, q.max_examples, q.bits, q.equal_weights))
+        elif which == "statistics_noise":
+            n = item.statistics_noise
+            out.append(StatisticsNoisePlan(n.noise_multiplier, n.delta, n.run, n.secure_rng))
+        elif which == "statistics_scale":
+            out.append(StatisticsScalePlan(item.statistics_scale.scale))
         else:
             raise ProtocolError(f"unknown stage in the plan: {which!r}")
         numbers = [v for v in vars(out[-1]).values() if isinstance(v, float)]

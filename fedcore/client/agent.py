@@ -11,7 +11,8 @@ import gc
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -61,6 +62,7 @@ class Outcome(enum.Enum):
     STOPPED = "stopped"  # the server ended the run early
     GAVE_UP = "gave up"  # no server for longer than `give_up_after`
     REJECTED = "rejected"  # the server refused this site (wrong task, protocol, identity)
+    BAD_DATA = "bad data"  # the site's data does not fit the job's schema (SiteAgent.problem says how)
 
 
 @dataclass
@@ -75,9 +77,14 @@ class AgentSettings:
     backoff_max: float = 30.0
     give_up_after: float = 600.0  # seconds without a working connection
     approved_tasks: list[Approval] | None = None  # site.toml [policy] tasks; None: no policy
+    data_settings: dict[str, Any] = field(default_factory=dict)  # how the site's file maps to the job (label)
 
 
 class _Rejected(FedcoreError):
+    pass
+
+
+class _BadData(FedcoreError):
     pass
 
 
@@ -92,6 +99,7 @@ class SiteAgent:
         self._last_contact = time.monotonic()
         self._inflight: asyncio.Future[Reply] | None = None
         self._code: TaskSource | None = None  # the task's package, version and code hash
+        self.problem = ""  # why the site stopped with Outcome.BAD_DATA
 
     def _channel(self) -> grpc.aio.Channel:
         s = self.settings
@@ -117,6 +125,9 @@ class SiteAgent:
             except _Rejected as err:
                 log.error("the server refused this site: %s", err)
                 return Outcome.REJECTED
+            except _BadData as err:
+                self.problem = str(err)
+                return Outcome.BAD_DATA
             except ProtocolError as err:
                 log.warning("the server broke the protocol: %s", err)
             except grpc.aio.AioRpcError as err:
@@ -207,7 +218,10 @@ class SiteAgent:
         if self.site is not None and key == self._site_key:
             return
         try:  # the job's task settings first (where the model comes from, the data schema)
-            self.task.configure(job_from_config(config))
+            self.task.configure({**job_from_config(config), **self.settings.data_settings})
+        except (KeyError, ValueError) as err:
+            raise _Rejected(f"cannot set up task {welcome.task!r} for this run: {err}") from None
+        try:  # the site's own data, against the job's schema: a mismatch sends nothing
             data = self.task.site_data(
                 self.settings.data_uri,
                 partition=str(config["partition"]),
@@ -215,7 +229,8 @@ class SiteAgent:
                 partitions=int(config["partitions"]),
             )
         except (KeyError, ValueError) as err:
-            raise _Rejected(f"cannot load data {self.settings.data_uri!r} for this run: {err}") from None
+            where = self.settings.data_uri
+            raise _BadData(str(err) if where in str(err) else f"data {where}: {err}") from None
         try:  # the model's template, from the configured task
             stages = SiteStages(welcome.site_name, self.privacy)
             self.site = Site(name=welcome.site_name, task=self.task, data=data, stages=stages)
@@ -250,8 +265,11 @@ class SiteAgent:
                     # Checked against the model before any allocation: a server cannot make
                     # this site reserve memory for a payload the model does not have.
                     # (A secure-aggregation stage other than the masked input carries no model.)
-                    stage = kind_from_wire(message.instruction.kind) is InstructionKind.STAGE
-                    check_header_like(message.instruction.payload, {} if stage else self.site.template)
+                    modelless = kind_from_wire(message.instruction.kind) in (
+                        InstructionKind.STAGE,
+                        InstructionKind.STATISTICS,
+                    )
+                    check_header_like(message.instruction.payload, {} if modelless else self.site.template)
                     current = (message.instruction, PayloadAssembler(message.instruction.payload))
                 elif body == "chunk" and current is not None:
                     current[1].add(message.chunk.data)

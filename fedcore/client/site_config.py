@@ -2,7 +2,7 @@
 
 [server]    address
 [identity]  kit, insecure, name
-[data]      task, uri
+[data]      task, uri, label, features (tabular: the label column, the columns to use)
 [agent]     device, give_up_after
 [privacy]   ledger, max_epsilon, delta, min_noise_multiplier, require_dp
 [policy]    tasks (the task code this site approves: "NAME==VERSION[@SHA256]")
@@ -23,7 +23,7 @@ log = logging.getLogger("fedcore.client")
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "server": {"address": str},
     "identity": {"kit": str, "insecure": bool, "name": str},
-    "data": {"task": str, "uri": str},
+    "data": {"task": str, "uri": str, "label": str, "features": list},
     "agent": {"device": str, "give_up_after": (int, float)},
     "privacy": {
         "ledger": str,

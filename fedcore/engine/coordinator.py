@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedcore.aggregation import (
     Drop,
     Exchange,
@@ -31,26 +33,21 @@ from fedcore.aggregation import (
     StopRun,
     build_pipeline,
 )
+from fedcore.aggregation.statistics import build_statistics_pipeline
 from fedcore.config import Experiment
 from fedcore.engine import faults
-from fedcore.engine.gather import Traffic, gather, weighted
+from fedcore.engine.gather import EvaluationMetrics, Traffic, gather, weighted
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.engine.records import RoundRecord, RoundStore
 from fedcore.engine.run_state import RunState
+from fedcore.engine.statistics import RoundFailed, gather_statistics, statistics_config
 from fedcore.engine.transport import Transport
-from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.seeding import derive_seed, rng
 from fedcore.strategies import Strategy, build_strategy
 from fedcore.tasks import Dataset, Task
 from fedcore.tensors import Arrays
 
 log = logging.getLogger(__name__)
-
-MAX_EXAMPLES = 10**9  # an evaluation reply's example count is bounded like a fit's weight
-
-
-class RoundFailed(FedcoreError):
-    """A round could not gather enough replies within its retries."""
 
 
 @dataclass
@@ -86,6 +83,12 @@ class Coordinator:
         self.test_data = test_data
         self.strategy = strategy or build_strategy(experiment.strategy)
         self.pipeline = pipeline or build_pipeline(experiment, supports_dp_sgd=task.supports_dp_sgd)
+        self.statistics: np.ndarray | None = None  # the task's federated statistics (before round 1)
+        self._statistics_pipeline = (
+            build_statistics_pipeline(experiment, bounded=task.statistics_sensitivity() is not None)
+            if task.statistics_size() > 0
+            else None
+        )
         self.on_round = on_round
         self.ordered_replies = ordered_replies
         self.run_id = run_id or uuid.uuid4().hex
@@ -111,6 +114,8 @@ class Coordinator:
         self.pipeline.load_state_dict(state.pipeline)
         self.transport.load_state(state.transport)
         self.stopped, self.roster = state.stopped, list(state.roster)
+        if state.statistics is not None:
+            self._use_statistics(np.array(state.statistics, dtype=np.float64))
         self.records = list(history)
         self.resumed_at = state.round + 1
 
@@ -125,13 +130,25 @@ class Coordinator:
             stopped=self.stopped,
             roster=list(self.roster),
             transport=self.transport.state(),
+            statistics=None if self.statistics is None else [float(v) for v in self.statistics],
         )
+
+    def _use_statistics(self, total: np.ndarray) -> None:
+        self.task.use_statistics(total)  # the server's own evaluation standardises alike
+        self.statistics = total
 
     async def run(self) -> RunResult:
         """Run every remaining round, then tell the sites the run is over."""
         completed = False
         try:
             try:
+                if self._statistics_pipeline is not None and self.statistics is None:
+                    size, pipeline = self.task.statistics_size(), self._statistics_pipeline
+                    self._use_statistics(
+                        await gather_statistics(
+                            self.experiment, size, pipeline, self.transport, self.run_id, self._gather
+                        )
+                    )
                 while self.round < self.experiment.federation.rounds and not self.stopped:
                     self.records.append(await self._round_with_retries(self.round + 1))
             except StopRun as stop:  # a stage ended the run (e.g. its target epsilon is spent)
@@ -230,6 +247,7 @@ class Coordinator:
             "weight_decay": t.weight_decay if t.weight_decay is not None else defaults["weight_decay"],
             "seed": derive_seed(self.experiment.seed, "train", number, site),
             **self.strategy.fit_config(number),
+            **statistics_config(self.statistics),
         }
 
     async def _round(self, number: int, attempt: int) -> RoundRecord | None:
@@ -367,22 +385,13 @@ class Coordinator:
             # Exact federated metrics would be statistics of the sites' data outside the
             # guarantee (and sites with a privacy policy refuse them).
             return None, None, f"none ({self.pipeline.withholds_evaluation})"
-        accs: list[tuple[float, int]] = []
-        losses: list[tuple[float, int]] = []
-
-        def collect(reply: Reply) -> None:
-            accuracy, loss = reply.metrics.get("accuracy"), reply.metrics.get("loss")
-            if (
-                accuracy is None
-                or loss is None
-                or not math.isfinite(loss)
-                or not 0 < reply.num_examples <= MAX_EXAMPLES
-            ):
-                raise ProtocolError("evaluation reply without finite loss, accuracy and examples")
-            if math.isfinite(accuracy):  # a hosted client may report no accuracy (NaN)
-                accs.append((accuracy, reply.num_examples))
-            losses.append((loss, reply.num_examples))
-
-        instruction = Instruction(InstructionKind.EVALUATE, number, self.parameters, exchange="evaluate")
-        await self._gather("evaluate", sites, lambda s: instruction, collect)
-        return weighted(accs), weighted(losses), "federated"
+        instruction = Instruction(
+            InstructionKind.EVALUATE,
+            number,
+            self.parameters,
+            statistics_config(self.statistics),
+            exchange="evaluate",
+        )
+        metrics = EvaluationMetrics()
+        await self._gather("evaluate", sites, lambda s: instruction, metrics.collect)
+        return weighted(metrics.accuracy), weighted(metrics.loss), "federated"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedcore.aggregation import Drop, DropReason
 from fedcore.engine.messages import Instruction, Reply
 from fedcore.engine.transport import Transport
-from fedcore.errors import SiteUnavailable
+from fedcore.errors import ProtocolError, SiteUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +120,27 @@ class Traffic:
 def weighted(values: list[tuple[float, int]]) -> float | None:
     total = sum(n for _, n in values)
     return sum(v * n for v, n in values) / total if total else None
+
+
+MAX_EXAMPLES = 10**9  # an evaluation reply's example count is bounded like a fit's weight
+
+
+@dataclass
+class EvaluationMetrics:
+    """Federated evaluation's replies: (value, examples) pairs for the weighted means."""
+
+    accuracy: list[tuple[float, int]] = field(default_factory=list)
+    loss: list[tuple[float, int]] = field(default_factory=list)
+
+    def collect(self, reply: Reply) -> None:
+        accuracy, loss = reply.metrics.get("accuracy"), reply.metrics.get("loss")
+        if (
+            accuracy is None
+            or loss is None
+            or not math.isfinite(loss)
+            or not 0 < reply.num_examples <= MAX_EXAMPLES
+        ):
+            raise ProtocolError("evaluation reply without finite loss, accuracy and examples")
+        if math.isfinite(accuracy):  # a hosted client may report no accuracy (NaN)
+            self.accuracy.append((accuracy, reply.num_examples))
+        self.loss.append((loss, reply.num_examples))

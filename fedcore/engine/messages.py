@@ -16,6 +16,7 @@ class InstructionKind(enum.Enum):
     FIT = "fit"
     EVALUATE = "evaluate"
     STAGE = "stage"  # an aggregation stage's exchange without the model (e.g. SecAgg+ keys)
+    STATISTICS = "statistics"  # before round 1: the task's statistics vector (Task.statistics)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ class RunState:
     stopped: str | None = None  # why a stage ended the run early, if one did
     roster: list[str] = field(default_factory=list)  # the sites available at the last round
     transport: Any = None  # the transport's own state, JSON (a simulation's virtual sites)
+    statistics: list[float] | None = None  # the task's federated statistics (engine.statistics)
 
     def to_bytes(self) -> bytes:
         tensors = {_MODEL + k: np.ascontiguousarray(v) for k, v in self.parameters.items()}
@@ -51,6 +52,7 @@ class RunState:
                     "stopped": self.stopped,
                     "roster": self.roster,
                     "transport": self.transport,
+                    "statistics": self.statistics,
                     "strategy_groups": sorted(self.strategy),
                     "names": list(self.parameters),  # safetensors sorts tensors; a model's order matters
                 }
@@ -82,6 +84,7 @@ class RunState:
             stopped=meta["stopped"],
             roster=list(meta["roster"]),
             transport=meta["transport"],
+            statistics=meta.get("statistics"),
         )
 
 

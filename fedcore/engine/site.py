@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -12,12 +13,18 @@ from typing import Any
 import numpy as np
 
 from fedcore.aggregation import RefusalCode, SiteStages, StageState
+from fedcore.aggregation.plans import QuantizePlan, StatisticsNoisePlan, StatisticsScalePlan
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
-from fedcore.errors import ConfigError, FedcoreError, PrivacyBudgetError, SecurityError
+from fedcore.errors import ConfigError, FedcoreError, PrivacyBudgetError, ProtocolError, SecurityError
+from fedcore.seeding import derive_seed
 from fedcore.tasks import SiteData, Task, TrainSettings
 from fedcore.tensors import Arrays, check_finite, check_like
 
 log = logging.getLogger(__name__)
+
+STATISTICS_KEY = "fedcore.statistics"  # an instruction's config entry: the run's statistics, JSON
+STATISTICS_ARRAY = "statistics"  # the one array of a statistics contribution
+STATISTICS_PLAN = (StatisticsNoisePlan, StatisticsScalePlan, QuantizePlan)  # what its plan may hold
 
 
 class Site:
@@ -38,6 +45,7 @@ class Site:
         self.task = task
         self.data = data
         self.stages = stages or SiteStages(name)
+        self._statistics_used: str | None = None  # the run's statistics the task was given
         # Names, shapes and dtypes that incoming models must have.
         self._template = template if template is not None else task.initial_parameters(0)
 
@@ -68,8 +76,11 @@ class Site:
                 return Reply(
                     self.name, instruction.kind, instruction.round, len(self.data.train), message=message
                 )
+            if instruction.kind is InstructionKind.STATISTICS:
+                return self._statistics(instruction)
             check_like(instruction.parameters, self._template)
             check_finite(instruction.parameters)
+            self._use_statistics(instruction.config)
             if instruction.kind is InstructionKind.FIT:
                 return self._fit(instruction)
             return self._evaluate(instruction)
@@ -87,7 +98,63 @@ class Site:
         log.warning("site %s refused round %d (%s): %s", self.name, instruction.round, code.value, why)
         return Reply(self.name, instruction.kind, instruction.round, refusal=why, refusal_code=code)
 
+    def _use_statistics(self, config: Config) -> None:
+        """The run's federated statistics, which come with every instruction after they exist."""
+        raw = config.get(STATISTICS_KEY)
+        if raw is None or raw == self._statistics_used:
+            return
+        if not isinstance(raw, str):
+            raise ValueError(f"instruction's {STATISTICS_KEY!r} must be a JSON list")
+        self.task.use_statistics(np.array(json.loads(raw), dtype=np.float64))
+        self._statistics_used = raw
+
+    def _statistics(self, instruction: Instruction) -> Reply:
+        """The task's statistics vector, through the statistics stages' plan (noise, scale,
+        fixed point) and, under secure aggregation, masked. Nothing else rides on it."""
+        if stray := [i for i in instruction.plan if not isinstance(i, STATISTICS_PLAN)]:
+            raise ProtocolError(f"a statistics instruction with a {type(stray[0]).__name__}")
+        size = self.task.statistics_size()
+        if size < 1:
+            raise ConfigError(f"task {self.task.name!r} has no federated statistics")
+        template = {STATISTICS_ARRAY: np.zeros(size)}
+        key = fit_key(instruction) if self.stages.remembers else ""
+        encoded = self.stages.replay(key)
+        if encoded is None:
+            prepared = self.stages.prepare(
+                instruction.plan,
+                masked=instruction.message is not None,
+                examples=len(self.data.train),
+                batch_size=1,
+                local_epochs=1,
+                dimension=size,
+                sensitivity=self.task.statistics_sensitivity(),
+            )
+            vector = np.asarray(self.task.statistics(self.data.train), dtype=np.float64)
+            encoded = self.stages.encode(
+                prepared,
+                key=key,
+                update={STATISTICS_ARRAY: vector},
+                examples=1,  # a sum, not a mean: every site weighs 1
+                metrics={},
+                template=template,
+                seed=derive_seed(int(instruction.config.get("seed", 0)), "statistics", self.name),
+            )
+        contribution = self.stages.release(
+            encoded, round_number=instruction.round, routed=instruction.message
+        )
+        return Reply(
+            site=self.name,
+            kind=InstructionKind.STATISTICS,
+            round=instruction.round,
+            num_examples=contribution.weight,
+            update=contribution.update,
+            metrics=contribution.metrics,
+            message=contribution.message,
+        )
+
     def _fit(self, instruction: Instruction) -> Reply:
+        if stray := [i for i in instruction.plan if isinstance(i, STATISTICS_PLAN[:2])]:
+            raise ProtocolError(f"a fit instruction with a {type(stray[0]).__name__}")
         settings = dataclasses.replace(train_settings(instruction.config), round=instruction.round)
         masked = instruction.message is not None
         dimension = sum(a.size for a in self._template.values())
@@ -186,6 +253,7 @@ def fit_key(instruction: Instruction) -> str:
     h.update(
         repr(
             (
+                instruction.kind.value,
                 instruction.round,
                 instruction.attempt if masked else None,
                 sorted(instruction.config.items()),

@@ -125,6 +125,12 @@ class SitePrivacy:
         # single discrete Gaussian is exactly the Gaussian mechanism's zCDP (tau = 0 for one site).
         return self._affordable(RoundPlan(Mechanism(own, 1.0, 1), run, _delta(delta), distributed=noise))
 
+    def plan_statistics(self, *, noise_multiplier: float, delta: float, run: str) -> RoundPlan:
+        """What releasing a statistics vector with Gaussian noise (`noise_multiplier` x its
+        per-record sensitivity, at least the site's floor) costs: one Gaussian mechanism."""
+        noise = max(job_setting("noise_multiplier", noise_multiplier), self.policy.min_noise_multiplier)
+        return self._affordable(RoundPlan(Mechanism(noise, 1.0, 1), run, _delta(delta)))
+
     def check_noise_floor(self, noise: DistributedNoise, *, dimension: int, participants: int) -> float:
         """The site's own noise multiplier; PrivacyBudgetError when a secure sum of
         `participants` such sites would carry less noise than the site's floor. (Against a

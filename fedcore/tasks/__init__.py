@@ -24,6 +24,7 @@ from fedcore.tasks.digits import Digits
 from fedcore.tasks.flower import FlowerTask
 from fedcore.tasks.images import Images
 from fedcore.tasks.synthetic import Synthetic
+from fedcore.tasks.tabular import Tabular
 
 TaskFactory = Callable[[str, str | None], Task]
 
@@ -54,6 +55,7 @@ _REGISTRY: dict[str, TaskFactory] = {
     "images": lambda arg, model: Images(model),  # a folder per class; schema from the job
     "flower": lambda arg, model: FlowerTask(arg, model),  # flower:MODULE:ATTR, a Flower client_fn
     "synthetic": _synthetic,
+    "tabular": lambda arg, model: Tabular(model),  # a CSV/Parquet file; schema from the job
 }
 
 
@@ -107,6 +109,11 @@ def job_settings(experiment: Experiment, *, sites: bool = False) -> dict[str, An
         "classes": json.dumps(list(t.classes)) if t.classes is not None else None,
         "image_size": json.dumps(list(t.image_size)) if t.image_size is not None else None,
         "channels": t.channels,
+        "label": t.label,
+        "columns": json.dumps(list(t.columns)) if t.columns is not None else None,
+        "categories": json.dumps({k: list(v) for k, v in t.categories.items()}) if t.categories else None,
+        "ranges": json.dumps({k: list(v) for k, v in t.ranges.items()}) if t.ranges else None,
+        "standardise": t.standardise.value if t.name.partition(":")[0] == "tabular" else None,
         "data": None if sites else t.data,
     }
     return {k: v for k, v in settings.items() if v is not None}

@@ -143,6 +143,25 @@ class Task(abc.ABC):
         """The job's task settings that the task itself needs (e.g. `initial`, where a
         model comes from); every party calls it before `initial_parameters`."""
 
+    # Federated statistics: a vector every site computes on its training data and the server
+    # sums (secure-summed under secure aggregation, noised under DP) before round 1; every
+    # party then calls `use_statistics` with the sum (e.g. to standardise features).
+    def statistics_size(self) -> int:
+        """Length of the task's statistics vector; 0: the task needs none."""
+        return 0
+
+    def statistics_sensitivity(self) -> float | None:
+        """Largest L2 change of `statistics()` from adding or removing one record (None:
+        unbounded, so it cannot be released with DP noise)."""
+        return None
+
+    def statistics(self, data: Dataset) -> np.ndarray:
+        """This site's statistics vector (float64, `statistics_size()` long)."""
+        raise NotImplementedError(f"task {self.name!r} has no federated statistics")
+
+    def use_statistics(self, total: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """The federation's summed statistics (called before `fit` or `evaluate`)."""
+
     def site_state(self, data: SiteData) -> bytes | None:
         """What this site must remember between rounds, encoded (never pickled: it is saved
         with a simulation's checkpoint), or None. A simulation rebuilds its virtual sites

@@ -30,6 +30,7 @@ class InstructionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTRUCTION_KIND_FIT: _ClassVar[InstructionKind]
     INSTRUCTION_KIND_EVALUATE: _ClassVar[InstructionKind]
     INSTRUCTION_KIND_STAGE: _ClassVar[InstructionKind]
+    INSTRUCTION_KIND_STATISTICS: _ClassVar[InstructionKind]
 
 class RefusalCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -55,6 +56,7 @@ INSTRUCTION_KIND_UNSPECIFIED: InstructionKind
 INSTRUCTION_KIND_FIT: InstructionKind
 INSTRUCTION_KIND_EVALUATE: InstructionKind
 INSTRUCTION_KIND_STAGE: InstructionKind
+INSTRUCTION_KIND_STATISTICS: InstructionKind
 REFUSAL_CODE_UNSPECIFIED: RefusalCode
 REFUSAL_CODE_PRIVACY_BUDGET: RefusalCode
 REFUSAL_CODE_BAD_INSTRUCTION: RefusalCode
@@ -151,6 +153,24 @@ class DistributedNoisePlan(_message.Message):
     secure_rng: bool
     def __init__(self, clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., sigma: _Optional[float] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ...) -> None: ...
 
+class StatisticsNoisePlan(_message.Message):
+    __slots__ = ("noise_multiplier", "delta", "run", "secure_rng")
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SECURE_RNG_FIELD_NUMBER: _ClassVar[int]
+    noise_multiplier: float
+    delta: float
+    run: str
+    secure_rng: bool
+    def __init__(self, noise_multiplier: _Optional[float] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ...) -> None: ...
+
+class StatisticsScalePlan(_message.Message):
+    __slots__ = ("scale",)
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    def __init__(self, scale: _Optional[float] = ...) -> None: ...
+
 class QuantizePlan(_message.Message):
     __slots__ = ("clip_range", "step", "max_examples", "equal_weights", "bits")
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -166,18 +186,22 @@ class QuantizePlan(_message.Message):
     def __init__(self, clip_range: _Optional[float] = ..., step: _Optional[float] = ..., max_examples: _Optional[int] = ..., equal_weights: _Optional[bool] = ..., bits: _Optional[int] = ...) -> None: ...
 
 class StagePlan(_message.Message):
-    __slots__ = ("clip", "sample_dp", "central_noise", "distributed_noise", "quantize")
+    __slots__ = ("clip", "sample_dp", "central_noise", "distributed_noise", "quantize", "statistics_noise", "statistics_scale")
     CLIP_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_DP_FIELD_NUMBER: _ClassVar[int]
     CENTRAL_NOISE_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTED_NOISE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_NOISE_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_SCALE_FIELD_NUMBER: _ClassVar[int]
     clip: ClipPlan
     sample_dp: SampleDPPlan
     central_noise: CentralNoisePlan
     distributed_noise: DistributedNoisePlan
     quantize: QuantizePlan
-    def __init__(self, clip: _Optional[_Union[ClipPlan, _Mapping]] = ..., sample_dp: _Optional[_Union[SampleDPPlan, _Mapping]] = ..., central_noise: _Optional[_Union[CentralNoisePlan, _Mapping]] = ..., distributed_noise: _Optional[_Union[DistributedNoisePlan, _Mapping]] = ..., quantize: _Optional[_Union[QuantizePlan, _Mapping]] = ...) -> None: ...
+    statistics_noise: StatisticsNoisePlan
+    statistics_scale: StatisticsScalePlan
+    def __init__(self, clip: _Optional[_Union[ClipPlan, _Mapping]] = ..., sample_dp: _Optional[_Union[SampleDPPlan, _Mapping]] = ..., central_noise: _Optional[_Union[CentralNoisePlan, _Mapping]] = ..., distributed_noise: _Optional[_Union[DistributedNoisePlan, _Mapping]] = ..., quantize: _Optional[_Union[QuantizePlan, _Mapping]] = ..., statistics_noise: _Optional[_Union[StatisticsNoisePlan, _Mapping]] = ..., statistics_scale: _Optional[_Union[StatisticsScalePlan, _Mapping]] = ...) -> None: ...
 
 class SiteList(_message.Message):
     __slots__ = ("sites",)
