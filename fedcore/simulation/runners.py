@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import ctypes
+import json
 import multiprocessing
 import os
 import signal
@@ -30,10 +31,10 @@ from fedcore.engine import Instruction, Reply, Site
 from fedcore.engine.site import SiteState
 from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
 from fedcore.simulation import shared_arrays
-from fedcore.tasks import Task, default_partition, task_for
+from fedcore.tasks import Task, default_partition, job_settings, task_for
 from fedcore.tensors import Arrays
 
-_TASKS: dict[tuple[str, str | None, str | None, str | None], tuple[Task, Arrays]] = {}
+_TASKS: dict[tuple[str, str | None, str, str | None], tuple[Task, Arrays]] = {}
 
 
 def site_name(k: int) -> str:
@@ -44,7 +45,9 @@ def site_name(k: int) -> str:
 def make_site(experiment: Experiment, k: int, device: str | None = None, *, live: bool = False) -> Site:
     """Virtual site k of the experiment, built from the seed (task cached per process).
     `live`: the site object serves many instructions, as a site agent's does (tests)."""
-    key = (experiment.task.name, experiment.task.model, experiment.task.initial, device)
+    # The job's task settings are part of the key: another file or schema is another task.
+    job = json.dumps(job_settings(experiment), sort_keys=True)
+    key = (experiment.task.name, experiment.task.model, job, device)
     if key not in _TASKS:
         task = task_for(experiment)
         if device is not None:
