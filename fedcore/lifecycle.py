@@ -83,6 +83,7 @@ def lineage(directory: Path) -> list[Lineage]:
 def export(directory: Path, fmt: ExportFormat, out: Path, round_number: int | None = None) -> Lineage:
     """Write the global model of `round_number` (default: the last) as `fmt` to `out`."""
     from fedcore.config import Experiment
+    from fedcore.engine.run_state import RunState
     from fedcore.engine.run_store import SqliteRunStore
 
     rounds = lineage(directory)
@@ -102,14 +103,18 @@ def export(directory: Path, fmt: ExportFormat, out: Path, round_number: int | No
         assert info is not None
         experiment = Experiment.from_dict(info.experiment["experiment"], source=f"{directory}/run.db")
         arrays = store.model(chosen.round)  # SHA-256 checked
+        saved = store.checkpoint()
+    statistics = RunState.from_bytes(saved[1]).statistics if saved is not None else None
     about = {**asdict(chosen), "input": "", "format": fmt.value}
     if fmt is ExportFormat.SAFETENSORS:
         from fedcore.engine.records import save_model
 
         save_model(out, arrays, metadata={"fedcore": json.dumps(about)})
         return chosen
-    model, example, description = _torch_model(experiment, arrays)
-    about["input"] = description
+    model, example, task = _torch_model(experiment, arrays, statistics)
+    about["input"] = task.input_description
+    if preprocessing := task.preprocessing():  # what raw input needs first (e.g. standardisation)
+        about["preprocessing"] = preprocessing
     if fmt is ExportFormat.TORCHSCRIPT:
         import torch
 
@@ -122,8 +127,11 @@ def export(directory: Path, fmt: ExportFormat, out: Path, round_number: int | No
     return chosen
 
 
-def _torch_model(experiment: Any, arrays: dict[str, np.ndarray]) -> tuple[Any, Any, str]:
-    """The task's torch model holding `arrays`, an example input batch, its description."""
+def _torch_model(
+    experiment: Any, arrays: dict[str, np.ndarray], statistics: list[float] | None
+) -> tuple[Any, Any, Any]:
+    """The task's torch model holding `arrays`, an example input batch, the task (given the
+    run's federated statistics, if it had any)."""
     import torch
 
     from fedcore.tasks import installed_tasks, task_for
@@ -140,13 +148,15 @@ def _torch_model(experiment: Any, arrays: dict[str, np.ndarray]) -> tuple[Any, A
     if not isinstance(task, TorchClassifierTask):
         raise ConfigError(f"task {task.name!r} is not a PyTorch model: export it as safetensors")
     task.device = torch.device("cpu")
+    if statistics is not None:
+        task.use_statistics(np.array(statistics))
     model = task._model_from(arrays).eval()
     data = task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites)
     if data is None or len(data) < 2:
         raise ConfigError(
             f"task {task.name!r} has no sample input to trace the model with: export it as safetensors"
         )
-    return model, torch.as_tensor(data.x[:2], dtype=torch.float32), task.input_description
+    return model, torch.as_tensor(np.nan_to_num(data.x[:2]), dtype=torch.float32), task
 
 
 def _export_onnx(model: Any, example: Any, out: Path, about: dict[str, Any]) -> None:

@@ -14,20 +14,43 @@ import onnxruntime
 import pytest
 import torch
 from safetensors.numpy import load_file
+from sklearn.datasets import load_wine
 
 from fedcore import load_experiment, run_simulation
+from fedcore.engine.run_state import RunState
 from fedcore.engine.run_store import SqliteRunStore
+from fedcore.engine.runs import stored_experiment
 from fedcore.errors import ConfigError
 from fedcore.lifecycle import ExportFormat, export, lineage
-from fedcore.tasks import build_task
+from fedcore.tasks import Task, build_task, task_for
+from fedcore.tasks.tabular import Tabular
+
+
+def wine_csv(directory: Path) -> Path:
+    data = load_wine()
+    path = directory / "wine.csv"
+    lines = [",".join([*data.feature_names, "target"])]
+    lines += [
+        ",".join([*map(repr, map(float, x)), str(int(y))])
+        for x, y in zip(data.data, data.target, strict=True)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
+    wine = wine_csv(tmp_path_factory.mktemp("wine"))
     for name, overrides in {
         "digits": {"task__name": "digits"},  # the CNN
         "mlp": {"task__name": "breast_cancer", "task__model": "mlp"},
+        "tabular": {
+            "task__name": "tabular",
+            "task__model": "mlp",
+            "task__data": str(wine),
+            "task__label": "target",
+        },
     }.items():
         directory = tmp_path_factory.mktemp(name)
         e = load_experiment().override(
@@ -38,10 +61,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def pytorch_logits(
-    task_name: str, model: str | None, arrays: dict[str, np.ndarray], x: np.ndarray
-) -> np.ndarray:
-    task = build_task(task_name, model)
+def pytorch_logits(task: Task, arrays: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     net = task._model_from(arrays).eval()  # type: ignore[attr-defined]
     with torch.no_grad():
         return np.asarray(net(torch.as_tensor(x)).numpy())
@@ -66,27 +86,32 @@ def test_every_round_has_its_lineage(runs: dict[str, Path]) -> None:
     assert "(pruned)" in printed and rows[-1].model_sha256[:12] in printed  # type: ignore[index]
 
 
-@pytest.mark.parametrize(
-    ("run", "task", "model"), [("digits", "digits", None), ("mlp", "breast_cancer", "mlp")]
-)
-def test_onnx_predictions_equal_pytorch(
-    run: str, task: str, model: str | None, runs: dict[str, Path], tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("run", ["digits", "mlp", "tabular"])
+def test_onnx_predictions_equal_pytorch(run: str, runs: dict[str, Path], tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     chosen = export(runs[run], ExportFormat.ONNX, path, round_number=2)
     assert chosen.round == 2
+    experiment, _ = stored_experiment(runs[run])
+    task = task_for(experiment)
     with SqliteRunStore(runs[run], read_only=True) as store:
         arrays = store.model(2)
-    data = build_task(task, model).test_data(seed=0, partitions=5)
-    assert data is not None
+        saved = store.checkpoint()
+    data = task.test_data(seed=0, partitions=5)
+    assert data is not None and saved is not None
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    if isinstance(task, Tabular):  # raw rows, prepared as the metadata says
+        task.use_statistics(np.array(RunState.from_bytes(saved[1]).statistics))
+        about = json.loads(meta["fedcore.lineage"])["preprocessing"]
+        raw = np.clip(data.x, *np.array([about["ranges"][c] for c in about["features"]]).T)
+        data = task.prepared(data)
+        np.testing.assert_allclose((raw - about["centre"]) / about["spread"], data.x, atol=1e-6)
     x = data.x[:37]  # a batch size never traced: the batch axis is dynamic
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x})[0]
-    np.testing.assert_allclose(got, pytorch_logits(task, model, arrays, x), atol=1e-5, rtol=1e-5)
-    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    np.testing.assert_allclose(got, pytorch_logits(task, arrays, x), atol=1e-5, rtol=1e-5)
     lineage_ = json.loads(meta["fedcore.lineage"])
     assert lineage_["round"] == 2 and lineage_["model_sha256"] == chosen.model_sha256
-    if task == "digits":
+    if run == "digits":
         assert "N x 1 x 8 x 8" in meta["input"] and "pixels / 16" in meta["input"]
 
 
@@ -105,7 +130,7 @@ def test_torchscript_and_safetensors_exports(runs: dict[str, Path], tmp_path: Pa
     loaded = torch.jit.load(str(script), _extra_files=extra)  # type: ignore[no-untyped-call]
     x = build_task("digits").test_data(seed=0, partitions=5).x[:5]  # type: ignore[union-attr]
     np.testing.assert_allclose(
-        loaded(torch.as_tensor(x)).detach().numpy(), pytorch_logits("digits", None, last, x), atol=1e-6
+        loaded(torch.as_tensor(x)).detach().numpy(), pytorch_logits(build_task("digits"), last, x), atol=1e-6
     )
     assert json.loads(extra["fedcore.json"])["round"] == 3
 

@@ -32,7 +32,10 @@ def wine_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = load_wine()
     path = tmp_path_factory.mktemp("wine") / "wine.csv"
     lines = [",".join([*data.feature_names, "target"])]
-    lines += [",".join([*map(repr, map(float, x)), str(int(y))]) for x, y in zip(data.data, data.target, strict=True)]
+    lines += [
+        ",".join([*map(repr, map(float, x)), str(int(y))])
+        for x, y in zip(data.data, data.target, strict=True)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -49,7 +52,9 @@ def site(wine_csv: Path, policy: SitePolicy | None = None, *, ranges: bool = Tru
     return Site(name="s", task=task, data=data, stages=SiteStages("s", privacy, remembers=False)), task
 
 
-def ask(target: Site, *plan: object, seed: int = 0, kind: InstructionKind = InstructionKind.STATISTICS) -> object:
+def ask(
+    target: Site, *plan: object, seed: int = 0, kind: InstructionKind = InstructionKind.STATISTICS
+) -> object:
     return target.handle(Instruction(kind, 0, {}, {"seed": seed}, 1, None, tuple(plan), "fit"))  # type: ignore[arg-type]
 
 
@@ -129,7 +134,16 @@ def test_a_fit_cannot_carry_a_statistics_item(wine_csv: Path) -> None:
     target, task = site(wine_csv)
     task.use_statistics(task.statistics(target.data.train))
     config = {"local_epochs": 1, "batch_size": 8, "lr": 0.1, "seed": 0}
-    fit = Instruction(InstructionKind.FIT, 1, task.initial_parameters(0), config, 1, None, (StatisticsScalePlan(1e6),), "fit")
+    fit = Instruction(
+        InstructionKind.FIT,
+        1,
+        task.initial_parameters(0),
+        config,
+        1,
+        None,
+        (StatisticsScalePlan(1e6),),
+        "fit",
+    )
     assert target.handle(fit).refusal is not None
 
 

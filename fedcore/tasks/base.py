@@ -162,6 +162,11 @@ class Task(abc.ABC):
     def use_statistics(self, total: np.ndarray) -> None:  # noqa: B027 - optional hook
         """The federation's summed statistics (called before `fit` or `evaluate`)."""
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What raw input needs before the model takes it, for an exported model's metadata
+        (JSON-able; {} when `input_description` says it all)."""
+        return {}
+
     def site_state(self, data: SiteData) -> bytes | None:
         """What this site must remember between rounds, encoded (never pickled: it is saved
         with a simulation's checkpoint), or None. A simulation rebuilds its virtual sites

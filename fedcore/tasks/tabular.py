@@ -227,6 +227,22 @@ class Tabular(BundledTask):
         x = np.where(np.isnan(x), self.fill, x)
         return Dataset(x.astype(np.float32), data.y)
 
+    def preprocessing(self) -> dict[str, Any]:
+        """The model's input from a raw row: each feature clipped to its column's range,
+        minus `centre`, over `spread`; a missing one is `fill`."""
+        s = self._schema
+        if self.centre is None or self.spread is None or self.fill is None:
+            return {}
+        names = [f"{c}={v}" if v else c for c in s.columns for v in s.categories.get(c, ("",))]
+        return {
+            "features": names,
+            "ranges": {c: list(r) for c, r in s.ranges.items()},
+            "centre": self.centre.tolist(),
+            "spread": self.spread.tolist(),
+            "fill": self.fill.tolist(),
+            "classes": list(s.classes),
+        }
+
     def fit(self, parameters: Arrays, data: SiteData, settings: TrainSettings) -> FitOutcome:
         return super().fit(parameters, SiteData(self.prepared(data.train), data.test), settings)
 
