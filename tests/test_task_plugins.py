@@ -75,6 +75,30 @@ def test_the_code_hash_changes_with_the_code(module_task: str, tmp_path: Path) -
     assert plugins.code_hash(importlib.import_module(MODULE)) != before
 
 
+def test_the_code_hash_covers_a_packages_data_and_compiled_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task package's sample data and extension modules are part of what a site approves."""
+    import importlib
+
+    package = tmp_path / "hashed_pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "sample.csv").write_text("x,label\n1,0\n")
+    (package / "fast.so").write_bytes(b"\x7fELF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("hashed_pkg")
+    before = plugins.code_hash(module)
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "x.pyc").write_bytes(b"cache")  # the interpreter's, not the code
+    assert plugins.code_hash(module) == before
+    (package / "sub" / "sample.csv").write_text("x,label\n1,1\n")
+    assert plugins.code_hash(module) != before
+    changed = plugins.code_hash(module)
+    (package / "fast.so").write_bytes(b"\x7fELF\x02")
+    assert plugins.code_hash(module) != changed
+
+
 def test_a_task_with_its_own_training_cannot_run_dp_sgd() -> None:
     def fit(model: torch.nn.Module, data: Dataset, settings: TrainSettings) -> dict[str, float]:
         return {"custom": 1.0}

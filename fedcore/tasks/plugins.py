@@ -4,7 +4,7 @@ over the network), or, for development, `package.module:attr`.
 
 An entry point or attribute may be a `TaskDefinition`, a `Task` subclass, or a factory
 `(argument, model) -> Task`. Each task is identified by its package's name and version and
-a SHA-256 over the package's Python files (`fedcore tasks` lists them), so that a site can
+a SHA-256 over the package's files (`fedcore tasks` lists them), so that a site can
 approve exactly the code it runs.
 """
 
@@ -37,7 +37,7 @@ class TaskSource:
     origin: str  # "built-in", "entry point" or "module"
     package: str  # the distribution (or module) that holds the code
     version: str
-    code_hash: str  # SHA-256 over the package's Python files
+    code_hash: str  # SHA-256 over the package's files
 
 
 def entry_points() -> dict[str, importlib.metadata.EntryPoint]:
@@ -102,13 +102,17 @@ def module_source(name: str, module_name: str, origin: str) -> TaskSource:
 
 
 def code_hash(module: ModuleType) -> str:
-    """SHA-256 over the Python files of the top-level package holding `module`, in path
-    order (each file's relative path, then its bytes): any change to the code changes it."""
+    """SHA-256 over every file of the top-level package holding `module` (its code, compiled
+    extensions, data files and samples; not the interpreter's `__pycache__`), in path order,
+    each file's relative path then its bytes: any change to what the task runs changes it."""
     top = importlib.import_module(module.__name__.partition(".")[0])
     files = [Path(top.__file__)] if top.__file__ else []
     if hasattr(top, "__path__"):
         files = sorted(
-            p for root in top.__path__ for p in Path(root).rglob("*.py") if "__pycache__" not in p.parts
+            p
+            for root in top.__path__
+            for p in Path(root).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
         )
         roots = [Path(r) for r in top.__path__]
     else:
