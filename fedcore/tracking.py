@@ -92,6 +92,7 @@ def metrics_of(record: RoundRecord) -> dict[str, float]:
         "bytes_sent": record.bytes_sent,
         "bytes_received": record.bytes_received,
         **{f"fit.{k}": v for k, v in record.fit_metrics.items()},
+        **{f"eval.{k}": v for k, v in record.eval_metrics.items()},
     }
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)}
 

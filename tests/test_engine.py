@@ -190,3 +190,20 @@ def test_an_absurd_example_count_cannot_take_over_the_average() -> None:
     coordinator, records, _ = run({"a": adds(1.0), "b": adds(1.0), "greedy": adds(100.0, 10**12)})
     assert records[0].dropped["greedy"].reason is DropReason.BAD_REPLY
     np.testing.assert_allclose(coordinator.parameters["w"], 1.0)
+
+
+def test_a_sites_own_evaluation_metrics_are_checked_and_capped() -> None:
+    """Metric names are a site's text: only plain names, finite values, and at most
+    MAX_NAMED of them reach the round's record; loss and accuracy stay the engine's."""
+    from fedcore.engine.gather import MAX_NAMED, EvaluationMetrics
+
+    metrics = EvaluationMetrics()
+    hostile = {"f1": 0.5, "bad\nname": 1.0, "x" * 200: 1.0, "nan": float("nan"), "loss": 0.3, "accuracy": 0.9}
+    hostile |= {f"m{i}": float(i) for i in range(100)}
+    metrics.collect(Reply("a", InstructionKind.EVALUATE, 1, 10, metrics=hostile))
+    metrics.collect(
+        Reply("b", InstructionKind.EVALUATE, 1, 30, metrics={"loss": 0.1, "accuracy": 0.5, "f1": 0.9})
+    )
+    means = metrics.means()
+    assert len(means) == MAX_NAMED and means["f1"] == pytest.approx(0.8)
+    assert not {"bad\nname", "x" * 200, "nan", "loss", "accuracy"} & set(means)

@@ -93,6 +93,8 @@ def test_a_message_api_client_app_matches_flowers_own_simulation() -> None:
     ours, _ = run_simulation(experiment(), None)
     assert list(ours.parameters) == ["weights", "bias"]  # the app's own array names
     assert ours.records[-1].accuracy is not None and ours.records[-1].accuracy > 0.95  # its eval_acc
+    named = ours.records[-1].eval_metrics  # every evaluation metric, under the app's own names
+    assert set(named) == {"eval_acc", "eval_loss"} and named["eval_acc"] == ours.records[-1].accuracy
     theirs = run_flower()
     for name, value in theirs.items():
         np.testing.assert_allclose(ours.parameters[name].ravel(), value, rtol=0, atol=1e-9)
@@ -128,6 +130,7 @@ def test_a_client_app_runs_over_grpc(tmp_path: Path) -> None:
 
     result, outcomes = asyncio.run(federation(experiment(), tmp_path, sites))
     assert outcomes == [Outcome.COMPLETED] * SITES
+    assert set(result.records[-1].eval_metrics) == {"eval_acc", "eval_loss"}  # they cross the wire
     simulated, _ = run_simulation(experiment(), None)
     for name, value in simulated.parameters.items():
         np.testing.assert_allclose(result.parameters[name], value, rtol=0, atol=1e-12)

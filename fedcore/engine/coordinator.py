@@ -283,7 +283,7 @@ class Coordinator:
             )
             return None
         self.parameters = self.strategy.apply(self.parameters, aggregate.mean)
-        accuracy, loss, evaluation = await self._evaluate(number, sorted(aggregate.contributors))
+        accuracy, loss, evaluation, named = await self._evaluate(number, sorted(aggregate.contributors))
         sections = aggregate.measurements
         privacy = sections.get(Section.PRIVACY.value, {})
         self.roster = available
@@ -306,6 +306,7 @@ class Coordinator:
             fit_metrics=fit_metrics,
             attempt=attempt,
             evaluation=evaluation,
+            eval_metrics=named,
             examples=round(aggregate.weight) if math.isfinite(aggregate.weight) else 0,
             bytes_sent=traffic.sent,
             bytes_received=traffic.received,
@@ -377,14 +378,16 @@ class Coordinator:
             ordered=self.ordered_replies,
         )
 
-    async def _evaluate(self, number: int, sites: list[str]) -> tuple[float | None, float | None, str]:
+    async def _evaluate(
+        self, number: int, sites: list[str]
+    ) -> tuple[float | None, float | None, str, dict[str, float]]:
         if self.test_data is not None:
             result = await asyncio.to_thread(self.task.evaluate, self.parameters, self.test_data)
-            return result.accuracy, result.loss, "central"
+            return result.accuracy, result.loss, "central", dict(result.metrics)
         if self.pipeline.withholds_evaluation:
             # Exact federated metrics would be statistics of the sites' data outside the
             # guarantee (and sites with a privacy policy refuse them).
-            return None, None, f"none ({self.pipeline.withholds_evaluation})"
+            return None, None, f"none ({self.pipeline.withholds_evaluation})", {}
         instruction = Instruction(
             InstructionKind.EVALUATE,
             number,
@@ -394,4 +397,4 @@ class Coordinator:
         )
         metrics = EvaluationMetrics()
         await self._gather("evaluate", sites, lambda s: instruction, metrics.collect)
-        return weighted(metrics.accuracy), weighted(metrics.loss), "federated"
+        return weighted(metrics.accuracy), weighted(metrics.loss), "federated", metrics.means()

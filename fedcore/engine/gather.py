@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,6 +124,8 @@ def weighted(values: list[tuple[float, int]]) -> float | None:
 
 
 MAX_EXAMPLES = 10**9  # an evaluation reply's example count is bounded like a fit's weight
+MAX_NAMED = 32  # a task's own evaluation metrics kept per round (site-supplied names)
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
@@ -131,6 +134,7 @@ class EvaluationMetrics:
 
     accuracy: list[tuple[float, int]] = field(default_factory=list)
     loss: list[tuple[float, int]] = field(default_factory=list)
+    named: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # the task's own metrics
 
     def collect(self, reply: Reply) -> None:
         accuracy, loss = reply.metrics.get("accuracy"), reply.metrics.get("loss")
@@ -144,3 +148,11 @@ class EvaluationMetrics:
         if math.isfinite(accuracy):  # a hosted client may report no accuracy (NaN)
             self.accuracy.append((accuracy, reply.num_examples))
         self.loss.append((loss, reply.num_examples))
+        for name, value in reply.metrics.items():  # names are a site's text: checked, and capped
+            known = name in self.named or len(self.named) < MAX_NAMED
+            if name not in ("loss", "accuracy") and known and _NAME.match(name) and math.isfinite(value):
+                self.named.setdefault(name, []).append((value, reply.num_examples))
+
+    def means(self) -> dict[str, float]:
+        """Each of the task's own metrics, example-weighted over the sites that reported it."""
+        return {k: v for k, pairs in sorted(self.named.items()) if (v := weighted(pairs)) is not None}

@@ -30,6 +30,7 @@ class RoundRecord:
     fit_metrics: dict[str, float] = field(default_factory=dict)  # every numeric fit metric, example-weighted
     attempt: int = 1  # > 1 when earlier attempts at this round failed
     evaluation: str = "central"  # or "federated"
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the task's own, example-weighted
     examples: int = 0  # training examples behind the aggregated updates
     bytes_sent: int = 0  # model payload bytes sent to sites this round (all attempts)
     bytes_received: int = 0  # update payload bytes received from sites

@@ -217,7 +217,7 @@ class Site:
             kind=InstructionKind.EVALUATE,
             round=instruction.round,
             num_examples=result.num_examples,
-            metrics={"loss": result.loss, "accuracy": result.accuracy},
+            metrics={**result.metrics, "loss": result.loss, "accuracy": result.accuracy},
         )
 
 

@@ -71,6 +71,7 @@ class Evaluation:
     loss: float
     accuracy: float
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's own, by its own names
 
 
 @dataclass(frozen=True)

@@ -250,17 +250,20 @@ class FlowerTask(Task):
         part = _partition(data)
         context = self.context(part.partition_id, part.num_partitions)
         if self.app is not None:
-            loss, accuracy, examples = flower_app.evaluate(
+            loss, accuracy, examples, named = flower_app.evaluate(
                 self.app, context, part.partition_id + 1, 0, parameters
             )
-            return Evaluation(loss=loss, accuracy=accuracy, num_examples=examples)
+            return Evaluation(loss=loss, accuracy=accuracy, num_examples=examples, metrics=named)
         client = self.client(context)
         res = client.evaluate(EvaluateIns(ndarrays_to_parameters(to_list(parameters)), {}))
         _check_status(res, "evaluate")
         accuracy = res.metrics.get("accuracy")
         if not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
             accuracy = math.nan
-        return Evaluation(loss=float(res.loss), accuracy=float(accuracy), num_examples=int(res.num_examples))
+        named = {k: float(v) for k, v in res.metrics.items() if flower_app._number(v)}
+        return Evaluation(
+            loss=float(res.loss), accuracy=float(accuracy), num_examples=int(res.num_examples), metrics=named
+        )
 
 
 def _partition(data: Dataset) -> FlowerPartition:

@@ -113,10 +113,16 @@ def train(
 
 def evaluate(
     app: Any, context: Any, node_id: int, round_number: int, arrays: Arrays
-) -> tuple[float, float, int]:
-    """Loss, accuracy (NaN when the app reports none) and example count."""
+) -> tuple[float, float, int, dict[str, float]]:
+    """Loss, accuracy (NaN when the app reports none), example count and every numeric
+    metric under the app's own name."""
     content = _reply(app, _message("evaluate", node_id, round_number, arrays, {}), context, "evaluate")
     metrics = dict(content["metrics"]) if "metrics" in content else {}
     loss = next((float(metrics[k]) for k in LOSS_KEYS if k in metrics), math.nan)
     accuracy = next((float(metrics[k]) for k in ACCURACY_KEYS if k in metrics), math.nan)
-    return loss, accuracy, int(metrics.get("num-examples", 0))
+    named = {k: float(v) for k, v in metrics.items() if k != "num-examples" and _number(v)}
+    return loss, accuracy, int(metrics.get("num-examples", 0)), named
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
