@@ -162,3 +162,67 @@ def test_every_instruction_after_the_exchange_carries_the_statistics(wine_csv: P
     fresh.use_statistics(total)
     assert task.centre is not None and fresh.centre is not None
     np.testing.assert_array_equal(task.centre, fresh.centre)
+
+
+def test_an_encoding_before_the_noise_is_refused(wine_csv: Path) -> None:
+    """Quantized before the noise, the masked integers would carry the exact statistics
+    while the site is charged for noise: the integer encoding must be the plan's last item."""
+    from fedcore.aggregation.plans import QuantizePlan
+
+    target, _ = site(wine_csv, SitePolicy(require_dp=True))
+    reordered = (QuantizePlan(1e6, 1e-6, 1, 64, True), StatisticsNoisePlan(10.0, DELTA, RUN))
+    reply = target.handle(
+        Instruction(InstructionKind.STATISTICS, 0, {}, {"seed": 0}, 1, object(), reordered, "masked_input")
+    )
+    assert reply.refusal is not None and "last item" in reply.refusal
+    assert target.stages.privacy.ledger.runs == {}  # refused before anything was charged
+
+
+def test_after_dp_a_site_releases_nothing_without_it(wine_csv: Path) -> None:
+    target, task = site(wine_csv)
+    assert ask(target, StatisticsNoisePlan(2.0, DELTA, RUN)).refusal is None  # type: ignore[attr-defined]
+    again = ask(target)  # the same run, now without noise
+    assert again.refusal is not None and "trained under differential privacy" in again.refusal  # type: ignore[attr-defined]
+    task.use_statistics(task.statistics(target.data.train))
+    config = {"local_epochs": 1, "batch_size": 8, "lr": 0.1, "seed": 0}
+    fit = Instruction(InstructionKind.FIT, 1, task.initial_parameters(0), config, 1, None, (), "fit")
+    assert target.handle(fit).refusal is not None
+
+
+def test_statistics_come_once_before_round_1(wine_csv: Path) -> None:
+    target, _ = site(wine_csv)
+    later = Instruction(InstructionKind.STATISTICS, 3, {}, {"seed": 0}, 1, None, (), "fit")
+    assert target.handle(later).refusal is not None
+
+
+def test_a_lying_sites_plain_statistics_cannot_overflow_the_sum() -> None:
+    from fedcore.aggregation import SiteReply
+    from fedcore.aggregation.statistics import StatisticsCheck
+    from fedcore.errors import ProtocolError
+
+    check, info = StatisticsCheck(), None
+    with pytest.raises(ProtocolError):
+        check.admit(SiteReply("liar", {"statistics": np.array([1.0, 2.0])}, weight=1e9), info)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError):
+        check.admit(SiteReply("liar", {"statistics": np.array([1e300, 2.0])}, weight=1.0), info)  # type: ignore[arg-type]
+    fine = SiteReply("ok", {"statistics": np.array([47.0, 20.5, 9.8])}, weight=1.0)
+    assert check.admit(fine, info) is fine  # type: ignore[arg-type]
+
+
+def test_the_server_cannot_name_a_file_on_the_site() -> None:
+    from fedcore.tasks.base import job_from_config
+
+    job = job_from_config(
+        {"job.data": "/home/site/cohort.csv", "job.features": "[]", "job.label": "y", "seed": 1}
+    )
+    assert job == {"label": "y"}
+
+
+@pytest.mark.parametrize("categories", [{"colour": ()}, {"colour": ("red", "red")}, {"colour": ("red", "")}])
+def test_category_lists_must_be_distinct_non_empty_names(categories: dict[str, tuple[str, ...]]) -> None:
+    """A server-chosen empty or repeated list would shift every later column: a raw sum
+    would be released where a clipped count belongs."""
+    from fedcore.tasks.table_files import TableSchema
+
+    with pytest.raises(ValueError, match="categories"):
+        TableSchema("y", ("0", "1"), ("colour", "size"), categories=categories)

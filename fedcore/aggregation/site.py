@@ -129,6 +129,10 @@ class SiteStages:
             )
         if quantize is not None and distributed is not None:
             raise ProtocolError("the stage plan encodes the update twice")
+        if (encoding := quantize or distributed) is not None and plan[-1] is not encoding:
+            # Items after the encoding would change only the plain copy, which a masked
+            # contribution never sends: noise or clipping placed there would be skipped.
+            raise ProtocolError("the integer encoding must be the stage plan's last item")
         prepared = Prepared(plan)
         if isinstance(sample, SampleDPPlan):
             spend = self.privacy.plan_dp_sgd(
@@ -170,6 +174,11 @@ class SiteStages:
             self.privacy.refuse_unaccounted("user-central DP" if central is not None else "no DP")
         if prepared.private:
             self.private = True
+        elif self.private:
+            raise PrivacyBudgetError(
+                "privacy policy: this site has trained under differential privacy in this run; "
+                "it releases nothing more without it"
+            )
         return prepared
 
     def replay(self, key: str) -> Encoded | None:

@@ -5,7 +5,7 @@ secure sum). Under sample-level DP each site adds Gaussian noise scaled to the t
 per-record sensitivity and charges its ledger; under secure aggregation each site divides
 its vector by a public cap on its records, so that the entries fit the fixed point.
 
-    no DP, no SecAgg     mean
+    no DP, no SecAgg     statistics_check <- mean
     SecAgg               statistics_scale <- quantize (equal weights, 64 bits) <- secure_sum
     sample-level DP      statistics_noise <- (either of the above)
 """
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedcore.aggregation.base import Aggregate, Leaf, RoundInfo, Section, Stage
+import numpy as np
+
+from fedcore.aggregation.base import Aggregate, Leaf, RoundInfo, Section, SiteReply, Stage
 from fedcore.aggregation.mean import WeightedMean
 from fedcore.aggregation.pipeline import Pipeline
 from fedcore.aggregation.plans import StagePlan, StatisticsNoisePlan, StatisticsScalePlan
@@ -22,7 +24,7 @@ from fedcore.aggregation.private import EPSILON
 from fedcore.aggregation.quantize import Quantize
 from fedcore.aggregation.secure_sum import SecureSum
 from fedcore.config import Experiment, PrivacyMode
-from fedcore.errors import ConfigError
+from fedcore.errors import ConfigError, ProtocolError
 
 BITS = 64  # a sum of counts up to `max_examples` per site, to about 1e-12 of one record
 
@@ -40,6 +42,20 @@ class StatisticsNoise(Stage):
     def account(self, aggregate: Aggregate, info: RoundInfo) -> None:
         reported = {s: float(m[EPSILON]) for s, m in aggregate.site_metrics.items() if EPSILON in m}
         aggregate.measure(self.section, noise_multiplier=self.noise_multiplier, site_epsilon=reported)
+
+
+class StatisticsCheck(Stage):
+    """A plain statistics reply is one site's vector as it is: weight 1 (a sum, not a mean)
+    and values a sum of records can take, so that no site can overflow the sum for all."""
+
+    name = "statistics_check"
+    LIMIT = 1e100
+
+    def admit(self, reply: SiteReply, info: RoundInfo) -> SiteReply:
+        values = next(iter((reply.update or {}).values()), np.zeros(0))
+        if reply.weight != 1 or not (np.abs(values) <= self.LIMIT).all():
+            raise ProtocolError("a statistics reply needs weight 1 and values within 1e100")
+        return reply
 
 
 class StatisticsScale(Stage):
@@ -87,6 +103,7 @@ def build_statistics_pipeline(experiment: Experiment, *, bounded: bool) -> Pipel
         ]
         leaf = SecureSum(sa, bits=BITS)
     else:
+        wrappers.append(StatisticsCheck())
         leaf = WeightedMean()
     return Pipeline(wrappers, leaf)
 

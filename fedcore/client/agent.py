@@ -219,7 +219,7 @@ class SiteAgent:
             return
         try:  # the job's task settings first (where the model comes from, the data schema)
             self.task.configure({**job_from_config(config), **self.settings.data_settings})
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, TypeError) as err:
             raise _Rejected(f"cannot set up task {welcome.task!r} for this run: {err}") from None
         try:  # the site's own data, against the job's schema: a mismatch sends nothing
             data = self.task.site_data(
@@ -228,7 +228,7 @@ class SiteAgent:
                 seed=int(config["seed"]),
                 partitions=int(config["partitions"]),
             )
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, OSError) as err:
             where = self.settings.data_uri
             raise _BadData(str(err) if where in str(err) else f"data {where}: {err}") from None
         try:  # the model's template, from the configured task

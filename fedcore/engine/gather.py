@@ -125,6 +125,7 @@ def weighted(values: list[tuple[float, int]]) -> float | None:
 
 MAX_EXAMPLES = 10**9  # an evaluation reply's example count is bounded like a fit's weight
 MAX_NAMED = 32  # a task's own evaluation metrics kept per round (site-supplied names)
+MAX_NAMED_PER_REPLY = 16
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -135,6 +136,7 @@ class EvaluationMetrics:
     accuracy: list[tuple[float, int]] = field(default_factory=list)
     loss: list[tuple[float, int]] = field(default_factory=list)
     named: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # the task's own metrics
+    replies: int = 0
 
     def collect(self, reply: Reply) -> None:
         accuracy, loss = reply.metrics.get("accuracy"), reply.metrics.get("loss")
@@ -148,11 +150,18 @@ class EvaluationMetrics:
         if math.isfinite(accuracy):  # a hosted client may report no accuracy (NaN)
             self.accuracy.append((accuracy, reply.num_examples))
         self.loss.append((loss, reply.num_examples))
-        for name, value in reply.metrics.items():  # names are a site's text: checked, and capped
-            known = name in self.named or len(self.named) < MAX_NAMED
-            if name not in ("loss", "accuracy") and known and _NAME.match(name) and math.isfinite(value):
+        self.replies += 1
+        kept = 0  # names are a site's text: checked, and a few per reply
+        for name, value in reply.metrics.items():
+            if name not in ("loss", "accuracy") and _NAME.match(name) and math.isfinite(value):
                 self.named.setdefault(name, []).append((value, reply.num_examples))
+                kept += 1
+                if kept == MAX_NAMED_PER_REPLY:
+                    break
 
     def means(self) -> dict[str, float]:
-        """Each of the task's own metrics, example-weighted over the sites that reported it."""
-        return {k: v for k, pairs in sorted(self.named.items()) if (v := weighted(pairs)) is not None}
+        """The task's own metrics that most sites reported (one site cannot crowd out the
+        others' names), example-weighted, the MAX_NAMED most reported."""
+        common = [k for k, pairs in self.named.items() if 2 * len(pairs) > self.replies]
+        chosen = sorted(sorted(common), key=lambda k: -len(self.named[k]))[:MAX_NAMED]
+        return {k: v for k in sorted(chosen) if (v := weighted(self.named[k])) is not None}

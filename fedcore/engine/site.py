@@ -113,6 +113,8 @@ class Site:
         fixed point) and, under secure aggregation, masked. Nothing else rides on it."""
         if stray := [i for i in instruction.plan if not isinstance(i, STATISTICS_PLAN)]:
             raise ProtocolError(f"a statistics instruction with a {type(stray[0]).__name__}")
+        if instruction.round != 0:
+            raise ProtocolError("a task's statistics are exchanged once, before round 1")
         size = self.task.statistics_size()
         if size < 1:
             raise ConfigError(f"task {self.task.name!r} has no federated statistics")

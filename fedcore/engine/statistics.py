@@ -50,7 +50,13 @@ async def gather_statistics(
         info = RoundInfo(run_id, 0, attempt, tuple(available), len(available), template, experiment.seed)
 
         aggregate = await pipeline.aggregate(info, _exchange(gather, attempt, config))
-        if aggregate is None or aggregate.count < fed.min_sites or aggregate.sum is None:
+        total = None if aggregate is None or aggregate.sum is None else aggregate.sum[STATISTICS_ARRAY]
+        if (
+            aggregate is None
+            or aggregate.count < fed.min_sites
+            or total is None
+            or not np.isfinite(total).all()
+        ):
             log.warning(
                 "statistics attempt %d: %d of %d sites' statistics summed, need %d; retrying",
                 attempt,
@@ -62,7 +68,7 @@ async def gather_statistics(
         for lost, drop in aggregate.dropped.items():
             log.info("statistics: dropped %s (%s)", lost, drop)
         log.info("statistics: summed over %d sites (%s)", aggregate.count, pipeline)
-        return np.asarray(aggregate.sum[STATISTICS_ARRAY], dtype=np.float64)
+        return np.asarray(total, dtype=np.float64)
     raise RoundFailed(
         f"the statistics exchange got fewer than {fed.min_sites} sites in {fed.max_round_retries + 1} attempts"
     )

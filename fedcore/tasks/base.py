@@ -97,9 +97,17 @@ class TaskSpec:
 JOB_PREFIX = "job."  # a Welcome's task_config keys that carry Task.configure settings
 
 
+SITE_ONLY = frozenset({"data", "features"})  # a site's own choices: which file, which columns
+
+
 def job_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The Task.configure settings in a Welcome's task_config."""
-    return {k.removeprefix(JOB_PREFIX): v for k, v in config.items() if k.startswith(JOB_PREFIX)}
+    """The Task.configure settings in a Welcome's task_config, less what only the site
+    decides (a server that named a path would make the site read a file of its choosing)."""
+    return {
+        key: v
+        for k, v in config.items()
+        if k.startswith(JOB_PREFIX) and (key := k.removeprefix(JOB_PREFIX)) not in SITE_ONLY
+    }
 
 
 class Task(abc.ABC):

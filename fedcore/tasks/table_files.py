@@ -1,5 +1,5 @@
 """Reading a site's table (CSV or Parquet) against the job's schema, with one clear line
-for every way a file can fail to fit: a missing or extra column, a label outside the job's
+for every way a file can fail to fit (rows counted from 1, after a CSV's header): a missing or extra column, a label outside the job's
 classes, text in a numeric column.
 
 A table is read into columns of Python values (str, float, int or None); `TableSchema`
@@ -53,7 +53,7 @@ def read_table(path: Path) -> Columns:
     if len(set(header)) != len(header):
         raise ValueError(f"{path}: duplicate column names in the header")
     body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
-    for line, row in enumerate(body, start=2):
+    for line, row in enumerate(body, start=1):
         if len(row) != len(header):
             raise ValueError(f"{path}: row {line} has {len(row)} fields, the header {len(header)}")
     return {name: [row[i] for row in body] for i, name in enumerate(header)}
@@ -107,6 +107,12 @@ class TableSchema:
             raise ValueError(f"the label {self.label!r} is also a feature column")
         if unknown := sorted(set(self.categories) - set(self.columns)):
             raise ValueError(f"categories for columns {unknown} that are not features")
+        for name, values in self.categories.items():
+            names = [label_text(v) for v in values]
+            if not names or len(set(names)) != len(names) or not all(names):
+                raise ValueError(
+                    f"the categories of {name!r} must be distinct, non-empty names, not {values}"
+                )
         for name, bounds in self.ranges.items():
             if name not in self.numeric or len(bounds) != 2 or not bounds[0] < bounds[1]:
                 raise ValueError(f"range of {name!r} must be [low, high] of a numeric feature, not {bounds}")
@@ -115,10 +121,14 @@ class TableSchema:
     def numeric(self) -> list[str]:
         return [c for c in self.columns if c not in self.categories]
 
+    def widths(self) -> list[int]:
+        """Features per column, in column order (what `read` encodes)."""
+        return [len(self.categories[c]) if c in self.categories else 1 for c in self.columns]
+
     @property
     def width(self) -> int:
         """Features the model takes: one per numeric column, one per category."""
-        return sum(len(self.categories[c]) if c in self.categories else 1 for c in self.columns)
+        return sum(self.widths())
 
     @property
     def bounded(self) -> bool:
@@ -148,9 +158,11 @@ class TableSchema:
                 f"{path}: extra columns {extra} not in the job's schema "
                 "(name the ones to use with [data] features in site.toml)"
             )
+        if not table[self.label]:
+            raise ValueError(f"{path}: no rows")
         index = {name: i for i, name in enumerate(self.classes)}
         labels = []
-        for row, value in enumerate(table[self.label], start=2):
+        for row, value in enumerate(table[self.label], start=1):
             name = label_text(value)
             if is_missing(value) or name not in index:
                 raise ValueError(
@@ -175,7 +187,7 @@ class TableSchema:
         for r, value in enumerate(values):
             parsed = number(value)
             if parsed is None:
-                raise ValueError(f"{path}: column {column!r}, row {r + 2}: {value!r} is not a number")
+                raise ValueError(f"{path}: column {column!r}, row {r + 1}: {value!r} is not a number")
             out[r, 0] = parsed
         return out
 

@@ -201,9 +201,11 @@ class Tabular(BundledTask):
         return unit
 
     def _blocks(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        widths = self._schema.widths()
+        if x.ndim != 2 or x.shape[1] != sum(widths):
+            raise ValueError(f"features of shape {x.shape}; the schema encodes {sum(widths)} per row")
         out, at = [], 0
-        for column in self._schema.columns:
-            size = len(self._schema.categories.get(column, ())) or 1
+        for column, size in zip(self._schema.columns, widths, strict=True):
             out.append((column, x[:, at : at + size]))
             at += size
         return out
