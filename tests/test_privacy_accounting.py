@@ -58,3 +58,15 @@ def test_a_damaged_ledger_is_never_silently_reset(tmp_path: Path, content: str) 
     path.write_text(content)
     with pytest.raises(ConfigError, match="unreadable"):
         PrivacyLedger(path, delta=1e-5)
+
+
+def test_noise_for_a_target_epsilon_covers_a_prior_release() -> None:
+    """With a statistics release before the DP-SGD rounds, the noise meets the target for
+    both together (Opacus's accountant over the whole history as the reference)."""
+    prior = (Mechanism(10.0, 1.0, 1),)
+    z = noise_for(target_epsilon=2.0, delta=1e-5, sample_rate=0.1, steps=500, prior=prior)
+    history = [(10.0, 1.0, 1), (z, 0.1, 500)]
+    assert opacus_epsilon(history, 1e-5) <= 2.0 < opacus_epsilon([(10.0, 1.0, 1), (z * 0.99, 0.1, 500)], 1e-5)
+    assert z > noise_for(target_epsilon=2.0, delta=1e-5, sample_rate=0.1, steps=500)
+    with pytest.raises(ValueError, match="leaves nothing"):
+        noise_for(target_epsilon=0.1, delta=1e-5, sample_rate=0.1, steps=500, prior=(Mechanism(1.0, 1.0, 1),))

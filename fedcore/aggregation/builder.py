@@ -23,9 +23,21 @@ from fedcore.aggregation.sample_dp import SampleLevelDP
 from fedcore.aggregation.secure_sum import SecureSum
 from fedcore.config import AggregationRule, Experiment, PrivacyMode
 from fedcore.errors import ConfigError
+from fedcore.tasks import Task
 
 
-def build_pipeline(experiment: Experiment, *, supports_dp_sgd: bool = True) -> Pipeline:
+def pipeline_for(experiment: Experiment, task: Task) -> Pipeline:
+    """The experiment's pipeline for rounds of `task`."""
+    return build_pipeline(
+        experiment, supports_dp_sgd=task.supports_dp_sgd, releases_statistics=task.statistics_size() > 0
+    )
+
+
+def build_pipeline(
+    experiment: Experiment, *, supports_dp_sgd: bool = True, releases_statistics: bool = False
+) -> Pipeline:
+    """`releases_statistics`: the task's statistics go out before round 1 (under sample-level
+    DP, a target epsilon must cover them too)."""
     p, sa, agg, fed = (
         experiment.privacy,
         experiment.secure_aggregation,
@@ -39,7 +51,7 @@ def build_pipeline(experiment: Experiment, *, supports_dp_sgd: bool = True) -> P
             raise ConfigError(
                 f"task {experiment.task.name!r} cannot train with DP-SGD ([privacy] mode = 'sample')"
             )
-        wrappers.append(SampleLevelDP(p, **common))
+        wrappers.append(SampleLevelDP(p, releases_statistics=releases_statistics, **common))
     elif p.mode is PrivacyMode.USER_CENTRAL:
         clip = Clip(p.clip_norm, equal_weights=True, report_unclipped=p.adaptive_clipping)
         wrappers += [CentralNoise(p, clip=clip, sites_per_round=fed.sites_per_round, **common), clip]

@@ -35,6 +35,9 @@ class SampleDPPlan(PlanItem):
     target_epsilon: float | None = None  # over `rounds` rounds, by the site's own accounting
     ghost_clipping: bool = False
     secure_rng: bool = True
+    # The run also releases the task's statistics with this noise multiplier (one Gaussian
+    # release, before round 1): a target epsilon covers it and the DP-SGD rounds together.
+    statistics_noise: float | None = None
 
 
 @dataclass(frozen=True)

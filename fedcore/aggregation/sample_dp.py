@@ -9,6 +9,7 @@ from typing import Any
 from fedcore.aggregation.base import RoundInfo
 from fedcore.aggregation.plans import SampleDPPlan, StagePlan
 from fedcore.aggregation.private import PrivateStage
+from fedcore.config import PrivacyConfig
 
 
 class SampleLevelDP(PrivateStage):
@@ -16,6 +17,12 @@ class SampleLevelDP(PrivateStage):
     mode = "sample"
     unit = "one training example"
     accountant = "each site's RDP accountant (Opacus) over its DP-SGD steps"
+
+    def __init__(
+        self, config: PrivacyConfig, *, rounds: int, seed: int, releases_statistics: bool = False
+    ) -> None:
+        super().__init__(config, rounds=rounds, seed=seed)
+        self.statistics_noise = config.statistics_noise_multiplier if releases_statistics else None
 
     def site_plan(self, info: RoundInfo) -> StagePlan:
         p = self.config
@@ -28,6 +35,7 @@ class SampleLevelDP(PrivateStage):
             target_epsilon=p.target_epsilon,
             ghost_clipping=p.ghost_clipping,
             secure_rng=p.secure_rng,
+            statistics_noise=self.statistics_noise,
         )
 
     # check_round: nothing. Each site enforces its own budget and the job's target by refusing.

@@ -146,6 +146,7 @@ class SiteStages:
                 examples=examples,
                 batch_size=batch_size,
                 local_epochs=local_epochs,
+                statistics_noise=sample.statistics_noise,
             )
             rng = self.privacy.secure_rng(sample.secure_rng)
             prepared = Prepared(plan, dp=spend.dp, secure_rng=rng, spend=spend)

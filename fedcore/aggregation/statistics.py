@@ -25,6 +25,7 @@ from fedcore.aggregation.quantize import Quantize
 from fedcore.aggregation.secure_sum import SecureSum
 from fedcore.config import Experiment, PrivacyMode
 from fedcore.errors import ConfigError, ProtocolError
+from fedcore.tasks import Task
 
 BITS = 64  # a sum of counts up to `max_examples` per site, to about 1e-12 of one record
 
@@ -72,6 +73,13 @@ class StatisticsScale(Stage):
         if aggregate.sum is not None:
             aggregate.sum = {k: v * self.scale for k, v in aggregate.sum.items()}
         return aggregate
+
+
+def statistics_pipeline_for(experiment: Experiment, task: Task) -> Pipeline | None:
+    """The statistics exchange's pipeline for `task`, or None when it needs no statistics."""
+    if task.statistics_size() < 1:
+        return None
+    return build_statistics_pipeline(experiment, bounded=task.statistics_sensitivity() is not None)
 
 
 def build_statistics_pipeline(experiment: Experiment, *, bounded: bool) -> Pipeline:

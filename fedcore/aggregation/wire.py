@@ -69,6 +69,7 @@ def plan_from_wire(items: Iterable[pb.StagePlan]) -> tuple[StagePlan, ...]:
                     target_epsilon=s.target_epsilon if noise == "target_epsilon" else None,
                     ghost_clipping=s.ghost_clipping,
                     secure_rng=s.secure_rng,
+                    statistics_noise=s.statistics_noise or None,
                 )
             )
         elif which == "central_noise":

@@ -31,9 +31,9 @@ from fedcore.aggregation import (
     SiteReply,
     SiteRequest,
     StopRun,
-    build_pipeline,
 )
-from fedcore.aggregation.statistics import build_statistics_pipeline
+from fedcore.aggregation.builder import pipeline_for
+from fedcore.aggregation.statistics import statistics_pipeline_for
 from fedcore.config import Experiment
 from fedcore.engine import faults
 from fedcore.engine.gather import EvaluationMetrics, Traffic, gather, weighted
@@ -82,13 +82,9 @@ class Coordinator:
         self.store = store
         self.test_data = test_data
         self.strategy = strategy or build_strategy(experiment.strategy)
-        self.pipeline = pipeline or build_pipeline(experiment, supports_dp_sgd=task.supports_dp_sgd)
+        self.pipeline = pipeline or pipeline_for(experiment, task)
         self.statistics: np.ndarray | None = None  # the task's federated statistics (before round 1)
-        self._statistics_pipeline = (
-            build_statistics_pipeline(experiment, bounded=task.statistics_sensitivity() is not None)
-            if task.statistics_size() > 0
-            else None
-        )
+        self._statistics_pipeline = statistics_pipeline_for(experiment, task)
         self.on_round = on_round
         self.ordered_replies = ordered_replies
         self.run_id = run_id or uuid.uuid4().hex

@@ -76,9 +76,26 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, .
 
 
 @functools.lru_cache(maxsize=1024)
-def noise_for(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest noise multiplier whose `steps` steps stay within `target_epsilon`."""
+def noise_for(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, prior: tuple[Mechanism, ...] = ()
+) -> float:
+    """The smallest noise multiplier whose `steps` steps stay within `target_epsilon`, with
+    the `prior` mechanisms (e.g. a statistics release) composed in."""
     from opacus.accountants.utils import get_noise_multiplier
+
+    if prior:
+        if epsilon(prior, delta) >= target_epsilon:
+            raise ValueError(f"the target epsilon {target_epsilon} leaves nothing after {list(prior)}")
+
+        def within(z: float) -> bool:
+            return epsilon([*prior, Mechanism(z, sample_rate, steps)], delta) <= target_epsilon
+
+        low, high = 0.0, 1.0
+        while not within(high):
+            low, high = high, 2 * high
+        while high - low > 1e-4 * high:  # the same precision as Opacus's search
+            low, high = (low, (low + high) / 2) if within((low + high) / 2) else ((low + high) / 2, high)
+        return high
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -77,8 +77,11 @@ class SitePrivacy:
         examples: int,
         batch_size: int,
         local_epochs: int,
+        statistics_noise: float | None = None,
     ) -> RoundPlan:
-        """What a DP-SGD round will cost the site; PrivacyBudgetError when its policy forbids it."""
+        """What a DP-SGD round will cost the site; PrivacyBudgetError when its policy forbids it.
+        `statistics_noise`: the run also releases statistics with this noise (a target
+        epsilon is met with that release composed in)."""
         job_delta = _delta(delta)
         steps_per_epoch = round_mechanism(
             examples, batch_size=batch_size, local_epochs=1, noise_multiplier=1.0
@@ -86,11 +89,17 @@ class SitePrivacy:
         if target_epsilon is not None:
             if rounds < 1:
                 raise PrivacyBudgetError("privacy policy: a target epsilon needs the job's number of rounds")
+            prior = (
+                (Mechanism(job_setting("statistics_noise", statistics_noise), 1.0, 1),)
+                if statistics_noise
+                else ()
+            )
             noise = noise_for(
                 target_epsilon=job_setting("target_epsilon", target_epsilon),
                 delta=job_delta,
                 sample_rate=steps_per_epoch.sample_rate,
                 steps=steps_per_epoch.steps * local_epochs * rounds,
+                prior=prior,
             )
         else:
             noise = job_setting("noise_multiplier", noise_multiplier)

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from fedcore.aggregation import build_pipeline
+from fedcore.aggregation.builder import pipeline_for
+from fedcore.aggregation.statistics import statistics_pipeline_for
 from fedcore.config import Experiment
 from fedcore.engine import Coordinator, MemoryStore, RoundRecord, RoundStore, RunResult
 from fedcore.engine.records import FanOutStore
@@ -38,7 +39,8 @@ def check_simulation(experiment: Experiment) -> Task:
         make_site(experiment, 1)  # the partition fits the task and the number of sites
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    build_pipeline(experiment, supports_dp_sgd=task.supports_dp_sgd)  # the stages fit the task
+    pipeline_for(experiment, task)  # the stages fit the task
+    statistics_pipeline_for(experiment, task)
     return task
 
 
@@ -90,7 +92,7 @@ def _finished(
     experiment: Experiment, task: Task, opened: OpenedRun, started: float
 ) -> tuple[dict[str, Any], RunResult]:
     """The summary and result of a run that was already complete."""
-    pipeline = build_pipeline(experiment, supports_dp_sgd=task.supports_dp_sgd)
+    pipeline = pipeline_for(experiment, task)
     if opened.state is None:  # it ended before its first round (a stage stopped it)
         result = RunResult(task.initial_parameters(derive_seed(experiment.seed, "init")), [])
     else:

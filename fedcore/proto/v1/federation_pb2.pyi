@@ -110,7 +110,7 @@ class ClipPlan(_message.Message):
     def __init__(self, norm: _Optional[float] = ..., equal_weights: _Optional[bool] = ..., report_unclipped: _Optional[bool] = ...) -> None: ...
 
 class SampleDPPlan(_message.Message):
-    __slots__ = ("max_grad_norm", "noise_multiplier", "target_epsilon", "rounds", "ghost_clipping", "delta", "run", "secure_rng")
+    __slots__ = ("max_grad_norm", "noise_multiplier", "target_epsilon", "rounds", "ghost_clipping", "delta", "run", "secure_rng", "statistics_noise")
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class SampleDPPlan(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     SECURE_RNG_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_NOISE_FIELD_NUMBER: _ClassVar[int]
     max_grad_norm: float
     noise_multiplier: float
     target_epsilon: float
@@ -127,7 +128,8 @@ class SampleDPPlan(_message.Message):
     delta: float
     run: str
     secure_rng: bool
-    def __init__(self, max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., rounds: _Optional[int] = ..., ghost_clipping: _Optional[bool] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ...) -> None: ...
+    statistics_noise: float
+    def __init__(self, max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., rounds: _Optional[int] = ..., ghost_clipping: _Optional[bool] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ..., statistics_noise: _Optional[float] = ...) -> None: ...
 
 class CentralNoisePlan(_message.Message):
     __slots__ = ("delta", "run")
