@@ -117,7 +117,9 @@ class DataConfig:
 class SecureAggregationConfig:
     enabled: bool = False
     neighbors: int | None = None  # degree of the SecAgg+ graph; None: ~3 log2(sites)
-    threshold: int | None = None  # shares to reconstruct a site's secrets; None: majority of neighbours
+    threshold: int | None = (
+        None  # shares to reconstruct a site's secrets; at least (and by default) a majority of its neighbours
+    )
     clip_range: float = 10.0  # every update value is clipped to [-clip_range, clip_range]
     bits: int | None = None  # arithmetic modulo 2**bits; None: 32, or 64 for distributed DP's integers
     max_examples: int = 1_000_000  # a site's weight is min(examples, max_examples) / max_examples

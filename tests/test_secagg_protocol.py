@@ -16,7 +16,7 @@ from fedcore.secagg.common import Aborted, AbortReason, ProtocolAbort, RoundPara
 from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
 from fedcore.secagg.local import run_round
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
-from fedcore.secagg.stages.messages import UnmaskRequest
+from fedcore.secagg.stages.messages import ConsistencyRequest, UnmaskRequest
 
 
 def params(n: int, degree: int, threshold: int, length: int, bits: int = 32) -> RoundParams:
@@ -94,18 +94,21 @@ def test_a_server_asking_for_both_shares_of_a_site_is_refused() -> None:
     stage2 = {s: clients[s][1].receive(forwarded[s], bytes_source()) for s in p.participants}
     routed, _ = server.collect([m for m, _ in stage2.values()])
     me = p.participants[0]
-    _, unmask = stage2[me][1].receive(routed[me], np.zeros(8, np.uint32))
+    _, consistency = stage2[me][1].receive(routed[me], np.zeros(8, np.uint32))
+    cohort = frozenset(p.participants)
+    _, unmask = consistency.receive(ConsistencyRequest(me, cohort))
+    signed = {s: b"" for s in cohort}  # no identities here: the count of signers is what is checked
     peer = sorted(p.neighbours[me])[0]
     # A curious server claims a live neighbour both survived and dropped, to get its seed
     # share and its key share from the same site: that would unmask the peer's input.
     with pytest.raises(ProtocolAbort) as refused:
-        unmask.receive(UnmaskRequest(me, survivors=frozenset({peer}), dropped=frozenset({peer})))
+        unmask.receive(UnmaskRequest(me, frozenset({peer}), frozenset({peer}), cohort, signed))
     assert refused.value.aborted.reason is AbortReason.INCONSISTENT_REQUEST
     tampered = dataclasses.replace(
         unmask, ciphertexts={k: v[:-1] + bytes([v[-1] ^ 1]) for k, v in unmask.ciphertexts.items()}
     )
     with pytest.raises(ProtocolAbort) as broken:
-        tampered.receive(UnmaskRequest(me, survivors=frozenset(p.neighbours[me]), dropped=frozenset()))
+        tampered.receive(UnmaskRequest(me, frozenset(p.neighbours[me]), frozenset(), cohort, signed))
     assert broken.value.aborted.reason is AbortReason.DECRYPTION_FAILED
 
 

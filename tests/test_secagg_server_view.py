@@ -39,10 +39,12 @@ def full_round(p: RoundParams, inputs: dict[str, np.ndarray], dropped_at_3: set[
     live = [s for s in p.participants if s not in dropped_at_3]
     stage3 = {s: stage2[s][1].receive(routed[s], inputs[s]) for s in live}
     seen["masked"] = [m for m, _ in stage3.values()]
-    requests, server4 = server3.collect(seen["masked"])  # type: ignore[arg-type]
-    seen["unmask"] = [stage3[s][1].receive(requests[s]) for s in live]
-    seen["sum"] = server4.collect(seen["unmask"])  # type: ignore[arg-type]
-    seen["server3"], seen["server4"] = server3, server4
+    agree, server4 = server3.collect(seen["masked"])  # type: ignore[arg-type]
+    stage4 = {s: stage3[s][1].receive(agree[s]) for s in live}
+    requests, server5 = server4.collect([m for m, _ in stage4.values()])
+    seen["unmask"] = [stage4[s][1].receive(requests[s]) for s in live]
+    seen["sum"] = server5.collect(seen["unmask"])  # type: ignore[arg-type]
+    seen["server3"], seen["server4"] = server3, server5
     return seen
 
 
@@ -131,6 +133,8 @@ def test_forged_replayed_and_out_of_stage_messages_are_refused() -> None:
     g = np.random.default_rng(1)
     inputs = {s: g.integers(0, 2**32, LENGTH, dtype=np.uint32) for s in sites}
     stage3 = {s: stage2[s][1].receive(routed[s], inputs[s]) for s in sites}
-    requests, server4 = server3.collect([m for m, _ in stage3.values()])
-    total = server4.collect([stage3[s][1].receive(requests[s]) for s in sites])
+    agree, server4 = server3.collect([m for m, _ in stage3.values()])
+    stage4 = {s: stage3[s][1].receive(agree[s]) for s in sites}
+    requests, server5 = server4.collect([m for m, _ in stage4.values()])
+    total = server5.collect([stage4[s][1].receive(requests[s]) for s in sites])
     np.testing.assert_array_equal(total, sum(inputs.values()).astype(np.uint32))

@@ -28,7 +28,13 @@ def test_the_secure_model_is_the_plain_model() -> None:
         np.testing.assert_allclose(secure.parameters[name], value, atol=1e-6)
     record = secure.records[-1]
     assert record.secure_aggregation["masked"] == 6
-    assert set(record.secure_aggregation["stages"]) == {"advertise", "share_keys", "masked_input", "unmask"}
+    assert set(record.secure_aggregation["stages"]) == {
+        "advertise",
+        "share_keys",
+        "masked_input",
+        "consistency",
+        "unmask",
+    }
 
 
 @pytest.mark.slow
@@ -49,7 +55,7 @@ def test_dropouts_at_every_secagg_stage_never_give_a_wrong_sum() -> None:
     )
     result, _ = run_simulation(e, None)
     stages = {drop.exchange for r in result.records for drop in r.dropped.values()}
-    assert stages == {"advertise", "share_keys", "masked_input", "unmask"}
+    assert stages == {"advertise", "share_keys", "masked_input", "unmask"}  # simulated dropouts
     assert sum(r.secure_aggregation["recovered"] for r in result.records) > 0
     for r in result.records:
         lost = {s for s, drop in r.dropped.items() if not drop.aggregated}

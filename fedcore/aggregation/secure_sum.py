@@ -31,14 +31,20 @@ from fedcore.aggregation.base import (
 )
 from fedcore.config import SecureAggregationConfig
 from fedcore.errors import ProtocolError
-from fedcore.secagg.common import ProtocolAbort, RoundParams
+from fedcore.secagg.common import MIN_COHORT, ProtocolAbort, RoundParams
 from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
 from fedcore.secagg.stages.advertise import ServerAdvertise
-from fedcore.secagg.stages.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskShares
+from fedcore.secagg.stages.messages import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    MaskedInput,
+    ShareKeys,
+    UnmaskShares,
+)
 
 log = logging.getLogger(__name__)
 
-EXCHANGES = ("advertise", "share_keys", "masked_input", "unmask")  # in protocol order
+EXCHANGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")  # in protocol order
 
 
 def round_params(config: SecureAggregationConfig, info: RoundInfo, *, bits: int) -> RoundParams:
@@ -46,9 +52,12 @@ def round_params(config: SecureAggregationConfig, info: RoundInfo, *, bits: int)
     degree = config.neighbors or default_degree(len(sampled))
     graph = neighbour_graph(sampled, degree, seed=info.seed, round_number=info.round * 1000 + info.attempt)
     smallest = min(len(peers) for peers in graph.values())
-    threshold = min(config.threshold or default_threshold(smallest), smallest)
+    largest = max(len(peers) for peers in graph.values())
+    # Sites refuse a threshold that is not above half their neighbourhood (a configured one too).
+    threshold = min(max(config.threshold or 0, default_threshold(largest)), smallest)
     length = sum(a.size for a in info.model.values()) + 1  # the update, then its weight
-    return RoundParams(info.round, tuple(sampled), graph, threshold, length, bits)
+    session = f"{info.run_id}/{info.round}/{info.attempt}"
+    return RoundParams(info.round, tuple(sampled), graph, threshold, length, bits, session)
 
 
 class SecureSum(Leaf):
@@ -61,16 +70,15 @@ class SecureSum(Leaf):
 
     async def collect(self, context: RoundContext) -> Aggregate | None:
         info = context.info
-        if len(info.sampled) < 2:
-            # SecAgg+ needs two sites to hide one. A round that completes with any sample
-            # (user-central DP) still releases its noise alone, so sampling stays what the
-            # accountant assumes.
+        if len(info.sampled) < MIN_COHORT:
+            # Sites refuse a smaller sum (of two, each would learn the other's input). A
+            # round that completes with any sample (user-central DP) still releases its
+            # noise alone, so sampling stays what the accountant assumes.
+            need = f"secure aggregation needs {MIN_COHORT} sites"
             if not context.completes_any_sample:
-                log.warning(
-                    "round %d: %d site(s) sampled, secure aggregation needs 2", info.round, len(info.sampled)
-                )
+                log.warning("round %d: %d site(s) sampled, %s", info.round, len(info.sampled), need)
                 return None
-            drop = Drop(DropReason.NOT_AGGREGATED, "advertise", "secure aggregation needs 2 sites")
+            drop = Drop(DropReason.NOT_AGGREGATED, "advertise", need)
             zeros = {k: np.zeros(v.shape) for k, v in info.model.items()}
             return Aggregate(
                 sum=zeros, weight=0.0, count=0, contributors=[], dropped=dict.fromkeys(info.sampled, drop)
@@ -102,8 +110,9 @@ class SecureSum(Leaf):
                 "dropped": len(lost),
                 "seconds": time.perf_counter() - started,
             }
-            # A site lost at unmask has its masked input in the sum already.
-            dropped.update({s: dataclasses.replace(d, aggregated=name == "unmask") for s, d in lost.items()})
+            # A site lost after its masked input has it in the sum already.
+            late = name in ("consistency", "unmask")
+            dropped.update({s: dataclasses.replace(d, aggregated=late) for s, d in lost.items()})
             return got
 
         def send(messages: dict[str, Any]) -> Callable[[str], SiteRequest]:
@@ -125,10 +134,12 @@ class SecureSum(Leaf):
                 MaskedInput,
             )
             context.before_release(len(masked))  # before any sum is decrypted
-            requests, server4 = server3.collect(masked)
+            agree, server4 = server3.collect(masked)
+            signed = await exchange("consistency", sorted(agree), send(agree), ConsistencySignature)
+            requests, server5 = server4.collect(signed)
             answers = await exchange("unmask", sorted(requests), send(requests), UnmaskShares)
             started = time.perf_counter()
-            total = server4.collect(answers)
+            total = server5.collect(answers)
         except ProtocolAbort as abort:
             log.warning(
                 "round %d attempt %d: secure aggregation aborted: %s", info.round, info.attempt, abort

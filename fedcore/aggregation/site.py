@@ -35,6 +35,7 @@ from fedcore.privacy.randomness import SecureRandom, dp_random
 from fedcore.privacy.site_policy import RoundPlan, SitePrivacy
 from fedcore.secagg.client import SecAggClient, SecAggState
 from fedcore.secagg.contribution import quantized_contribution, weight
+from fedcore.secagg.identity import Identity
 from fedcore.secagg.stages.messages import RoutedShares
 from fedcore.tensors import Arrays, clip_l2, flatten
 
@@ -86,11 +87,20 @@ def _one(plan: tuple[StagePlan, ...], kind: type) -> object | None:
 
 
 class SiteStages:
-    def __init__(self, name: str, privacy: SitePrivacy | None = None, *, remembers: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        privacy: SitePrivacy | None = None,
+        *,
+        remembers: bool = True,
+        identity: Identity | None = None,
+    ) -> None:
         """`remembers`: the site lives on between instructions (a site agent) and keeps its
-        last contribution for `replay`; a simulated site, rebuilt for every instruction, does not."""
+        last contribution for `replay`; a simulated site, rebuilt for every instruction, does
+        not. `identity`: the key this site signs its secure-aggregation messages with, and
+        its check of its neighbours' (None: it trusts the server to relay them honestly)."""
         self.remembers = remembers
-        self.secagg = SecAggClient(name)
+        self.secagg = SecAggClient(name, identity)
         self.privacy = privacy or SitePrivacy()
         self.private = False  # this site has trained under DP: no exact statistics leave it
         self._last: Encoded | None = None  # the last fit's encoding, for `replay`

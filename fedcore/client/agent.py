@@ -24,6 +24,7 @@ from fedcore.errors import FedcoreError, ProtocolError
 from fedcore.pki import TlsFiles
 from fedcore.privacy.site_policy import SitePrivacy
 from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.secagg.identity import Identity, certificate_identity
 from fedcore.tasks import Task, task_source
 from fedcore.tasks.base import job_from_config
 from fedcore.tasks.plugins import TaskSource
@@ -232,12 +233,18 @@ class SiteAgent:
             where = self.settings.data_uri
             raise _BadData(str(err) if where in str(err) else f"data {where}: {err}") from None
         try:  # the model's template, from the configured task
-            stages = SiteStages(welcome.site_name, self.privacy)
+            stages = SiteStages(welcome.site_name, self.privacy, identity=self._identity())
             self.site = Site(name=welcome.site_name, task=self.task, data=data, stages=stages)
         except ValueError as err:
             raise _Rejected(f"cannot set up task {welcome.task!r} for this run: {err}") from None
         self._site_key = key
         log.info("loaded %d training examples from %s", len(data.train), self.settings.data_uri)
+
+    def _identity(self) -> Identity | None:
+        """The site's certificate key signs its secure-aggregation messages; without a kit
+        (--insecure) there is nothing to sign with, and only an honest server is kept out."""
+        tls = self.settings.tls
+        return certificate_identity(tls.key, tls.certificate, tls.ca) if tls is not None else None
 
     async def _read(
         self, call: grpc.aio.StreamStreamCall, work: asyncio.Queue[tuple[int, Instruction] | None]

@@ -5,19 +5,32 @@ from __future__ import annotations
 import os
 
 from fedcore.secagg.common import AbortReason, RoundParams, need
+from fedcore.secagg.identity import Identity
 from fedcore.secagg.quantize import UInt
 from fedcore.secagg.stages.advertise import ClientAdvertise
+from fedcore.secagg.stages.consistency import ClientConsistency
 from fedcore.secagg.stages.masked_input import ClientMaskedInput
-from fedcore.secagg.stages.messages import MaskedInput, NeighbourKeys, RoutedShares, UnmaskRequest, dtype
+from fedcore.secagg.stages.messages import (
+    ConsistencyRequest,
+    MaskedInput,
+    NeighbourKeys,
+    RoutedShares,
+    UnmaskRequest,
+    dtype,
+)
 from fedcore.secagg.stages.share_keys import ClientShareKeys
 from fedcore.secagg.stages.unmask import ClientUnmask
 
-SecAggState = ClientShareKeys | ClientMaskedInput | ClientUnmask  # a site's state within a round
+# A site's state within a round.
+SecAggState = ClientShareKeys | ClientMaskedInput | ClientConsistency | ClientUnmask
 
 
 class SecAggClient:
-    def __init__(self, site: str) -> None:
+    def __init__(self, site: str, identity: Identity | None = None) -> None:
+        """`identity`: the site's signing key and its verifier of the others (None: no
+        signatures, so only an honest server is kept from the inputs)."""
         self.site = site
+        self.identity = identity
         self.state: SecAggState | None = None
 
     def participants(self) -> tuple[str, ...]:
@@ -35,7 +48,7 @@ class SecAggClient:
             return None
         p = self.state.params
         graph = sorted((site, sorted(peers)) for site, peers in p.neighbours.items())
-        return repr((p.round, p.participants, graph, p.threshold, p.length, p.bits))
+        return repr((p.session, p.round, p.participants, graph, p.threshold, p.length, p.bits))
 
     def _expect(self, kind: type, round_number: int) -> None:
         need(
@@ -54,18 +67,25 @@ class SecAggClient:
                 AbortReason.BAD_MESSAGE,
                 "round parameters",
             )
-            reply, self.state = ClientAdvertise(message, self.site).start(os.urandom)
+            # Fresh keys every time, also for a session redone after a server's crash: every
+            # signature binds the signer's keys of this execution, so nothing old is replayable.
+            reply, self.state = ClientAdvertise(message, self.site, self.identity).start(os.urandom)
             return reply
         if isinstance(message, NeighbourKeys):
             self._expect(ClientShareKeys, round_number)
             assert isinstance(self.state, ClientShareKeys)
-            shares, self.state = self.state.receive(message, os.urandom)
+            shares, self.state = self.state.receive(message, os.urandom, self.identity)
             return shares
+        if isinstance(message, ConsistencyRequest):
+            self._expect(ClientConsistency, round_number)
+            assert isinstance(self.state, ClientConsistency)
+            signature, self.state = self.state.receive(message, self.identity)
+            return signature
         if isinstance(message, UnmaskRequest):
             self._expect(ClientUnmask, round_number)
             assert isinstance(self.state, ClientUnmask)
             state, self.state = self.state, None  # one answer per round: no second request
-            return state.receive(message)
+            return state.receive(message, self.identity)
         need(False, AbortReason.BAD_MESSAGE, f"unexpected {type(message).__name__}")
         raise AssertionError("unreachable")
 

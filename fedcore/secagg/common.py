@@ -10,6 +10,7 @@ comes in as `randbytes`, so that tests can replay a round.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from fedcore.errors import SecurityError
 RandBytes = Callable[[int], bytes]
 
 SEED_BYTES = 32
+MIN_COHORT = 3  # a sum of two inputs tells each of the two the other's
 
 
 class AbortReason(enum.Enum):
@@ -27,6 +29,8 @@ class AbortReason(enum.Enum):
     BAD_MESSAGE = "a message is malformed, for another round or stage, or from an unknown site"
     INCONSISTENT_REQUEST = "the server asked for shares it must not have"
     DECRYPTION_FAILED = "a share could not be decrypted"
+    UNSAFE_PARAMETERS = "the round's parameters would let the server reconstruct an input"
+    BAD_SIGNATURES = "too few valid signatures on the survivor set"
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class RoundParams:
     threshold: int  # shares needed to reconstruct a site's secrets
     length: int  # integers per input vector
     bits: int = 32  # arithmetic modulo 2**bits
+    session: str = ""  # run, round and attempt: bound into every signature of the round
 
     def __post_init__(self) -> None:
         if list(self.participants) != sorted(set(self.participants)):
@@ -70,11 +75,34 @@ class RoundParams:
         return self.participants.index(site) + 1
 
     def info(self, purpose: str) -> bytes:
-        return f"fedcore secagg+ v1|{purpose}|round {self.round}".encode()
+        return f"fedcore secagg+ v2|{purpose}|{self.session}|round {self.round}".encode()
 
     def associated(self, sender: str, recipient: str) -> bytes:
-        """Binds an encrypted share to its round, sender and recipient (no replay, no reroute)."""
-        return f"{self.round}|{sender}|{recipient}".encode()
+        """Binds an encrypted share to its session, sender and recipient (no replay, no reroute)."""
+        return f"{self.session}|{self.round}|{sender}|{recipient}".encode()
+
+    def digest(self) -> bytes:
+        """The parameters as one value: a site signs its view of them with its keys, so that
+        neighbours given different parameters cannot verify each other."""
+        graph = sorted((site, sorted(peers)) for site, peers in self.neighbours.items())
+        view = (self.session, self.round, self.participants, graph, self.threshold, self.length, self.bits)
+        return hashlib.sha256(repr(view).encode()).digest()
+
+    def check_safe(self, site: str) -> None:
+        """What a site checks before it takes part: a cohort of at least MIN_COHORT sites,
+        and a threshold above half its neighbourhood (so that no two disjoint sets of its
+        neighbours can both reconstruct its secrets: the server cannot get both)."""
+        need(
+            len(self.participants) >= MIN_COHORT,
+            AbortReason.UNSAFE_PARAMETERS,
+            f"{len(self.participants)} participants; a secure sum needs {MIN_COHORT}",
+        )
+        degree = len(self.neighbours.get(site, ()))
+        need(
+            2 * self.threshold > degree,
+            AbortReason.UNSAFE_PARAMETERS,
+            f"threshold {self.threshold} is not above half of {degree} neighbours",
+        )
 
 
 def need(ok: bool, reason: AbortReason, detail: str = "") -> None:

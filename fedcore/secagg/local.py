@@ -10,6 +10,7 @@ from collections.abc import Mapping, Set
 import numpy as np
 
 from fedcore.secagg.common import Aborted, ProtocolAbort, RandBytes, RoundParams
+from fedcore.secagg.identity import Identity
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
 
 
@@ -19,10 +20,12 @@ def run_round(
     *,
     drop_before: Mapping[int, Set[str]] | None = None,
     randbytes: RandBytes = os.urandom,
+    identities: Mapping[str, Identity] | None = None,
 ) -> np.ndarray | Aborted:
     """The sum modulo 2**bits of the inputs of the sites that reach stage 3, or an abort.
-    `drop_before[stage]` (stage 1..4) are the sites that vanish before sending that stage."""
-    drop = {stage: set((drop_before or {}).get(stage, ())) for stage in (1, 2, 3, 4)}
+    `drop_before[stage]` (1 advertise, 2 share keys, 3 masked input, 4 consistency, 5 unmask)
+    are the sites that vanish before sending that stage."""
+    drop = {stage: set((drop_before or {}).get(stage, ())) for stage in (1, 2, 3, 4, 5)}
     gone: set[str] = set()
 
     def alive(stage: int) -> list[str]:
@@ -30,14 +33,19 @@ def run_round(
         return [s for s in params.participants if s not in gone]
 
     try:
-        clients = {s: ClientAdvertise(params, s) for s in params.participants}
+        clients = {s: ClientAdvertise(params, s, (identities or {}).get(s)) for s in params.participants}
         stage1 = {s: clients[s].start(randbytes) for s in alive(1)}
         forwarded, server2 = ServerAdvertise(params).collect([m for m, _ in stage1.values()])
-        stage2 = {s: stage1[s][1].receive(forwarded[s], randbytes) for s in alive(2) if s in forwarded}
+        ids = identities or {}
+        stage2 = {
+            s: stage1[s][1].receive(forwarded[s], randbytes, ids.get(s)) for s in alive(2) if s in forwarded
+        }
         routed, server3 = server2.collect([m for m, _ in stage2.values()])
         stage3 = {s: stage2[s][1].receive(routed[s], inputs[s]) for s in alive(3) if s in routed}
-        requests, server4 = server3.collect([m for m, _ in stage3.values()])
-        answers = [stage3[s][1].receive(requests[s]) for s in alive(4) if s in requests]
-        return server4.collect(answers)
+        agree, server4 = server3.collect([m for m, _ in stage3.values()])
+        stage4 = {s: stage3[s][1].receive(agree[s], ids.get(s)) for s in alive(4) if s in agree}
+        requests, server5 = server4.collect([m for m, _ in stage4.values()])
+        answers = [stage4[s][1].receive(requests[s], ids.get(s)) for s in alive(5) if s in requests]
+        return server5.collect(answers)
     except ProtocolAbort as abort:
         return abort.aborted

@@ -14,6 +14,8 @@ from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.secagg.common import RoundParams
 from fedcore.secagg.stages.messages import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     MaskedInput,
     NeighbourKeys,
     RoutedShares,
@@ -34,21 +36,22 @@ def to_wire(message: object) -> pb.SecAgg:
             threshold=message.threshold,
             length=message.length,
             bits=message.bits,
+            session=message.session,
         )
         for site, peers in message.neighbours.items():
             params.neighbours[site].sites.extend(sorted(peers))
         return pb.SecAgg(params=params)
     if isinstance(message, AdvertiseKeys):
-        return pb.SecAgg(
-            keys=pb.SecAggKeys(cipher_public=message.cipher_public, mask_public=message.mask_public)
-        )
+        return pb.SecAgg(keys=_keys(message))
     if isinstance(message, NeighbourKeys):
         out = pb.SecAgg(neighbour_keys=pb.SecAggNeighbourKeys())
         for site, keys in message.keys.items():
-            out.neighbour_keys.keys[site].CopyFrom(
-                pb.SecAggKeys(cipher_public=keys.cipher_public, mask_public=keys.mask_public)
-            )
+            out.neighbour_keys.keys[site].CopyFrom(_keys(keys))
         return out
+    if isinstance(message, ConsistencyRequest):
+        return pb.SecAgg(consistency_request=pb.SecAggConsistencyRequest(cohort=sorted(message.cohort)))
+    if isinstance(message, ConsistencySignature):
+        return pb.SecAgg(consistency_signature=pb.SecAggConsistencySignature(signature=message.signature))
     if isinstance(message, ShareKeys):
         return pb.SecAgg(share_keys=pb.SecAggCiphertexts(ciphertexts=message.ciphertexts))
     if isinstance(message, RoutedShares):
@@ -58,7 +61,10 @@ def to_wire(message: object) -> pb.SecAgg:
     if isinstance(message, UnmaskRequest):
         return pb.SecAgg(
             unmask_request=pb.SecAggUnmaskRequest(
-                survivors=sorted(message.survivors), dropped=sorted(message.dropped)
+                survivors=sorted(message.survivors),
+                dropped=sorted(message.dropped),
+                cohort=sorted(message.cohort),
+                signatures=message.signatures,
             )
         )
     if isinstance(message, UnmaskShares):
@@ -68,6 +74,15 @@ def to_wire(message: object) -> pb.SecAgg:
             )
         )
     raise TypeError(f"not a SecAgg+ message: {type(message).__name__}")
+
+
+def _keys(keys: AdvertiseKeys) -> pb.SecAggKeys:
+    return pb.SecAggKeys(
+        cipher_public=keys.cipher_public,
+        mask_public=keys.mask_public,
+        signature=keys.signature,
+        credential=keys.credential,
+    )
 
 
 def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -> object:
@@ -83,15 +98,21 @@ def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -
                 threshold=p.threshold,
                 length=p.length,
                 bits=p.bits,
+                session=p.session,
             )
         if which == "keys":
-            return AdvertiseKeys(site, message.keys.cipher_public, message.keys.mask_public)
+            k = message.keys
+            return AdvertiseKeys(site, k.cipher_public, k.mask_public, k.signature, k.credential)
         if which == "neighbour_keys":
             keys = {
-                s: AdvertiseKeys(s, k.cipher_public, k.mask_public)
+                s: AdvertiseKeys(s, k.cipher_public, k.mask_public, k.signature, k.credential)
                 for s, k in message.neighbour_keys.keys.items()
             }
             return NeighbourKeys(site, keys)
+        if which == "consistency_request":
+            return ConsistencyRequest(site, frozenset(message.consistency_request.cohort))
+        if which == "consistency_signature":
+            return ConsistencySignature(site, message.consistency_signature.signature)
         if which == "share_keys":
             return ShareKeys(site, dict(message.share_keys.ciphertexts))
         if which == "routed_shares":
@@ -103,7 +124,13 @@ def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -
             return MaskedInput(site, np.array(vector))
         if which == "unmask_request":
             r = message.unmask_request
-            return UnmaskRequest(site, survivors=frozenset(r.survivors), dropped=frozenset(r.dropped))
+            return UnmaskRequest(
+                site,
+                survivors=frozenset(r.survivors),
+                dropped=frozenset(r.dropped),
+                cohort=frozenset(r.cohort),
+                signatures=dict(r.signatures),
+            )
         if which == "unmask_shares":
             u = message.unmask_shares
             return UnmaskShares(site, dict(u.seed_shares), dict(u.key_shares))

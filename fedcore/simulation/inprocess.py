@@ -49,7 +49,8 @@ class InProcessTransport(Transport):
         if not self.experiment.secure_aggregation.enabled:
             return instruction.kind is InstructionKind.FIT
         stage = int(rng(seed, "dropout-stage", *when, site).integers(1, 5))
-        return SECURE_EXCHANGES[stage - 1] == instruction.exchange
+        # Drawn over the four exchanges a site works in (the consistency check is a signature).
+        return [e for e in SECURE_EXCHANGES if e != "consistency"][stage - 1] == instruction.exchange
 
     def _heterogeneity(self, site: str, instruction: Instruction) -> Instruction:
         sim, seed = self.experiment.simulation, self.experiment.seed

@@ -30,6 +30,7 @@ from fedcore.config import Backend, Experiment
 from fedcore.engine import Instruction, Reply, Site
 from fedcore.engine.site import SiteState
 from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
+from fedcore.secagg.identity import LocalAuthority
 from fedcore.simulation import shared_arrays
 from fedcore.tasks import Task, default_partition, job_settings, task_for
 from fedcore.tensors import Arrays
@@ -65,9 +66,9 @@ def make_site(experiment: Experiment, k: int, device: str | None = None, *, live
     # follows the experiment's secure_rng: the simulation is the researcher's own machine.
     privacy = SitePrivacy(SitePolicy(allow_insecure_rng=True))
     name = site_name(k)
-    return Site(
-        name=name, task=task, data=data, template=template, stages=SiteStages(name, privacy, remembers=live)
-    )
+    identity = LocalAuthority(experiment.seed).identity(name)  # the deployed protocol, signatures too
+    stages = SiteStages(name, privacy, remembers=live, identity=identity)
+    return Site(name=name, task=task, data=data, template=template, stages=stages)
 
 
 def handle(

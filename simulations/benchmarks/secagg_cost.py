@@ -33,6 +33,7 @@ from fedcore.privacy.randomness import SecureRandom
 from fedcore.secagg.common import RoundParams
 from fedcore.secagg.contribution import quantized_contribution, step_for_round
 from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
+from fedcore.secagg.identity import LocalAuthority
 from fedcore.secagg.primitives import add_mask
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
 from fedcore.simulation.runners import cores
@@ -77,7 +78,9 @@ def per_party(sites: int, params: int, bits: int = 32) -> dict[str, Any]:
     degree = default_degree(sites)
     graph = neighbour_graph(names, degree, seed=0, round_number=1)
     threshold = default_threshold(min(len(p) for p in graph.values()))
-    p = RoundParams(1, tuple(names), graph, threshold, params + 1, bits)
+    p = RoundParams(1, tuple(names), graph, threshold, params + 1, bits, "bench/1/1")
+    authority = LocalAuthority(0)  # every site signs, and checks its neighbours' signatures
+    ids = {s: authority.identity(s) for s in names}
     dtype = np.uint64 if bits == 64 else np.uint32
     g = np.random.default_rng(0)
     updates = {s: {"w": g.normal(0, 0.01, params).astype(np.float32)} for s in names}
@@ -92,11 +95,15 @@ def per_party(sites: int, params: int, bits: int = 32) -> dict[str, Any]:
         bucket[stage] = time.perf_counter() - started
         return value
 
-    s1 = timed(client, "advertise", lambda: {s: ClientAdvertise(p, s).start(os.urandom) for s in names})
+    s1 = timed(
+        client, "advertise", lambda: {s: ClientAdvertise(p, s, ids[s]).start(os.urandom) for s in names}
+    )
     forwarded, server2 = timed(
         server, "advertise", lambda: ServerAdvertise(p).collect([m for m, _ in s1.values()])
     )
-    s2 = timed(client, "share_keys", lambda: {s: s1[s][1].receive(forwarded[s], os.urandom) for s in names})
+    s2 = timed(
+        client, "share_keys", lambda: {s: s1[s][1].receive(forwarded[s], os.urandom, ids[s]) for s in names}
+    )
     routed, server3 = timed(server, "share_keys", lambda: server2.collect([m for m, _ in s2.values()]))
     inputs: dict[str, np.ndarray] = {}
 
@@ -107,9 +114,11 @@ def per_party(sites: int, params: int, bits: int = 32) -> dict[str, Any]:
         return s2[s][1].receive(routed[s], inputs[s])
 
     s3 = timed(client, "masked_input", lambda: {s: masked_input(s) for s in names})
-    requests, server4 = timed(server, "masked_input", lambda: server3.collect([m for m, _ in s3.values()]))
-    answers = timed(client, "unmask", lambda: [s3[s][1].receive(requests[s]) for s in names])
-    total = timed(server, "unmask", lambda: server4.collect(answers))
+    agree, server4 = timed(server, "masked_input", lambda: server3.collect([m for m, _ in s3.values()]))
+    s4 = timed(client, "consistency", lambda: {s: s3[s][1].receive(agree[s], ids[s]) for s in names})
+    requests, server5 = timed(server, "consistency", lambda: server4.collect([m for m, _ in s4.values()]))
+    answers = timed(client, "unmask", lambda: [s4[s][1].receive(requests[s], ids[s]) for s in names])
+    total = timed(server, "unmask", lambda: server5.collect(answers))
     expected = np.zeros(params + 1, dtype)
     for v in inputs.values():
         expected += v
@@ -225,6 +234,23 @@ def render(rows: list[dict[str, Any]], throughput: float, console: Console) -> N
             f"{flower_s / deployment:.1f}x" if flower_s else "-",
         )
     console.print(table)
+    stages = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
+    per_stage = Table(
+        title="Per party and stage, milliseconds (signing and checking: advertise, consistency, unmask)"
+    )
+    per_stage.add_column("workload")
+    per_stage.add_column("party")
+    for stage in stages:
+        per_stage.add_column(stage, justify="right")
+    for row in rows:
+        party = row["per_party"]
+        for who, times in (
+            ("one site", party["client_seconds_per_site"]),
+            ("server", party["server_seconds"]),
+        ):
+            cells = [f"{1000 * times[s]:.1f}" if s in times else "-" for s in stages]
+            per_stage.add_row(f"{row['sites']} x {row['params']:,}", who, *cells)
+    console.print(per_stage)
     console.print(
         f"mask expansion and addition in place (AES-256-CTR, uint32): {throughput:,.0f} MB/s on one core"
     )

@@ -113,31 +113,31 @@ def test_a_federation_runs_the_task_with_dp_and_secagg_and_records_a_declining_s
     package: Path, tmp_path: Path
 ) -> None:
     pki = tmp_path / "pki"
-    sites = ("site-1", "site-2", "site-3")
+    sites = ("site-1", "site-2", "site-3", "site-4")  # three train (a secure sum needs 3), one declines
     for command in (
         ["pki", "init", pki, "--host", "localhost"],
         *(["pki", "add-site", pki, s] for s in sites),
     ):
         subprocess.run([*FEDCORE, *map(str, command)], check=True, capture_output=True)
-    data = split_sample(package, tmp_path, 2)
+    data = split_sample(package, tmp_path, 3)
     port, state = free_port(), tmp_path / "state"
     logs = {name: tmp_path / f"{name}.log" for name in ("server", *sites)}
     server = fedcore(
         "server", "--listen", f"127.0.0.1:{port}", "--pki", pki, "--task", NAME, "--rounds", 3,
-        "--min-sites", 2, "--state", state, "--secure-aggregation", "--privacy", "sample",
+        "--min-sites", 3, "--state", state, "--secure-aggregation", "--privacy", "sample",
         "--noise-multiplier", "1.0", log=logs["server"],
     )  # fmt: skip
-    # site-3 approves only another version of the task: it must decline, and say why.
+    # site-4 approves only another version of the task: it must decline, and say why.
     strict = tmp_path / "strict.toml"
     strict.write_text(f'[policy]\ntasks = ["{NAME}==9.9.9"]\n')
     declining = fedcore(
-        "client", "--config", strict, "--server", f"localhost:{port}", "--pki", pki / "sites" / "site-3",
-        "--task", NAME, "--data", data[0], log=logs["site-3"],
+        "client", "--config", strict, "--server", f"localhost:{port}", "--pki", pki / "sites" / "site-4",
+        "--task", NAME, "--data", data[0], log=logs["site-4"],
     )  # fmt: skip
-    assert wait(declining, logs["site-3"], 120) == 3, logs["site-3"].read_text()[-2000:]
-    assert "declined the job" in logs["site-3"].read_text()
+    assert wait(declining, logs["site-4"], 120) == 3, logs["site-4"].read_text()[-2000:]
+    assert "declined the job" in logs["site-4"].read_text()
     deadline = time.monotonic() + 60
-    while "site-3 declined the job" not in logs["server"].read_text():
+    while "site-4 declined the job" not in logs["server"].read_text():
         assert time.monotonic() < deadline, logs["server"].read_text()[-2000:]
         time.sleep(0.1)
     clients = [
@@ -153,11 +153,11 @@ def test_a_federation_runs_the_task_with_dp_and_secagg_and_records_a_declining_s
             data[k],
             log=logs[site],
         )
-        for k, site in enumerate(sites[:2])
+        for k, site in enumerate(sites[:3])
     ]
     assert wait(server, logs["server"]) == 0, logs["server"].read_text()[-3000:]
     assert all(wait(c, logs[s]) == 0 for c, s in zip(clients, sites, strict=False))
     records = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2, 3]
-    assert "does not approve task" in records[0]["declined"]["site-3"]
-    assert all(r["sites"] == 2 and r["epsilon"] is not None and r["secure_aggregation"] for r in records)
+    assert "does not approve task" in records[0]["declined"]["site-4"]
+    assert all(r["sites"] == 3 and r["epsilon"] is not None and r["secure_aggregation"] for r in records)

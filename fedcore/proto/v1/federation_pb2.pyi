@@ -212,7 +212,7 @@ class SiteList(_message.Message):
     def __init__(self, sites: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
-    __slots__ = ("round", "participants", "neighbours", "threshold", "length", "bits")
+    __slots__ = ("round", "participants", "neighbours", "threshold", "length", "bits", "session")
     class NeighboursEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -226,21 +226,39 @@ class SecAggParams(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     round: int
     participants: _containers.RepeatedScalarFieldContainer[str]
     neighbours: _containers.MessageMap[str, SiteList]
     threshold: int
     length: int
     bits: int
-    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[_Mapping[str, SiteList]] = ..., threshold: _Optional[int] = ..., length: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
+    session: str
+    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[_Mapping[str, SiteList]] = ..., threshold: _Optional[int] = ..., length: _Optional[int] = ..., bits: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
-    __slots__ = ("cipher_public", "mask_public")
+    __slots__ = ("cipher_public", "mask_public", "signature", "credential")
     CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     cipher_public: bytes
     mask_public: bytes
-    def __init__(self, cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+    signature: bytes
+    credential: bytes
+    def __init__(self, cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., credential: _Optional[bytes] = ...) -> None: ...
+
+class SecAggConsistencyRequest(_message.Message):
+    __slots__ = ("cohort",)
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    cohort: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cohort: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggConsistencySignature(_message.Message):
+    __slots__ = ("signature",)
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    signature: bytes
+    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class SecAggNeighbourKeys(_message.Message):
     __slots__ = ("keys",)
@@ -269,12 +287,23 @@ class SecAggCiphertexts(_message.Message):
     def __init__(self, ciphertexts: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class SecAggUnmaskRequest(_message.Message):
-    __slots__ = ("survivors", "dropped")
+    __slots__ = ("survivors", "dropped", "cohort", "signatures")
+    class SignaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    cohort: _containers.RepeatedScalarFieldContainer[str]
+    signatures: _containers.ScalarMap[str, bytes]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., cohort: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class SecAggUnmaskShares(_message.Message):
     __slots__ = ("seed_shares", "key_shares")
@@ -303,7 +332,7 @@ class SecAggMaskedInput(_message.Message):
     def __init__(self) -> None: ...
 
 class SecAgg(_message.Message):
-    __slots__ = ("params", "keys", "neighbour_keys", "share_keys", "routed_shares", "masked_input", "unmask_request", "unmask_shares")
+    __slots__ = ("params", "keys", "neighbour_keys", "share_keys", "routed_shares", "masked_input", "unmask_request", "unmask_shares", "consistency_request", "consistency_signature")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOUR_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +341,8 @@ class SecAgg(_message.Message):
     MASKED_INPUT_FIELD_NUMBER: _ClassVar[int]
     UNMASK_REQUEST_FIELD_NUMBER: _ClassVar[int]
     UNMASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     params: SecAggParams
     keys: SecAggKeys
     neighbour_keys: SecAggNeighbourKeys
@@ -320,7 +351,9 @@ class SecAgg(_message.Message):
     masked_input: SecAggMaskedInput
     unmask_request: SecAggUnmaskRequest
     unmask_shares: SecAggUnmaskShares
-    def __init__(self, params: _Optional[_Union[SecAggParams, _Mapping]] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., neighbour_keys: _Optional[_Union[SecAggNeighbourKeys, _Mapping]] = ..., share_keys: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., routed_shares: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., masked_input: _Optional[_Union[SecAggMaskedInput, _Mapping]] = ..., unmask_request: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ..., unmask_shares: _Optional[_Union[SecAggUnmaskShares, _Mapping]] = ...) -> None: ...
+    consistency_request: SecAggConsistencyRequest
+    consistency_signature: SecAggConsistencySignature
+    def __init__(self, params: _Optional[_Union[SecAggParams, _Mapping]] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., neighbour_keys: _Optional[_Union[SecAggNeighbourKeys, _Mapping]] = ..., share_keys: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., routed_shares: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., masked_input: _Optional[_Union[SecAggMaskedInput, _Mapping]] = ..., unmask_request: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ..., unmask_shares: _Optional[_Union[SecAggUnmaskShares, _Mapping]] = ..., consistency_request: _Optional[_Union[SecAggConsistencyRequest, _Mapping]] = ..., consistency_signature: _Optional[_Union[SecAggConsistencySignature, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "task", "site_name")

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
+from fedcore.secagg.identity import Identity
 from fedcore.secagg.primitives import KeyPair
-from fedcore.secagg.stages.messages import AdvertiseKeys, NeighbourKeys
+from fedcore.secagg.stages.messages import AdvertiseKeys, NeighbourKeys, advertised
 from fedcore.secagg.stages.share_keys import ClientShareKeys, ServerShareKeys
 
 
@@ -19,10 +20,17 @@ def keypair(randbytes: RandBytes) -> KeyPair:
 class ClientAdvertise:
     params: RoundParams
     site: str
+    identity: Identity | None = None  # None: unsigned keys (an honest server is trusted)
 
     def start(self, randbytes: RandBytes) -> tuple[AdvertiseKeys, ClientShareKeys]:
+        self.params.check_safe(self.site)
         cipher, mask = keypair(randbytes), keypair(randbytes)
         message = AdvertiseKeys(self.site, cipher.public, mask.public)
+        if self.identity is not None:
+            signature = self.identity.signer.sign(advertised(self.params, message))
+            message = AdvertiseKeys(
+                self.site, cipher.public, mask.public, signature, self.identity.signer.credential
+            )
         return message, ClientShareKeys(self.params, self.site, cipher, mask)
 
 

@@ -11,15 +11,15 @@ import numpy as np
 
 from fedcore.secagg.common import AbortReason, RoundParams, need
 from fedcore.secagg.primitives import KeyPair, add_masks
+from fedcore.secagg.stages.consistency import ClientConsistency, ServerConsistency
 from fedcore.secagg.stages.messages import (
     AdvertiseKeys,
+    ConsistencyRequest,
     MaskedInput,
     RoutedShares,
-    UnmaskRequest,
     dtype,
     pairwise_mask,
 )
-from fedcore.secagg.stages.unmask import ClientUnmask, ServerUnmask
 
 
 @dataclass(frozen=True)
@@ -29,24 +29,23 @@ class ClientMaskedInput:
     channel_keys: dict[str, bytes]  # neighbour -> the key its shares for this site are encrypted with
     mask: KeyPair
     self_seed: bytes
-    neighbour_keys: dict[str, AdvertiseKeys]
+    neighbour_keys: dict[str, AdvertiseKeys]  # verified
+    own: AdvertiseKeys  # this site's public keys of this execution
 
     def receive(
         self, message: RoutedShares, quantized: np.ndarray, *, in_place: bool = False
-    ) -> tuple[MaskedInput, ClientUnmask]:
+    ) -> tuple[MaskedInput, ClientConsistency]:
         """Mask `quantized` (integers modulo 2**bits) against the neighbours that shared keys;
         `in_place` masks the caller's array itself (a copy of 4 MB per 1M parameters saved)."""
         p = self.params
         need(message.site == self.site, AbortReason.BAD_MESSAGE, "shares addressed to another site")
+        # Shares from a sender whose keys this site did not verify are left out: it masks
+        # against nothing it could not check.
+        ciphertexts = {s: c for s, c in message.ciphertexts.items() if s in self.neighbour_keys}
         need(
-            set(message.ciphertexts) <= set(self.neighbour_keys),
-            AbortReason.BAD_MESSAGE,
-            "shares from non-neighbours",
-        )
-        need(
-            len(message.ciphertexts) >= p.threshold,
+            len(ciphertexts) >= p.threshold,
             AbortReason.TOO_FEW_NEIGHBOURS,
-            f"{len(message.ciphertexts)} neighbours shared keys",
+            f"{len(ciphertexts)} verified neighbours shared keys",
         )
         need(
             quantized.shape == (p.length,) and quantized.dtype == dtype(p),
@@ -57,10 +56,10 @@ class ClientMaskedInput:
         private = self.mask.key()
         masks = [(self.self_seed, False)] + [
             pairwise_mask(p, private, self.site, peer, self.neighbour_keys[peer].mask_public)
-            for peer in sorted(message.ciphertexts)
+            for peer in sorted(ciphertexts)
         ]
         add_masks(masked, masks)
-        state = ClientUnmask(p, self.site, self.channel_keys, dict(message.ciphertexts))
+        state = ClientConsistency(p, self.site, self.channel_keys, ciphertexts, self.neighbour_keys, self.own)
         return MaskedInput(self.site, masked), state
 
 
@@ -70,9 +69,8 @@ class ServerMaskedInput:
     keys: dict[str, AdvertiseKeys]
     shared: frozenset[str]  # the sites that shared keys
 
-    def collect(self, messages: list[MaskedInput]) -> tuple[dict[str, UnmaskRequest], ServerUnmask]:
-        """Sum the masked inputs; ask every site that sent one for the shares that remove the
-        masks: self-mask shares of the survivors, mask-key shares of the dropped."""
+    def collect(self, messages: list[MaskedInput]) -> tuple[dict[str, ConsistencyRequest], ServerConsistency]:
+        """Sum the masked inputs; ask every site that sent one to sign the survivor set."""
         p = self.params
         total = np.zeros(p.length, dtype=dtype(p))
         survivors: set[str] = set()
@@ -95,13 +93,6 @@ class ServerMaskedInput:
             total += m.vector
             survivors.add(m.site)
         need(len(survivors) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(survivors)} masked inputs")
-        dropped = self.shared - survivors
-        requests = {
-            site: UnmaskRequest(
-                site,
-                survivors=frozenset(p.neighbours[site] & survivors),
-                dropped=frozenset(p.neighbours[site] & dropped),
-            )
-            for site in sorted(survivors)
-        }
-        return requests, ServerUnmask(p, self.keys, self.shared, frozenset(survivors), total)
+        cohort = frozenset(survivors)
+        requests = {site: ConsistencyRequest(site, cohort) for site in sorted(survivors)}
+        return requests, ServerConsistency(p, self.keys, self.shared, cohort, total)

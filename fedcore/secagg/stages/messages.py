@@ -3,13 +3,14 @@ modules import only this module and the next stage's (no cycles)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore.secagg.common import RoundParams
+from fedcore.secagg.identity import Identity, signed_bytes
 from fedcore.secagg.primitives import agree
 
 
@@ -18,6 +19,8 @@ class AdvertiseKeys:
     site: str
     cipher_public: bytes  # for the share encryption keys
     mask_public: bytes  # for the pairwise mask seeds
+    signature: bytes = b""  # the site's, over the session, the parameters and both keys
+    credential: bytes = b""  # what proves the signing key (its certificate)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,36 @@ class MaskedInput:
     vector: np.ndarray  # uint32 or uint64, length params.length
 
 
+def advertised(params: RoundParams, keys: AdvertiseKeys) -> bytes:
+    """What a site signs with its keys: the session, its view of the parameters, both keys."""
+    return signed_bytes(
+        "advertise", params.session, params.digest(), keys.site, keys.cipher_public, keys.mask_public
+    )
+
+
+def agreed(params: RoundParams, keys: AdvertiseKeys, cohort: frozenset[str]) -> bytes:
+    """What a survivor signs at the consistency check: the session, its keys of this
+    execution (a signature from an earlier execution of the session cannot be replayed)
+    and the survivor set."""
+    return signed_bytes(
+        "consistency",
+        params.session,
+        params.digest(),
+        keys.site,
+        keys.cipher_public,
+        keys.mask_public,
+        cohort,
+    )
+
+
+def verified(identity: Identity | None, params: RoundParams, keys: AdvertiseKeys) -> bool:
+    """Whether `keys` are what their site signed (always, for a site without an identity:
+    it trusts the server to relay keys honestly)."""
+    if identity is None:
+        return True
+    return identity.verifier.verify(keys.site, keys.credential, keys.signature, advertised(params, keys))
+
+
 def dtype(params: RoundParams) -> type[np.unsignedinteger[Any]]:
     return np.uint32 if params.bits == 32 else np.uint64
 
@@ -68,10 +101,26 @@ def pairwise_mask(
 
 
 @dataclass(frozen=True)
+class ConsistencyRequest:
+    """The survivor set (the sites whose masked inputs the server holds), for a site to sign."""
+
+    site: str
+    cohort: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    site: str
+    signature: bytes
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
     site: str
     survivors: frozenset[str]  # neighbours that sent masked input: send their seed shares
     dropped: frozenset[str]  # neighbours that shared keys but sent no input: send key shares
+    cohort: frozenset[str] = frozenset()  # the signed survivor set
+    signatures: dict[str, bytes] = field(default_factory=dict)  # survivor -> its signature on it
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
+from fedcore.secagg.identity import Identity
 from fedcore.secagg.primitives import KeyPair, agree, encrypt
 from fedcore.secagg.stages.masked_input import ClientMaskedInput, ServerMaskedInput
-from fedcore.secagg.stages.messages import AdvertiseKeys, NeighbourKeys, RoutedShares, ShareKeys
+from fedcore.secagg.stages.messages import AdvertiseKeys, NeighbourKeys, RoutedShares, ShareKeys, verified
 
 
 def private_bytes(pair: KeyPair) -> bytes:
@@ -25,7 +26,10 @@ class ClientShareKeys:
     cipher: KeyPair
     mask: KeyPair
 
-    def receive(self, message: NeighbourKeys, randbytes: RandBytes) -> tuple[ShareKeys, ClientMaskedInput]:
+    def receive(
+        self, message: NeighbourKeys, randbytes: RandBytes, identity: Identity | None = None
+    ) -> tuple[ShareKeys, ClientMaskedInput]:
+        """`identity`: this site's check of its neighbours' signatures (states hold no keys)."""
         p = self.params
         need(message.site == self.site, AbortReason.BAD_MESSAGE, "neighbour keys addressed to another site")
         need(
@@ -33,13 +37,20 @@ class ClientShareKeys:
             AbortReason.BAD_MESSAGE,
             "keys of sites that are not neighbours",
         )
+        # Keys their site did not sign (substituted, replayed, or for other parameters) are
+        # left out: this site shares nothing with, and masks against nothing of, them.
+        keys = {
+            peer: k
+            for peer, k in message.keys.items()
+            if k.site == peer
+            and verified(identity, p, k)
+            and len({k.cipher_public, k.mask_public, self.cipher.public, self.mask.public}) == 4
+        }
         need(
-            len(message.keys) >= p.threshold,
-            AbortReason.TOO_FEW_NEIGHBOURS,
-            f"{len(message.keys)} live neighbours",
+            len(keys) >= p.threshold, AbortReason.TOO_FEW_NEIGHBOURS, f"{len(keys)} verified live neighbours"
         )
         self_seed = randbytes(SEED_BYTES)
-        peers = sorted(message.keys)
+        peers = sorted(keys)
         # One x-coordinate per neighbour (its place among the participants): shares of
         # different sites' secrets held by one neighbour line up for reconstruction.
         xs = {peer: p.index(peer) for peer in peers}
@@ -48,8 +59,7 @@ class ClientShareKeys:
         # The channel key with each neighbour, kept for decrypting its shares at unmask.
         private = self.cipher.key()
         channel = {
-            peer: agree(private, message.keys[peer].cipher_public, info=p.info("share encryption"))
-            for peer in peers
+            peer: agree(private, keys[peer].cipher_public, info=p.info("share encryption")) for peer in peers
         }
         ciphertexts = {
             peer: encrypt(
@@ -57,7 +67,8 @@ class ClientShareKeys:
             )
             for peer in peers
         }
-        state = ClientMaskedInput(p, self.site, channel, self.mask, self_seed, dict(message.keys))
+        own = AdvertiseKeys(self.site, self.cipher.public, self.mask.public)
+        state = ClientMaskedInput(p, self.site, channel, self.mask, self_seed, keys, own)
         return ShareKeys(self.site, ciphertexts), state
 
 

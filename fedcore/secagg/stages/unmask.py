@@ -13,8 +13,9 @@ import numpy as np
 from fedcore.errors import SecurityError
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RoundParams, need
+from fedcore.secagg.identity import Identity
 from fedcore.secagg.primitives import KeyPair, add_masks, decrypt
-from fedcore.secagg.stages.messages import AdvertiseKeys, UnmaskRequest, UnmaskShares, pairwise_mask
+from fedcore.secagg.stages.messages import AdvertiseKeys, UnmaskRequest, UnmaskShares, agreed, pairwise_mask
 
 SHARE = shamir.SHARE_BYTES
 
@@ -25,15 +26,39 @@ class ClientUnmask:
     site: str
     channel_keys: dict[str, bytes]  # neighbour -> the key of the channel with it (share keys)
     ciphertexts: dict[str, bytes]  # sender -> its encrypted shares for this site
+    cohort: frozenset[str] = frozenset()  # the survivor set this site signed
+    neighbour_keys: dict[str, AdvertiseKeys] | None = None  # verified, with their credentials
 
-    def receive(self, request: UnmaskRequest) -> UnmaskShares:
+    def _signed_by(self, request: UnmaskRequest, identity: Identity | None) -> int:
+        """This site and the neighbours whose signatures on the cohort verify."""
+        if identity is None or self.neighbour_keys is None:
+            return len(request.signatures)  # no identities: the server is trusted to relay
+        keys = self.neighbour_keys
+        return 1 + sum(
+            1
+            for peer, signature in request.signatures.items()
+            if peer in keys
+            and peer in self.cohort
+            and identity.verifier.verify(
+                peer, keys[peer].credential, signature, agreed(self.params, keys[peer], self.cohort)
+            )
+        )
+
+    def receive(self, request: UnmaskRequest, identity: Identity | None = None) -> UnmaskShares:
         p = self.params
         need(request.site == self.site, AbortReason.BAD_MESSAGE, "request addressed to another site")
         asked = request.survivors | request.dropped
         need(
-            not request.survivors & request.dropped,
+            request.cohort == self.cohort
+            and request.survivors <= self.cohort
+            and not request.dropped & self.cohort,
             AbortReason.INCONSISTENT_REQUEST,
-            "a site both survived and dropped",
+            "shares asked for another survivor set than the one this site signed",
+        )
+        need(
+            self._signed_by(request, identity) >= p.threshold,
+            AbortReason.BAD_SIGNATURES,
+            f"fewer than {p.threshold} of this site's neighbourhood signed the survivor set",
         )
         need(
             asked <= set(self.ciphertexts),

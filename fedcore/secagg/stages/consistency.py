@@ -1,0 +1,89 @@
+"""Stage 3b, consistency check (Bonawitz et al. CCS'17, the malicious-server variant): every
+survivor signs the survivor set the server claims, and answers the unmask request only
+with the signatures of at least `threshold` of its neighbourhood (itself included) on that
+very set, and only for that set: seed shares of neighbours in it, key shares of neighbours
+out of it. An honest site signs one set per round, and only one that holds itself, so the
+server cannot have one neighbour reveal a site's self mask (it survived) while others reveal
+the keys of its neighbours (they dropped): both views would need a majority of signatures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcore.secagg.common import AbortReason, RoundParams, need
+from fedcore.secagg.identity import Identity
+from fedcore.secagg.stages.messages import (
+    AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
+    UnmaskRequest,
+    agreed,
+)
+from fedcore.secagg.stages.unmask import ClientUnmask, ServerUnmask
+
+
+@dataclass(frozen=True)
+class ClientConsistency:
+    params: RoundParams
+    site: str
+    channel_keys: dict[str, bytes]
+    ciphertexts: dict[str, bytes]  # sender -> its encrypted shares for this site
+    neighbour_keys: dict[str, AdvertiseKeys]  # verified: their credentials check the signatures
+    own: AdvertiseKeys  # this site's public keys of this execution, bound into its signature
+
+    def receive(
+        self, request: ConsistencyRequest, identity: Identity | None = None
+    ) -> tuple[ConsistencySignature, ClientUnmask]:
+        p = self.params
+        cohort = request.cohort
+        need(request.site == self.site, AbortReason.BAD_MESSAGE, "a survivor set addressed to another site")
+        need(
+            self.site in cohort and cohort <= set(p.participants),
+            AbortReason.INCONSISTENT_REQUEST,
+            "a survivor set without this site, or with sites outside the round",
+        )
+        need(
+            len(cohort & p.neighbours[self.site]) + 1 >= p.threshold,
+            AbortReason.TOO_FEW_SURVIVORS,
+            "too few live neighbours",
+        )
+        signature = identity.signer.sign(agreed(p, self.own, cohort)) if identity is not None else b""
+        state = ClientUnmask(p, self.site, self.channel_keys, self.ciphertexts, cohort, self.neighbour_keys)
+        return ConsistencySignature(self.site, signature), state
+
+
+@dataclass(frozen=True)
+class ServerConsistency:
+    params: RoundParams
+    keys: dict[str, AdvertiseKeys]
+    shared: frozenset[str]
+    cohort: frozenset[str]  # the survivors: sites whose masked inputs are in the total
+    total: np.ndarray
+
+    def collect(self, messages: list[ConsistencySignature]) -> tuple[dict[str, UnmaskRequest], ServerUnmask]:
+        """Hand every signer all the signatures, with the shares it must send: self-mask
+        shares of surviving neighbours, mask-key shares of the neighbours that dropped."""
+        p = self.params
+        signatures: dict[str, bytes] = {}
+        for m in messages:
+            need(
+                isinstance(m, ConsistencySignature) and m.site in self.cohort and m.site not in signatures,
+                AbortReason.BAD_MESSAGE,
+                f"consistency signature from {getattr(m, 'site', '?')}",
+            )
+            signatures[m.site] = m.signature
+        need(len(signatures) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(signatures)} signatures")
+        dropped = self.shared - self.cohort
+        requests = {
+            site: UnmaskRequest(
+                site,
+                survivors=frozenset(p.neighbours[site] & self.cohort),
+                dropped=frozenset(p.neighbours[site] & dropped),
+                cohort=self.cohort,
+                signatures=dict(signatures),
+            )
+            for site in sorted(signatures)
+        }
+        return requests, ServerUnmask(p, self.keys, self.shared, self.cohort, self.total)

@@ -1,0 +1,391 @@
+"""SecAgg+ against a malicious server: a scripted dishonest server drives honest site states
+(`SecAggClient`, what every site runs, with signing identities) and tries, one attack per
+test, to recover one site's exact input. Each test runs the attack to its end, hands
+everything the server collected to `recover` (which knows how masks are made) and checks
+that the input cannot be rebuilt; the honest round beside it recovers nothing either but
+sums exactly. With the new checks switched off (`python tests/support/secagg_mutations.py`),
+these attacks recover the input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pytest
+
+from fedcore.secagg import shamir
+from fedcore.secagg.client import SecAggClient
+from fedcore.secagg.common import SEED_BYTES, AbortReason, ProtocolAbort, RoundParams
+from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
+from fedcore.secagg.identity import LocalAuthority
+from fedcore.secagg.primitives import KeyPair, add_masks
+from fedcore.secagg.stages.advertise import ServerAdvertise
+from fedcore.secagg.stages.messages import (
+    AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
+    NeighbourKeys,
+    RoutedShares,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskShares,
+    pairwise_mask,
+)
+
+LENGTH = 16
+ROUND = 1
+
+
+def params(n: int, *, threshold: int | None = None, session: str = "run/1/1") -> RoundParams:
+    sites = [f"site-{i:03d}" for i in range(n)]
+    graph = neighbour_graph(sites, default_degree(n), seed=7, round_number=1)
+    t = threshold if threshold is not None else default_threshold(min(len(p) for p in graph.values()))
+    return RoundParams(ROUND, tuple(sites), graph, t, LENGTH, 32, session)
+
+
+@dataclass
+class Loot:
+    """Everything the dishonest server holds at the end of its attack."""
+
+    keys: dict[str, AdvertiseKeys] = field(default_factory=dict)
+    masked: dict[str, np.ndarray] = field(default_factory=dict)
+    seed_shares: dict[str, list[shamir.Share]] = field(default_factory=dict)  # site -> shares of its seed
+    key_shares: dict[str, list[shamir.Share]] = field(default_factory=dict)  # site -> shares of its mask key
+    private_keys: dict[str, bytes] = field(default_factory=dict)  # mask keys the server made itself
+
+    def take(self, p: RoundParams, answer: UnmaskShares) -> None:
+        x = p.index(answer.site)
+        for peer, y in answer.seed_shares.items():
+            self.seed_shares.setdefault(peer, []).append(shamir.Share(x, y))
+        for peer, y in answer.key_shares.items():
+            self.key_shares.setdefault(peer, []).append(shamir.Share(x, y))
+
+
+def recover(p: RoundParams, loot: Loot, target: str, used: dict[str, AdvertiseKeys]) -> np.ndarray | None:
+    """The target's input, if the server's loot rebuilds it: its self-mask seed and, for
+    every neighbour it masked against, the mask key of one end of the pair. `used`: the
+    keys the target masked with (what the server forwarded to it)."""
+    if target not in loot.masked or len(loot.seed_shares.get(target, [])) < p.threshold:
+        return None
+    seed = shamir.combine(loot.seed_shares[target], threshold=p.threshold, length=SEED_BYTES)
+    masks: list[tuple[bytes, bool]] = [(seed, True)]
+
+    def mask_key(site: str) -> KeyPair | None:
+        if site in loot.private_keys:
+            return KeyPair.from_private(loot.private_keys[site])
+        shares = loot.key_shares.get(site, [])
+        if len(shares) < p.threshold:
+            return None
+        return KeyPair.from_private(shamir.combine(shares, threshold=p.threshold, length=SEED_BYTES))
+
+    for peer in sorted(used):
+        if peer == target:
+            continue
+        mine, theirs = mask_key(target), mask_key(peer)
+        if theirs is not None and theirs.public == used[peer].mask_public:
+            masks.append(pairwise_mask(p, theirs.key(), peer, target, loot.keys[target].mask_public))
+        elif mine is not None:
+            masks.append(pairwise_mask(p, mine.key(), target, peer, used[peer].mask_public, negate=True))
+        else:
+            return None
+    result = loot.masked[target].copy()
+    add_masks(result, masks)
+    return result
+
+
+class Federation:
+    """Honest sites with identities, and the first two stages run honestly."""
+
+    def __init__(self, p: RoundParams, authority: LocalAuthority | None = None) -> None:
+        self.p = p
+        self.authority = authority or LocalAuthority(seed=11)
+        self.clients = {s: SecAggClient(s, self.authority.identity(s)) for s in p.participants}
+        rng = np.random.default_rng(5)
+        self.inputs = {s: rng.integers(0, 2**32, LENGTH, dtype=np.uint32) for s in p.participants}
+        self.loot = Loot()
+        self.refused: dict[str, AbortReason] = {}
+
+    def advertise(self) -> dict[str, AdvertiseKeys]:
+        keys = {s: c.step(self.p, ROUND) for s, c in self.clients.items()}
+        self.loot.keys = dict(keys)  # type: ignore[arg-type]
+        return keys  # type: ignore[return-value]
+
+    def share(self, forwarded: dict[str, NeighbourKeys]) -> dict[str, ShareKeys]:
+        return {s: self.clients[s].step(forwarded[s], ROUND) for s in forwarded}  # type: ignore[misc]
+
+    def mask(self, shares: dict[str, ShareKeys]) -> None:
+        for site in self.clients:
+            routed = {sender: m.ciphertexts[site] for sender, m in shares.items() if site in m.ciphertexts}
+            masked = self.clients[site].mask(RoutedShares(site, routed), ROUND, self.inputs[site].copy())
+            self.loot.masked[site] = masked.vector
+
+    def honest_start(self) -> dict[str, NeighbourKeys]:
+        keys = self.advertise()
+        forwarded, _ = ServerAdvertise(self.p).collect(list(keys.values()))
+        self.mask(self.share(forwarded))
+        return forwarded
+
+    def sign(self, cohorts: dict[str, frozenset[str]]) -> dict[str, bytes]:
+        """Consistency: each site is shown its cohort (the server may show different ones);
+        the signatures of the sites that agreed (`self.refused`: why the others did not)."""
+        out = {}
+        for site, cohort in cohorts.items():
+            try:
+                reply = self.clients[site].step(ConsistencyRequest(site, cohort), ROUND)
+            except ProtocolAbort as refused:
+                self.refused[site] = refused.aborted.reason
+                continue
+            assert isinstance(reply, ConsistencySignature)
+            out[site] = reply.signature
+        return out
+
+    def unmask(self, site: str, request: UnmaskRequest) -> AbortReason | None:
+        try:
+            answer = self.clients[site].step(request, ROUND)
+        except ProtocolAbort as refused:
+            return refused.aborted.reason
+        assert isinstance(answer, UnmaskShares)
+        self.loot.take(self.p, answer)
+        return None
+
+
+def target_of(p: RoundParams) -> str:
+    return p.participants[0]
+
+
+def test_an_honest_round_sums_exactly_and_leaks_no_input() -> None:
+    p = params(16)
+    fed = Federation(p)
+    fed.honest_start()
+    cohort = frozenset(p.participants)
+    signatures = fed.sign(dict.fromkeys(p.participants, cohort))
+    for site in p.participants:
+        request = UnmaskRequest(site, frozenset(p.neighbours[site]), frozenset(), cohort, signatures)
+        assert fed.unmask(site, request) is None
+    target = target_of(p)
+    assert recover(p, fed.loot, target, fed.loot.keys) is None  # its seed, but no pairwise key
+
+
+def attack_with_views(fed: Federation, views: dict[str, frozenset[str]]) -> dict[str, AbortReason | None]:
+    """Show each site its own survivor set, collect what signatures come, then ask each
+    site for the shares its set implies: seeds of its surviving neighbours, mask keys of
+    the others (what an honest site would give under that set)."""
+    p = fed.p
+    signatures = fed.sign(views)
+    everyone = frozenset(p.participants)
+    return {
+        site: fed.unmask(
+            site,
+            UnmaskRequest(
+                site,
+                frozenset(p.neighbours[site] & views[site]),
+                frozenset(p.neighbours[site] & (everyone - views[site])),
+                views[site],
+                signatures,
+            ),
+        )
+        for site in sorted(views)
+        if site not in fed.refused
+    }
+
+
+def drop_plan(p: RoundParams, target: str) -> dict[str, frozenset[str]]:
+    """Per-site views that would rebuild the target's input if every site answered its own:
+    each site but the target "sees" some of the target's neighbours dropped (as many as it
+    can while still seeing threshold - 1 of its neighbours survive), so that every neighbour
+    of the target has its mask key revealed by a threshold of sites, while the target's
+    neighbours still reveal its self-mask seed."""
+    near, everyone = p.neighbours[target], frozenset(p.participants)
+    room = {s: len(p.neighbours[s]) - (p.threshold - 1) for s in everyone - {target}}
+    drops: dict[str, set[str]] = {s: set() for s in room}
+    for j in sorted(near, key=lambda j: len(p.neighbours[j])):  # the hardest to cover first
+        holders = sorted((h for h in p.neighbours[j] - {target} if room[h] > 0), key=lambda h: -room[h])
+        assert len(holders) >= p.threshold, "the plan must be able to succeed"
+        for h in holders[: p.threshold]:
+            drops[h].add(j)
+            room[h] -= 1
+    return {target: everyone, **{s: everyone - frozenset(d) for s, d in drops.items()}}
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_different_views_of_the_survivors(n: int) -> None:
+    """The split of the review: every neighbour of the target is "dropped" for enough sites
+    to reveal its mask key, while the target "survived" for its neighbours, who reveal its
+    self-mask seed. Each view is signed by one site only: no site answers."""
+    p = params(n)
+    fed = Federation(p)
+    fed.honest_start()
+    target = target_of(p)
+    views = drop_plan(p, target)
+    refusals = attack_with_views(fed, views)
+    assert recover(p, fed.loot, target, fed.loot.keys) is None
+    lying = {site for site, view in views.items() if len(view) < n}
+    assert lying and {refusals.get(site, fed.refused.get(site)) for site in lying} == {
+        AbortReason.BAD_SIGNATURES
+    }
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_neighbours_claimed_dropped_while_the_target_survived(n: int) -> None:
+    """Two views: the target's neighbours see everyone survive, every other site sees the
+    target's neighbours dropped. The second view is too small to sign, or unsigned by a
+    threshold: the neighbours' keys never come out."""
+    p = params(n)
+    fed = Federation(p)
+    fed.honest_start()
+    target = target_of(p)
+    near, everyone = p.neighbours[target], frozenset(p.participants)
+    views = {s: (everyone if s in near else everyone - near) for s in p.participants}
+    attack_with_views(fed, views)
+    assert recover(p, fed.loot, target, fed.loot.keys) is None
+
+
+def test_an_unmask_request_outside_the_signed_set_is_refused() -> None:
+    """Everyone signs the true survivor set; the server then asks sites for the mask keys of
+    neighbours that set says survived."""
+    p = params(16)
+    fed = Federation(p)
+    fed.honest_start()
+    target = target_of(p)
+    everyone = frozenset(p.participants)
+    signatures = fed.sign(dict.fromkeys(p.participants, everyone))
+    views = drop_plan(p, target)
+    refusals = [
+        fed.unmask(site, UnmaskRequest(site, frozenset(p.neighbours[site] & views[site]),
+                                       frozenset(p.neighbours[site] - views[site]), everyone, signatures))
+        for site in sorted(views)
+    ]  # fmt: skip
+    assert recover(p, fed.loot, target, fed.loot.keys) is None
+    assert AbortReason.INCONSISTENT_REQUEST in refusals
+
+
+@pytest.mark.parametrize("threshold", ["one", "half"])
+def test_a_threshold_too_low_is_refused_before_any_key_exists(threshold: str) -> None:
+    base = params(16)
+    k = min(len(peers) for peers in base.neighbours.values())
+    p = replace(base, threshold=1 if threshold == "one" else k // 2)
+    client = SecAggClient(target_of(p), LocalAuthority(seed=11).identity(target_of(p)))
+    with pytest.raises(ProtocolAbort) as refused:
+        client.step(p, ROUND)
+    assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
+    with pytest.raises(ProtocolAbort):  # nor a cohort of two
+        SecAggClient("a").step(
+            RoundParams(ROUND, ("a", "b"), {"a": frozenset("b"), "b": frozenset("a")}, 1, 4), ROUND
+        )
+
+
+def forge(genuine: dict[str, AdvertiseKeys]) -> tuple[dict[str, AdvertiseKeys], dict[str, bytes]]:
+    """Keys the server makes for these sites (it knows their private parts), carrying the
+    genuine signatures and certificates alongside."""
+    forged, privates = {}, {}
+    for i, (peer, real) in enumerate(sorted(genuine.items()), start=1):
+        mask, cipher = KeyPair.from_private(bytes([i]) * 32), KeyPair.from_private(bytes([i + 100]) * 32)
+        forged[peer] = AdvertiseKeys(peer, cipher.public, mask.public, real.signature, real.credential)
+        privates[peer] = mask.private
+    return forged, privates
+
+
+def test_substituted_neighbour_keys_are_not_used() -> None:
+    """The server forwards keys it made itself as the target's neighbours': it would know
+    every pairwise mask. Unsigned by the neighbours, they are left out: with all of them
+    substituted the target stops; with some, it masks against the genuine ones only."""
+    p = params(16)
+    target = target_of(p)
+    fed = Federation(p)
+    forwarded, _ = ServerAdvertise(p).collect(list(fed.advertise().values()))
+    forged, _ = forge(forwarded[target].keys)
+    with pytest.raises(ProtocolAbort) as stopped:
+        fed.clients[target].step(NeighbourKeys(target, forged), ROUND)
+    assert stopped.value.aborted.reason is AbortReason.TOO_FEW_NEIGHBOURS
+
+    fed = Federation(p)
+    forwarded, _ = ServerAdvertise(p).collect(list(fed.advertise().values()))
+    spare = len(forwarded[target].keys) - p.threshold  # forgeries the target can leave out
+    some = dict(sorted(forwarded[target].keys.items())[:spare])
+    forged, privates = forge(some)
+    fed.loot.private_keys = privates
+    mixed = NeighbourKeys(target, {**forwarded[target].keys, **forged})
+    shares = fed.share({**forwarded, target: mixed})
+    assert set(shares[target].ciphertexts) == set(forwarded[target].keys) - set(forged)
+    fed.mask(shares)
+    cohort = frozenset(p.participants)
+    signatures = fed.sign(dict.fromkeys(p.participants, cohort))
+    refusals = [
+        fed.unmask(site, UnmaskRequest(site, frozenset(p.neighbours[site]), frozenset(), cohort, signatures))
+        for site in sorted(p.neighbours[target])
+    ]
+    assert len(fed.loot.seed_shares.get(target, [])) >= p.threshold, (refusals, fed.refused)
+    assert recover(p, fed.loot, target, mixed.keys) is None  # what it masked with: not the forgeries
+
+
+def test_a_site_claimed_dropped_after_its_masked_input_reveals_no_self_mask() -> None:
+    """The server holds the target's masked input and claims it dropped, for its mask key;
+    the target's self-mask seed is then never released (it signs no set without itself)."""
+    p = params(16)
+    fed = Federation(p)
+    fed.honest_start()
+    target = target_of(p)
+    without = frozenset(p.participants) - {target}
+    signatures = fed.sign(dict.fromkeys(sorted(without), without))
+    for site in sorted(p.neighbours[target]):
+        fed.unmask(
+            site,
+            UnmaskRequest(
+                site, frozenset(p.neighbours[site] & without), frozenset({target}), without, signatures
+            ),
+        )
+    assert len(fed.loot.key_shares.get(target, [])) >= p.threshold  # its mask key: yes
+    assert recover(p, fed.loot, target, fed.loot.keys) is None  # its self mask: no
+    with pytest.raises(ProtocolAbort) as refused:  # and the target signs no set without itself
+        fed.clients[target].step(ConsistencyRequest(target, without), ROUND)
+    assert refused.value.aborted.reason is AbortReason.INCONSISTENT_REQUEST
+
+
+def test_signatures_from_an_earlier_attempt_do_not_verify() -> None:
+    """Replay: keys and consistency signatures of attempt 1 handed to the sites of attempt 2
+    (another session) verify against nothing."""
+    first, second = params(16, session="run/1/1"), params(16, session="run/1/2")
+    authority = LocalAuthority(seed=11)
+    old = Federation(first, authority)
+    old_keys = old.advertise()
+    fed = Federation(second, authority)
+    fed.advertise()
+    target = target_of(second)
+    replayed = NeighbourKeys(target, {p: old_keys[p] for p in second.neighbours[target]})
+    with pytest.raises(ProtocolAbort) as refused:
+        fed.clients[target].step(replayed, ROUND)
+    assert refused.value.aborted.reason is AbortReason.TOO_FEW_NEIGHBOURS
+    # Consistency signatures of another execution of the same session are bound to its keys.
+    old_forwarded, _ = ServerAdvertise(first).collect(list(old_keys.values()))
+    old.mask(old.share(old_forwarded))
+    cohort = frozenset(first.participants)
+    stale = old.sign(dict.fromkeys(first.participants, cohort))
+    redo = Federation(first, authority)  # the same session again (a server redoing the round)
+    redo.honest_start()
+    redo.sign({target: cohort})
+    request = UnmaskRequest(target, frozenset(first.neighbours[target]), frozenset(), cohort, stale)
+    assert redo.unmask(target, request) is AbortReason.BAD_SIGNATURES
+
+
+def test_masked_inputs_mask_only_with_signed_keys_over_real_mtls_kits(tmp_path: object) -> None:
+    """Deployment identities: keys signed with the site's certificate key verify against the
+    federation's CA; a certificate from another CA with the same name does not."""
+    from pathlib import Path
+
+    from fedcore import pki
+    from fedcore.secagg.identity import certificate_identity, signed_bytes
+
+    root = Path(str(tmp_path))
+    pki.init(root / "ours", ["localhost"])
+    pki.init(root / "theirs", ["localhost"])
+    ours, theirs = pki.add_site(root / "ours", "site-a"), pki.add_site(root / "theirs", "site-a")
+    a = certificate_identity(
+        (ours / "site.key").read_bytes(), (ours / "site.crt").read_bytes(), (ours / "ca.crt").read_bytes()
+    )
+    impostor = certificate_identity(
+        (theirs / "site.key").read_bytes(), (theirs / "site.crt").read_bytes(), (ours / "ca.crt").read_bytes()
+    )
+    data = signed_bytes("advertise", "run/1/1", b"keys")
+    assert a.verifier.verify("site-a", a.signer.credential, a.signer.sign(data), data)
+    assert not a.verifier.verify("site-b", a.signer.credential, a.signer.sign(data), data)  # another name
+    assert not a.verifier.verify("site-a", impostor.signer.credential, impostor.signer.sign(data), data)
