@@ -22,7 +22,7 @@ LAYERS = [
     {"secagg", "tasks"},
     {"privacy"},  # DP-SGD, accountants, the site's policy and ledger
     {"strategies"},
-    {"pki", "config", "seeding"},
+    {"pki", "config", "seeding", "audit"},
     {"tensors", "tasks.partition", "typed_toml"},  # tasks.partition is pure numpy: config validates with it
     {"proto", "errors"},
 ]

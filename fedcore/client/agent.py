@@ -12,12 +12,14 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from fedcore.aggregation import SiteStages
 from fedcore.aggregation import wire as stage_wire
+from fedcore.client.site_audit import SiteAudit
 from fedcore.client.task_policy import Approval, JobCode, refusal
 from fedcore.engine import Instruction, InstructionKind, Reply, Site
 from fedcore.errors import FedcoreError, ProtocolError
@@ -79,6 +81,7 @@ class AgentSettings:
     give_up_after: float = 600.0  # seconds without a working connection
     approved_tasks: list[Approval] | None = None  # site.toml [policy] tasks; None: no policy
     data_settings: dict[str, Any] = field(default_factory=dict)  # how the site's file maps to the job (label)
+    audit: Path | None = None  # the site's tamper-evident log of jobs and rounds (None: none)
 
 
 class _Rejected(FedcoreError):
@@ -101,6 +104,10 @@ class SiteAgent:
         self._inflight: asyncio.Future[Reply] | None = None
         self._code: TaskSource | None = None  # the task's package, version and code hash
         self.problem = ""  # why the site stopped with Outcome.BAD_DATA
+        self.run_id = ""
+        self.audit: SiteAudit | None = None
+        if settings.audit is not None:
+            self.audit = SiteAudit(settings.audit, key_pem=settings.tls.key if settings.tls else None)
 
     def _channel(self) -> grpc.aio.Channel:
         s = self.settings
@@ -172,6 +179,8 @@ class SiteAgent:
         self._last_contact = time.monotonic()
         if (why := self._declines(first.welcome)) is not None:
             await call.write(pb.SiteMessage(decline=pb.Decline(reason=why)).SerializeToString())
+            if self.audit is not None:
+                self.audit.declined(first.welcome.run_id, why)
             await call.done_writing()
             raise _Rejected(f"declined the job: {why}")
         self._prepare(first.welcome)
@@ -238,7 +247,10 @@ class SiteAgent:
         except ValueError as err:
             raise _Rejected(f"cannot set up task {welcome.task!r} for this run: {err}") from None
         self._site_key = key
+        self.run_id = welcome.run_id
         log.info("loaded %d training examples from %s", len(data.train), self.settings.data_uri)
+        if self.audit is not None:
+            self.audit.accepted(welcome, self.settings.server)
 
     def _identity(self) -> Identity | None:
         """The site's certificate key signs its secure-aggregation messages; without a kit
@@ -326,6 +338,8 @@ class SiteAgent:
                 time.perf_counter() - started,
                 f" (refused: {reply.refusal})" if reply.refusal else "",
             )
+            if self.audit is not None:
+                self.audit.handled(self.run_id, instruction, reply)
             for message in reply_messages(reply, request_id):
                 await outbound.put(message)
 

@@ -83,6 +83,12 @@ def run(args: argparse.Namespace, *, setup_logging: Callable[[bool], None], inse
         site_name=str(name or ""),
         give_up_after=float(pick(args.give_up_after, "agent.give_up_after") or 600.0),  # type: ignore[arg-type]
         approved_tasks=parse_policy(site["policy.tasks"]) if "policy.tasks" in site else None,
+        audit=Path(
+            str(
+                site.get("agent.audit")
+                or (Path(str(kit)) / "audit.log" if kit else f"fedcore-audit-{name}.log")
+            )
+        ),
         data_settings={
             k: v
             for k, v in (("label", pick(args.label, "data.label")), ("features", site.get("data.features")))

@@ -3,7 +3,7 @@
 [server]    address
 [identity]  kit, insecure, name
 [data]      task, uri, label, features (tabular: the label column, the columns to use)
-[agent]     device, give_up_after
+[agent]     device, give_up_after, audit (the site's audit log; default: audit.log in its kit)
 [privacy]   ledger, max_epsilon, delta, min_noise_multiplier, require_dp
 [policy]    tasks (the task code this site approves: "NAME==VERSION[@SHA256]")
 """
@@ -24,7 +24,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "server": {"address": str},
     "identity": {"kit": str, "insecure": bool, "name": str},
     "data": {"task": str, "uri": str, "label": str, "features": list},
-    "agent": {"device": str, "give_up_after": (int, float)},
+    "agent": {"device": str, "give_up_after": (int, float), "audit": str},
     "privacy": {
         "ledger": str,
         "max_epsilon": (int, float),
@@ -56,6 +56,7 @@ def load_site_config(path: str | Path) -> dict[str, Any]:
     for key in (
         "identity.kit",
         "privacy.ledger",
+        "agent.audit",
         "data.uri",
     ):  # relative to the file: a site folder moves whole
         if key in flat and not str(flat[key]).startswith("builtin:"):

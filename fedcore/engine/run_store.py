@@ -31,6 +31,7 @@ from fedcore.engine.records import RoundRecord, finite, site_rows
 from fedcore.engine.run_state import RunState, safetensors_metadata
 from fedcore.engine.state_files import append_lines, atomic_write, lock
 from fedcore.errors import ConfigError
+from fedcore.tensors import Arrays
 
 SCHEMA_VERSION = 1
 # A stored model's safetensors metadata, one JSON value (safetensors writes several keys in
@@ -202,10 +203,7 @@ class SqliteRunStore:
             raise ValueError(f"record says round {record['round']} but is committed as round {round}")
         line = _dumps(record)
         site_lines = [_dumps(row) for row in sites]
-        blob = save(
-            {k: np.ascontiguousarray(v) for k, v in model.items()},
-            metadata={MODEL_METADATA: json.dumps({"round": round, "names": list(model)})},
-        )
+        blob = model_blob(round, model)
         with self._mutex:
             with self._transaction():
                 last = self._last_round()
@@ -340,3 +338,16 @@ class SqliteRunStore:
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def model_blob(round: int, model: Arrays) -> bytes:
+    """A round's model as the store keeps it (safetensors); its SHA-256 is the model's
+    identity in lineage and audit logs."""
+    return save(
+        {k: np.ascontiguousarray(v) for k, v in model.items()},
+        metadata={MODEL_METADATA: json.dumps({"round": round, "names": list(model)})},
+    )
+
+
+def model_digest(round: int, model: Arrays) -> str:
+    return hashlib.sha256(model_blob(round, model)).hexdigest()

@@ -10,6 +10,7 @@ comes in as `randbytes`, so that tests can replay a round.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class RoundParams:
         """Binds an encrypted share to its session, sender and recipient (no replay, no reroute)."""
         return f"{self.session}|{self.round}|{sender}|{recipient}".encode()
 
+    @functools.cached_property  # every signature of the round binds it: computed once
     def digest(self) -> bytes:
         """The parameters as one value: a site signs its view of them with its keys, so that
         neighbours given different parameters cannot verify each other."""

@@ -12,6 +12,7 @@ Signed data is length-prefixed, so that no two different messages sign the same 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -132,6 +133,14 @@ class LocalAuthority:
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self._keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._public: dict[str, tuple[bytes, ec.EllipticCurvePublicKey]] = {}
+
+    @classmethod
+    @functools.cache
+    def shared(cls, seed: int) -> LocalAuthority:
+        """One authority per seed and process: virtual sites are rebuilt for every
+        instruction, their keys are derived once."""
+        return cls(seed)
 
     def _key(self, site: str) -> ec.EllipticCurvePrivateKey:
         if site not in self._keys:
@@ -140,15 +149,21 @@ class LocalAuthority:
             self._keys[site] = ec.derive_private_key(int.from_bytes(digest) % (order - 1) + 1, ec.SECP256R1())
         return self._keys[site]
 
+    def _public_key(self, site: str) -> tuple[bytes, ec.EllipticCurvePublicKey]:
+        if site not in self._public:
+            key = self._key(site).public_key()
+            encoded = key.public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+            )
+            self._public[site] = (encoded, key)
+        return self._public[site]
+
     def public(self, site: str) -> bytes:
-        return (
-            self._key(site)
-            .public_key()
-            .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
-        )
+        return self._public_key(site)[0]
 
     def identity(self, site: str) -> Identity:
         return Identity(KeySigner(self._key(site), self.public(site)), self)
 
     def verify(self, site: str, credential: bytes, signature: bytes, data: bytes) -> bool:
-        return credential == self.public(site) and _valid(self._key(site).public_key(), signature, data)
+        encoded, key = self._public_key(site)
+        return credential == encoded and _valid(key, signature, data)

@@ -17,9 +17,12 @@ from typing import Any
 import grpc
 
 from fedcore import pki
+from fedcore.audit import AuditKind, AuditLog, key_signer
 from fedcore.config import Experiment
 from fedcore.engine import Coordinator, RoundRecord, RunResult
 from fedcore.engine.records import FanOutStore
+from fedcore.engine.run_state import RunState
+from fedcore.engine.run_store import model_digest
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.transport import GrpcTransport
@@ -91,8 +94,19 @@ async def serve(
             tracker.start(experiment, opened.run_id, opened.history)
         result: RunResult | None = None
         try:
+            sign = key_signer(pki.server_files(pki_dir).key) if pki_dir is not None else None
+            audit = AuditLog(state / "audit.log", sign=sign)  # connections, refusals, rounds
             result = await _serve(
-                experiment, task, opened, listen, pki_dir, on_round, on_listening, ordered_replies, trackers
+                experiment,
+                task,
+                opened,
+                listen,
+                pki_dir,
+                on_round,
+                on_listening,
+                ordered_replies,
+                trackers,
+                audit,
             )
         finally:
             for tracker in trackers:
@@ -113,6 +127,7 @@ async def _serve(
     on_listening: Callable[[int], None] | None,
     ordered_replies: bool,
     trackers: Sequence[Tracker],
+    audit: AuditLog,
 ) -> RunResult:
     model_bytes = sum(a.nbytes for a in task.initial_parameters(0).values())
     transport = GrpcTransport(
@@ -120,6 +135,7 @@ async def _serve(
         run_id=opened.run_id,
         max_payload_bytes=4 * model_bytes + (1 << 20),
         mutual_tls=pki_dir is not None,
+        audit=audit,
     )
     # Each site holds one stream; the cap keeps a flood of connections from exhausting the server.
     server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_STREAMS)
@@ -144,7 +160,7 @@ async def _serve(
         experiment=experiment,
         task=task,
         transport=transport,
-        store=FanOutStore([opened.store, *trackers]),
+        store=FanOutStore([opened.store, AuditedRounds(audit), *trackers]),
         test_data=task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites),
         on_round=on_round,
         ordered_replies=ordered_replies,
@@ -156,6 +172,27 @@ async def _serve(
         return await coordinator.run()
     finally:
         await server.stop(grace=2.0)
+
+
+class AuditedRounds:
+    """A round store that writes each completed round to the audit log: who was aggregated,
+    the model's SHA-256 (as in its lineage) and the run's epsilon."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def record(self, record: RoundRecord, state: RunState) -> None:
+        aggregated = sorted(
+            s for s in record.sampled if s not in record.dropped or record.dropped[s].aggregated
+        )
+        self.audit.append(
+            AuditKind.ROUND,
+            run=state.run_id,
+            round=record.round,
+            sites=aggregated,
+            model_sha256=model_digest(record.round, state.parameters),
+            epsilon=record.epsilon,
+        )
 
 
 def run_server(experiment: Experiment, **kwargs: object) -> RunResult | None:

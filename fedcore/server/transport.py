@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from fedcore.aggregation import wire as stage_wire
+from fedcore.audit import AuditKind, AuditLog
 from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
@@ -90,7 +91,9 @@ class GrpcTransport(Transport):
         max_payload_bytes: int,
         heartbeat_timeout: float = 30.0,
         mutual_tls: bool = True,
+        audit: AuditLog | None = None,
     ) -> None:
+        """`audit`: where every connection accepted or refused, and why, is recorded."""
         self.spec = spec
         self.run_id = run_id
         self.max_payload_bytes = max_payload_bytes
@@ -102,6 +105,7 @@ class GrpcTransport(Transport):
         self._finished: pb.RunEnd | None = None
         self._encoded: tuple[object, pb.Payload, list[bytes]] | None = None
         self._declines: dict[str, str] = {}  # since the coordinator last asked
+        self.audit = audit
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The Federation service, taking and giving serialized messages."""
@@ -188,6 +192,13 @@ class GrpcTransport(Transport):
             raise ProtocolError("on an insecure connection the Hello must carry a site name")
         return hello.site_name
 
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, why: str, site: str = ""
+    ) -> None:
+        if self.audit is not None:
+            self.audit.append(AuditKind.CONNECTION_REFUSED, site=site, peer=context.peer(), reason=why)
+        await context.abort(code, why)
+
     async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         peer = context.peer()
         try:
@@ -195,29 +206,33 @@ class GrpcTransport(Transport):
                 raw = await context.read()
             first = None if raw is grpc.aio.EOF else parse(pb.SiteMessage, raw)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello received")
+            await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello received")
         except ProtocolError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if first is None or first.WhichOneof("body") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
         assert first is not None  # abort() raised otherwise
         hello = first.hello
         try:
             name = self._identify(hello, context)
         except ProtocolError as err:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(err))
         if hello.protocol_version != PROTOCOL_VERSION:
-            await context.abort(
+            await self._refuse(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {hello.protocol_version} unsupported; the server speaks {PROTOCOL_VERSION}",
+                name,
             )
         if self._finished is not None:
             await context.write(pb.ServerMessage(run_end=self._finished).SerializeToString())
             return
         if hello.task != self.spec.name:
-            await context.abort(
+            await self._refuse(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this run trains task {self.spec.name!r}; the site offered {hello.task!r}",
+                name,
             )
         welcome = pb.Welcome(run_id=self.run_id, site_name=name, task=self.spec.name)
         config_to_wire(welcome.task_config, self.spec.as_config())
@@ -238,6 +253,8 @@ class GrpcTransport(Transport):
         if self._finished is not None:  # the run ended while this site was saying hello
             self._end(session)
         log.info("site %s connected from %s (%d connected)", name, peer, len(self._sessions))
+        if self.audit is not None:
+            self.audit.append(AuditKind.CONNECTION_ACCEPTED, site=name, peer=peer, run=self.run_id)
         session.tasks = tasks = [
             asyncio.ensure_future(self._read(session, context)),
             asyncio.ensure_future(self._write(session, context)),
@@ -301,6 +318,8 @@ class GrpcTransport(Transport):
                 reason = "".join(c if c.isprintable() else " " for c in message.decline.reason[:MAX_REASON])
                 reason = reason.strip() or "no reason given"
                 log.warning("site %s declined the job: %s", session.name, reason)
+                if self.audit is not None:
+                    self.audit.append(AuditKind.JOB_DECLINED, site=session.name, reason=reason)
                 self._declines[session.name] = reason
                 return
             if body == "result":

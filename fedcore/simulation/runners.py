@@ -66,7 +66,7 @@ def make_site(experiment: Experiment, k: int, device: str | None = None, *, live
     # follows the experiment's secure_rng: the simulation is the researcher's own machine.
     privacy = SitePrivacy(SitePolicy(allow_insecure_rng=True))
     name = site_name(k)
-    identity = LocalAuthority(experiment.seed).identity(name)  # the deployed protocol, signatures too
+    identity = LocalAuthority.shared(experiment.seed).identity(name)  # the deployed protocol, signatures too
     stages = SiteStages(name, privacy, remembers=live, identity=identity)
     return Site(name=name, task=task, data=data, template=template, stages=stages)
 

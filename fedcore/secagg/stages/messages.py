@@ -54,7 +54,7 @@ class MaskedInput:
 def advertised(params: RoundParams, keys: AdvertiseKeys) -> bytes:
     """What a site signs with its keys: the session, its view of the parameters, both keys."""
     return signed_bytes(
-        "advertise", params.session, params.digest(), keys.site, keys.cipher_public, keys.mask_public
+        "advertise", params.session, params.digest, keys.site, keys.cipher_public, keys.mask_public
     )
 
 
@@ -65,7 +65,7 @@ def agreed(params: RoundParams, keys: AdvertiseKeys, cohort: frozenset[str]) -> 
     return signed_bytes(
         "consistency",
         params.session,
-        params.digest(),
+        params.digest,
         keys.site,
         keys.cipher_public,
         keys.mask_public,
