@@ -78,9 +78,7 @@ def recover(p: RoundParams, loot: Loot, target: str, used: dict[str, AdvertiseKe
             return None
         return KeyPair.from_private(shamir.combine(shares, threshold=p.threshold, length=SEED_BYTES))
 
-    for peer in sorted(used):
-        if peer == target:
-            continue
+    for peer in sorted(set(used) & p.neighbours[target]):
         mine, theirs = mask_key(target), mask_key(peer)
         if theirs is not None and theirs.public == used[peer].mask_public:
             masks.append(pairwise_mask(p, theirs.key(), peer, target, loot.keys[target].mask_public))
@@ -94,12 +92,17 @@ def recover(p: RoundParams, loot: Loot, target: str, used: dict[str, AdvertiseKe
 
 
 class Federation:
-    """Honest sites with identities, and the first two stages run honestly."""
+    """Honest sites with identities (`signed=False`: without, the positive control), and
+    the first two stages run honestly."""
 
-    def __init__(self, p: RoundParams, authority: LocalAuthority | None = None) -> None:
+    def __init__(
+        self, p: RoundParams, authority: LocalAuthority | None = None, *, signed: bool = True
+    ) -> None:
         self.p = p
         self.authority = authority or LocalAuthority(seed=11)
-        self.clients = {s: SecAggClient(s, self.authority.identity(s)) for s in p.participants}
+        self.clients = {
+            s: SecAggClient(s, self.authority.identity(s) if signed else None) for s in p.participants
+        }
         rng = np.random.default_rng(5)
         self.inputs = {s: rng.integers(0, 2**32, LENGTH, dtype=np.uint32) for s in p.participants}
         self.loot = Loot()
@@ -153,6 +156,12 @@ def target_of(p: RoundParams) -> str:
     return p.participants[0]
 
 
+def rebuilt(fed: Federation, target: str, used: dict[str, AdvertiseKeys] | None = None) -> bool:
+    """Whether the server's loot gives back the target's exact input."""
+    result = recover(fed.p, fed.loot, target, fed.loot.keys if used is None else used)
+    return result is not None and np.array_equal(result, fed.inputs[target])
+
+
 def test_an_honest_round_sums_exactly_and_leaks_no_input() -> None:
     p = params(16)
     fed = Federation(p)
@@ -163,7 +172,7 @@ def test_an_honest_round_sums_exactly_and_leaks_no_input() -> None:
         request = UnmaskRequest(site, frozenset(p.neighbours[site]), frozenset(), cohort, signatures)
         assert fed.unmask(site, request) is None
     target = target_of(p)
-    assert recover(p, fed.loot, target, fed.loot.keys) is None  # its seed, but no pairwise key
+    assert not rebuilt(fed, target)  # its seed, but no pairwise key
 
 
 def attack_with_views(fed: Federation, views: dict[str, frozenset[str]]) -> dict[str, AbortReason | None]:
@@ -208,6 +217,18 @@ def drop_plan(p: RoundParams, target: str) -> dict[str, frozenset[str]]:
 
 
 @pytest.mark.parametrize("n", [16, 64])
+def test_without_signatures_the_attack_rebuilds_the_input(n: int) -> None:
+    """The positive control: sites without identities trust the server's count of
+    signatures, and the different-views attack below gives back the target's input."""
+    p = params(n)
+    fed = Federation(p, signed=False)
+    fed.honest_start()
+    target = target_of(p)
+    attack_with_views(fed, drop_plan(p, target))
+    assert rebuilt(fed, target)
+
+
+@pytest.mark.parametrize("n", [16, 64])
 def test_different_views_of_the_survivors(n: int) -> None:
     """The split of the review: every neighbour of the target is "dropped" for enough sites
     to reveal its mask key, while the target "survived" for its neighbours, who reveal its
@@ -218,7 +239,7 @@ def test_different_views_of_the_survivors(n: int) -> None:
     target = target_of(p)
     views = drop_plan(p, target)
     refusals = attack_with_views(fed, views)
-    assert recover(p, fed.loot, target, fed.loot.keys) is None
+    assert not rebuilt(fed, target)
     lying = {site for site, view in views.items() if len(view) < n}
     assert lying and {refusals.get(site, fed.refused.get(site)) for site in lying} == {
         AbortReason.BAD_SIGNATURES
@@ -237,7 +258,7 @@ def test_neighbours_claimed_dropped_while_the_target_survived(n: int) -> None:
     near, everyone = p.neighbours[target], frozenset(p.participants)
     views = {s: (everyone if s in near else everyone - near) for s in p.participants}
     attack_with_views(fed, views)
-    assert recover(p, fed.loot, target, fed.loot.keys) is None
+    assert not rebuilt(fed, target)
 
 
 def test_an_unmask_request_outside_the_signed_set_is_refused() -> None:
@@ -255,7 +276,7 @@ def test_an_unmask_request_outside_the_signed_set_is_refused() -> None:
                                        frozenset(p.neighbours[site] - views[site]), everyone, signatures))
         for site in sorted(views)
     ]  # fmt: skip
-    assert recover(p, fed.loot, target, fed.loot.keys) is None
+    assert not rebuilt(fed, target)
     assert AbortReason.INCONSISTENT_REQUEST in refusals
 
 
@@ -315,7 +336,33 @@ def test_substituted_neighbour_keys_are_not_used() -> None:
         for site in sorted(p.neighbours[target])
     ]
     assert len(fed.loot.seed_shares.get(target, [])) >= p.threshold, (refusals, fed.refused)
-    assert recover(p, fed.loot, target, mixed.keys) is None  # what it masked with: not the forgeries
+    assert not rebuilt(fed, target, mixed.keys)  # it did not mask with the forgeries
+
+
+@pytest.mark.parametrize("n", [4, 6, 32])
+def test_an_odd_neighbourhood_cannot_be_split_in_two(n: int) -> None:
+    """A review's attack: with k = 2t - 1 neighbours, the target's neighbourhood (itself
+    included) splits into two halves of t that each sign their own survivor set; each half
+    reveals the target's seed and the other half's keys. Sites now need 2t >= k + 2, and
+    the default threshold meets it: the old one is refused, the split gathers no threshold."""
+    p = params(n)
+    target = target_of(p)
+    k = len(p.neighbours[target])
+    old = replace(p, threshold=k // 2 + 1)
+    if 2 * old.threshold < k + 2:  # odd k: the old default is refused before any key exists
+        with pytest.raises(ProtocolAbort) as refused:
+            SecAggClient(target, LocalAuthority(seed=11).identity(target)).step(old, ROUND)
+        assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
+    fed = Federation(p)
+    fed.honest_start()
+    near = sorted(p.neighbours[target])
+    first = frozenset(near[: p.threshold]) | {target}
+    second = frozenset(near[p.threshold :]) | {target}
+    views = {s: first if s in first - {target} else second for s in near} | {target: second}
+    others = frozenset(p.participants) - first - second
+    views |= dict.fromkeys(others, frozenset(p.participants))
+    attack_with_views(fed, views)
+    assert not rebuilt(fed, target)
 
 
 def test_a_site_claimed_dropped_after_its_masked_input_reveals_no_self_mask() -> None:
@@ -335,7 +382,7 @@ def test_a_site_claimed_dropped_after_its_masked_input_reveals_no_self_mask() ->
             ),
         )
     assert len(fed.loot.key_shares.get(target, [])) >= p.threshold  # its mask key: yes
-    assert recover(p, fed.loot, target, fed.loot.keys) is None  # its self mask: no
+    assert not rebuilt(fed, target)  # its self mask: no
     with pytest.raises(ProtocolAbort) as refused:  # and the target signs no set without itself
         fed.clients[target].step(ConsistencyRequest(target, without), ROUND)
     assert refused.value.aborted.reason is AbortReason.INCONSISTENT_REQUEST

@@ -66,7 +66,6 @@ class Encoded:
     weight: int  # the example count it claims
     integers: np.ndarray | None  # the integer encoding a secure sum adds
     metrics: dict[str, float]  # what leaves with it (the privacy spend under DP)
-    secure_sum: str | None  # the secure sum it was masked into (SecAggClient.binding), if any
 
 
 @dataclass(frozen=True)
@@ -194,14 +193,13 @@ class SiteStages:
 
     def replay(self, key: str) -> Encoded | None:
         """The encoding already made for this exact fit (same run, round, model, settings and
-        plan), if it was the last one: resending it releases nothing the site has not already
-        released and charged, so it is not charged again (a server that crashed and redoes
-        the round). A masked encoding is resent only into the same attempt's sum with the
-        same participants, neighbour graph and threshold (the attempt is in the key): a
-        retry, or a redo over other sites, gets fresh noise and a charge, so that two sums
-        the server decrypts share no noise that cancels when one is subtracted from the other."""
+        plan), if it was the last one and was sent in the clear: resending it releases nothing
+        the site has not already released and charged, so it is not charged again (a server
+        that crashed and redoes the round). A masked encoding is never resent: a second sum
+        of the same session over other survivors, minus the first, would give one site's
+        input with noise that cancels; it is made afresh, with fresh noise, and charged."""
         cached = self._last
-        if cached is None or cached.key != key or cached.secure_sum != self.secagg.binding():
+        if cached is None or cached.key != key or cached.integers is not None:
             return None
         return cached
 
@@ -256,9 +254,9 @@ class SiteStages:
                 )
         if prepared.spend is not None:
             out.update(self.privacy.spend(prepared.spend))  # written before anything leaves the site
-        made = Encoded(key, update, claimed, integers, out, self.secagg.binding())
-        if self.remembers:
-            self._last = made
+        made = Encoded(key, update, claimed, integers, out)
+        if self.remembers:  # a masked encoding is never resent (see replay)
+            self._last = made if integers is None else None
         return made
 
     def release(self, encoded: Encoded, *, round_number: int, routed: object | None) -> Contribution:
@@ -269,9 +267,7 @@ class SiteStages:
             return Contribution(update=encoded.update, weight=encoded.weight, metrics=dict(encoded.metrics))
         if not isinstance(routed, RoutedShares) or encoded.integers is None:
             raise ProtocolError("a masked contribution needs the routed shares and an encoding")
-        # Masking works in place: a remembered encoding is copied, to stay intact for a replay.
-        integers = encoded.integers.copy() if self.remembers else encoded.integers
-        message = self.secagg.mask(routed, round_number, integers)
+        message = self.secagg.mask(routed, round_number, encoded.integers)  # in place: never resent
         # Secure aggregation: the server gets a masked vector and the privacy accounting,
         # nothing else of the site's.
         return Contribution(

@@ -6,6 +6,7 @@ site's own data, and reconnects with exponential backoff when the connection dro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import gc
 import logging
@@ -178,10 +179,14 @@ class SiteAgent:
             raise ProtocolError("the server's first message was not a Welcome")
         self._last_contact = time.monotonic()
         if (why := self._declines(first.welcome)) is not None:
-            await call.write(pb.SiteMessage(decline=pb.Decline(reason=why)).SerializeToString())
             if self.audit is not None:
                 self.audit.declined(first.welcome.run_id, why)
+            await call.write(pb.SiteMessage(decline=pb.Decline(reason=why)).SerializeToString())
             await call.done_writing()
+            with contextlib.suppress(Exception):  # until the server has read it and closed
+                async with asyncio.timeout(5):
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
             raise _Rejected(f"declined the job: {why}")
         self._prepare(first.welcome)
         log.info("connected to %s as %s", self.settings.server, first.welcome.site_name)

@@ -41,15 +41,6 @@ class SecAggClient:
         """The fewest inputs whose sum the server can unmask in the current round (0 between rounds)."""
         return self.state.params.threshold if self.state is not None else 0
 
-    def binding(self) -> str | None:
-        """The current secure sum's public parameters (who masks with whom, how many may
-        unmask), or None between rounds: a masked input is resent only into the very same sum."""
-        if self.state is None:
-            return None
-        p = self.state.params
-        graph = sorted((site, sorted(peers)) for site, peers in p.neighbours.items())
-        return repr((p.session, p.round, p.participants, graph, p.threshold, p.length, p.bits))
-
     def _expect(self, kind: type, round_number: int) -> None:
         need(
             self.state is not None

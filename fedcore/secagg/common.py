@@ -91,19 +91,21 @@ class RoundParams:
         return hashlib.sha256(repr(view).encode()).digest()
 
     def check_safe(self, site: str) -> None:
-        """What a site checks before it takes part: a cohort of at least MIN_COHORT sites,
-        and a threshold above half its neighbourhood (so that no two disjoint sets of its
-        neighbours can both reconstruct its secrets: the server cannot get both)."""
+        """What a site checks before it takes part: a graph over exactly the participants,
+        at least MIN_COHORT of them, at least 2 neighbours, and a threshold above half of
+        its neighbourhood counted with itself (2t >= k + 2): no two disjoint groups of that
+        neighbourhood can each gather t signatures on different survivor sets, so the server
+        cannot have one group reveal a site's self mask and the other its neighbours' keys."""
         need(
-            len(self.participants) >= MIN_COHORT,
+            len(self.participants) >= MIN_COHORT and set(self.neighbours) == set(self.participants),
             AbortReason.UNSAFE_PARAMETERS,
-            f"{len(self.participants)} participants; a secure sum needs {MIN_COHORT}",
+            f"{len(self.participants)} participants and a graph over others; a secure sum needs {MIN_COHORT}",
         )
         degree = len(self.neighbours.get(site, ()))
         need(
-            2 * self.threshold > degree,
+            degree >= 2 and 2 * self.threshold >= degree + 2,
             AbortReason.UNSAFE_PARAMETERS,
-            f"threshold {self.threshold} is not above half of {degree} neighbours",
+            f"threshold {self.threshold} is not above half of this site and its {degree} neighbours",
         )
 
 

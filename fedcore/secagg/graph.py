@@ -39,6 +39,7 @@ def default_degree(n: int) -> int:
 
 
 def default_threshold(degree: int) -> int:
-    """A strict majority of a site's neighbours: a site's secrets survive as long as a
-    majority of its neighbours do, and no minority of them can reconstruct them."""
-    return degree // 2 + 1
+    """A strict majority of a site's neighbourhood counted with itself (2t >= k + 2, what
+    every site checks): a site's secrets survive while such a majority of its neighbours
+    does, and no two disjoint groups of the neighbourhood can each reach t."""
+    return (degree + 3) // 2

@@ -9,41 +9,52 @@ import subprocess
 import sys
 
 SUITE = "tests/test_secagg_adversarial.py"
-MUTATIONS = [  # (file, the defence, what replaces it, the test that must catch it)
+# (the defence: [(file, its text, what replaces it)], the test that must catch it)
+MUTATIONS = [
     (
-        "fedcore/secagg/stages/unmask.py",
-        "            self._signed_by(request, identity) >= p.threshold,",
-        "            True,",
+        [("fedcore/secagg/stages/unmask.py", "self._signed_by(request, identity) >= p.threshold,", "True,")],
         "different_views",
     ),
     (
-        "fedcore/secagg/stages/unmask.py",
-        "            request.cohort == self.cohort\n            and request.survivors <= self.cohort\n            and not request.dropped & self.cohort,",
-        "            not request.survivors & request.dropped,",
+        [
+            (
+                "fedcore/secagg/stages/unmask.py",
+                "request.cohort == self.cohort\n            and request.survivors <= self.cohort\n            and not request.dropped & self.cohort,",
+                "not request.survivors & request.dropped,",
+            )
+        ],
         "outside_the_signed_set",
     ),
+    ([("fedcore/secagg/stages/share_keys.py", "and verified(identity, p, k)", "and True")], "substituted"),
     (
-        "fedcore/secagg/stages/share_keys.py",
-        "            and verified(identity, p, k)",
-        "            and True",
-        "substituted",
-    ),
-    (
-        "fedcore/secagg/stages/advertise.py",
-        "        self.params.check_safe(self.site)\n",
-        "",
+        [("fedcore/secagg/stages/advertise.py", "self.params.check_safe(self.site)\n", "\n")],
         "threshold_too_low",
     ),
     (
-        "fedcore/secagg/stages/consistency.py",
-        "            self.site in cohort and cohort <= set(p.participants),",
-        "            cohort <= set(p.participants),",
+        [
+            ("fedcore/secagg/common.py", "2 * self.threshold >= degree + 2", "2 * self.threshold > degree"),
+            ("fedcore/secagg/graph.py", "return (degree + 3) // 2", "return degree // 2 + 1"),
+        ],
+        "odd_neighbourhood",
+    ),
+    (
+        [
+            (
+                "fedcore/secagg/stages/consistency.py",
+                "self.site in cohort and cohort <= set(p.participants)",
+                "cohort <= set(p.participants)",
+            )
+        ],
         "claimed_dropped_after",
     ),
     (
-        "fedcore/secagg/stages/messages.py",
-        "        keys.cipher_public,\n        keys.mask_public,\n        cohort,",
-        "        cohort,",
+        [
+            (
+                "fedcore/secagg/stages/messages.py",
+                "        keys.cipher_public,\n        keys.mask_public,\n        cohort,",
+                "        cohort,",
+            )
+        ],
         "earlier_attempt",
     ),
 ]
@@ -51,14 +62,16 @@ MUTATIONS = [  # (file, the defence, what replaces it, the test that must catch 
 
 def main() -> int:
     failures = 0
-    for path, defence, mutant, test in MUTATIONS:
-        file = pathlib.Path(path)
-        original = file.read_text()
-        if defence not in original:
-            print(f"MISSING  {path}: the defence text is not there any more")
+    for edits, test in MUTATIONS:
+        originals = {path: pathlib.Path(path).read_text() for path, _, _ in edits}
+        missing = [text for path, text, _ in edits if text not in originals[path]]
+        if missing:
+            print(f"MISSING  {missing[0][:60]!r}: the defence text is not there any more")
             failures += 1
             continue
-        file.write_text(original.replace(defence, mutant, 1))
+        for path, text, mutant in edits:
+            file = pathlib.Path(path)
+            file.write_text(file.read_text().replace(text, mutant, 1))
         try:
             run = subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", SUITE, "-k", test],
@@ -66,10 +79,13 @@ def main() -> int:
                 text=True,
             )
         finally:
-            file.write_text(original)
+            for path, original in originals.items():
+                pathlib.Path(path).write_text(original)
         red = run.returncode == 1
         failures += not red
-        print(f"{'RED  ' if red else 'GREEN'}  {path}: {defence.strip().splitlines()[0][:60]} -> {test}")
+        print(
+            f"{'RED  ' if red else 'GREEN'}  {edits[0][0]}: {edits[0][1].strip().splitlines()[0][:50]} -> {test}"
+        )
     return 1 if failures else 0
 
 

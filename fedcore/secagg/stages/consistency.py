@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcore.secagg.common import AbortReason, RoundParams, need
+from fedcore.secagg.common import MIN_COHORT, AbortReason, RoundParams, need
 from fedcore.secagg.identity import Identity
 from fedcore.secagg.stages.messages import (
     AdvertiseKeys,
@@ -40,9 +40,9 @@ class ClientConsistency:
         cohort = request.cohort
         need(request.site == self.site, AbortReason.BAD_MESSAGE, "a survivor set addressed to another site")
         need(
-            self.site in cohort and cohort <= set(p.participants),
+            self.site in cohort and cohort <= set(p.participants) and len(cohort) >= MIN_COHORT,
             AbortReason.INCONSISTENT_REQUEST,
-            "a survivor set without this site, or with sites outside the round",
+            f"a survivor set without this site, with sites outside the round, or under {MIN_COHORT}",
         )
         need(
             len(cohort & p.neighbours[self.site]) + 1 >= p.threshold,
