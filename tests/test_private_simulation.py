@@ -294,9 +294,9 @@ def test_a_decrypted_distributed_sum_is_accounted_even_when_the_round_is_retried
     e = experiment(
         privacy__mode="user-distributed",
         secure_aggregation__enabled=True,
-        simulation__sites=6,
+        simulation__sites=7,
         simulation__dropout=0.3,
-        federation__min_sites=6,  # any dropout before the masked input fails the attempt
+        federation__min_sites=7,  # any dropout before the masked input fails the attempt
         federation__max_round_retries=20,
     )
     result, summary = run_simulation(e, None)
