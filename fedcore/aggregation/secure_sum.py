@@ -133,8 +133,14 @@ class SecureSum(Leaf):
                 lambda s: SiteRequest(train=True, message=routed[s], plan=plan),
                 MaskedInput,
             )
-            context.before_release(len(masked))  # before any sum is decrypted
             agree, server4 = server3.collect(masked)
+            context.before_release(len(server4.cohort))  # before any sum is decrypted
+            # A site whose message was malformed is left out by name, not the round aborted.
+            bad = {
+                s: Drop(DropReason.BAD_REPLY, "secure aggregation", why)
+                for s, why in server4.rejected.items()
+            }
+            dropped.update(bad)
             signed = await exchange("consistency", sorted(agree), send(agree), ConsistencySignature)
             requests, server5 = server4.collect(signed)
             answers = await exchange("unmask", sorted(requests), send(requests), UnmaskShares)
@@ -146,11 +152,11 @@ class SecureSum(Leaf):
             )
             return None
         stages["unmask"]["seconds"] += time.perf_counter() - started
-        contributors = [m.site for m in masked]
+        contributors = sorted(server4.cohort)
         aggregate = Aggregate(
             sum=None,
             weight=0.0,
-            count=len(masked),
+            count=len(contributors),
             contributors=contributors,
             dropped=dropped,
             integers=total,
@@ -158,7 +164,7 @@ class SecureSum(Leaf):
         )
         aggregate.measure(
             self.section,
-            masked=len(masked),
+            masked=len(contributors),
             recovered=len(set(routed) - set(contributors)),  # shared keys, then dropped
             threshold=params.threshold,
             neighbors=min(len(p) for p in params.neighbours.values()),

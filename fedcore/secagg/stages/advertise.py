@@ -39,27 +39,36 @@ class ServerAdvertise:
     params: RoundParams
 
     def collect(self, messages: list[AdvertiseKeys]) -> tuple[dict[str, NeighbourKeys], ServerShareKeys]:
-        """Forward each live site its live neighbours' keys. Sites that sent nothing dropped out."""
+        """Forward each live site its live neighbours' keys. Sites that sent nothing dropped
+        out; a site whose message is malformed, repeated or reuses another's key is left out
+        with the reason (`ServerShareKeys.rejected`): one site cannot abort the round."""
         keys: dict[str, AdvertiseKeys] = {}
+        rejected: dict[str, str] = {}
         for m in messages:
-            need(
-                isinstance(m, AdvertiseKeys),
-                AbortReason.BAD_MESSAGE,
-                f"{type(m).__name__} in the advertise stage",
-            )
-            need(
-                m.site in self.params.neighbours and m.site not in keys,
-                AbortReason.BAD_MESSAGE,
-                f"keys from {m.site}",
-            )
-            need(
-                len(m.cipher_public) == SEED_BYTES == len(m.mask_public) and m.cipher_public != m.mask_public,
-                AbortReason.BAD_MESSAGE,
-                f"malformed keys from {m.site}",
-            )
-            keys[m.site] = m
-        seen = [k.cipher_public for k in keys.values()] + [k.mask_public for k in keys.values()]
-        need(len(set(seen)) == len(seen), AbortReason.BAD_MESSAGE, "two sites advertised the same key")
+            site = str(getattr(m, "site", ""))
+            if not isinstance(m, AdvertiseKeys) or m.site not in self.params.neighbours:
+                need(
+                    bool(site) and site in self.params.neighbours,
+                    AbortReason.BAD_MESSAGE,
+                    f"a message from {site!r}",
+                )
+                rejected[site] = f"{type(m).__name__} in the advertise stage"
+            elif m.site in keys or m.site in rejected:
+                rejected[m.site] = "keys sent twice"
+            elif not (
+                len(m.cipher_public) == SEED_BYTES == len(m.mask_public) and m.cipher_public != m.mask_public
+            ):
+                rejected[m.site] = "malformed keys"
+            else:
+                keys[m.site] = m
+        owners: dict[bytes, list[str]] = {}
+        for k in keys.values():
+            for public in (k.cipher_public, k.mask_public):
+                owners.setdefault(public, []).append(k.site)
+        for sites in owners.values():
+            if len(sites) > 1:  # a copied key: neither copy is trusted
+                rejected.update(dict.fromkeys(sites, "a key another site also advertised"))
+        keys = {s: k for s, k in keys.items() if s not in rejected}
         live = set(keys)
         need(
             len(live) >= self.params.threshold,
@@ -70,4 +79,4 @@ class ServerAdvertise:
             site: NeighbourKeys(site, {p: keys[p] for p in sorted(self.params.neighbours[site] & live)})
             for site in sorted(live)
         }
-        return out, ServerShareKeys(self.params, keys)
+        return out, ServerShareKeys(self.params, keys, rejected)

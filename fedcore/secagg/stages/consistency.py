@@ -8,7 +8,7 @@ the keys of its neighbours (they dropped): both views would need a majority of s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class ServerConsistency:
     shared: frozenset[str]
     cohort: frozenset[str]  # the survivors: sites whose masked inputs are in the total
     total: np.ndarray
+    rejected: dict[str, str] = field(default_factory=dict)  # left out so far, and why
 
     def collect(self, messages: list[ConsistencySignature]) -> tuple[dict[str, UnmaskRequest], ServerUnmask]:
         """Hand every signer all the signatures, with the shares it must send: self-mask

@@ -5,7 +5,7 @@ that the pairwise masks of two live neighbours cancel in the sum."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -68,31 +68,33 @@ class ServerMaskedInput:
     params: RoundParams
     keys: dict[str, AdvertiseKeys]
     shared: frozenset[str]  # the sites that shared keys
+    rejected: dict[str, str] = field(default_factory=dict)  # left out so far, and why
 
     def collect(self, messages: list[MaskedInput]) -> tuple[dict[str, ConsistencyRequest], ServerConsistency]:
-        """Sum the masked inputs; ask every site that sent one to sign the survivor set."""
+        """Sum the masked inputs; ask every site that sent one to sign the survivor set. A
+        site whose vector is malformed or sent twice is left out, as if it had dropped before
+        its masked input (its neighbours' shares remove its pairwise masks)."""
         p = self.params
-        total = np.zeros(p.length, dtype=dtype(p))
-        survivors: set[str] = set()
+        vectors: dict[str, np.ndarray] = {}
+        rejected: dict[str, str] = {}
         for m in messages:
-            need(
-                isinstance(m, MaskedInput),
-                AbortReason.BAD_MESSAGE,
-                f"{type(m).__name__} in the masked-input stage",
-            )
-            need(
-                m.site in self.shared and m.site not in survivors,
-                AbortReason.BAD_MESSAGE,
-                f"masked input from {m.site}",
-            )
-            need(
-                m.vector.shape == (p.length,) and m.vector.dtype == dtype(p),
-                AbortReason.BAD_MESSAGE,
-                f"{m.site}'s vector",
-            )
-            total += m.vector
-            survivors.add(m.site)
+            site = str(getattr(m, "site", ""))
+            need(site in self.shared, AbortReason.BAD_MESSAGE, f"masked input from {site!r}")
+            if not isinstance(m, MaskedInput):
+                rejected[site] = f"{type(m).__name__} in the masked-input stage"
+            elif site in vectors or site in rejected:
+                rejected[site] = "masked input sent twice"
+            elif m.vector.shape != (p.length,) or m.vector.dtype != dtype(p):
+                rejected[site] = "a masked input of the wrong length or type"
+            else:
+                vectors[site] = m.vector
+        total = np.zeros(p.length, dtype=dtype(p))
+        survivors = {s for s in vectors if s not in rejected}
+        for site in sorted(survivors):
+            total += vectors[site]
         need(len(survivors) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(survivors)} masked inputs")
         cohort = frozenset(survivors)
         requests = {site: ConsistencyRequest(site, cohort) for site in sorted(survivors)}
-        return requests, ServerConsistency(p, self.keys, self.shared, cohort, total)
+        return requests, ServerConsistency(
+            p, self.keys, self.shared, cohort, total, {**self.rejected, **rejected}
+        )

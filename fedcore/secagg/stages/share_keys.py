@@ -5,7 +5,7 @@ The server only routes the ciphertexts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
@@ -83,25 +83,27 @@ def _shares(secret: bytes, xs: dict[str, int], threshold: int, randbytes: RandBy
 class ServerShareKeys:
     params: RoundParams
     keys: dict[str, AdvertiseKeys]  # the sites that advertised keys
+    rejected: dict[str, str] = field(default_factory=dict)  # left out at advertise, and why
 
     def collect(self, messages: list[ShareKeys]) -> tuple[dict[str, RoutedShares], ServerMaskedInput]:
-        """Route each ciphertext to its recipient. Sites that sent nothing dropped out."""
+        """Route each ciphertext to its recipient. Sites that sent nothing dropped out; a
+        site whose shares are malformed or addressed to other sites is left out (as if it had
+        dropped here), with the reason: `ServerMaskedInput.rejected`."""
         p = self.params
         sent: dict[str, ShareKeys] = {}
+        rejected: dict[str, str] = {}
         for m in messages:
-            need(
-                isinstance(m, ShareKeys),
-                AbortReason.BAD_MESSAGE,
-                f"{type(m).__name__} in the share-keys stage",
-            )
-            need(m.site in self.keys and m.site not in sent, AbortReason.BAD_MESSAGE, f"shares from {m.site}")
-            expected = p.neighbours[m.site] & set(self.keys)
-            need(
-                set(m.ciphertexts) == expected,
-                AbortReason.BAD_MESSAGE,
-                f"{m.site} shared with the wrong sites",
-            )
-            sent[m.site] = m
+            site = str(getattr(m, "site", ""))
+            need(site in self.keys, AbortReason.BAD_MESSAGE, f"shares from {site!r}")
+            if not isinstance(m, ShareKeys):
+                rejected[site] = f"{type(m).__name__} in the share-keys stage"
+            elif site in sent or site in rejected:
+                rejected[site] = "shares sent twice"
+            elif set(m.ciphertexts) != p.neighbours[site] & set(self.keys):
+                rejected[site] = "shares addressed to other sites than its neighbours"
+            else:
+                sent[site] = m
+        sent = {s: m for s, m in sent.items() if s not in rejected}
         live = set(sent)
         need(len(live) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(live)} sites shared keys")
         routed = {
@@ -110,4 +112,4 @@ class ServerShareKeys:
             )
             for site in sorted(live)
         }
-        return routed, ServerMaskedInput(p, self.keys, frozenset(live))
+        return routed, ServerMaskedInput(p, self.keys, frozenset(live), {**self.rejected, **rejected})
