@@ -207,8 +207,8 @@ def drop_plan(p: RoundParams, target: str) -> dict[str, frozenset[str]]:
     near, everyone = p.neighbours[target], frozenset(p.participants)
     room = {s: len(p.neighbours[s]) - (p.threshold - 1) for s in everyone - {target}}
     drops: dict[str, set[str]] = {s: set() for s in room}
-    for j in sorted(near, key=lambda j: len(p.neighbours[j])):  # the hardest to cover first
-        holders = sorted((h for h in p.neighbours[j] - {target} if room[h] > 0), key=lambda h: -room[h])
+    for j in sorted(near, key=lambda j: (len(p.neighbours[j]), j)):  # the hardest to cover first
+        holders = sorted((h for h in p.neighbours[j] - {target} if room[h] > 0), key=lambda h: (-room[h], h))
         assert len(holders) >= p.threshold, "the plan must be able to succeed"
         for h in holders[: p.threshold]:
             drops[h].add(j)
