@@ -14,7 +14,6 @@ import onnxruntime
 import pytest
 import torch
 from safetensors.numpy import load_file
-from sklearn.datasets import load_wine
 
 from fedcore import load_experiment, run_simulation
 from fedcore.engine.run_state import RunState
@@ -24,24 +23,13 @@ from fedcore.errors import ConfigError
 from fedcore.lifecycle import ExportFormat, export, lineage
 from fedcore.tasks import Task, build_task, task_for
 from fedcore.tasks.tabular import Tabular
-
-
-def wine_csv(directory: Path) -> Path:
-    data = load_wine()
-    path = directory / "wine.csv"
-    lines = [",".join([*data.feature_names, "target"])]
-    lines += [
-        ",".join([*map(repr, map(float, x)), str(int(y))])
-        for x, y in zip(data.data, data.target, strict=True)
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.support.wine import write_wine_csv
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
-    wine = wine_csv(tmp_path_factory.mktemp("wine"))
+    wine = write_wine_csv(tmp_path_factory.mktemp("wine") / "wine.csv")
     for name, overrides in {
         "digits": {"task__name": "digits"},  # the CNN
         "mlp": {"task__name": "breast_cancer", "task__model": "mlp"},

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import norm
-from sklearn.datasets import load_wine
 
 from fedcore.aggregation import SiteStages
 from fedcore.aggregation.plans import SampleDPPlan, StatisticsNoisePlan, StatisticsScalePlan
@@ -23,21 +22,14 @@ from fedcore.privacy.accountant import Mechanism
 from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
 from fedcore.tasks import build_task
 from fedcore.tasks.tabular import Tabular
+from tests.support.wine import write_wine_csv
 
 RUN, DELTA = "run-1", 1e-5
 
 
 @pytest.fixture(scope="module")
 def wine_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = load_wine()
-    path = tmp_path_factory.mktemp("wine") / "wine.csv"
-    lines = [",".join([*data.feature_names, "target"])]
-    lines += [
-        ",".join([*map(repr, map(float, x)), str(int(y))])
-        for x, y in zip(data.data, data.target, strict=True)
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_wine_csv(tmp_path_factory.mktemp("wine") / "wine.csv")
 
 
 def site(wine_csv: Path, policy: SitePolicy | None = None, *, ranges: bool = True) -> tuple[Site, Tabular]:

@@ -117,7 +117,7 @@ def test_categorical_columns_are_one_hot_and_imputed_with_the_commonest_category
     assert x[4, 0] == 0.0  # missing size: the mean, standardised
     # A category the job does not name encodes as all zeros.
     other = write_csv(tmp_path / "u.csv", header, [[1.0, "purple", "a"], [2.0, "red", "b"]])
-    np.testing.assert_array_equal(task._read(other).x[0, 1:], [0, 0, 0])
+    np.testing.assert_array_equal(task.load_file(other).x[0, 1:], [0, 0, 0])
 
 
 def test_a_label_that_names_no_column_exits_2_with_one_line(

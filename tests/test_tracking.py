@@ -10,25 +10,13 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedcore import load_experiment, run_simulation
-from fedcore.engine import RoundRecord, RunState
+from fedcore.engine import RoundRecord
 from fedcore.tracking import MlflowTracker, TensorBoardTracker, build_tracker
+from tests.test_resume import Crash, CrashAfter
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
 )
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAfter:
-    def __init__(self, round_number: int) -> None:
-        self.round = round_number
-
-    def record(self, record: RoundRecord, state: RunState) -> None:
-        if record.round == self.round:
-            raise Crash
 
 
 def test_mlflow_and_tensorboard_see_every_round_and_the_final_model(tmp_path: Path) -> None:

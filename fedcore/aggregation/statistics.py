@@ -12,8 +12,6 @@ its vector by a public cap on its records, so that the entries fit the fixed poi
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from fedcore.aggregation.base import Aggregate, Leaf, RoundInfo, Section, SiteReply, Stage
@@ -114,8 +112,3 @@ def build_statistics_pipeline(experiment: Experiment, *, bounded: bool) -> Pipel
         wrappers.append(StatisticsCheck())
         leaf = WeightedMean()
     return Pipeline(wrappers, leaf)
-
-
-def statistics_summary(aggregate: Aggregate) -> dict[str, Any]:
-    """What the exchange did, for the log and the run's summary."""
-    return {"sites": aggregate.count, "dropped": {s: str(d) for s, d in aggregate.dropped.items()}}

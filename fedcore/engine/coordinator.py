@@ -84,6 +84,7 @@ class Coordinator:
         self.strategy = strategy or build_strategy(experiment.strategy)
         self.pipeline = pipeline or pipeline_for(experiment, task)
         self.statistics: np.ndarray | None = None  # the task's federated statistics (before round 1)
+        self._statistics_config: Config = {}  # what every instruction carries of them (encoded once)
         self._statistics_pipeline = statistics_pipeline_for(experiment, task)
         self.on_round = on_round
         self.ordered_replies = ordered_replies
@@ -132,6 +133,7 @@ class Coordinator:
     def _use_statistics(self, total: np.ndarray) -> None:
         self.task.use_statistics(total)  # the server's own evaluation standardises alike
         self.statistics = total
+        self._statistics_config = statistics_config(total)
 
     async def run(self) -> RunResult:
         """Run every remaining round, then tell the sites the run is over."""
@@ -243,7 +245,7 @@ class Coordinator:
             "weight_decay": t.weight_decay if t.weight_decay is not None else defaults["weight_decay"],
             "seed": derive_seed(self.experiment.seed, "train", number, site),
             **self.strategy.fit_config(number),
-            **statistics_config(self.statistics),
+            **self._statistics_config,
         }
 
     async def _round(self, number: int, attempt: int) -> RoundRecord | None:
@@ -388,7 +390,7 @@ class Coordinator:
             InstructionKind.EVALUATE,
             number,
             self.parameters,
-            statistics_config(self.statistics),
+            self._statistics_config,
             exchange="evaluate",
         )
         metrics = EvaluationMetrics()

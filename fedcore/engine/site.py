@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcore.aggregation import RefusalCode, SiteStages, StageState
+from fedcore.aggregation import Encoded, RefusalCode, SiteStages, StageState
 from fedcore.aggregation.plans import QuantizePlan, StatisticsNoisePlan, StatisticsScalePlan
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.errors import ConfigError, FedcoreError, PrivacyBudgetError, ProtocolError, SecurityError
@@ -141,18 +141,7 @@ class Site:
                 template=template,
                 seed=derive_seed(int(instruction.config.get("seed", 0)), "statistics", self.name),
             )
-        contribution = self.stages.release(
-            encoded, round_number=instruction.round, routed=instruction.message
-        )
-        return Reply(
-            site=self.name,
-            kind=InstructionKind.STATISTICS,
-            round=instruction.round,
-            num_examples=contribution.weight,
-            update=contribution.update,
-            metrics=contribution.metrics,
-            message=contribution.message,
-        )
+        return self._release(instruction, encoded)
 
     def _fit(self, instruction: Instruction) -> Reply:
         if stray := [i for i in instruction.plan if isinstance(i, STATISTICS_PLAN[:2])]:
@@ -192,12 +181,16 @@ class Site:
                 self.name,
                 instruction.round,
             )
+        return self._release(instruction, encoded)
+
+    def _release(self, instruction: Instruction, encoded: Encoded) -> Reply:
+        """What leaves the site for a fit or statistics instruction (masked under secure aggregation)."""
         contribution = self.stages.release(
             encoded, round_number=instruction.round, routed=instruction.message
         )
         return Reply(
             site=self.name,
-            kind=InstructionKind.FIT,
+            kind=instruction.kind,
             round=instruction.round,
             num_examples=contribution.weight,
             update=contribution.update,

@@ -7,6 +7,7 @@ import abc
 import functools
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -58,3 +59,33 @@ class BundledTask(TorchClassifierTask):
 
     def load_file(self, path: Path) -> Dataset:
         raise ValueError(f"task {self.name!r} reads only builtin:K/N data, not {path}")
+
+
+class OwnDataTask(BundledTask):
+    """A task on data each site holds itself (`data_kind`: a file or a folder). A deployed
+    site holds out TEST_FRACTION of its own data (stratified, fixed seed) for federated
+    evaluation; `simulate --data` splits one file or folder: held out for the server, the
+    rest across the virtual sites. A server without data evaluates federatedly."""
+
+    data_kind: ClassVar[str]
+    data: Path | None = None  # simulate: the one file or folder split into the virtual sites
+
+    @abc.abstractmethod
+    def load_file(self, path: Path) -> Dataset:
+        """Every example of a site's file or folder, as the job's schema says."""
+
+    def load_bundled(self) -> Dataset:
+        if self.data is None:
+            raise ValueError(
+                f"task {self.name} has no bundled data: give each site --data {self.data_kind} (simulate: --data)"
+            )
+        return self.load_file(self.data)
+
+    def test_data(self, *, seed: int, partitions: int) -> Dataset | None:
+        return super().test_data(seed=seed, partitions=partitions) if self.data is not None else None
+
+    def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
+        if uri.startswith("builtin:"):
+            return super().site_data(uri, partition=partition, seed=seed, partitions=partitions)
+        train, test = stratified_split(self.load_file(Path(uri)), seed=0)
+        return SiteData(train=train, test=test)

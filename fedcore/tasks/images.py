@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import nn
 
-from fedcore.tasks.base import Dataset, SiteData
-from fedcore.tasks.bundled import BundledTask, stratified_split
+from fedcore.tasks.base import Dataset
+from fedcore.tasks.bundled import OwnDataTask
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -40,8 +40,9 @@ def infer_schema(folder: Path) -> dict[str, Any]:
         return {"classes": classes, "image_size": [first.height, first.width], "channels": channels}
 
 
-class Images(BundledTask):
+class Images(OwnDataTask):
     name = "images"
+    data_kind = "FOLDER"
     models = ("cnn",)
     input_description = "N x C x H x W float32: the image resized to the job's H x W, pixels / 255"
     defaults: ClassVar[dict[str, Any]] = {"local_epochs": 3, "batch_size": 16, "lr": 0.1, "weight_decay": 0.0}
@@ -86,27 +87,9 @@ class Images(BundledTask):
             nn.Linear(32 * (h // 4) * (w // 4), len(self.classes)),
         )
 
-    def load_bundled(self) -> Dataset:
-        if self.data is None:
-            raise ValueError(
-                "task images has no bundled data: give each site --data FOLDER (simulate: --data)"
-            )
-        return self.load_folder(self.data)
-
-    def test_data(self, *, seed: int, partitions: int) -> Dataset | None:
-        """The held-out part of the simulation's folder; a server without one evaluates
-        federatedly, on the sites' own held-out parts."""
-        return super().test_data(seed=seed, partitions=partitions) if self.data is not None else None
-
-    def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
-        if uri.startswith("builtin:"):
-            return super().site_data(uri, partition=partition, seed=seed, partitions=partitions)
-        train, test = stratified_split(self.load_folder(Path(uri)), seed=0)
-        return SiteData(train=train, test=test)
-
-    def load_folder(self, folder: Path) -> Dataset:
-        """Every image of `folder`'s class sub-folders, as the job's schema says."""
-        return self._images(folder)
+    def load_file(self, path: Path) -> Dataset:
+        """Every image of the folder's class sub-folders, as the job's schema says."""
+        return self._images(path)
 
     @property
     def _mode(self) -> str:

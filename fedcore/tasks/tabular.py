@@ -29,15 +29,16 @@ from torch import nn
 
 from fedcore.config import Standardise
 from fedcore.tasks.base import Dataset, Evaluation, FitOutcome, SiteData, TrainSettings
-from fedcore.tasks.bundled import BundledTask, stratified_split
+from fedcore.tasks.bundled import OwnDataTask
 from fedcore.tasks.table_files import TableSchema, infer_schema, schema_from_job
 from fedcore.tensors import Arrays
 
 _TINY = 1e-12  # a spread below this is a constant column: it is centred, not scaled
 
 
-class Tabular(BundledTask):
+class Tabular(OwnDataTask):
     name = "tabular"
+    data_kind = "FILE"
     models = ("logreg", "mlp")
     input_description = (
         "N x F float32: numeric columns standardised with the run's statistics (missing: 0), "
@@ -99,23 +100,7 @@ class Tabular(BundledTask):
             return nn.Linear(width, classes)
         return nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, classes))
 
-    def load_bundled(self) -> Dataset:
-        if self.data is None:
-            raise ValueError(
-                "task tabular has no bundled data: give each site --data FILE (simulate: --data)"
-            )
-        return self._read(self.data)
-
-    def test_data(self, *, seed: int, partitions: int) -> Dataset | None:
-        return super().test_data(seed=seed, partitions=partitions) if self.data is not None else None
-
-    def site_data(self, uri: str, *, partition: str, seed: int, partitions: int) -> SiteData:
-        if uri.startswith("builtin:"):
-            return super().site_data(uri, partition=partition, seed=seed, partitions=partitions)
-        train, test = stratified_split(self._read(Path(uri)), seed=0)
-        return SiteData(train=train, test=test)
-
-    def _read(self, path: Path) -> Dataset:
+    def load_file(self, path: Path) -> Dataset:
         x, y = self._schema.read(path, features=self.features)
         return Dataset(x, y)
 

@@ -37,9 +37,16 @@ def fedcore(*args: str | Path | int, log: Path) -> subprocess.Popen[bytes]:
 
 
 def start_sites(
-    port: int, pki: Path, sites: Sequence[str], logs: dict[str, Path]
+    port: int,
+    pki: Path,
+    sites: Sequence[str],
+    logs: dict[str, Path],
+    *,
+    task: str = "breast_cancer",
+    data: Sequence[Path] | None = None,
 ) -> dict[str, subprocess.Popen[bytes]]:
-    """A `fedcore client` per site with its kit from `pki`; site K of N holds builtin:K/N."""
+    """A `fedcore client` per site with its kit from `pki`; site K of N holds `data[K - 1]`,
+    or by default builtin:K/N."""
     return {
         site: fedcore(
             "client",
@@ -48,9 +55,9 @@ def start_sites(
             "--pki",
             pki / "sites" / site,
             "--task",
-            "breast_cancer",
+            task,
             "--data",
-            f"builtin:{k}/{len(sites)}",
+            data[k - 1] if data is not None else f"builtin:{k}/{len(sites)}",
             log=logs[site],
         )
         for k, site in enumerate(sites, start=1)

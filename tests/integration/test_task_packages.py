@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cli_federation import fedcore, free_port, wait
+from tests.integration.test_cli_federation import fedcore, free_port, start_sites, wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -140,23 +140,9 @@ def test_a_federation_runs_the_task_with_dp_and_secagg_and_records_a_declining_s
     while "site-4 declined the job" not in logs["server"].read_text():
         assert time.monotonic() < deadline, logs["server"].read_text()[-2000:]
         time.sleep(0.1)
-    clients = [
-        fedcore(
-            "client",
-            "--server",
-            f"localhost:{port}",
-            "--pki",
-            pki / "sites" / site,
-            "--task",
-            NAME,
-            "--data",
-            data[k],
-            log=logs[site],
-        )
-        for k, site in enumerate(sites[:3])
-    ]
+    clients = start_sites(port, pki, sites[:3], logs, task=NAME, data=data)
     assert wait(server, logs["server"]) == 0, logs["server"].read_text()[-3000:]
-    assert all(wait(c, logs[s]) == 0 for c, s in zip(clients, sites, strict=False))
+    assert all(wait(c, logs[s]) == 0 for s, c in clients.items())
     records = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2, 3]
     assert "does not approve task" in records[0]["declined"]["site-4"]
