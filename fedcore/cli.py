@@ -205,13 +205,33 @@ def _server(args: argparse.Namespace) -> int:
 def _pki(args: argparse.Namespace) -> int:
     from fedcore import pki
 
-    directory = Path(args.dir)
-    if args.pki_command == "init":
-        pki.init(directory, args.host)
-        print(f"created CA and server certificate for {', '.join(args.host)} in {directory}")
+    command = args.pki_command
+    if command == "init":
+        passphrase = pki.ask_passphrase(confirm=True) if args.encrypt_key else None
+        pki.init(Path(args.dir), args.host, passphrase=passphrase)
+        print(f"created CA, CRL and server certificate for {', '.join(args.host)} in {args.dir}")
+        print("the server needs ca.crt, crl.pem, server.crt and server.key; keep ca.key on the CA's machine")
+    elif command == "add-site":
+        kit = pki.add_site(Path(args.dir), args.name)
+        print(
+            f"wrote site kit {kit} (ca.crt, site.crt, site.key): hand this folder to the site (demo shortcut)"
+        )
+    elif command == "request":
+        csr = pki.request(Path(args.dir), args.name)
+        print(f"wrote {Path(args.dir) / 'site.key'} (keep it here) and {csr}: send {csr.name} to the CA")
+    elif command in ("sign", "renew"):
+        make = pki.sign if command == "sign" else pki.renew
+        cert = make(Path(args.ca_dir), Path(args.file), Path(args.out), days=args.days)
+        print(
+            f"wrote {args.out} (serial {cert.serial_number:x}, expires {cert.not_valid_after_utc:%Y-%m-%d}) "
+            f"and ca.crt beside it: send both to the site's kit folder"
+        )
     else:
-        kit = pki.add_site(directory, args.name)
-        print(f"wrote site kit {kit} (ca.crt, site.crt, site.key): hand this folder to the site")
+        serials = pki.revoke(Path(args.ca_dir), args.name)
+        print(
+            f"revoked {len(serials)} certificate(s) of {args.name}; {Path(args.ca_dir) / 'crl.pem'} updated "
+            "(the server reloads it within a second, or on SIGHUP; copy it there if the CA is elsewhere)"
+        )
     return 0
 
 
@@ -301,12 +321,32 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_commands(sub)
     p = sub.add_parser("pki", help="provision the federation's certificates")
     psub = p.add_subparsers(dest="pki_command", required=True, parser_class=_Parser)
-    init = psub.add_parser("init", help="create the CA and the server's certificate")
+    init = psub.add_parser("init", help="create the CA, its CRL and the server's certificate")
     init.add_argument("dir")
     init.add_argument("--host", action="append", required=True, help="server host name or IP (repeatable)")
-    add = psub.add_parser("add-site", help="write a site kit DIR/sites/NAME")
+    init.add_argument(
+        "--encrypt-key",
+        action="store_true",
+        help="protect ca.key by a passphrase ($FEDCORE_CA_PASSPHRASE or asked)",
+    )
+    add = psub.add_parser("add-site", help="demo shortcut: a whole site kit DIR/sites/NAME made at the CA")
     add.add_argument("dir")
     add.add_argument("name")
+    req = psub.add_parser("request", help="at a site: its key (kept) and a certificate request (sent)")
+    req.add_argument("dir", help="the site's kit folder")
+    req.add_argument("--name", required=True, help="the site's name")
+    for verb, what, help_text in (
+        ("sign", "csr", "at the CA: a site certificate for a request"),
+        ("renew", "certificate", "at the CA: re-issue a site's unexpired certificate for the same key"),
+    ):
+        cmd = psub.add_parser(verb, help=help_text)
+        cmd.add_argument("ca_dir")
+        cmd.add_argument("file", metavar=what.upper())
+        cmd.add_argument("-o", "--out", required=True, help="where to write the certificate (site.crt)")
+        cmd.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    rev = psub.add_parser("revoke", help="at the CA: revoke a site's certificates (updates crl.pem)")
+    rev.add_argument("ca_dir")
+    rev.add_argument("name")
     p.set_defaults(run=_pki)
     return parser
 

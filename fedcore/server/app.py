@@ -25,6 +25,7 @@ from fedcore.engine.run_state import RunState
 from fedcore.engine.run_store import model_digest
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
+from fedcore.server.revocation import RevocationList
 from fedcore.server.transport import GrpcTransport
 from fedcore.tasks import Task, TaskSpec, default_partition, job_settings, task_for, task_source
 from fedcore.tracking import Tracker
@@ -136,6 +137,7 @@ async def _serve(
         max_payload_bytes=4 * model_bytes + (1 << 20),
         mutual_tls=pki_dir is not None,
         audit=audit,
+        revocations=RevocationList(pki_dir / "crl.pem", pki.server_files(pki_dir).ca) if pki_dir else None,
     )
     # Each site holds one stream; the cap keeps a flood of connections from exhausting the server.
     server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_STREAMS)
@@ -168,9 +170,16 @@ async def _serve(
         resume=opened.state,
         history=opened.history,
     )
+    loop = asyncio.get_running_loop()
+    watcher = asyncio.ensure_future(transport.watch_revocations())
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # main thread only
+        loop.add_signal_handler(signal.SIGHUP, lambda: transport.apply_revocations(force=True))
     try:
         return await coordinator.run()
     finally:
+        watcher.cancel()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.remove_signal_handler(signal.SIGHUP)
         await server.stop(grace=2.0)
 
 

@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 import grpc
 
@@ -22,6 +21,8 @@ from fedcore.audit import AuditKind, AuditLog
 from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.server.revocation import RevocationList, certificate_serial
+from fedcore.server.sessions import Outgoing, Pending, SiteSession
 from fedcore.tasks import TaskSpec
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import (
@@ -32,51 +33,15 @@ from fedcore.wire import (
     SITE_CHUNK_FIELD,
     chunk_data,
     chunk_frame,
-    config_from_wire,
     config_to_wire,
-    kind_from_wire,
     parse,
     payload_messages,
-    refusal_from_wire,
 )
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
 MAX_REASON = 500  # characters of a site's stated reason kept in the record
-
-
-@dataclass
-class _Pending:
-    future: asyncio.Future[Reply]
-    instruction: Instruction
-
-
-@dataclass(frozen=True)
-class _Outgoing:
-    """Serialized messages written back to back: a header and its whole payload, never part."""
-
-    messages: list[bytes]
-    request_id: int | None = None  # skipped if that request was cancelled before its turn
-
-
-@dataclass
-class _Session:
-    name: str
-    # Unbounded, but an item per instruction whose payload frames are shared by all sites
-    # of the round: a site that stops reading costs a header per round, not a model.
-    outbound: asyncio.Queue[_Outgoing | None] = field(default_factory=asyncio.Queue)
-    pending: dict[int, _Pending] = field(default_factory=dict)
-    last_seen: float = field(default_factory=time.monotonic)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    answered: bool = False  # it has sent a result: it took the job, and may no longer decline it
-
-    def fail_pending(self, reason: str) -> None:
-        for item in self.pending.values():
-            if not item.future.done():
-                item.future.set_exception(SiteUnavailable(self.name, reason))
-        self.pending.clear()
 
 
 class GrpcTransport(Transport):
@@ -92,20 +57,23 @@ class GrpcTransport(Transport):
         heartbeat_timeout: float = 30.0,
         mutual_tls: bool = True,
         audit: AuditLog | None = None,
+        revocations: RevocationList | None = None,
     ) -> None:
-        """`audit`: where every connection accepted or refused, and why, is recorded."""
+        """`audit`: where every connection accepted or refused, and why, is recorded.
+        `revocations`: the CRL checked when a stream opens (see `apply_revocations`)."""
         self.spec = spec
         self.run_id = run_id
         self.max_payload_bytes = max_payload_bytes
         self.heartbeat_timeout = heartbeat_timeout
         self.mutual_tls = mutual_tls
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, SiteSession] = {}
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
         self._finished: pb.RunEnd | None = None
         self._encoded: tuple[object, pb.Payload, list[bytes]] | None = None
         self._declines: dict[str, str] = {}  # since the coordinator last asked
         self.audit = audit
+        self.revocations = revocations
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The Federation service, taking and giving serialized messages."""
@@ -142,7 +110,7 @@ class GrpcTransport(Transport):
         request_id = next(self._ids)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         try:
-            session.pending[request_id] = _Pending(future, instruction)
+            session.pending[request_id] = Pending(future, instruction)
             header, frames = self._payload(instruction)
             message = pb.Instruction(
                 request_id=request_id,
@@ -157,7 +125,7 @@ class GrpcTransport(Transport):
             if instruction.message is not None:
                 message.secagg.CopyFrom(stage_wire.message_to_wire(instruction.message))
             head = pb.ServerMessage(instruction=message).SerializeToString()
-            session.outbound.put_nowait(_Outgoing([head, *frames], request_id))
+            session.outbound.put_nowait(Outgoing([head, *frames], request_id))
             return await future
         finally:
             session.pending.pop(request_id, None)
@@ -175,10 +143,42 @@ class GrpcTransport(Transport):
                 waiter.cancel()
             await asyncio.gather(*waiters, return_exceptions=True)
 
-    def _end(self, session: _Session) -> None:
+    def _end(self, session: SiteSession) -> None:
         assert self._finished is not None
-        session.outbound.put_nowait(_Outgoing([pb.ServerMessage(run_end=self._finished).SerializeToString()]))
+        session.outbound.put_nowait(Outgoing([pb.ServerMessage(run_end=self._finished).SerializeToString()]))
         session.outbound.put_nowait(None)
+
+    def apply_revocations(self, *, force: bool = False) -> None:
+        """Re-read the CRL if it changed; disconnect every live site it now revokes (its
+        pending requests fail: the round drops it) and record each revocation."""
+        if self.revocations is None:
+            return
+        new = self.revocations.refresh(force=force)
+        if not new:
+            return
+        log.warning("revocation list updated: %d newly revoked certificates", len(new))
+        live = {s.serial: s for s in self._sessions.values()}
+        for serial in sorted(new):
+            session = live.get(serial)
+            if self.audit is not None:  # the site's name when it is connected (else its serial only)
+                self.audit.append(
+                    AuditKind.REVOKED,
+                    serial=f"{serial:x}",
+                    site=session.name if session else "",
+                    connected=bool(session),
+                )
+            if session is not None:
+                log.warning("site %s: certificate revoked; disconnecting it", session.name)
+                session.revoked = True
+                session.fail_pending("certificate revoked")
+                for task in session.tasks:
+                    task.cancel()
+
+    async def watch_revocations(self, interval: float = 1.0) -> None:
+        """Poll the CRL file: a `pki revoke` takes effect within `interval` seconds."""
+        while True:
+            await asyncio.sleep(interval)
+            self.apply_revocations()
 
     # ----- servicer -----
 
@@ -217,6 +217,13 @@ class GrpcTransport(Transport):
             name = self._identify(hello, context)
         except ProtocolError as err:
             await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(err))
+        serial = None
+        if self.mutual_tls and self.revocations is not None:
+            serial = certificate_serial(bytes(context.auth_context()["x509_pem_cert"][0]))
+            if serial in self.revocations.revoked:
+                await self._refuse(
+                    context, grpc.StatusCode.UNAUTHENTICATED, f"certificate {serial:x} is revoked", name
+                )
         if hello.protocol_version != PROTOCOL_VERSION:
             await self._refuse(
                 context,
@@ -241,7 +248,7 @@ class GrpcTransport(Transport):
         welcome.task_identity.code_hash = self.spec.code_hash
         await context.write(pb.ServerMessage(welcome=welcome).SerializeToString())
 
-        session = _Session(name)
+        session = SiteSession(name, serial=serial)
         async with self._changed:
             previous = self._sessions.pop(name, None)
             if previous is not None:  # a reconnect: the old stream is dead or a duplicate
@@ -260,6 +267,10 @@ class GrpcTransport(Transport):
             asyncio.ensure_future(self._write(session, context)),
             asyncio.ensure_future(self._watch(session)),
         ]
+        if self.revocations is not None and serial in self.revocations.revoked:  # revoked meanwhile
+            session.revoked = True
+            for task in tasks:
+                task.cancel()
         reason = "stream ended"
         violation: ProtocolError | None = None
         try:
@@ -276,26 +287,29 @@ class GrpcTransport(Transport):
                 if self._sessions.get(name) is session:
                     del self._sessions[name]
                 self._changed.notify_all()
+            reason = "certificate revoked" if session.revoked else reason
             session.fail_pending(reason)
             session.closed.set()
             log.info("site %s disconnected: %s (%d connected)", name, reason, len(self._sessions))
+        if session.revoked:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "certificate revoked")
         if violation is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(violation))
 
-    async def _write(self, session: _Session, context: grpc.aio.ServicerContext) -> None:
+    async def _write(self, session: SiteSession, context: grpc.aio.ServicerContext) -> None:
         while (item := await session.outbound.get()) is not None:
             if item.request_id is not None and item.request_id not in session.pending:
                 continue  # the round gave up on it before it was sent: the site never sees it
             for message in item.messages:
                 await context.write(message)
 
-    async def _watch(self, session: _Session) -> None:
+    async def _watch(self, session: SiteSession) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_timeout / 3)
             if time.monotonic() - session.last_seen > self.heartbeat_timeout:
                 raise SiteUnavailable(session.name, f"no heartbeat for {self.heartbeat_timeout:.0f} s")
 
-    async def _read(self, session: _Session, context: grpc.aio.ServicerContext) -> None:
+    async def _read(self, session: SiteSession, context: grpc.aio.ServicerContext) -> None:
         assembling: tuple[pb.Result, PayloadAssembler] | None = None
         while (raw := await context.read()) is not grpc.aio.EOF:
             session.last_seen = time.monotonic()
@@ -305,7 +319,7 @@ class GrpcTransport(Transport):
                     raise ProtocolError("payload chunk without a Result header")
                 assembling[1].add(data)
                 if assembling[1].complete:
-                    self._resolve(session, *assembling)
+                    session.resolve(*assembling)
                     assembling = None
                 continue
             message = parse(pb.SiteMessage, raw)
@@ -340,41 +354,5 @@ class GrpcTransport(Transport):
             else:
                 raise ProtocolError(f"unexpected {body!r} message from a connected site")
             if assembling is not None and assembling[1].complete:
-                self._resolve(session, *assembling)
+                session.resolve(*assembling)
                 assembling = None
-
-    def _resolve(self, session: _Session, result: pb.Result, assembler: PayloadAssembler) -> None:
-        pending = session.pending.get(result.request_id)
-        if pending is None:
-            log.warning(
-                "site %s answered unknown or expired request %d; ignored",
-                session.name,
-                result.request_id,
-            )
-            return
-        instruction = pending.instruction
-        kind = kind_from_wire(result.kind)
-        if result.round != instruction.round or kind is not instruction.kind:
-            raise ProtocolError(
-                f"reply for round {result.round} {kind.value} to a round {instruction.round} {instruction.kind.value}"
-            )
-        metrics = {k: v for k, v in config_from_wire(result.metrics).items() if isinstance(v, int | float)}
-        arrays = assembler.arrays() if assembler.header.tensors else None
-        stage_message = None
-        if result.HasField("secagg") and not result.refusal:
-            # The sender is the authenticated session, whatever the message might claim.
-            stage_message = stage_wire.message_from_wire(result.secagg, site=session.name, payload=arrays)
-            arrays = None
-        reply = Reply(
-            message=stage_message,
-            site=session.name,
-            kind=kind,
-            round=result.round,
-            num_examples=result.num_examples,
-            update=arrays,
-            metrics={k: float(v) for k, v in metrics.items()},
-            refusal=result.refusal or None,
-            refusal_code=refusal_from_wire(result.refusal_code) if result.refusal else None,
-        )
-        if not pending.future.done():
-            pending.future.set_result(reply)

@@ -1,0 +1,90 @@
+"""One connected site's session on the server: its queue of outgoing messages, the requests
+awaiting its reply, and how a complete reply resolves one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fedcore.aggregation import wire as stage_wire
+from fedcore.engine import Instruction, Reply
+from fedcore.errors import ProtocolError, SiteUnavailable
+from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.tensors import PayloadAssembler
+from fedcore.wire import config_from_wire, kind_from_wire, refusal_from_wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    future: asyncio.Future[Reply]
+    instruction: Instruction
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """Serialized messages written back to back: a header and its whole payload, never part."""
+
+    messages: list[bytes]
+    request_id: int | None = None  # skipped if that request was cancelled before its turn
+
+
+@dataclass
+class SiteSession:
+    name: str
+    # Unbounded, but an item per instruction whose payload frames are shared by all sites
+    # of the round: a site that stops reading costs a header per round, not a model.
+    outbound: asyncio.Queue[Outgoing | None] = field(default_factory=asyncio.Queue)
+    pending: dict[int, Pending] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    answered: bool = False  # it has sent a result: it took the job, and may no longer decline it
+    serial: int | None = None  # of its certificate, under mutual TLS
+    revoked: bool = False  # its certificate was revoked while it was connected
+
+    def fail_pending(self, reason: str) -> None:
+        for item in self.pending.values():
+            if not item.future.done():
+                item.future.set_exception(SiteUnavailable(self.name, reason))
+        self.pending.clear()
+
+    def resolve(self, result: pb.Result, assembler: PayloadAssembler) -> None:
+        """Resolve the request this complete reply answers."""
+        pending = self.pending.get(result.request_id)
+        if pending is None:
+            log.warning(
+                "site %s answered unknown or expired request %d; ignored",
+                self.name,
+                result.request_id,
+            )
+            return
+        instruction = pending.instruction
+        kind = kind_from_wire(result.kind)
+        if result.round != instruction.round or kind is not instruction.kind:
+            raise ProtocolError(
+                f"reply for round {result.round} {kind.value} to a round {instruction.round} {instruction.kind.value}"
+            )
+        metrics = {k: v for k, v in config_from_wire(result.metrics).items() if isinstance(v, int | float)}
+        arrays = assembler.arrays() if assembler.header.tensors else None
+        stage_message = None
+        if result.HasField("secagg") and not result.refusal:
+            # The sender is the authenticated session, whatever the message might claim.
+            stage_message = stage_wire.message_from_wire(result.secagg, site=self.name, payload=arrays)
+            arrays = None
+        reply = Reply(
+            message=stage_message,
+            site=self.name,
+            kind=kind,
+            round=result.round,
+            num_examples=result.num_examples,
+            update=arrays,
+            metrics={k: float(v) for k, v in metrics.items()},
+            refusal=result.refusal or None,
+            refusal_code=refusal_from_wire(result.refusal_code) if result.refusal else None,
+        )
+        if not pending.future.done():
+            pending.future.set_result(reply)
