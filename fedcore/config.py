@@ -122,7 +122,10 @@ class SecureAggregationConfig:
     )
     clip_range: float = 10.0  # every update value is clipped to [-clip_range, clip_range]
     bits: int | None = None  # arithmetic modulo 2**bits; None: 32, or 64 for distributed DP's integers
-    max_examples: int = 1_000_000  # a site's weight is min(examples, max_examples) / max_examples
+    # A public bound: a site's weight is min(examples, max_examples) / max_examples, masked with
+    # its update (no count leaves a site); a larger bound costs precision at 32 bits
+    # (simulations/benchmarks/secagg_weight_precision.py), a smaller one caps big sites.
+    max_examples: int = 100_000
 
 
 class PrivacyMode(enum.StrEnum):

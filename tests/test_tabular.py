@@ -203,7 +203,7 @@ def test_sites_with_their_own_files_over_grpc_and_sites_whose_files_do_not_fit(
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "fedcore", "client", "--server", f"127.0.0.1:{port}", "--insecure",
             "--name", name, "--task", "tabular", "--data", str(data), "--label", LABEL,
-            stderr=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=tmp_path,  # its audit log goes there
         )  # fmt: skip
         _, err = await asyncio.wait_for(process.communicate(), 120)
         assert process.returncode is not None

@@ -108,7 +108,6 @@ class RoundInfo:
     available: int  # sites connected when the round was sampled
     model: Arrays  # the global model the round starts from
     seed: int
-    declared_examples: Mapping[str, int] = field(default_factory=dict)  # announced in an earlier exchange
 
     @property
     def dimension(self) -> int:

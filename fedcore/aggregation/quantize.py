@@ -1,8 +1,10 @@
 """Fixed-point encoding for the secure sum. A site sends one integer vector modulo 2**bits:
 [clip(update) x w, w], quantized with stochastic rounding at the round's step (see
-fedcore.secagg.contribution), where w in (0, 1] is its example count over the largest count
-declared this round (capped by `max_examples`), or 1 with equal weights. The server
-dequantizes the decrypted sum into [sum w x, sum w]: the weighted mean is their ratio.
+fedcore.secagg.contribution), where w in (0, 1] is its example count over the public bound
+`max_examples` (capped at 1), or 1 with equal weights. No count leaves a site in the clear:
+the server dequantizes the decrypted sum into [sum w x, sum w], the weighted mean is their
+ratio, and it learns only the total. The price is precision: w x has log2(max_examples /
+examples) fewer significant bits than x (`simulations/benchmarks/secagg_weight_precision.py`).
 
 Every entry is at most max(clip_range, 1) in magnitude, so the step chosen for the sampled
 sites' count can never let the sum wrap around.
@@ -31,15 +33,10 @@ class Quantize(Stage):
         return step_for_round(len(info.sampled), clip=self.clip_range, bits=self.bits)
 
     def site_plan(self, info: RoundInfo) -> StagePlan:
-        # Weights relative to the largest count declared this round, so the biggest site
-        # weighs 1 and the sum keeps its precision. A site that under-declares cannot
-        # exceed weight 1; one that over-declares only coarsens everyone's weights. The
-        # counts are what plain FedAvg reveals anyway.
-        declared = max((n for n in info.declared_examples.values() if n > 0), default=self.max_examples)
         return QuantizePlan(
             clip_range=self.clip_range,
             step=self.step(info),
-            max_examples=min(declared, self.max_examples),
+            max_examples=self.max_examples,
             bits=self.bits,
             equal_weights=self.equal_weights,
         )

@@ -87,7 +87,6 @@ class SecureSum(Leaf):
         dropped: dict[str, Drop] = {}
         stages: dict[str, dict[str, Any]] = {}
         site_metrics: dict[str, dict[str, float]] = {}
-        examples: dict[str, int] = {}  # what each site declares with its keys
 
         async def exchange(
             name: str, sites: list[str], make: Callable[[str], SiteRequest], kind: type
@@ -98,7 +97,6 @@ class SecureSum(Leaf):
                 if not isinstance(reply.message, kind):
                     raise ProtocolError(f"expected {kind.__name__} in the {name} exchange")
                 got.append(reply.message)
-                examples[reply.site] = int(reply.weight)
                 if reply.metrics:
                     site_metrics[reply.site] = dict(reply.metrics)
 
@@ -125,8 +123,7 @@ class SecureSum(Leaf):
             forwarded, server2 = ServerAdvertise(params).collect(keys)
             shares = await exchange("share_keys", sorted(forwarded), send(forwarded), ShareKeys)
             routed, server3 = server2.collect(shares)
-            declared = {s: n for s, n in examples.items() if s in forwarded and n > 0}
-            plan = context.plan(dataclasses.replace(info, declared_examples=declared))
+            plan = context.plan(info)
             masked = await exchange(
                 "masked_input",
                 sorted(routed),

@@ -219,7 +219,7 @@ class SiteStages:
         # Under DP only the privacy accounting goes with the update: a training loss or an
         # exact example count would be statistics of the data that no noise covers.
         out = {} if prepared.private else dict(metrics)
-        claimed = examples
+        claimed = 1 if prepared.private else examples  # equal weights under DP: no count leaves
         integers: np.ndarray | None = None
         for item in prepared.plan:
             if isinstance(item, ClipPlan):

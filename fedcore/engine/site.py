@@ -71,11 +71,8 @@ class Site:
         try:
             if instruction.kind is InstructionKind.STAGE:
                 message = self.stages.exchange(instruction.message, instruction.round)
-                # The example count goes with the keys: a secure sum's weights are relative to
-                # the largest count declared in the round.
-                return Reply(
-                    self.name, instruction.kind, instruction.round, len(self.data.train), message=message
-                )
+                # No example count: a secure sum's weights travel masked, over a public bound.
+                return Reply(self.name, instruction.kind, instruction.round, message=message)
             if instruction.kind is InstructionKind.STATISTICS:
                 return self._statistics(instruction)
             check_like(instruction.parameters, self._template)

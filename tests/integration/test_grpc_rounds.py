@@ -54,6 +54,7 @@ def experiment(**overrides: object) -> Experiment:
         "task__name": f"bench:{PARAMS}",
         "federation__rounds": 2,
         "federation__round_timeout": 20.0,
+        "secure_aggregation__max_examples": 1,  # a bench site's count: weight 1, exact secure sums
         **overrides,
     }
     return load_experiment().override(**settings)

@@ -82,19 +82,21 @@ def test_every_byte_the_server_receives_in_a_secure_round_hides_each_update(
     """Capture, at the server's gRPC boundary, every reply a round brings: no site's update
     crosses in the clear (neither its float bytes nor its quantized integers), each masked
     vector is uniform although every site's input is the same constant, and only the sum
-    comes out."""
-    from fedcore.server.transport import GrpcTransport
+    comes out; no reply carries the site's example count."""
+    from fedcore.server.sessions import SiteSession
     from fedcore.tasks.bench import STEP
 
     captured: list[tuple[str, bytes, dict[str, np.ndarray]]] = []
-    resolve = GrpcTransport._resolve
+    counts: list[int] = []
+    resolve = SiteSession.resolve
 
-    def recording(self, session, result, assembler):  # type: ignore[no-untyped-def]
+    def recording(session, result, assembler):  # type: ignore[no-untyped-def]
         arrays = assembler.arrays() if assembler.header.tensors else {}
         captured.append((session.name, result.SerializeToString(), {k: v.copy() for k, v in arrays.items()}))
-        return resolve(self, session, result, assembler)
+        counts.append(result.num_examples)
+        return resolve(session, result, assembler)
 
-    monkeypatch.setattr(GrpcTransport, "_resolve", recording)
+    monkeypatch.setattr(SiteSession, "resolve", recording)
     params = 20_000
 
     async def sites(port: int) -> list[object]:
@@ -118,6 +120,7 @@ def test_every_byte_the_server_receives_in_a_secure_round_hides_each_update(
     update = np.full(params, STEP, np.float32).tobytes()
     masked = [arrays for _, _, arrays in captured if arrays]
     assert len(masked) == 5  # one payload per site: its masked vector, nothing else
+    assert len(counts) == 5 * 5 and set(counts) == {0}  # no reply of any stage carries an example count
     everything = b"".join(raw + b"".join(a.tobytes() for a in arrays.values()) for _, raw, arrays in captured)
     assert update[:64] not in everything  # not even 16 of the update's float32 values in a row
     for arrays in masked:
