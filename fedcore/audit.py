@@ -39,6 +39,7 @@ class AuditKind(enum.StrEnum):
     CONTRIBUTED = "contributed"  # site: it sent a round's contribution
     REFUSED_ROUND = "refused round"  # site: it refused an instruction
     REVOKED = "revoked"
+    EXCLUDED = "excluded"  # server: a site that misbehaved is kept out of the rest of the run
 
 
 def _digest(entry: dict[str, Any]) -> str:

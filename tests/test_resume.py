@@ -74,8 +74,10 @@ def test_the_run_state_round_trips_bit_for_bit() -> None:
         stopped=None,
         roster=["site-1", "site-2"],
         transport={"1": {"ledger": {}}},
+        excluded={"site-9": "round 3: bad reply"},
     )
     back = RunState.from_bytes(state.to_bytes())
+    assert back.excluded == state.excluded
     assert (
         back.pipeline == state.pipeline and back.roster == state.roster and back.transport == state.transport
     )

@@ -72,3 +72,40 @@ def test_dropouts_at_every_secagg_stage_never_give_a_wrong_sum() -> None:
 def test_the_fedopt_family_runs_on_the_secure_sum() -> None:
     result, _ = run_simulation(experiment(strategy__name="fedadam", secure_aggregation__enabled=True), None)
     assert all(r.sites == 6 for r in result.records)
+
+
+@pytest.mark.parametrize("lie", ["negative weight", "oversized update"])
+def test_a_masked_input_out_of_range_fails_the_attempt_never_the_run(
+    lie: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One site's first masked input lies (no single input can be checked under the mask):
+    the decoded sum is out of the honest bounds, so that attempt is discarded, retried, and
+    the run's model is exact; nothing raises."""
+    from fedcore.aggregation import site as site_stages
+
+    honest = site_stages.quantized_contribution
+    calls: list[int] = []
+
+    def lying(update, template, *, weight, clip, step, bits, rng):  # type: ignore[no-untyped-def]
+        out = honest(update, template, weight=weight, clip=clip, step=step, bits=bits, rng=rng)
+        calls.append(1)
+        if len(calls) == 1:  # lies in the integers, as a hostile site would, modulo 2**bits
+            if lie == "negative weight":
+                out[-1:] -= np.uint32(round(4 / step))  # w = 0.5 - 4: the sum of weights < 0
+            else:
+                out[:-1] += np.uint32(round(3 * clip / step))  # 6x its bound, w x <= 0.5 clip
+        return out
+
+    monkeypatch.setattr(site_stages, "quantized_contribution", lying)
+    e = experiment(
+        task__name="bench:100",
+        simulation__sites=5,
+        federation__rounds=2,
+        secure_aggregation__enabled=True,
+        secure_aggregation__max_examples=2,  # each bench site (1 example) weighs 0.5
+        secure_aggregation__clip_range=1.0,
+    )
+    result, _ = run_simulation(e, None)
+    assert calls, "the lie was not told"
+    assert [r.attempt for r in result.records] == [2, 1]
+    np.testing.assert_allclose(result.parameters["w"], 0.02, atol=1e-6)

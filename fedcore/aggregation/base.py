@@ -128,6 +128,7 @@ class Aggregate:
     integers: np.ndarray | None = None  # an encoded sum (secure aggregation)
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     measurements: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> values
+    rejected: str | None = None  # why a stage refused the result (the attempt fails; still accounted)
 
     @property
     def mean(self) -> Arrays:

@@ -7,6 +7,7 @@ finished innermost first, as TensorFlow Federated nests its aggregation factorie
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,8 @@ from fedcore.aggregation.base import (
 )
 from fedcore.aggregation.plans import StagePlan
 from fedcore.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -75,6 +78,11 @@ class Pipeline:
             aggregate = stage.finish(aggregate, info)
         for stage in self.stages:
             stage.account(aggregate, info)
+        if aggregate.rejected is not None:
+            log.warning(
+                "round %d attempt %d: result rejected: %s", info.round, info.attempt, aggregate.rejected
+            )
+            return None
         return aggregate
 
     def summary(self) -> dict[str, Any]:

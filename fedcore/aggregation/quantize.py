@@ -12,6 +12,8 @@ sites' count can never let the sum wrap around.
 
 from __future__ import annotations
 
+import numpy as np
+
 from fedcore.aggregation.base import Aggregate, RoundInfo, Section, Stage
 from fedcore.aggregation.plans import QuantizePlan, StagePlan
 from fedcore.secagg.contribution import step_for_round
@@ -44,7 +46,19 @@ class Quantize(Stage):
     def finish(self, aggregate: Aggregate, info: RoundInfo) -> Aggregate:
         if aggregate.integers is None:  # nothing was summed (e.g. a noise-only round)
             return aggregate
-        flat = dequantize(aggregate.integers, step=self.step(info))
+        step = self.step(info)
+        flat = dequantize(aggregate.integers, step=step)
+        weight, slack = float(flat[-1]), aggregate.count * step  # stochastic rounding: a step each
+        # Honest inputs have 0 < w <= 1 and |w x| <= w clip_range. Masked, no single input can
+        # be checked (that would take range proofs), but a sum outside these bounds proves a
+        # lie (e.g. a negative weight): the attempt fails instead of becoming the model.
+        if not 0 < weight <= aggregate.count + slack:
+            aggregate.rejected = f"sum of weights {weight:.6g} outside (0, {aggregate.count}]"
+        elif (peak := float(np.abs(flat[:-1]).max(initial=0.0))) > weight * self.clip_range + slack:
+            aggregate.rejected = f"|sum| {peak:.6g} above the weights' bound {weight * self.clip_range:.6g}"
+        if aggregate.rejected is not None:
+            flat = np.zeros_like(flat)
+            weight = 1.0  # harmless for the stages after: the pipeline discards the attempt
         aggregate.sum = unflatten(flat[:-1], info.model)
-        aggregate.weight = float(flat[-1])
+        aggregate.weight = weight
         return aggregate

@@ -142,6 +142,7 @@ class SiteAgent:
             except grpc.aio.AioRpcError as err:
                 if err.code() in (
                     grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,  # revoked, or excluded from the run
                     grpc.StatusCode.FAILED_PRECONDITION,
                 ):
                     log.error("the server refused this site: %s", err.details())

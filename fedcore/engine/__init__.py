@@ -1,8 +1,8 @@
 """The round engine: Coordinator and Site runtime, behind a Transport."""
 
-from fedcore.engine.coordinator import Coordinator, RunResult
+from fedcore.engine.coordinator import Coordinator
 from fedcore.engine.messages import Instruction, InstructionKind, Reply
-from fedcore.engine.records import MemoryStore, RoundRecord, RoundStore
+from fedcore.engine.records import MemoryStore, RoundRecord, RoundStore, RunResult
 from fedcore.engine.run_state import RunState
 from fedcore.engine.site import Site
 from fedcore.engine.statistics import RoundFailed

@@ -18,12 +18,12 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from fedcore.aggregation import (
     Drop,
+    DropReason,
     Exchange,
     Pipeline,
     RoundInfo,
@@ -38,24 +38,15 @@ from fedcore.config import Experiment
 from fedcore.engine import faults
 from fedcore.engine.gather import EvaluationMetrics, Traffic, gather, weighted
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
-from fedcore.engine.records import RoundRecord, RoundStore
+from fedcore.engine.records import RoundRecord, RoundStore, RunResult
 from fedcore.engine.run_state import RunState
 from fedcore.engine.statistics import RoundFailed, gather_statistics, statistics_config
 from fedcore.engine.transport import Transport
 from fedcore.seeding import derive_seed, rng
 from fedcore.strategies import Strategy, build_strategy
 from fedcore.tasks import Dataset, Task
-from fedcore.tensors import Arrays
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    parameters: Arrays
-    records: list[RoundRecord]
-    stopped: str | None = None  # why the run ended before its last round, if a stage ended it
-    commit_wait_seconds: float = 0.0  # time the rounds waited for the store (see Coordinator._commit)
 
 
 class Coordinator:
@@ -94,6 +85,7 @@ class Coordinator:
         self.records: list[RoundRecord] = []
         self.stopped: str | None = None
         self.roster: list[str] = []  # the sites available at the last completed round
+        self.excluded: dict[str, str] = {}  # sites that misbehaved: out for the rest of the run
         self.resumed_at: int | None = None  # the first round after a resume
         self._committing: asyncio.Future[None] | None = None  # the last round's store write
         self.commit_wait = 0.0
@@ -111,6 +103,8 @@ class Coordinator:
         self.pipeline.load_state_dict(state.pipeline)
         self.transport.load_state(state.transport)
         self.stopped, self.roster = state.stopped, list(state.roster)
+        for site, reason in state.excluded.items():
+            self._exclude(site, reason)
         if state.statistics is not None:
             self._use_statistics(np.array(state.statistics, dtype=np.float64))
         self.records = list(history)
@@ -128,7 +122,12 @@ class Coordinator:
             roster=list(self.roster),
             transport=self.transport.state(),
             statistics=None if self.statistics is None else [float(v) for v in self.statistics],
+            excluded=dict(self.excluded),
         )
+
+    def _exclude(self, site: str, reason: str) -> None:
+        self.excluded[site] = reason
+        self.transport.exclude(site, reason)
 
     def _use_statistics(self, total: np.ndarray) -> None:
         self.task.use_statistics(total)  # the server's own evaluation standardises alike
@@ -230,10 +229,8 @@ class Coordinator:
         k = self.experiment.federation.sites_per_round
         if k is None or k >= len(available):
             return available
-        picks = rng(self.experiment.seed, "sample", info.round, info.attempt).choice(
-            len(available), size=k, replace=False
-        )
-        return sorted(available[i] for i in picks)
+        draw = rng(self.experiment.seed, "sample", info.round, info.attempt)
+        return sorted(available[i] for i in draw.choice(len(available), size=k, replace=False))
 
     def fit_config(self, number: int, site: str) -> Config:
         t = self.experiment.task
@@ -256,7 +253,7 @@ class Coordinator:
             await self.transport.wait_for_sites(fed.min_sites)
         faults.reach(number, faults.Point.BEFORE_SAMPLING)
         started = time.perf_counter()
-        available = sorted(self.transport.available())
+        available = sorted(s for s in self.transport.available() if s not in self.excluded)
         info = RoundInfo(
             self.run_id, number, attempt, (), len(available), self.parameters, self.experiment.seed
         )
@@ -270,13 +267,17 @@ class Coordinator:
         faults.reach(number, faults.Point.AFTER_AGGREGATION)
         for site, drop in aggregate.dropped.items():
             log.info("round %d: dropped %s (%s)", number, site, drop)
+            if drop.reason is DropReason.BAD_REPLY:  # a malformed or lying message: out for good
+                log.warning("site %s is excluded from the rest of run %s: %s", site, self.run_id, drop)
+                self._exclude(site, f"round {number}: {drop}")
         if aggregate.count < fed.min_sites and not self.pipeline.completes_any_sample:
+            count, sampled = aggregate.count, len(info.sampled)
             log.warning(
-                "round %d attempt %d: %d of %d sites' inputs aggregated, need %d; retrying",
+                "round %d attempt %d: %d of %d sites aggregated, need %d; retrying",
                 number,
                 attempt,
-                aggregate.count,
-                len(info.sampled),
+                count,
+                sampled,
                 fed.min_sites,
             )
             return None

@@ -135,3 +135,11 @@ def save_model(path: Path, parameters: Arrays, metadata: dict[str, str] | None =
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@dataclass
+class RunResult:
+    parameters: Arrays
+    records: list[RoundRecord]
+    stopped: str | None = None  # why the run ended before its last round, if a stage ended it
+    commit_wait_seconds: float = 0.0  # time the rounds waited for the store (see Coordinator._commit)

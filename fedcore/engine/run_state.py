@@ -35,6 +35,7 @@ class RunState:
     roster: list[str] = field(default_factory=list)  # the sites available at the last round
     transport: Any = None  # the transport's own state, JSON (a simulation's virtual sites)
     statistics: list[float] | None = None  # the task's federated statistics (engine.statistics)
+    excluded: dict[str, str] = field(default_factory=dict)  # sites kept out of the run, and why
 
     def to_bytes(self) -> bytes:
         tensors = {_MODEL + k: np.ascontiguousarray(v) for k, v in self.parameters.items()}
@@ -53,6 +54,7 @@ class RunState:
                     "roster": self.roster,
                     "transport": self.transport,
                     "statistics": self.statistics,
+                    "excluded": self.excluded,
                     "strategy_groups": sorted(self.strategy),
                     "names": list(self.parameters),  # safetensors sorts tensors; a model's order matters
                 }
@@ -85,6 +87,7 @@ class RunState:
             roster=list(meta["roster"]),
             transport=meta["transport"],
             statistics=meta.get("statistics"),
+            excluded=dict(meta.get("excluded", {})),
         )
 
 

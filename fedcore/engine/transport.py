@@ -33,6 +33,10 @@ class Transport(abc.ABC):
         """The sites sampled for an attempt at a round (a simulation plays its sites'
         behaviour from it). Nothing to do for a real federation."""
 
+    def exclude(self, site: str, reason: str) -> None:  # noqa: B027
+        """Keep `site` out of the rest of the run (it misbehaved): a real federation ends
+        its session and refuses it from now on. The Coordinator stops sampling it either way."""
+
     def state(self) -> Any:
         """What the transport must keep for a resumed run, as JSON (a simulation's virtual
         sites' states); None for a real federation, whose sites keep their own."""

@@ -44,7 +44,7 @@ class SiteSession:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     answered: bool = False  # it has sent a result: it took the job, and may no longer decline it
     serial: int | None = None  # of its certificate, under mutual TLS
-    revoked: bool = False  # its certificate was revoked while it was connected
+    ended: str | None = None  # why the server ended it (revoked, excluded): said when closing
 
     def fail_pending(self, reason: str) -> None:
         for item in self.pending.values():

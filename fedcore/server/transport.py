@@ -72,6 +72,7 @@ class GrpcTransport(Transport):
         self._finished: pb.RunEnd | None = None
         self._encoded: tuple[object, pb.Payload, list[bytes]] | None = None
         self._declines: dict[str, str] = {}  # since the coordinator last asked
+        self._excluded: dict[str, str] = {}  # misbehaved: refused for the rest of the run
         self.audit = audit
         self.revocations = revocations
 
@@ -168,11 +169,22 @@ class GrpcTransport(Transport):
                     connected=bool(session),
                 )
             if session is not None:
-                log.warning("site %s: certificate revoked; disconnecting it", session.name)
-                session.revoked = True
-                session.fail_pending("certificate revoked")
-                for task in session.tasks:
-                    task.cancel()
+                self._disconnect(session, "certificate revoked")
+
+    def exclude(self, site: str, reason: str) -> None:
+        self._excluded[site] = reason
+        if self.audit is not None:
+            self.audit.append(AuditKind.EXCLUDED, site=site, reason=reason)
+        if (session := self._sessions.get(site)) is not None:
+            self._disconnect(session, f"excluded from this run: {reason}")
+
+    def _disconnect(self, session: SiteSession, why: str) -> None:
+        """End a live session now: its pending requests fail (the round drops it)."""
+        log.warning("site %s: %s; disconnecting it", session.name, why)
+        session.ended = why
+        session.fail_pending(why)
+        for task in session.tasks:
+            task.cancel()
 
     async def watch_revocations(self, interval: float = 1.0) -> None:
         """Poll the CRL file: a `pki revoke` takes effect within `interval` seconds."""
@@ -224,6 +236,9 @@ class GrpcTransport(Transport):
                 await self._refuse(
                     context, grpc.StatusCode.UNAUTHENTICATED, f"certificate {serial:x} is revoked", name
                 )
+        if name in self._excluded:
+            why = f"excluded from this run: {self._excluded[name]}"
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, why, name)
         if hello.protocol_version != PROTOCOL_VERSION:
             await self._refuse(
                 context,
@@ -268,9 +283,7 @@ class GrpcTransport(Transport):
             asyncio.ensure_future(self._watch(session)),
         ]
         if self.revocations is not None and serial in self.revocations.revoked:  # revoked meanwhile
-            session.revoked = True
-            for task in tasks:
-                task.cancel()
+            self._disconnect(session, "certificate revoked")
         reason = "stream ended"
         violation: ProtocolError | None = None
         try:
@@ -287,12 +300,12 @@ class GrpcTransport(Transport):
                 if self._sessions.get(name) is session:
                     del self._sessions[name]
                 self._changed.notify_all()
-            reason = "certificate revoked" if session.revoked else reason
+            reason = session.ended or reason
             session.fail_pending(reason)
             session.closed.set()
             log.info("site %s disconnected: %s (%d connected)", name, reason, len(self._sessions))
-        if session.revoked:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "certificate revoked")
+        if session.ended is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, session.ended)
         if violation is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(violation))
 

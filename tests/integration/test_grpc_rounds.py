@@ -223,3 +223,38 @@ def test_sites_started_before_the_server_connect_with_backoff(tmp_path: Path) ->
     result, outcomes = asyncio.run(scenario())
     assert outcomes == [Outcome.COMPLETED, Outcome.COMPLETED]
     assert [r.sites for r in result.records] == [2, 2]
+
+
+class LyingBench(Bench):
+    """An honest site until round 2, when its update is not finite: a malformed reply."""
+
+    rounds_seen = 0
+
+    def fit(self, parameters, data: SiteData, settings: TrainSettings):  # type: ignore[no-untyped-def]
+        self.rounds_seen += 1
+        outcome = super().fit(parameters, data, settings)
+        if self.rounds_seen == 2:
+            outcome.parameters["w"][0] = np.nan
+        return outcome
+
+
+def test_a_site_that_sends_a_malformed_reply_is_excluded_for_the_rest_of_the_run(tmp_path: Path) -> None:
+    import json
+
+    async def sites(port: int) -> list[object]:
+        liar = asyncio.ensure_future(agent(port, "liar", LyingBench(PARAMS)).run())
+        honest = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2)]
+        first = await liar
+        again = await agent(port, "liar").run()  # an honest reconnect under the same name
+        return [first, again, *await asyncio.gather(*honest)]
+
+    result, outcomes = asyncio.run(
+        federation(experiment(federation__start_sites=3, federation__rounds=4), tmp_path, sites)
+    )
+    assert outcomes == [Outcome.REJECTED, Outcome.REJECTED, Outcome.COMPLETED, Outcome.COMPLETED]
+    assert result.records[1].dropped["liar"].reason.value == "bad reply"
+    assert [r.sampled for r in result.records[2:]] == [["site-1", "site-2"]] * 2
+    log = [json.loads(line) for line in (tmp_path / "state" / "audit.log").read_text().splitlines()]
+    assert [e["data"]["site"] for e in log if e["kind"] == "excluded"] == ["liar"]
+    refused = [e["data"] for e in log if e["kind"] == "connection refused"]
+    assert any(d["site"] == "liar" and "excluded" in d["reason"] for d in refused)
