@@ -12,20 +12,23 @@ distributed whatever the secret: fewer than ``t`` shares reveal nothing about it
 information-theoretically.
 
 Not verifiable: nothing proves that a share is the one the dealer made. A share holder who
-sends a wrong ``y`` silently changes the reconstructed value (``combine`` can only reject a
-result that does not fit in ``length`` bytes). Protection against such behaviour belongs to
-the SecAgg+ protocol layer (its semi-honest/malicious threat model, consistency checks and
-signatures), not to this module.
+sends a wrong ``y`` silently changes what ``combine`` returns (it can only reject a result
+that does not fit in ``length`` bytes). ``recover`` takes a check of the secret from the
+caller (SecAgg+ checks a seed against its owner's commitment, a private key against its
+advertised public key) and uses the shares beyond ``threshold`` to find a subset that
+passes it, and the shares that do not fit.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["MAX_SECRET_BYTES", "PRIME", "SHARE_BYTES", "Share", "combine", "split"]
+__all__ = ["MAX_SECRET_BYTES", "PRIME", "SHARE_BYTES", "Share", "combine", "recover", "split"]
 
 PRIME: Final = 2**521 - 1
 """The field's modulus, a Mersenne prime."""
@@ -34,6 +37,8 @@ SHARE_BYTES: Final = 66
 MAX_SECRET_BYTES: Final = 64
 _COEFFICIENT_BYTES: Final = 72
 """Random bytes per coefficient: 576 bits reduced modulo a 521-bit prime."""
+MAX_ATTEMPTS: Final = 1000
+"""Subsets ``recover`` tries at most: liars cannot make it try exponentially many."""
 
 
 @dataclass(frozen=True)
@@ -110,16 +115,93 @@ def combine(shares: Sequence[Share], *, threshold: int, length: int) -> bytes:
     xs = [x for x, _ in points]
     if len(set(xs)) != len(xs):
         raise ValueError("shares with a repeated x")
-    points = points[:threshold]
-    secret = 0
-    for i, (x_i, y_i) in enumerate(points):
-        # Lagrange basis polynomial i at 0: prod_{j != i} x_j / (x_j - x_i).
-        numerator, denominator = 1, 1
-        for j, (x_j, _) in enumerate(points):
-            if j != i:
-                numerator = numerator * x_j % PRIME
-                denominator = denominator * (x_j - x_i) % PRIME
-        secret = (secret + y_i * numerator * pow(denominator, -1, PRIME)) % PRIME
+    secret = _polynomial(points[:threshold])(0)
     if secret >= 256**length:
         raise ValueError(f"the shares do not encode a {length}-byte secret")
     return secret.to_bytes(length, "big")
+
+
+def _polynomial(points: Sequence[tuple[int, int]]) -> Callable[[int], int]:
+    """The polynomial through `points` (distinct x), as a function (Lagrange: basis i at
+    `at` is prod_{j != i} (at - x_j) / (x_i - x_j)). The x are small integers, so the
+    numerators and denominators are exact integers; the fractions go over one common
+    denominator, inverted once for every evaluation, not once per point and evaluation."""
+    xs = [x for x, _ in points]
+    denominators = [math.prod(x_i - x_j for x_j in xs if x_j != x_i) for x_i in xs]
+    common = math.prod(denominators)
+    scaled = [y * (common // d) % PRIME for (_, y), d in zip(points, denominators, strict=True)]
+    inverse = pow(common % PRIME, -1, PRIME)
+
+    def at(x: int) -> int:
+        terms = (
+            s * math.prod(x - x_j for x_j in xs if x_j != x_i) for s, x_i in zip(scaled, xs, strict=True)
+        )
+        return sum(terms) * inverse % PRIME
+
+    return at
+
+
+def _subsets(count: int, threshold: int) -> Iterator[tuple[int, ...]]:
+    """Every `threshold`-subset of range(count), the first `threshold` first, then those of
+    the first threshold + 1 that hold the last of them, and so on: one bad share among
+    the first ones is passed over within `threshold` tries, two within about threshold**2/2."""
+    yield tuple(range(threshold))
+    for last in range(threshold, count):
+        for rest in itertools.combinations(range(last), threshold - 1):
+            yield (*rest, last)
+
+
+def recover(
+    shares: Sequence[Share],
+    *,
+    threshold: int,
+    length: int,
+    check: Callable[[bytes], bool],
+    attempts: int = MAX_ATTEMPTS,
+) -> tuple[bytes, frozenset[int]]:
+    """The ``length``-byte secret that ``check`` accepts, from some ``threshold`` of ``shares``,
+    and the ``x`` of the shares that are provably bad.
+
+    Tries subsets in the order of ``_subsets`` (at most ``attempts``): the first ``threshold``
+    shares, then subsets that leave out ever more of them. Once one passes ``check``, the
+    polynomial through it is evaluated at every other share's ``x``. A share that is not a
+    field element is always bad; shares off the polynomial are bad only when they are the
+    fewest liars that explain the shares: a wrong polynomial with the right secret (colluding
+    liars in the subset) differs from the dealt one by a polynomial with a root at 0, so it
+    passes through at most ``threshold - 2`` honest shares, and blaming the agreeing shares
+    instead would take at least ``agreeing - threshold + 2`` liars. When that does not
+    settle it, the search goes on; if no subset settles it, only malformed shares are named.
+    Raises ``ValueError`` when no subset passes (too few good shares, or shares of another
+    secret): it never returns a secret the check refused.
+    """
+    if threshold < 1:
+        raise ValueError(f"threshold must be at least 1, got {threshold}")
+    if len({share.x for share in shares}) != len(shares):
+        raise ValueError("shares with a repeated x")
+    points: list[tuple[int, int]] = []
+    malformed: set[int] = set()
+    for share in shares:
+        try:
+            points.append(_decode(share))
+        except ValueError:
+            malformed.add(share.x)
+    if len(points) < threshold:
+        raise ValueError(f"need {threshold} well-formed shares to recover the secret, got {len(points)}")
+    found: bytes | None = None
+    for subset in itertools.islice(_subsets(len(points), threshold), attempts):
+        polynomial = _polynomial([points[i] for i in subset])
+        value = polynomial(0)
+        if value >= 256**length or not check(secret := value.to_bytes(length, "big")):
+            continue
+        found = secret
+        others = [points[i] for i in range(len(points)) if i not in subset]
+        off = {x for x, y in others if polynomial(x) != y}
+        if len(off) < len(points) - len(off) - threshold + 2:
+            return secret, frozenset(malformed | off)
+        # Ambiguous (liars in the subset whose errors cancel at 0): the secret is right, but
+        # the shares off this polynomial may be honest. Search on for the dealt polynomial.
+    if found is None:
+        raise ValueError(
+            f"no {threshold} of the {len(points)} well-formed shares give a secret that passes the check"
+        )
+    return found, frozenset(malformed)
