@@ -118,8 +118,13 @@ class Federation:
 
     def mask(self, shares: dict[str, ShareKeys]) -> None:
         for site in self.clients:
-            routed = {sender: m.ciphertexts[site] for sender, m in shares.items() if site in m.ciphertexts}
-            masked = self.clients[site].mask(RoutedShares(site, routed), ROUND, self.inputs[site].copy())
+            senders = [sender for sender, m in shares.items() if site in m.ciphertexts]
+            routed = RoutedShares(
+                site,
+                {sender: shares[sender].ciphertexts[site] for sender in senders},
+                {sender: shares[sender].digests[site] for sender in senders},
+            )
+            masked = self.clients[site].mask(routed, ROUND, self.inputs[site].copy())
             self.loot.masked[site] = masked.vector
 
     def honest_start(self) -> dict[str, NeighbourKeys]:

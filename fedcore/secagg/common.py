@@ -29,7 +29,6 @@ class AbortReason(enum.Enum):
     NOT_ENOUGH_SHARES = "a dropped or surviving site has fewer than threshold shares"
     BAD_MESSAGE = "a message is malformed, for another round or stage, or from an unknown site"
     INCONSISTENT_REQUEST = "the server asked for shares it must not have"
-    DECRYPTION_FAILED = "a share could not be decrypted"
     UNSAFE_PARAMETERS = "the round's parameters would let the server reconstruct an input"
     BAD_SIGNATURES = "too few valid signatures on the survivor set"
 
@@ -40,12 +39,13 @@ class Aborted:
 
     reason: AbortReason
     detail: str = ""
+    culprit: str | None = None  # the site whose misbehaviour caused it, when the server can tell
 
 
 class ProtocolAbort(SecurityError):
-    def __init__(self, reason: AbortReason, detail: str = "") -> None:
+    def __init__(self, reason: AbortReason, detail: str = "", culprit: str | None = None) -> None:
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
-        self.aborted = Aborted(reason, detail)
+        self.aborted = Aborted(reason, detail, culprit)
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,6 @@ class RoundParams:
         )
 
 
-def need(ok: bool, reason: AbortReason, detail: str = "") -> None:
+def need(ok: bool, reason: AbortReason, detail: str = "", culprit: str | None = None) -> None:
     if not ok:
-        raise ProtocolAbort(reason, detail)
+        raise ProtocolAbort(reason, detail, culprit)

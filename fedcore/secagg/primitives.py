@@ -52,6 +52,7 @@ __all__ = [
     "encrypt",
     "expand_mask",
     "generate_keypair",
+    "valid_public",
 ]
 
 PUBLIC_KEY_BYTES: Final = 32
@@ -111,6 +112,27 @@ def agree(private: bytes | X25519PrivateKey, peer_public: bytes, *, info: bytes)
     except ValueError as exc:  # cryptography rejects an all-zero shared secret (low-order point)
         raise SecurityError(f"rejected X25519 public key: {exc}") from exc
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+
+
+_FIELD: Final = 2**255 - 19
+# Any fixed scalar finds a low-order point: X25519 clamps scalars to multiples of 8 below
+# 2**255, so the product is zero exactly for the points of order dividing 8 (or 4 on the
+# twist). Not a secret: it probes keys, it agrees on nothing.
+_PROBE: Final = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def valid_public(public: bytes) -> bool:
+    """Whether ``public`` is an X25519 public key worth agreeing with: 32 bytes, canonical
+    (u < 2**255 - 19: X25519 ignores the top bit and reduces u, so a non-canonical copy of
+    another site's key would pass a byte-wise comparison) and not of low order (every
+    agreement with it is all zero: a "secret" everyone knows)."""
+    if len(public) != PUBLIC_KEY_BYTES or int.from_bytes(public, "little") >= _FIELD:
+        return False
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:  # cryptography refuses an all-zero shared secret
+        return False
+    return True
 
 
 def _check_key(key: bytes) -> None:

@@ -53,9 +53,13 @@ def to_wire(message: object) -> pb.SecAgg:
     if isinstance(message, ConsistencySignature):
         return pb.SecAgg(consistency_signature=pb.SecAggConsistencySignature(signature=message.signature))
     if isinstance(message, ShareKeys):
-        return pb.SecAgg(share_keys=pb.SecAggCiphertexts(ciphertexts=message.ciphertexts))
+        return pb.SecAgg(
+            share_keys=pb.SecAggCiphertexts(ciphertexts=message.ciphertexts, digests=message.digests)
+        )
     if isinstance(message, RoutedShares):
-        return pb.SecAgg(routed_shares=pb.SecAggCiphertexts(ciphertexts=message.ciphertexts))
+        return pb.SecAgg(
+            routed_shares=pb.SecAggCiphertexts(ciphertexts=message.ciphertexts, digests=message.digests)
+        )
     if isinstance(message, MaskedInput):
         return pb.SecAgg(masked_input=pb.SecAggMaskedInput())
     if isinstance(message, UnmaskRequest):
@@ -70,7 +74,9 @@ def to_wire(message: object) -> pb.SecAgg:
     if isinstance(message, UnmaskShares):
         return pb.SecAgg(
             unmask_shares=pb.SecAggUnmaskShares(
-                seed_shares=message.seed_shares, key_shares=message.key_shares
+                seed_shares=message.seed_shares,
+                key_shares=message.key_shares,
+                complaints=sorted(message.complaints),
             )
         )
     raise TypeError(f"not a SecAgg+ message: {type(message).__name__}")
@@ -82,7 +88,12 @@ def _keys(keys: AdvertiseKeys) -> pb.SecAggKeys:
         mask_public=keys.mask_public,
         signature=keys.signature,
         credential=keys.credential,
+        seed_commitment=keys.seed_commitment,
     )
+
+
+def _from_keys(site: str, k: pb.SecAggKeys) -> AdvertiseKeys:
+    return AdvertiseKeys(site, k.cipher_public, k.mask_public, k.signature, k.credential, k.seed_commitment)
 
 
 def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -> object:
@@ -101,22 +112,20 @@ def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -
                 session=p.session,
             )
         if which == "keys":
-            k = message.keys
-            return AdvertiseKeys(site, k.cipher_public, k.mask_public, k.signature, k.credential)
+            return _from_keys(site, message.keys)
         if which == "neighbour_keys":
-            keys = {
-                s: AdvertiseKeys(s, k.cipher_public, k.mask_public, k.signature, k.credential)
-                for s, k in message.neighbour_keys.keys.items()
-            }
+            keys = {s: _from_keys(s, k) for s, k in message.neighbour_keys.keys.items()}
             return NeighbourKeys(site, keys)
         if which == "consistency_request":
             return ConsistencyRequest(site, frozenset(message.consistency_request.cohort))
         if which == "consistency_signature":
             return ConsistencySignature(site, message.consistency_signature.signature)
         if which == "share_keys":
-            return ShareKeys(site, dict(message.share_keys.ciphertexts))
+            c = message.share_keys
+            return ShareKeys(site, dict(c.ciphertexts), dict(c.digests))
         if which == "routed_shares":
-            return RoutedShares(site, dict(message.routed_shares.ciphertexts))
+            c = message.routed_shares
+            return RoutedShares(site, dict(c.ciphertexts), dict(c.digests))
         if which == "masked_input":
             vector = (payload or {}).get(MASKED)
             if vector is None or vector.ndim != 1 or vector.dtype not in (np.uint32, np.uint64):
@@ -133,7 +142,7 @@ def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -
             )
         if which == "unmask_shares":
             u = message.unmask_shares
-            return UnmaskShares(site, dict(u.seed_shares), dict(u.key_shares))
+            return UnmaskShares(site, dict(u.seed_shares), dict(u.key_shares), frozenset(u.complaints))
     except ValueError as err:  # RoundParams' own checks
         raise ProtocolError(f"bad secure-aggregation parameters: {err}") from None
     raise ProtocolError(f"unknown secure-aggregation stage {which!r}")

@@ -1,6 +1,7 @@
-"""Switch off each malicious-server defence of SecAgg+ in turn and run the adversarial suite:
-every line must read RED (the suite catches the attack the defence stops). Run from the
-repository root: `python tests/support/secagg_mutations.py` (it restores every file)."""
+"""Switch off each defence of SecAgg+ in turn and run the suite that attacks it (the
+adversarial suite for a malicious server's attacks, the misbehaving-site suite for a lying
+site's): every line must read RED (the suite catches the attack the defence stops). Run from
+the repository root: `python tests/support/secagg_mutations.py` (it restores every file)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 SUITE = "tests/test_secagg_adversarial.py"
+SITES = "tests/test_secagg_misbehaving.py"
 # (the defence: [(file, its text, what replaces it)], the test that must catch it)
 MUTATIONS = [
     (
@@ -60,9 +62,99 @@ MUTATIONS = [
 ]
 
 
+# Defences against lying sites, caught by SITES.
+SITE_MUTATIONS = [
+    (  # the self-mask seed rebuilt is checked against its commitment
+        [
+            (
+                "fedcore/secagg/stages/unmask.py",
+                "lambda seed: seed_commitment(params, site, seed) == commitment",
+                "lambda seed: True",
+            )
+        ],
+        "another_seed",
+    ),
+    (  # a dropped site's key rebuilt is checked against its advertised public key
+        [
+            (
+                "fedcore/secagg/stages/unmask.py",
+                "lambda private: KeyPair.from_private(private).public == mask_public",
+                "lambda private: True",
+            )
+        ],
+        "another_key",
+    ),
+    (  # a released share is checked against its dealer's digest: a liar is named, not its dealer
+        [
+            (
+                "fedcore/secagg/stages/unmask.py",
+                'if share_digest(p, owner, holder, kind, y) != (pair[:32] if kind == "seed" else pair[32:]):',
+                "if False:",
+            )
+        ],
+        "crafted",
+    ),
+    (  # a received share is checked against its dealer's digest: its holder complains
+        [
+            (
+                "fedcore/secagg/stages/masked_input.py",
+                " and dealt(p, sender, self.site, plain) == digests.get(sender)",
+                "",
+            )
+        ],
+        "garbage",
+    ),
+    (  # complaints: garbage for most neighbours names the dealer in the abort
+        [("fedcore/secagg/stages/unmask.py", "key_shares, self.garbage & asked)", "key_shares)")],
+        "garbage",
+    ),
+    (  # low-order keys: detected at all
+        [
+            (
+                "fedcore/secagg/primitives.py",
+                "_PROBE.exchange(X25519PublicKey.from_public_bytes(public))",
+                "X25519PublicKey.from_public_bytes(public)",
+            )
+        ],
+        "low_order",
+    ),
+    (  # low-order keys: the server names their site
+        [
+            (
+                "fedcore/secagg/stages/advertise.py",
+                "elif not (valid_public(m.cipher_public) and valid_public(m.mask_public)):",
+                "elif False:",
+            )
+        ],
+        "low_order",
+    ),
+    (  # low-order keys: an honest site leaves their site out
+        [
+            (
+                "fedcore/secagg/stages/share_keys.py",
+                "and valid_public(k.cipher_public)\n            and valid_public(k.mask_public)\n",
+                "",
+            )
+        ],
+        "low_order",
+    ),
+    (  # a site with too few pairs is left out before its secrets are needed
+        [
+            (
+                "fedcore/secagg/stages/share_keys.py",
+                "short = {s for s, q in pairs.items() if len(q) < p.threshold}",
+                "short: set[str] = set()",
+            )
+        ],
+        "left_out_by_name or too_few_live",
+    ),
+]
+
+
 def main() -> int:
     failures = 0
-    for edits, test in MUTATIONS:
+    runs = [(SUITE, m) for m in MUTATIONS] + [(SITES, m) for m in SITE_MUTATIONS]
+    for suite, (edits, test) in runs:
         originals = {path: pathlib.Path(path).read_text() for path, _, _ in edits}
         missing = [text for path, text, _ in edits if text not in originals[path]]
         if missing:
@@ -74,7 +166,7 @@ def main() -> int:
             file.write_text(file.read_text().replace(text, mutant, 1))
         try:
             run = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", SUITE, "-k", test],
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", suite, "-k", test],
                 capture_output=True,
                 text=True,
             )

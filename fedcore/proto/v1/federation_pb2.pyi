@@ -237,16 +237,18 @@ class SecAggParams(_message.Message):
     def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[_Mapping[str, SiteList]] = ..., threshold: _Optional[int] = ..., length: _Optional[int] = ..., bits: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
-    __slots__ = ("cipher_public", "mask_public", "signature", "credential")
+    __slots__ = ("cipher_public", "mask_public", "signature", "credential", "seed_commitment")
     CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     cipher_public: bytes
     mask_public: bytes
     signature: bytes
     credential: bytes
-    def __init__(self, cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., credential: _Optional[bytes] = ...) -> None: ...
+    seed_commitment: bytes
+    def __init__(self, cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., credential: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ...) -> None: ...
 
 class SecAggConsistencyRequest(_message.Message):
     __slots__ = ("cohort",)
@@ -274,7 +276,7 @@ class SecAggNeighbourKeys(_message.Message):
     def __init__(self, keys: _Optional[_Mapping[str, SecAggKeys]] = ...) -> None: ...
 
 class SecAggCiphertexts(_message.Message):
-    __slots__ = ("ciphertexts",)
+    __slots__ = ("ciphertexts", "digests")
     class CiphertextsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -282,9 +284,18 @@ class SecAggCiphertexts(_message.Message):
         key: str
         value: bytes
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class DigestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     ciphertexts: _containers.ScalarMap[str, bytes]
-    def __init__(self, ciphertexts: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    digests: _containers.ScalarMap[str, bytes]
+    def __init__(self, ciphertexts: _Optional[_Mapping[str, bytes]] = ..., digests: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class SecAggUnmaskRequest(_message.Message):
     __slots__ = ("survivors", "dropped", "cohort", "signatures")
@@ -306,7 +317,7 @@ class SecAggUnmaskRequest(_message.Message):
     def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., cohort: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class SecAggUnmaskShares(_message.Message):
-    __slots__ = ("seed_shares", "key_shares")
+    __slots__ = ("seed_shares", "key_shares", "complaints")
     class SeedSharesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -323,9 +334,11 @@ class SecAggUnmaskShares(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
     KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    COMPLAINTS_FIELD_NUMBER: _ClassVar[int]
     seed_shares: _containers.ScalarMap[str, bytes]
     key_shares: _containers.ScalarMap[str, bytes]
-    def __init__(self, seed_shares: _Optional[_Mapping[str, bytes]] = ..., key_shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    complaints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, seed_shares: _Optional[_Mapping[str, bytes]] = ..., key_shares: _Optional[_Mapping[str, bytes]] = ..., complaints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SecAggMaskedInput(_message.Message):
     __slots__ = ()

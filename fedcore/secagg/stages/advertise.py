@@ -1,14 +1,21 @@
 """Stage 1, advertise keys: every site makes two X25519 key pairs, one to encrypt the shares
-it sends its neighbours, one to agree pairwise masks with them, and publishes both."""
+it sends its neighbours, one to agree pairwise masks with them, and draws its self-mask
+seed; it publishes both public keys and a commitment to the seed, signed together."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
 from fedcore.secagg.identity import Identity
-from fedcore.secagg.primitives import KeyPair
-from fedcore.secagg.stages.messages import AdvertiseKeys, NeighbourKeys, advertised
+from fedcore.secagg.primitives import KeyPair, valid_public
+from fedcore.secagg.stages.messages import (
+    COMMITMENT_BYTES,
+    AdvertiseKeys,
+    NeighbourKeys,
+    advertised,
+    seed_commitment,
+)
 from fedcore.secagg.stages.share_keys import ClientShareKeys, ServerShareKeys
 
 
@@ -25,13 +32,15 @@ class ClientAdvertise:
     def start(self, randbytes: RandBytes) -> tuple[AdvertiseKeys, ClientShareKeys]:
         self.params.check_safe(self.site)
         cipher, mask = keypair(randbytes), keypair(randbytes)
-        message = AdvertiseKeys(self.site, cipher.public, mask.public)
+        # The seed is drawn now, and committed to, so that the server can check what it
+        # rebuilds from shares at unmask.
+        seed = randbytes(SEED_BYTES)
+        commitment = seed_commitment(self.params, self.site, seed)
+        message = AdvertiseKeys(self.site, cipher.public, mask.public, seed_commitment=commitment)
         if self.identity is not None:
             signature = self.identity.signer.sign(advertised(self.params, message))
-            message = AdvertiseKeys(
-                self.site, cipher.public, mask.public, signature, self.identity.signer.credential
-            )
-        return message, ClientShareKeys(self.params, self.site, cipher, mask)
+            message = replace(message, signature=signature, credential=self.identity.signer.credential)
+        return message, ClientShareKeys(self.params, self.site, cipher, mask, seed)
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,9 @@ class ServerAdvertise:
     def collect(self, messages: list[AdvertiseKeys]) -> tuple[dict[str, NeighbourKeys], ServerShareKeys]:
         """Forward each live site its live neighbours' keys. Sites that sent nothing dropped
         out; a site whose message is malformed, repeated or reuses another's key is left out
-        with the reason (`ServerShareKeys.rejected`): one site cannot abort the round."""
+        with the reason (`ServerShareKeys.rejected`): one site cannot abort the round.
+        Malformed: keys that are not canonical 32-byte X25519 points, low-order points (every
+        agreement with one is all zero), one key twice, or a commitment that is no SHA-256."""
         keys: dict[str, AdvertiseKeys] = {}
         rejected: dict[str, str] = {}
         for m in messages:
@@ -59,6 +70,10 @@ class ServerAdvertise:
                 len(m.cipher_public) == SEED_BYTES == len(m.mask_public) and m.cipher_public != m.mask_public
             ):
                 rejected[m.site] = "malformed keys"
+            elif not (valid_public(m.cipher_public) and valid_public(m.mask_public)):
+                rejected[m.site] = "a low-order or non-canonical X25519 key"
+            elif len(m.seed_commitment) != COMMITMENT_BYTES:
+                rejected[m.site] = "a malformed seed commitment"
             else:
                 keys[m.site] = m
         owners: dict[bytes, list[str]] = {}

@@ -8,6 +8,7 @@ the keys of its neighbours (they dropped): both views would need a majority of s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +29,8 @@ from fedcore.secagg.stages.unmask import ClientUnmask, ServerUnmask
 class ClientConsistency:
     params: RoundParams
     site: str
-    channel_keys: dict[str, bytes]
-    ciphertexts: dict[str, bytes]  # sender -> its encrypted shares for this site
+    shares: dict[str, bytes]  # sender -> its pair of shares for this site (seed share, key share)
+    garbage: frozenset[str]  # senders whose ciphertexts did not decrypt to a pair of shares
     neighbour_keys: dict[str, AdvertiseKeys]  # verified: their credentials check the signatures
     own: AdvertiseKeys  # this site's public keys of this execution, bound into its signature
 
@@ -50,7 +51,7 @@ class ClientConsistency:
             "too few live neighbours",
         )
         signature = identity.signer.sign(agreed(p, self.own, cohort)) if identity is not None else b""
-        state = ClientUnmask(p, self.site, self.channel_keys, self.ciphertexts, cohort, self.neighbour_keys)
+        state = ClientUnmask(p, self.site, self.shares, self.garbage, cohort, self.neighbour_keys)
         return ConsistencySignature(self.site, signature), state
 
 
@@ -59,32 +60,38 @@ class ServerConsistency:
     params: RoundParams
     keys: dict[str, AdvertiseKeys]
     shared: frozenset[str]
+    dealt: Mapping[str, Mapping[str, bytes]]  # dealer -> holder -> digests of the shares dealt
     cohort: frozenset[str]  # the survivors: sites whose masked inputs are in the total
     total: np.ndarray
     rejected: dict[str, str] = field(default_factory=dict)  # left out so far, and why
 
     def collect(self, messages: list[ConsistencySignature]) -> tuple[dict[str, UnmaskRequest], ServerUnmask]:
         """Hand every signer all the signatures, with the shares it must send: self-mask
-        shares of surviving neighbours, mask-key shares of the neighbours that dropped."""
+        shares of surviving neighbours, mask-key shares of the neighbours that dropped. A
+        survivor whose message is no signature, or comes twice, is named (its input stays
+        in the sum) and asked for nothing, as if it had dropped here."""
         p = self.params
         signatures: dict[str, bytes] = {}
+        rejected: dict[str, str] = {}
         for m in messages:
-            need(
-                isinstance(m, ConsistencySignature) and m.site in self.cohort and m.site not in signatures,
-                AbortReason.BAD_MESSAGE,
-                f"consistency signature from {getattr(m, 'site', '?')}",
-            )
-            signatures[m.site] = m.signature
+            site = str(getattr(m, "site", ""))
+            need(site in self.cohort, AbortReason.BAD_MESSAGE, f"consistency signature from {site!r}")
+            if not isinstance(m, ConsistencySignature) or site in signatures or site in rejected:
+                rejected[site] = "a malformed or repeated consistency signature"
+            else:
+                signatures[site] = m.signature
+        signatures = {s: sig for s, sig in signatures.items() if s not in rejected}
         need(len(signatures) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(signatures)} signatures")
         dropped = self.shared - self.cohort
         requests = {
             site: UnmaskRequest(
                 site,
-                survivors=frozenset(p.neighbours[site] & self.cohort),
-                dropped=frozenset(p.neighbours[site] & dropped),
+                survivors=frozenset(self.dealt[site].keys() & self.cohort),
+                dropped=frozenset(self.dealt[site].keys() & dropped),
                 cohort=self.cohort,
                 signatures=dict(signatures),
             )
             for site in sorted(signatures)
         }
-        return requests, ServerUnmask(p, self.keys, self.shared, self.cohort, self.total)
+        unmask = ServerUnmask(p, self.keys, self.shared, self.dealt, self.cohort, self.total, rejected)
+        return requests, unmask

@@ -1,22 +1,29 @@
 """Stage 3, masked input: every site adds to its input, modulo 2**bits, a self mask expanded
 from its seed b and, for each neighbour that shared keys, a pairwise mask expanded from the
 X25519 + HKDF secret they agree on: + for the neighbour after it, - for the one before, so
-that the pairwise masks of two live neighbours cancel in the sum."""
+that the pairwise masks of two live neighbours cancel in the sum. A site decrypts the
+shares its neighbours sent it now and checks them against their senders' digests: a
+neighbour whose shares are garbage is still masked against (it masks against this site:
+the pair must cancel), and complained about at unmask instead of stopping the round."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcore.errors import SecurityError
 from fedcore.secagg.common import AbortReason, RoundParams, need
-from fedcore.secagg.primitives import KeyPair, add_masks
+from fedcore.secagg.primitives import KeyPair, add_masks, decrypt
+from fedcore.secagg.shamir import SHARE_BYTES
 from fedcore.secagg.stages.consistency import ClientConsistency, ServerConsistency
 from fedcore.secagg.stages.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
     MaskedInput,
     RoutedShares,
+    dealt,
     dtype,
     pairwise_mask,
 )
@@ -59,8 +66,26 @@ class ClientMaskedInput:
             for peer in sorted(ciphertexts)
         ]
         add_masks(masked, masks)
-        state = ClientConsistency(p, self.site, self.channel_keys, ciphertexts, self.neighbour_keys, self.own)
+        shares, garbage = self._open(ciphertexts, message.digests)
+        state = ClientConsistency(p, self.site, shares, garbage, self.neighbour_keys, self.own)
         return MaskedInput(self.site, masked), state
+
+    def _open(
+        self, ciphertexts: dict[str, bytes], digests: dict[str, bytes]
+    ) -> tuple[dict[str, bytes], frozenset[str]]:
+        """The pairs of shares that decrypt to what their senders published, and the senders
+        of the others: one neighbour's garbage must not stop this site's round."""
+        p, shares = self.params, {}
+        for sender, ciphertext in ciphertexts.items():
+            try:
+                plain = decrypt(
+                    self.channel_keys[sender], ciphertext, associated=p.associated(sender, self.site)
+                )
+            except SecurityError:
+                continue
+            if len(plain) == 2 * SHARE_BYTES and dealt(p, sender, self.site, plain) == digests.get(sender):
+                shares[sender] = plain
+        return shares, frozenset(ciphertexts) - frozenset(shares)
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,9 @@ class ServerMaskedInput:
     params: RoundParams
     keys: dict[str, AdvertiseKeys]
     shared: frozenset[str]  # the sites that shared keys
+    # dealer -> holder -> the digests of the pair of shares it dealt: the pairs of sites that
+    # exchanged shares, and so masks (each addressed the other)
+    dealt: Mapping[str, Mapping[str, bytes]]
     rejected: dict[str, str] = field(default_factory=dict)  # left out so far, and why
 
     def collect(self, messages: list[MaskedInput]) -> tuple[dict[str, ConsistencyRequest], ServerConsistency]:
@@ -79,8 +107,10 @@ class ServerMaskedInput:
         rejected: dict[str, str] = {}
         for m in messages:
             site = str(getattr(m, "site", ""))
-            need(site in self.shared, AbortReason.BAD_MESSAGE, f"masked input from {site!r}")
-            if not isinstance(m, MaskedInput):
+            need(site in p.participants, AbortReason.BAD_MESSAGE, f"masked input from {site!r}")
+            if site not in self.shared:  # routed no shares: an honest site declines
+                rejected[site] = "a masked input it was not asked for"
+            elif not isinstance(m, MaskedInput):
                 rejected[site] = f"{type(m).__name__} in the masked-input stage"
             elif site in vectors or site in rejected:
                 rejected[site] = "masked input sent twice"
@@ -96,5 +126,5 @@ class ServerMaskedInput:
         cohort = frozenset(survivors)
         requests = {site: ConsistencyRequest(site, cohort) for site in sorted(survivors)}
         return requests, ServerConsistency(
-            p, self.keys, self.shared, cohort, total, {**self.rejected, **rejected}
+            p, self.keys, self.shared, self.dealt, cohort, total, {**self.rejected, **rejected}
         )

@@ -3,6 +3,7 @@ modules import only this module and the next stage's (no cycles)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,14 +14,17 @@ from fedcore.secagg.common import RoundParams
 from fedcore.secagg.identity import Identity, signed_bytes
 from fedcore.secagg.primitives import agree
 
+COMMITMENT_BYTES = 32  # a seed commitment: SHA-256
+
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
     site: str
     cipher_public: bytes  # for the share encryption keys
     mask_public: bytes  # for the pairwise mask seeds
-    signature: bytes = b""  # the site's, over the session, the parameters and both keys
+    signature: bytes = b""  # the site's, over the session, the parameters, both keys, the commitment
     credential: bytes = b""  # what proves the signing key (its certificate)
+    seed_commitment: bytes = b""  # SHA-256 binding the self-mask seed: see `seed_commitment`
 
 
 @dataclass(frozen=True)
@@ -35,14 +39,17 @@ class NeighbourKeys:
 class ShareKeys:
     site: str
     ciphertexts: dict[str, bytes]  # neighbour -> its encrypted pair of shares
+    digests: dict[str, bytes] = field(default_factory=dict)  # neighbour -> `dealt` of its pair
 
 
 @dataclass(frozen=True)
 class RoutedShares:
-    """What the server hands a site: the ciphertexts its neighbours addressed to it."""
+    """What the server hands a site: the ciphertexts its neighbours addressed to it, and
+    the digests their senders published of them."""
 
     site: str
     ciphertexts: dict[str, bytes]  # sender -> ciphertext
+    digests: dict[str, bytes] = field(default_factory=dict)  # sender -> `dealt` of the pair
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,42 @@ class MaskedInput:
 
 
 def advertised(params: RoundParams, keys: AdvertiseKeys) -> bytes:
-    """What a site signs with its keys: the session, its view of the parameters, both keys."""
+    """What a site signs with its keys: the session, its view of the parameters, both keys
+    and its seed commitment."""
     return signed_bytes(
-        "advertise", params.session, params.digest, keys.site, keys.cipher_public, keys.mask_public
+        "advertise",
+        params.session,
+        params.digest,
+        keys.site,
+        keys.cipher_public,
+        keys.mask_public,
+        keys.seed_commitment,
+    )
+
+
+def seed_commitment(params: RoundParams, site: str, seed: bytes) -> bytes:
+    """What a site commits to at advertise: the server checks the self-mask seed it rebuilds
+    from shares against it, so that a lying share holder (or a dealer sharing another seed)
+    cannot make it remove a wrong self mask. Hiding: the seed is 256 random bits."""
+    return hashlib.sha256(signed_bytes("self-mask seed", params.session, params.digest, site, seed)).digest()
+
+
+def share_digest(params: RoundParams, dealer: str, holder: str, kind: str, share: bytes) -> bytes:
+    """What a dealer publishes (through the server) of each share it deals: the holder checks
+    what it decrypts against it, the server what the holder releases. A wrong share is then
+    its holder's lie (an honest holder complains instead of releasing a share that does not
+    match), and shares that match but do not fit the dealer's secret are the dealer's. One
+    way and bound to dealer, holder and kind: it gives away nothing of a 521-bit share."""
+    return hashlib.sha256(
+        signed_bytes("share", params.session, params.digest, dealer, holder, kind, share)
+    ).digest()
+
+
+def dealt(params: RoundParams, dealer: str, holder: str, pair: bytes) -> bytes:
+    """The digests of a pair of shares (seed share || key share): 64 bytes."""
+    half = len(pair) // 2
+    return share_digest(params, dealer, holder, "seed", pair[:half]) + share_digest(
+        params, dealer, holder, "key", pair[half:]
     )
 
 
@@ -128,3 +168,4 @@ class UnmaskShares:
     site: str
     seed_shares: dict[str, bytes]  # survivor -> share of its self-mask seed
     key_shares: dict[str, bytes]  # dropped site -> share of its mask private key
+    complaints: frozenset[str] = frozenset()  # neighbours whose shares for this site were garbage

@@ -1,18 +1,28 @@
-"""Stage 2, share keys: every site draws its self-mask seed b, splits b and its mask private
-key into t-of-k Shamir shares, one pair per neighbour, and encrypts each pair end to end for
-that neighbour (AES-GCM under an X25519 + HKDF key, bound to round, sender and recipient).
-The server only routes the ciphertexts."""
+"""Stage 2, share keys: every site splits its self-mask seed b (drawn and committed to at
+advertise) and its mask private key into t-of-k Shamir shares, one pair per neighbour whose
+keys it verified, and encrypts each pair end to end for that neighbour (AES-GCM under an
+X25519 + HKDF key, bound to round, sender and recipient). The server only routes the
+ciphertexts, between the pairs of sites that each addressed the other."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from fedcore.secagg import shamir
-from fedcore.secagg.common import SEED_BYTES, AbortReason, RandBytes, RoundParams, need
+from fedcore.secagg.common import AbortReason, RandBytes, RoundParams, need
 from fedcore.secagg.identity import Identity
-from fedcore.secagg.primitives import KeyPair, agree, encrypt
+from fedcore.secagg.primitives import KeyPair, agree, encrypt, valid_public
 from fedcore.secagg.stages.masked_input import ClientMaskedInput, ServerMaskedInput
-from fedcore.secagg.stages.messages import AdvertiseKeys, NeighbourKeys, RoutedShares, ShareKeys, verified
+from fedcore.secagg.stages.messages import (
+    AdvertiseKeys,
+    NeighbourKeys,
+    RoutedShares,
+    ShareKeys,
+    dealt,
+    verified,
+)
+
+DEALT_BYTES = 64  # the two digests of a pair of shares
 
 
 def private_bytes(pair: KeyPair) -> bytes:
@@ -25,6 +35,7 @@ class ClientShareKeys:
     site: str
     cipher: KeyPair
     mask: KeyPair
+    self_seed: bytes  # committed to in this site's advertisement
 
     def receive(
         self, message: NeighbourKeys, randbytes: RandBytes, identity: Identity | None = None
@@ -37,39 +48,41 @@ class ClientShareKeys:
             AbortReason.BAD_MESSAGE,
             "keys of sites that are not neighbours",
         )
-        # Keys their site did not sign (substituted, replayed, or for other parameters) are
-        # left out: this site shares nothing with, and masks against nothing of, them.
+        # Keys their site did not sign (substituted, replayed, or for other parameters), and
+        # keys no secret can be agreed with (low-order points: the agreement is all zero),
+        # are left out: this site shares nothing with, and masks against nothing of, them.
         keys = {
             peer: k
             for peer, k in message.keys.items()
             if k.site == peer
             and verified(identity, p, k)
+            and valid_public(k.cipher_public)
+            and valid_public(k.mask_public)
             and len({k.cipher_public, k.mask_public, self.cipher.public, self.mask.public}) == 4
         }
         need(
             len(keys) >= p.threshold, AbortReason.TOO_FEW_NEIGHBOURS, f"{len(keys)} verified live neighbours"
         )
-        self_seed = randbytes(SEED_BYTES)
         peers = sorted(keys)
         # One x-coordinate per neighbour (its place among the participants): shares of
         # different sites' secrets held by one neighbour line up for reconstruction.
         xs = {peer: p.index(peer) for peer in peers}
-        seed_shares = _shares(self_seed, xs, p.threshold, randbytes)
+        seed_shares = _shares(self.self_seed, xs, p.threshold, randbytes)
         key_shares = _shares(private_bytes(self.mask), xs, p.threshold, randbytes)
-        # The channel key with each neighbour, kept for decrypting its shares at unmask.
+        # The channel key with each neighbour, kept for decrypting its shares.
         private = self.cipher.key()
         channel = {
             peer: agree(private, keys[peer].cipher_public, info=p.info("share encryption")) for peer in peers
         }
+        pairs = {peer: seed_shares[peer] + key_shares[peer] for peer in peers}
         ciphertexts = {
-            peer: encrypt(
-                channel[peer], seed_shares[peer] + key_shares[peer], associated=p.associated(self.site, peer)
-            )
+            peer: encrypt(channel[peer], pairs[peer], associated=p.associated(self.site, peer))
             for peer in peers
         }
+        digests = {peer: dealt(p, self.site, peer, pairs[peer]) for peer in peers}
         own = AdvertiseKeys(self.site, self.cipher.public, self.mask.public)
-        state = ClientMaskedInput(p, self.site, channel, self.mask, self_seed, keys, own)
-        return ShareKeys(self.site, ciphertexts), state
+        state = ClientMaskedInput(p, self.site, channel, self.mask, self.self_seed, keys, own)
+        return ShareKeys(self.site, ciphertexts, digests), state
 
 
 def _shares(secret: bytes, xs: dict[str, int], threshold: int, randbytes: RandBytes) -> dict[str, bytes]:
@@ -86,9 +99,17 @@ class ServerShareKeys:
     rejected: dict[str, str] = field(default_factory=dict)  # left out at advertise, and why
 
     def collect(self, messages: list[ShareKeys]) -> tuple[dict[str, RoutedShares], ServerMaskedInput]:
-        """Route each ciphertext to its recipient. Sites that sent nothing dropped out; a
-        site whose shares are malformed or addressed to other sites is left out (as if it had
-        dropped here), with the reason: `ServerMaskedInput.rejected`."""
+        """Route each ciphertext, with its digests, to its recipient. Sites that sent nothing
+        dropped out; a site whose shares are malformed or addressed to sites other than its
+        live neighbours is left out (as if it had dropped here), with the reason in
+        `ServerMaskedInput.rejected`.
+
+        A site leaves out neighbours whose keys it did not verify, so two sites share secrets
+        and masks only when each addressed the other (`ServerMaskedInput.dealt`), and a site
+        with fewer than threshold such pairs is left out (its secrets could not be rebuilt):
+        named if most of its live neighbours did not pair with it (its keys did not verify:
+        framing it would take a majority of its neighbourhood), else routed no shares at all,
+        so that it declines the stage like a site whose neighbours dropped out."""
         p = self.params
         sent: dict[str, ShareKeys] = {}
         rejected: dict[str, str] = {}
@@ -99,17 +120,43 @@ class ServerShareKeys:
                 rejected[site] = f"{type(m).__name__} in the share-keys stage"
             elif site in sent or site in rejected:
                 rejected[site] = "shares sent twice"
-            elif set(m.ciphertexts) != p.neighbours[site] & set(self.keys):
+            elif not set(m.ciphertexts) <= p.neighbours[site] & set(self.keys):
                 rejected[site] = "shares addressed to other sites than its neighbours"
+            elif set(m.digests) != set(m.ciphertexts) or any(
+                len(d) != DEALT_BYTES for d in m.digests.values()
+            ):
+                rejected[site] = "malformed share digests"
             else:
                 sent[site] = m
         sent = {s: m for s, m in sent.items() if s not in rejected}
-        live = set(sent)
-        need(len(live) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(live)} sites shared keys")
+        declined: set[str] = set()
+        while True:  # leaving a site out takes pairs from its neighbours: until none falls short
+            pairs = {
+                s: frozenset(q for q in m.ciphertexts if q in sent and s in sent[q].ciphertexts)
+                for s, m in sent.items()
+            }
+            short = {s for s, q in pairs.items() if len(q) < p.threshold}
+            if not short:
+                break
+            for s in short:
+                if 2 * len(pairs[s]) < len(p.neighbours[s] & set(sent)):
+                    rejected[s] = "most of its neighbours did not exchange shares with it"
+                else:
+                    declined.add(s)
+            sent = {s: m for s, m in sent.items() if s not in short}
+        need(len(sent) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(sent)} sites shared keys")
         routed = {
             site: RoutedShares(
-                site, {sender: sent[sender].ciphertexts[site] for sender in sorted(p.neighbours[site] & live)}
+                site,
+                {sender: sent[sender].ciphertexts[site] for sender in sorted(pairs[site])},
+                {sender: sent[sender].digests[site] for sender in sorted(pairs[site])},
             )
-            for site in sorted(live)
+            for site in sorted(sent)
         }
-        return routed, ServerMaskedInput(p, self.keys, frozenset(live), {**self.rejected, **rejected})
+        routed |= {site: RoutedShares(site, {}) for site in sorted(declined)}
+        digests = {
+            dealer: {holder: sent[dealer].digests[holder] for holder in pairs[dealer]} for dealer in sent
+        }
+        return routed, ServerMaskedInput(
+            p, self.keys, frozenset(sent), digests, {**self.rejected, **rejected}
+        )

@@ -1,21 +1,31 @@
-"""Stage 4, unmask: every surviving site decrypts the shares its neighbours gave it and
-returns, per neighbour, the self-mask seed share if that neighbour sent masked input or the
-mask-key share if it dropped, never both (that would reveal the neighbour's input). The
-server reconstructs what it needs with t shares each and removes the masks: the result is
-exactly the sum of the survivors' inputs modulo 2**bits, or an abort."""
+"""Stage 4, unmask: every surviving site returns, per neighbour it exchanged shares with, the
+self-mask seed share if that neighbour sent masked input or the mask-key share if it
+dropped, never both (that would reveal the neighbour's input), and names the neighbours
+whose shares were garbage. The server rebuilds every secret it needs from t shares and
+checks it (a seed against its owner's commitment, a key against its advertised public key),
+using the extra shares to pass over wrong ones: the result is exactly the sum of the
+survivors' inputs modulo 2**bits, or an abort that names the site whose secret is lost."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedcore.errors import SecurityError
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RoundParams, need
 from fedcore.secagg.identity import Identity
-from fedcore.secagg.primitives import KeyPair, add_masks, decrypt
-from fedcore.secagg.stages.messages import AdvertiseKeys, UnmaskRequest, UnmaskShares, agreed, pairwise_mask
+from fedcore.secagg.primitives import KeyPair, add_masks
+from fedcore.secagg.stages.messages import (
+    AdvertiseKeys,
+    UnmaskRequest,
+    UnmaskShares,
+    agreed,
+    pairwise_mask,
+    seed_commitment,
+    share_digest,
+)
 
 SHARE = shamir.SHARE_BYTES
 
@@ -24,8 +34,8 @@ SHARE = shamir.SHARE_BYTES
 class ClientUnmask:
     params: RoundParams
     site: str
-    channel_keys: dict[str, bytes]  # neighbour -> the key of the channel with it (share keys)
-    ciphertexts: dict[str, bytes]  # sender -> its encrypted shares for this site
+    shares: dict[str, bytes]  # sender -> its pair of shares for this site (seed share, key share)
+    garbage: frozenset[str] = frozenset()  # senders whose ciphertexts did not decrypt to shares
     cohort: frozenset[str] = frozenset()  # the survivor set this site signed
     neighbour_keys: dict[str, AdvertiseKeys] | None = None  # verified, with their credentials
 
@@ -61,7 +71,7 @@ class ClientUnmask:
             f"fewer than {p.threshold} of this site's neighbourhood signed the survivor set",
         )
         need(
-            asked <= set(self.ciphertexts),
+            asked <= set(self.shares) | self.garbage,
             AbortReason.INCONSISTENT_REQUEST,
             "shares of sites that gave this site none",
         )
@@ -70,20 +80,14 @@ class ClientUnmask:
             AbortReason.TOO_FEW_SURVIVORS,
             "too few live neighbours",
         )
-        seed_shares, key_shares = {}, {}
-        for peer in sorted(asked):
-            try:
-                plaintext = decrypt(
-                    self.channel_keys[peer], self.ciphertexts[peer], associated=p.associated(peer, self.site)
-                )
-            except SecurityError:
-                need(False, AbortReason.DECRYPTION_FAILED, f"share from {peer}")
-            need(len(plaintext) == 2 * SHARE, AbortReason.BAD_MESSAGE, f"share from {peer}")
-            if peer in request.survivors:
-                seed_shares[peer] = plaintext[:SHARE]
-            else:
-                key_shares[peer] = plaintext[SHARE:]
-        return UnmaskShares(self.site, seed_shares, key_shares)
+        # One half of each pair, by the signed set: a seed share of a survivor, a key share
+        # of a site that dropped (survivors and dropped are disjoint, checked above), once
+        # per round. A neighbour whose shares were garbage is complained about instead of
+        # stopping the round; a complaint releases nothing, so a server that garbles shares
+        # in transit only loses them.
+        seed_shares = {peer: self.shares[peer][:SHARE] for peer in request.survivors if peer in self.shares}
+        key_shares = {peer: self.shares[peer][SHARE:] for peer in request.dropped if peer in self.shares}
+        return UnmaskShares(self.site, seed_shares, key_shares, self.garbage & asked)
 
 
 @dataclass(frozen=True)
@@ -91,78 +95,93 @@ class ServerUnmask:
     params: RoundParams
     keys: dict[str, AdvertiseKeys]
     shared: frozenset[str]
+    dealt: Mapping[str, Mapping[str, bytes]]  # dealer -> holder -> digests of the pair it dealt
     survivors: frozenset[str]
     total: np.ndarray  # sum of the masked inputs
+    # Sites named after the masked inputs were summed, and why: at the consistency check,
+    # then by `collect`: a holder that released a share other than the one dealt to it, a
+    # dealer whose shares do not fit its secret. A named survivor's input stays in the sum.
+    rejected: dict[str, str] = field(default_factory=dict)
 
     def collect(self, messages: list[UnmaskShares]) -> np.ndarray:
-        """The sum of the survivors' inputs modulo 2**bits (raises ProtocolAbort otherwise)."""
+        """The sum of the survivors' inputs modulo 2**bits (raises ProtocolAbort otherwise).
+
+        A share that does not match its dealer's digest is its holder's lie: named, left
+        out. The rest are what the dealers dealt; each secret is rebuilt from them and
+        checked (a seed against its owner's commitment, a key against its advertised public
+        key), and shares off it are their dealer's doing: named. A secret that cannot be
+        rebuilt aborts the round, with its owner as the culprit when the fault is its own:
+        threshold of the shares it dealt give no secret that passes, or most of the
+        neighbours it dealt to complained of garbage (a complaint alone names nobody: it is
+        one site's word against another's). Never a wrong sum: every secret used passed."""
         p = self.params
         dropped = self.shared - self.survivors
-        seeds: dict[str, list[shamir.Share]] = {s: [] for s in self.survivors}
-        private_keys: dict[str, list[shamir.Share]] = {d: [] for d in dropped}
-        answered: set[str] = set()
+        answers: dict[str, UnmaskShares] = {}
         for m in messages:
-            need(
-                isinstance(m, UnmaskShares),
-                AbortReason.BAD_MESSAGE,
-                f"{type(m).__name__} in the unmask stage",
-            )
-            need(
-                m.site in self.survivors and m.site not in answered,
-                AbortReason.BAD_MESSAGE,
-                f"shares from {m.site}",
-            )
-            answered.add(m.site)
-            x = p.index(m.site)
-            for peer, y in m.seed_shares.items():
-                need(
-                    peer in seeds and peer in p.neighbours[m.site],
-                    AbortReason.BAD_MESSAGE,
-                    f"{m.site} sent a share of {peer}",
-                )
-                seeds[peer].append(shamir.Share(x, y))
-            for peer, y in m.key_shares.items():
-                need(
-                    peer in private_keys and peer in p.neighbours[m.site],
-                    AbortReason.BAD_MESSAGE,
-                    f"{m.site} sent a key share of {peer}",
-                )
-                private_keys[peer].append(shamir.Share(x, y))
+            site = str(getattr(m, "site", ""))
+            need(site in self.survivors, AbortReason.BAD_MESSAGE, f"shares from {site!r}")
+            held = self.dealt[site].keys()  # the dealers of the shares it holds (pairs are mutual)
+            if site in self.rejected:
+                continue  # named at the consistency check: it was asked for nothing
+            if not isinstance(m, UnmaskShares) or site in answers:
+                self.rejected[site] = "a malformed or repeated unmask answer"
+            elif not (
+                m.seed_shares.keys() <= held & self.survivors
+                and m.key_shares.keys() <= held & dropped
+                and m.complaints <= held
+            ):
+                self.rejected[site] = "shares of sites it was not asked for"
+            else:
+                answers[site] = m
+        answers = {s: m for s, m in answers.items() if s not in self.rejected}
+
+        def rebuild(owner: str, kind: str, check: Callable[[bytes], bool]) -> bytes:
+            what = "self-mask seed" if kind == "seed" else "mask key"
+            shares = []
+            for holder, m in sorted(answers.items()):
+                y = (m.seed_shares if kind == "seed" else m.key_shares).get(owner)
+                if y is None:
+                    continue
+                pair = self.dealt[owner][holder]  # it holds a share of owner's: they paired
+                if share_digest(p, owner, holder, kind, y) != (pair[:32] if kind == "seed" else pair[32:]):
+                    self.rejected[holder] = f"a share of the {what} of {owner} other than the one dealt to it"
+                else:
+                    shares.append(shamir.Share(p.index(holder), y))
+            try:
+                secret, bad = shamir.recover(shares, threshold=p.threshold, length=SEED_BYTES, check=check)
+            except ValueError as err:
+                complaints = sum(owner in m.complaints for m in answers.values())
+                own = len(shares) >= p.threshold or 2 * complaints > len(self.dealt[owner])
+                detail = f"the {what} of {owner} ({complaints} complaints of garbage): {err}"
+                need(False, AbortReason.NOT_ENOUGH_SHARES, detail, culprit=owner if own else None)
+                raise AssertionError("unreachable") from None
+            if bad:
+                self.rejected[owner] = f"dealt shares that do not fit its {what}"
+            return secret
+
         masks: list[tuple[bytes, bool]] = []  # what to remove from the total
-        for site, shares in sorted(seeds.items()):
-            need(
-                len(shares) >= p.threshold,
-                AbortReason.NOT_ENOUGH_SHARES,
-                f"self-mask seed of {site}: {len(shares)} shares",
-            )
-            masks.append((_combine(shares, p.threshold, site), True))
-        for site, shares in sorted(private_keys.items()):
-            need(
-                len(shares) >= p.threshold,
-                AbortReason.NOT_ENOUGH_SHARES,
-                f"mask key of dropped {site}: {len(shares)} shares",
-            )
-            pair = KeyPair.from_private(_combine(shares, p.threshold, site))
-            need(
-                pair.public == self.keys[site].mask_public,
-                AbortReason.NOT_ENOUGH_SHARES,
-                f"shares of {site}'s key are inconsistent",
-            )
+        for site in sorted(self.survivors):
+            masks.append((rebuild(site, "seed", _committed(p, site, self.keys[site].seed_commitment)), True))
+        for site in sorted(dropped):
+            peers = sorted(self.dealt[site].keys() & self.survivors)  # those that masked against it
+            if not peers:
+                continue
+            private = KeyPair.from_private(
+                rebuild(site, "key", _advertised(self.keys[site].mask_public))
+            ).key()
             # Remove what each surviving neighbour added for the dropped site: the dropped
             # site's own view of that pairwise mask is exactly its negation.
-            private = pair.key()
-            masks += [
-                pairwise_mask(p, private, site, peer, self.keys[peer].mask_public)
-                for peer in sorted(p.neighbours[site] & self.survivors)
-            ]
+            masks += [pairwise_mask(p, private, site, peer, self.keys[peer].mask_public) for peer in peers]
         result = self.total.copy()
         add_masks(result, masks)
         return result
 
 
-def _combine(shares: list[shamir.Share], threshold: int, site: str) -> bytes:
-    try:
-        return shamir.combine(shares, threshold=threshold, length=SEED_BYTES)
-    except ValueError as err:
-        need(False, AbortReason.NOT_ENOUGH_SHARES, f"{site}: {err}")
-        raise AssertionError("unreachable") from None
+def _committed(params: RoundParams, site: str, commitment: bytes) -> Callable[[bytes], bool]:
+    """The check of a rebuilt self-mask seed: the commitment its site signed at advertise."""
+    return lambda seed: seed_commitment(params, site, seed) == commitment
+
+
+def _advertised(mask_public: bytes) -> Callable[[bytes], bool]:
+    """The check of a rebuilt mask private key: the public key its site advertised."""
+    return lambda private: KeyPair.from_private(private).public == mask_public
