@@ -4,6 +4,8 @@ across forked workers (a site's protocol state is kept between instructions)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -109,3 +111,37 @@ def test_a_masked_input_out_of_range_fails_the_attempt_never_the_run(
     assert calls, "the lie was not told"
     assert [r.attempt for r in result.records] == [2, 1]
     np.testing.assert_allclose(result.parameters["w"], 0.02, atol=1e-6)
+
+
+def test_a_site_that_garbles_its_shares_is_named_and_excluded_for_the_rest_of_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """site-2 sends its neighbours shares that cannot be decrypted, every attempt: they
+    complain, its secrets cannot be rebuilt, and the abort names it. The retry and every
+    later round leave it out; the model is the other sites' exact mean."""
+    from fedcore.secagg.client import SecAggClient
+    from fedcore.secagg.stages.messages import ShareKeys
+
+    honest_step = SecAggClient.step
+
+    def step(self: SecAggClient, message: object, round_number: int) -> object:
+        reply = honest_step(self, message, round_number)
+        if self.site == "site-2" and isinstance(reply, ShareKeys):
+            garbage = {peer: bytes(len(c)) for peer, c in reply.ciphertexts.items()}
+            reply = dataclasses.replace(reply, ciphertexts=garbage)
+        return reply
+
+    monkeypatch.setattr(SecAggClient, "step", step)
+    e = experiment(
+        task__name="bench:100",
+        simulation__sites=6,
+        federation__min_sites=3,
+        federation__rounds=3,
+        secure_aggregation__enabled=True,
+        secure_aggregation__max_examples=1,
+    )
+    result, _ = run_simulation(e, None)
+    first = result.records[0]
+    assert first.attempt == 2 and "site-2" not in first.sampled
+    assert all("site-2" not in r.sampled and r.sites == 5 for r in result.records)
+    np.testing.assert_allclose(result.parameters["w"], 0.03, atol=1e-6)

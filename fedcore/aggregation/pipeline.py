@@ -58,8 +58,10 @@ class Pipeline:
             stage.check_round(info)
 
     async def aggregate(self, info: RoundInfo, exchange: Exchange) -> Aggregate | None:
-        """Run the leaf's exchanges and finish the aggregate; None when the attempt failed.
-        Every aggregate the server obtains is accounted, whether the engine keeps it or not."""
+        """Run the leaf's exchanges and finish the aggregate; None when the attempt failed
+        with no one to blame, an aggregate whose `rejected` says why when it failed with
+        culprits in `dropped`. Every aggregate the server obtains is accounted, whether the
+        engine keeps it or not."""
 
         def admit(reply: SiteReply) -> SiteReply:
             for stage in self.wrappers:
@@ -72,8 +74,8 @@ class Pipeline:
 
         context = RoundContext(info, exchange, self.plan, admit, before_release, self.completes_any_sample)
         aggregate = await self.leaf.collect(context)
-        if aggregate is None:
-            return None
+        if aggregate is None or (aggregate.rejected and aggregate.sum is None and aggregate.integers is None):
+            return aggregate  # nothing was released: nothing to finish or account
         for stage in reversed(self.wrappers):
             aggregate = stage.finish(aggregate, info)
         for stage in self.stages:
@@ -82,7 +84,6 @@ class Pipeline:
             log.warning(
                 "round %d attempt %d: result rejected: %s", info.round, info.attempt, aggregate.rejected
             )
-            return None
         return aggregate
 
     def summary(self) -> dict[str, Any]:

@@ -143,11 +143,23 @@ class SecureSum(Leaf):
             answers = await exchange("unmask", sorted(requests), send(requests), UnmaskShares)
             started = time.perf_counter()
             total = server5.collect(answers)
+            # Sites named at the consistency check or unmask (a garbled share, a false complaint).
+            dropped.update(
+                {
+                    s: Drop(DropReason.BAD_REPLY, "secure aggregation", why, aggregated=s in server4.cohort)
+                    for s, why in server5.rejected.items()
+                }
+            )
         except ProtocolAbort as abort:
             log.warning(
                 "round %d attempt %d: secure aggregation aborted: %s", info.round, info.attempt, abort
             )
-            return None
+            culprit = abort.aborted.culprit
+            if culprit is None:
+                return None
+            # Named: the attempt fails, and the culprit is left out of the retry and the run.
+            dropped[culprit] = Drop(DropReason.BAD_REPLY, "secure aggregation", str(abort))
+            return Aggregate(None, 0.0, 0, [], dropped, rejected=f"secure aggregation aborted: {abort}")
         stages["unmask"]["seconds"] += time.perf_counter() - started
         contributors = sorted(server4.cohort)
         aggregate = Aggregate(

@@ -261,8 +261,7 @@ class Coordinator:
         self.pipeline.check_round(info)  # before any instruction leaves
         self.transport.sampled(number, attempt, info.sampled)
         traffic = Traffic()
-        aggregate = await self.pipeline.aggregate(info, self._exchange(info, traffic))
-        if aggregate is None:
+        if (aggregate := await self.pipeline.aggregate(info, self._exchange(info, traffic))) is None:
             return None
         faults.reach(number, faults.Point.AFTER_AGGREGATION)
         for site, drop in aggregate.dropped.items():
@@ -270,6 +269,8 @@ class Coordinator:
             if drop.reason is DropReason.BAD_REPLY:  # a malformed or lying message: out for good
                 log.warning("site %s is excluded from the rest of run %s: %s", site, self.run_id, drop)
                 self._exclude(site, f"round {number}: {drop}")
+        if aggregate.rejected is not None:
+            return None  # (the pipeline said why)
         if aggregate.count < fed.min_sites and not self.pipeline.completes_any_sample:
             count, sampled = aggregate.count, len(info.sampled)
             log.warning(

@@ -53,6 +53,7 @@ async def gather_statistics(
         total = None if aggregate is None or aggregate.sum is None else aggregate.sum[STATISTICS_ARRAY]
         if (
             aggregate is None
+            or aggregate.rejected is not None
             or aggregate.count < fed.min_sites
             or total is None
             or not np.isfinite(total).all()
