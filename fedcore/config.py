@@ -116,7 +116,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class SecureAggregationConfig:
     enabled: bool = False
-    neighbors: int | None = None  # degree of the SecAgg+ graph; None: ~3 log2(sites)
+    neighbors: int | None = None  # degree of the SecAgg+ graph, at least (and by default) ~3 log2(sites)
     threshold: int | None = (
         None  # shares to reconstruct a site's secrets; at least (and by default) a majority of its neighbours
     )

@@ -409,8 +409,8 @@ def test_the_distributed_sum_carries_the_configured_total_noise() -> None:
     n sigma^2 (never zero: it never sees an un-noised sum), and its decoded mean is unbiased."""
     n, d = 10, 20_000
     sites = [f"site-{i}" for i in range(n)]
-    graph = neighbour_graph(sites, 6, seed=1, round_number=1)
-    params = RoundParams(1, tuple(sites), graph, 4, d + 1, 64)
+    graph = neighbour_graph(sites, 9, session="")
+    params = RoundParams(1, tuple(sites), graph, 6, d + 1, 64)
     noise = distributed.DistributedNoise.for_model(dimension=d, clip_norm=1.0, noise_multiplier=1.0, sites=n)
     g = np.random.default_rng(0)
     updates = {s: g.normal(0, 0.003, d) for s in sites}  # norm ~0.42 < clip: nothing clipped

@@ -38,7 +38,7 @@ ROUND = 1
 
 def params(n: int, *, threshold: int | None = None, session: str = "run/1/1") -> RoundParams:
     sites = [f"site-{i:03d}" for i in range(n)]
-    graph = neighbour_graph(sites, default_degree(n), seed=7, round_number=1)
+    graph = neighbour_graph(sites, default_degree(n), session=session)
     t = threshold if threshold is not None else default_threshold(min(len(p) for p in graph.values()))
     return RoundParams(ROUND, tuple(sites), graph, t, LENGTH, 32, session)
 
@@ -441,3 +441,34 @@ def test_masked_inputs_mask_only_with_signed_keys_over_real_mtls_kits(tmp_path: 
     assert a.verifier.verify("site-a", a.signer.credential, a.signer.sign(data), data)
     assert not a.verifier.verify("site-b", a.signer.credential, a.signer.sign(data), data)  # another name
     assert not a.verifier.verify("site-a", impostor.signer.credential, impostor.signer.sign(data), data)
+
+
+@pytest.mark.parametrize("graph", ["placed", "sparse"])
+def test_a_graph_the_session_did_not_draw_is_refused_before_any_key_exists(graph: str) -> None:
+    """The server surrounds the target with sites of its choosing (colluders), or draws a
+    sparser graph (fewer colluders would fill a neighbourhood): every site recomputes the
+    session's graph and refuses both before it makes a key."""
+    p = params(64)
+    target = target_of(p)
+    if graph == "placed":
+        chosen = frozenset(
+            sorted(set(p.participants) - p.neighbours[target] - {target})[: len(p.neighbours[target])]
+        )
+        # Relabel: each old neighbour trades places with a chosen site (an isomorphic graph).
+        swap = dict(zip(sorted(p.neighbours[target]), sorted(chosen), strict=True))
+        swap |= {new: old for old, new in swap.items()}
+        relabel = {s: swap.get(s, s) for s in p.participants}
+        forged = replace(
+            p,
+            neighbours={
+                relabel[s]: frozenset(relabel[x] for x in peers) for s, peers in p.neighbours.items()
+            },
+        )
+        assert forged.neighbours[target] == chosen
+    else:
+        sparse = neighbour_graph(list(p.participants), 4, session=p.session)
+        forged = replace(p, neighbours=sparse, threshold=default_threshold(4))
+    for site in p.participants:
+        with pytest.raises(ProtocolAbort) as refused:
+            SecAggClient(site, LocalAuthority(seed=11).identity(site)).step(forged, ROUND)
+        assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS

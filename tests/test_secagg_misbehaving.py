@@ -43,7 +43,7 @@ Change = Callable[[str, bytes], bytes]  # (the secret's owner, a share of it) ->
 
 def setup(n: int = 10) -> tuple[RoundParams, dict[str, np.ndarray], LocalAuthority]:
     sites = [f"site-{i:02d}" for i in range(n)]
-    graph = neighbour_graph(sites, default_degree(n), seed=1, round_number=1)
+    graph = neighbour_graph(sites, default_degree(n), session="run/1/1")
     t = default_threshold(min(len(p) for p in graph.values()))
     p = RoundParams(1, tuple(sites), graph, t, LENGTH, 32, "run/1/1")
     rng = np.random.default_rng(3)
@@ -196,14 +196,24 @@ def test_garbage_ciphertexts_do_not_stop_the_round() -> None:
 
 
 def test_a_site_with_too_few_live_neighbours_declines_without_blame() -> None:
-    """Seven of a site's neighbours vanish before sharing keys: fewer than threshold are
+    """Enough of a site's neighbours vanish before sharing keys that fewer than threshold are
     left, so its secrets could not be rebuilt. It is routed nothing (it declines the stage,
     as a site whose neighbours dropped always did), not named; its neighbours do not mask
     against it, and the round completes with the others' exact sum."""
     p, inputs, ids = setup(24)
     lonely = p.participants[0]
-    vanish = frozenset({"site-02", "site-03", "site-07", "site-15", "site-18", "site-20", "site-21"})
-    assert vanish <= p.neighbours[lonely] and len(p.neighbours[lonely] - vanish) < p.threshold
+    near, draw = sorted(p.neighbours[lonely]), np.random.default_rng(0)
+
+    def others_keep_enough(vanish: frozenset[str]) -> bool:
+        gone = vanish | {lonely}
+        return all(len(p.neighbours[s] - gone) >= p.threshold for s in set(p.participants) - gone)
+
+    # Leave it threshold - 1 neighbours, and every other site enough (the graph is the session's).
+    candidates = (
+        frozenset(draw.choice(near, len(near) - p.threshold + 1, replace=False)) for _ in range(500)
+    )
+    vanish = next(v for v in candidates if others_keep_enough(v))
+    assert len(p.neighbours[lonely] - vanish) < p.threshold
     out = run(p, inputs, ids, vanish=vanish)
     assert out.declined == {lonely} and out.rejected == {}
     assert out.cohort == set(p.participants) - vanish - {lonely}

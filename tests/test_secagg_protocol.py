@@ -21,7 +21,7 @@ from fedcore.secagg.stages.messages import ConsistencyRequest, UnmaskRequest
 
 def params(n: int, degree: int, threshold: int, length: int, bits: int = 32) -> RoundParams:
     sites = [f"site-{i:03d}" for i in range(n)]
-    graph = neighbour_graph(sites, degree, seed=7, round_number=1)
+    graph = neighbour_graph(sites, degree, session="")
     smallest = min(len(p) for p in graph.values())
     return RoundParams(1, tuple(sites), graph, min(threshold, smallest), length, bits)
 
@@ -51,7 +51,7 @@ def modular_sum(p: RoundParams, inputs: dict[str, np.ndarray], sites: set[str]) 
 def test_the_result_is_the_survivors_exact_sum_or_an_abort(
     n: int, degree: int, threshold: int, length: int, bits: int, data: st.DataObject
 ) -> None:
-    p = params(n, degree, threshold, length, bits)
+    p = params(n, max(degree, default_degree(n)), threshold, length, bits)  # sites refuse sparser
     sites = list(p.participants)
     drop = {
         stage: set(data.draw(st.lists(st.sampled_from(sites), max_size=n // 2), label=f"drop {stage}"))
@@ -77,9 +77,9 @@ def test_without_dropouts_the_round_completes_with_default_parameters(n: int) ->
 
 
 def test_dropouts_below_each_neighbourhoods_tolerance_complete_exactly() -> None:
-    p = params(20, 8, 5, 64)
+    p = params(20, default_degree(20), default_threshold(default_degree(20)), 64)
     inputs = inputs_for(p, 1)
-    # Three scattered sites vanish at three different stages; each neighbourhood keeps >= 5.
+    # Three scattered sites vanish at three different stages; each neighbourhood keeps >= t.
     result = run_round(p, inputs, drop_before={2: {"site-003"}, 3: {"site-011"}, 4: {"site-017"}})
     assert isinstance(result, np.ndarray)
     np.testing.assert_array_equal(
@@ -88,7 +88,7 @@ def test_dropouts_below_each_neighbourhoods_tolerance_complete_exactly() -> None
 
 
 def test_a_server_asking_for_both_shares_of_a_site_is_refused() -> None:
-    p = params(6, 4, 3, 8)
+    p = params(6, 5, 4, 8)
     clients = {s: ClientAdvertise(p, s).start(bytes_source()) for s in p.participants}
     forwarded, server = ServerAdvertise(p).collect([m for m, _ in clients.values()])
     stage2 = {s: clients[s][1].receive(forwarded[s], bytes_source()) for s in p.participants}

@@ -17,13 +17,13 @@ from fedcore.secagg.primitives import agree, decrypt
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
 from fedcore.secagg.stages.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskShares
 
-N, DEGREE, THRESHOLD, LENGTH = 8, 4, 3, 20_000
+N, DEGREE, THRESHOLD, LENGTH = 8, 7, 5, 20_000
 
 
 def params(round_number: int = 1) -> RoundParams:
     sites = [f"site-{i}" for i in range(N)]
     return RoundParams(
-        round_number, tuple(sites), neighbour_graph(sites, DEGREE, seed=3, round_number=1), THRESHOLD, LENGTH
+        round_number, tuple(sites), neighbour_graph(sites, DEGREE, session=""), THRESHOLD, LENGTH
     )
 
 

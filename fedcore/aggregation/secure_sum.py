@@ -49,14 +49,15 @@ EXCHANGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
 
 def round_params(config: SecureAggregationConfig, info: RoundInfo, *, bits: int) -> RoundParams:
     sampled = list(info.sampled)
-    degree = config.neighbors or default_degree(len(sampled))
-    graph = neighbour_graph(sampled, degree, seed=info.seed, round_number=info.round * 1000 + info.attempt)
+    # Sites refuse a graph sparser than the default, or other than the session's.
+    degree = max(config.neighbors or 0, default_degree(len(sampled)))
+    session = f"{info.run_id}/{info.round}/{info.attempt}"
+    graph = neighbour_graph(sampled, degree, session=session)
     smallest = min(len(peers) for peers in graph.values())
     largest = max(len(peers) for peers in graph.values())
     # Sites refuse a threshold that is not above half their neighbourhood (a configured one too).
     threshold = min(max(config.threshold or 0, default_threshold(largest)), smallest)
     length = sum(a.size for a in info.model.values()) + 1  # the update, then its weight
-    session = f"{info.run_id}/{info.round}/{info.attempt}"
     return RoundParams(info.round, tuple(sampled), graph, threshold, length, bits, session)
 
 

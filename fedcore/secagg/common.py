@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fedcore.errors import SecurityError
+from fedcore.secagg.graph import default_degree, neighbour_graph
 
 RandBytes = Callable[[int], bytes]
 
@@ -106,6 +107,16 @@ class RoundParams:
             degree >= 2 and 2 * self.threshold >= degree + 2,
             AbortReason.UNSAFE_PARAMETERS,
             f"threshold {self.threshold} is not above half of this site and its {degree} neighbours",
+        )
+        # The graph the session draws (the server cannot place sites), at least as dense as
+        # the default (a sparser graph needs fewer colluders around a site).
+        n, largest = len(self.participants), max(len(p) for p in self.neighbours.values())
+        least = neighbour_graph(self.participants, default_degree(n), session=self.session)
+        need(
+            largest >= len(least[site])
+            and dict(self.neighbours) == neighbour_graph(self.participants, largest, session=self.session),
+            AbortReason.UNSAFE_PARAMETERS,
+            "a neighbour graph sparser than the default, or not the one the session draws",
         )
 
 

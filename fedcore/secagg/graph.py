@@ -1,24 +1,29 @@
 """The sparse neighbour graph of SecAgg+ (Bell et al. 2020): each site shares its secrets
-with, and masks against, only k neighbours instead of all n - 1 sites."""
+with, and masks against, only k neighbours instead of all n - 1 sites.
+
+The graph is a public function of the round's session (run, round, attempt), its
+participants and its degree: every site recomputes it and refuses another, so a server
+cannot hand-place colluding sites around a target; it can only redraw by changing the
+participants or the attempt (see the README's threat model for what that buys it)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+from collections.abc import Mapping
 
-from fedcore.seeding import rng
+import numpy as np
 
 
-def neighbour_graph(
-    sites: list[str], degree: int, *, seed: int, round_number: int
-) -> dict[str, frozenset[str]]:
-    """A k-regular circulant graph over a seeded random order of the sites (a Harary graph
-    after a random permutation): each site is joined to the degree // 2 sites on either
-    side. The order is public: it decides who masks against whom, not any secret."""
+@functools.lru_cache(maxsize=64)  # every site of a simulated round checks the same graph
+def _graph(sites: tuple[str, ...], degree: int, session: str) -> Mapping[str, frozenset[str]]:
     n = len(sites)
     degree = min(degree, n - 1)
     if degree % 2 and n % 2:  # a k-regular graph on n nodes needs n*k even
         degree -= 1
-    order = [sites[i] for i in rng(seed, "secagg-graph", round_number).permutation(n)]
+    seed = int.from_bytes(hashlib.sha256(f"fedcore secagg+ graph|{session}".encode()).digest())
+    order = [sites[i] for i in np.random.default_rng(seed).permutation(n)]
     graph: dict[str, set[str]] = {s: set() for s in sites}
     for position, site in enumerate(order):
         for step in range(1, degree // 2 + 1):
@@ -32,9 +37,19 @@ def neighbour_graph(
     return {s: frozenset(p - {s}) for s, p in graph.items()}
 
 
+def neighbour_graph(
+    sites: list[str] | tuple[str, ...], degree: int, *, session: str
+) -> dict[str, frozenset[str]]:
+    """A k-regular circulant graph over an order of the sites drawn from the session (a
+    Harary graph after a public random permutation): each site is joined to the degree // 2
+    sites on either side. The order decides who masks against whom, not any secret."""
+    return dict(_graph(tuple(sorted(sites)), degree, session))
+
+
 def default_degree(n: int) -> int:
     """Bell et al. need k = O(log n) for security and dropout tolerance; we use a generous
-    constant times log2(n), capped at n - 1 (small federations: everyone is a neighbour)."""
+    constant times log2(n), capped at n - 1 (small federations: everyone is a neighbour).
+    Sites refuse a smaller degree."""
     return int(min(n - 1, max(4, 3 * math.ceil(math.log2(max(n, 2))))))
 
 

@@ -77,7 +77,7 @@ def per_party(sites: int, params: int, bits: int = 32) -> dict[str, Any]:
     A site's masked-input stage includes clipping and quantizing its float update."""
     names = [f"site-{i:04d}" for i in range(sites)]
     degree = default_degree(sites)
-    graph = neighbour_graph(names, degree, seed=0, round_number=1)
+    graph = neighbour_graph(names, degree, session="bench/1/1")
     threshold = default_threshold(min(len(p) for p in graph.values()))
     p = RoundParams(1, tuple(names), graph, threshold, params + 1, bits, "bench/1/1")
     authority = LocalAuthority(0)  # every site signs, and checks its neighbours' signatures

@@ -189,7 +189,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def round_params(server: DishonestServer, attempt: int, **changes: Any) -> RoundParams:
-    graph = neighbour_graph(server.sites, default_degree(N), seed=3, round_number=attempt)
+    graph = neighbour_graph(server.sites, default_degree(N), session=f"evil/{ROUND}/{attempt}")
     t = default_threshold(max(len(p) for p in graph.values()))
     p = RoundParams(ROUND, tuple(server.sites), graph, t, PARAMS + 1, 32, f"evil/{ROUND}/{attempt}")
     return replace(p, **changes)

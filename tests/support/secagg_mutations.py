@@ -14,6 +14,16 @@ SITES = "tests/test_secagg_misbehaving.py"
 # (the defence: [(file, its text, what replaces it)], the test that must catch it)
 MUTATIONS = [
     (
+        [
+            (
+                "fedcore/secagg/common.py",
+                "largest >= len(least[site]) and dict(self.neighbours) == neighbour_graph(",
+                "bool(least) or dict(self.neighbours) == neighbour_graph(",
+            )
+        ],
+        "session_did_not_draw",
+    ),
+    (
         [("fedcore/secagg/stages/unmask.py", "self._signed_by(request, identity) >= p.threshold,", "True,")],
         "different_views",
     ),
