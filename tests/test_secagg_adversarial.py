@@ -472,3 +472,18 @@ def test_a_graph_the_session_did_not_draw_is_refused_before_any_key_exists(graph
         with pytest.raises(ProtocolAbort) as refused:
             SecAggClient(site, LocalAuthority(seed=11).identity(site)).step(forged, ROUND)
         assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
+
+
+def test_a_site_refuses_a_cohort_smaller_than_its_policy() -> None:
+    """A server colluding with sites can run a round of the target and its colluders only:
+    the sum minus the colluders' inputs is the target's. No protocol check can tell an
+    honest site from a colluding one, so a site sets the fewest participants it joins
+    ([privacy] min_secure_cohort), which keeps that many minus the colluders honest inputs
+    beside its own."""
+    small = params(6)
+    for site in small.participants:
+        with pytest.raises(ProtocolAbort) as refused:
+            SecAggClient(site, LocalAuthority(seed=11).identity(site), min_cohort=10).step(small, ROUND)
+        assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
+    large = params(12)
+    assert isinstance(SecAggClient(large.participants[0], min_cohort=10).step(large, ROUND), AdvertiseKeys)

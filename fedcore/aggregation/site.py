@@ -99,8 +99,8 @@ class SiteStages:
         not. `identity`: the key this site signs its secure-aggregation messages with, and
         its check of its neighbours' (None: it trusts the server to relay them honestly)."""
         self.remembers = remembers
-        self.secagg = SecAggClient(name, identity)
         self.privacy = privacy or SitePrivacy()
+        self.secagg = SecAggClient(name, identity, min_cohort=self.privacy.policy.min_secure_cohort)
         self.private = False  # this site has trained under DP: no exact statistics leave it
         self._last: Encoded | None = None  # the last fit's encoding, for `replay`
 

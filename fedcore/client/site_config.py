@@ -4,7 +4,7 @@
 [identity]  kit, insecure, name
 [data]      task, uri, label, features (tabular: the label column, the columns to use)
 [agent]     device, give_up_after, audit (the site's audit log; default: audit.log in its kit)
-[privacy]   ledger, max_epsilon, delta, min_noise_multiplier, require_dp
+[privacy]   ledger, max_epsilon, delta, min_noise_multiplier, require_dp, min_secure_cohort
 [policy]    tasks (the task code this site approves: "NAME==VERSION[@SHA256]")
 """
 
@@ -31,6 +31,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "delta": float,
         "min_noise_multiplier": (int, float),
         "require_dp": bool,
+        "min_secure_cohort": int,
     },
     "policy": {"tasks": list},
 }
@@ -79,6 +80,7 @@ def site_privacy(
         delta=float(site.get("privacy.delta", DEFAULT_DELTA)),
         min_noise_multiplier=float(site.get("privacy.min_noise_multiplier", 0.0)),
         require_dp=bool(site.get("privacy.require_dp", False)),
+        min_secure_cohort=int(site.get("privacy.min_secure_cohort", 3)),
         ledger=Path(ledger),
     )
     if policy.max_epsilon is not None and not policy.max_epsilon > 0:

@@ -34,6 +34,10 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0  # DP-SGD noise never below this, whatever the job asks
     require_dp: bool = False  # refuse rounds that do not protect the site's data with noise it adds
     allow_insecure_rng: bool = False  # honour a job's secure_rng = false (simulated sites only)
+    # The fewest sites whose sum this site's masked update may enter: a server colluding with
+    # sites can make every other input of a cohort its own, so a larger minimum is what keeps
+    # honest inputs beside this site's (3, the protocol's own floor, by default).
+    min_secure_cohort: int = 3
     ledger: Path | None = None  # None: in memory (a simulated site)
 
 

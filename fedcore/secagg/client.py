@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fedcore.secagg.common import AbortReason, RoundParams, need
+from fedcore.secagg.common import MIN_COHORT, AbortReason, RoundParams, need
 from fedcore.secagg.identity import Identity
 from fedcore.secagg.quantize import UInt
 from fedcore.secagg.stages.advertise import ClientAdvertise
@@ -26,11 +26,13 @@ SecAggState = ClientShareKeys | ClientMaskedInput | ClientConsistency | ClientUn
 
 
 class SecAggClient:
-    def __init__(self, site: str, identity: Identity | None = None) -> None:
+    def __init__(self, site: str, identity: Identity | None = None, *, min_cohort: int = MIN_COHORT) -> None:
         """`identity`: the site's signing key and its verifier of the others (None: no
-        signatures, so only an honest server is kept from the inputs)."""
+        signatures, so only an honest server is kept from the inputs). `min_cohort`: the
+        site's policy on the fewest participants of a round it joins (at least MIN_COHORT)."""
         self.site = site
         self.identity = identity
+        self.min_cohort = max(min_cohort, MIN_COHORT)
         self.state: SecAggState | None = None
 
     def participants(self) -> tuple[str, ...]:
@@ -57,6 +59,11 @@ class SecAggClient:
                 message.round == round_number and self.site in message.participants,
                 AbortReason.BAD_MESSAGE,
                 "round parameters",
+            )
+            need(
+                len(message.participants) >= self.min_cohort,
+                AbortReason.UNSAFE_PARAMETERS,
+                f"{len(message.participants)} participants; this site's policy needs {self.min_cohort}",
             )
             # Fresh keys every time, also for a session redone after a server's crash: every
             # signature binds the signer's keys of this execution, so nothing old is replayable.

@@ -14,6 +14,10 @@ SITES = "tests/test_secagg_misbehaving.py"
 # (the defence: [(file, its text, what replaces it)], the test that must catch it)
 MUTATIONS = [
     (
+        [("fedcore/secagg/client.py", "len(message.participants) >= self.min_cohort,", "True,")],
+        "smaller_than_its_policy",
+    ),
+    (
         [
             (
                 "fedcore/secagg/common.py",
