@@ -50,6 +50,10 @@ def test_simulate_writes_metrics_summary_report_and_model(
         ),
         (["client", "--task", "digits", "--data", "builtin:1/2", "--insecure"], "give --server"),
         (["pki", "add-site", "nowhere", "a"], "holds no CA"),
+        (["pki", "sign", "nowhere", "missing.csr", "-o", "x.crt"], "not a certificate signing request"),
+        (["pki", "renew", "nowhere", "missing.crt", "-o", "x.crt"], "holds no CA key"),
+        (["pki", "revoke", "nowhere", "a"], "holds no CA key"),
+        (["pki", "request", "kit", "--name", "bad name!"], "must be 1-63 letters"),
     ],
 )
 def test_bad_configuration_exits_2_with_one_line(
