@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 from fedcore import load_experiment
 from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
 from fedcore.config import Experiment
-from fedcore.engine import RunResult
+from fedcore.engine import RoundRecord, RunResult
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
 from fedcore.server.app import serve
@@ -74,17 +75,24 @@ def agent(port: int, name: str, task: Bench | None = None, task_name: str = f"be
 
 
 async def federation(
-    exp: Experiment, tmp_path: Path, start_sites: Callable[[int], Awaitable[list[object]]]
-) -> tuple[RunResult, list[object]]:
-    """Serve `exp` insecurely on a free port and run the sites `start_sites(port)` returns."""
+    exp: Experiment,
+    tmp_path: Path,
+    start_sites: Callable[[int], Awaitable[list[Any]]],
+    *,
+    pki_dir: Path | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> tuple[RunResult, list[Any]]:
+    """Serve `exp` on a free port (insecurely without `pki_dir`) and run the sites
+    `start_sites(port)` returns."""
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     server = asyncio.ensure_future(
         serve(
             exp,
             listen="127.0.0.1:0",
             state=tmp_path / "state",
-            pki_dir=None,
+            pki_dir=pki_dir,
             on_listening=listening.set_result,
+            on_round=on_round,
         )
     )
     port = await listening

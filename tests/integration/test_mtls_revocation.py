@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedcore import load_experiment, pki
+from fedcore import pki
 from fedcore.client.agent import AgentSettings, Outcome, SiteAgent
 from fedcore.engine import RoundRecord, RunResult
 from fedcore.pki import TlsFiles
-from fedcore.server.app import serve
 from fedcore.tasks.bench import Bench
-from tests.integration.test_grpc_rounds import PARAMS, SlowBench
+from tests.integration.test_grpc_rounds import PARAMS, SlowBench, experiment
+from tests.integration.test_grpc_rounds import federation as grpc_federation
 
 pytestmark = pytest.mark.integration
 
@@ -68,22 +68,8 @@ async def federation(
     on_round: Callable[[RoundRecord], None] | None = None,
     **overrides: object,
 ) -> tuple[RunResult, list[Outcome]]:
-    exp = load_experiment().override(
-        task__name=f"bench:{PARAMS}", federation__round_timeout=20.0, **overrides
-    )
-    listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    server = asyncio.ensure_future(
-        serve(
-            exp,
-            listen="127.0.0.1:0",
-            state=tmp_path / "state",
-            pki_dir=server_pki,
-            on_listening=listening.set_result,
-            on_round=on_round,
-        )
-    )
-    outcomes = await sites(await listening)
-    return await asyncio.wait_for(server, 60), outcomes
+    exp = experiment(task__name=f"bench:{PARAMS}", **overrides)
+    return await grpc_federation(exp, tmp_path, sites, pki_dir=server_pki, on_round=on_round)
 
 
 @pytest.fixture
