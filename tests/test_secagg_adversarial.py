@@ -441,6 +441,14 @@ def test_masked_inputs_mask_only_with_signed_keys_over_real_mtls_kits(tmp_path: 
     assert a.verifier.verify("site-a", a.signer.credential, a.signer.sign(data), data)
     assert not a.verifier.verify("site-b", a.signer.credential, a.signer.sign(data), data)  # another name
     assert not a.verifier.verify("site-a", impostor.signer.credential, impostor.signer.sign(data), data)
+    # The server's own certificate (the CA's, for the server's name) cannot sign as a site:
+    # a server posing as a made-up participant would be one colluder for free.
+    server = certificate_identity(
+        (root / "ours" / "server.key").read_bytes(),
+        (root / "ours" / "server.crt").read_bytes(),
+        (ours / "ca.crt").read_bytes(),
+    )
+    assert not a.verifier.verify("localhost", server.signer.credential, server.signer.sign(data), data)
 
 
 @pytest.mark.parametrize("graph", ["placed", "sparse"])

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SIGNATURE = ec.ECDSA(hashes.SHA256())
 MAX_CREDENTIAL = 8192  # bytes: a certificate, or a public key
@@ -79,6 +79,16 @@ def _valid(public: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> 
         return False
 
 
+def _site_certificate(cert: x509.Certificate) -> bool:
+    """A site's certificate: for client authentication only, and no CA."""
+    try:
+        purposes = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+    return list(purposes) == [ExtendedKeyUsageOID.CLIENT_AUTH] and not ca
+
+
 class CertificateVerifier:
     """Credentials are certificates the federation's CA issued to the site's name, valid now."""
 
@@ -106,6 +116,7 @@ class CertificateVerifier:
         if (
             len(names) != 1
             or names[0].value != site
+            or not _site_certificate(cert)  # not the server's (it would sign as a fake site)
             or not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
             or not isinstance(key, ec.EllipticCurvePublicKey)
         ):

@@ -13,6 +13,7 @@ SUITE = "tests/test_secagg_adversarial.py"
 SITES = "tests/test_secagg_misbehaving.py"
 # (the defence: [(file, its text, what replaces it)], the test that must catch it)
 MUTATIONS = [
+    ([("fedcore/secagg/identity.py", "or not _site_certificate(cert)", "or False")], "real_mtls_kits"),
     (
         [("fedcore/secagg/client.py", "len(message.participants) >= self.min_cohort,", "True,")],
         "smaller_than_its_policy",
