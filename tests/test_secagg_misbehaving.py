@@ -167,7 +167,8 @@ def test_garbage_ciphertexts_do_not_stop_the_round() -> None:
     """Shares that do not decrypt, or not to what their dealer published, are complained
     about instead of stopping the round. A complaint alone names nobody (it is one site's
     word against another's: naming on it would let a liar exclude its neighbours); garbage
-    for most neighbours loses the dealer's secret, and the abort names the dealer."""
+    for enough neighbours that fewer than t can read theirs loses the dealer's secret, and the
+    abort names the dealer."""
     p, inputs, ids = setup()
     liar = p.participants[3]
     victims = sorted(p.neighbours[liar])[:3]
@@ -186,13 +187,14 @@ def test_garbage_ciphertexts_do_not_stop_the_round() -> None:
     out = run(p, inputs, ids, tamper={"share_keys": by(liar, lambda m: garble(m, victims))})
     assert out.rejected == {} and out.cohort == set(p.participants)  # its seed is rebuilt
     np.testing.assert_array_equal(out.total, exact(inputs, out.cohort))
-    everyone = sorted(p.neighbours[liar])
-    with pytest.raises(ProtocolAbort) as aborted:
-        run(p, inputs, ids, tamper={"share_keys": by(liar, lambda m: garble(m, everyone))})
-    assert aborted.value.aborted.reason is AbortReason.NOT_ENOUGH_SHARES
-    assert (
-        aborted.value.aborted.culprit == liar and f"self-mask seed of {liar}" in aborted.value.aborted.detail
-    )
+    near = sorted(p.neighbours[liar])
+    # All its neighbours, or just enough of them (k - t + 1) that fewer than t can read theirs.
+    for garbled in (near, near[: len(near) - p.threshold + 1]):
+        with pytest.raises(ProtocolAbort) as aborted:
+            run(p, inputs, ids, tamper={"share_keys": by(liar, lambda m, to=garbled: garble(m, to))})
+        assert aborted.value.aborted.reason is AbortReason.NOT_ENOUGH_SHARES
+        assert aborted.value.aborted.culprit == liar
+        assert f"self-mask seed of {liar}" in aborted.value.aborted.detail
 
 
 def test_a_site_with_too_few_live_neighbours_declines_without_blame() -> None:

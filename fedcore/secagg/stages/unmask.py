@@ -151,7 +151,10 @@ class ServerUnmask:
                 secret, bad = shamir.recover(shares, threshold=p.threshold, length=SEED_BYTES, check=check)
             except ValueError as err:
                 complaints = sum(owner in m.complaints for m in answers.values())
-                own = len(shares) >= p.threshold or 2 * complaints > len(self.dealt[owner])
+                # The dealer is named when its shares were there but unreadable: the complaints
+                # are what left fewer than t. Framing an honest dealer so takes k - t + 1
+                # colluding neighbours, as many as can already stop its secret by silence.
+                own = len(shares) + complaints >= p.threshold
                 detail = f"the {what} of {owner} ({complaints} complaints of garbage): {err}"
                 need(False, AbortReason.NOT_ENOUGH_SHARES, detail, culprit=owner if own else None)
                 raise AssertionError("unreachable") from None
