@@ -145,3 +145,36 @@ def test_a_site_that_garbles_its_shares_is_named_and_excluded_for_the_rest_of_th
     assert first.attempt == 2 and "site-2" not in first.sampled
     assert all("site-2" not in r.sampled and r.sites == 5 for r in result.records)
     np.testing.assert_allclose(result.parameters["w"], 0.03, atol=1e-6)
+
+
+def test_under_distributed_dp_a_sum_beyond_the_clip_and_noise_fails_the_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One site adds 2**40 to its first encoding (distributed DP's integers are summed
+    masked, unchecked): the decoded sum's norm exceeds what clipped updates and their noise
+    can reach, the attempt is discarded and retried; the model stays within the noise."""
+    from fedcore.aggregation import site as site_stages
+
+    honest = site_stages.SiteStages.encode
+    lies: list[str] = []
+
+    def encode(self, prepared, **kw):  # type: ignore[no-untyped-def]
+        made = honest(self, prepared, **kw)
+        if self.secagg.site == "site-2" and made.integers is not None and not lies:
+            lies.append("told")
+            made.integers[:-1] += np.uint64(2**40)
+        return made
+
+    monkeypatch.setattr(site_stages.SiteStages, "encode", encode)
+    e = experiment(
+        task__name="bench:10",
+        simulation__sites=4,
+        federation__rounds=1,
+        secure_aggregation__enabled=True,
+        privacy__mode="user-distributed",
+        privacy__noise_multiplier=0.5,
+        privacy__clip_norm=1.0,
+    )
+    result, _ = run_simulation(e, None)
+    assert lies and [r.attempt for r in result.records] == [2]
+    assert np.abs(result.parameters["w"]).max() < 5.0  # within clip and noise, not 2**40 / scale

@@ -11,8 +11,11 @@ would take the run over its target epsilon is never decrypted.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from fedcore.aggregation.base import Aggregate, RoundInfo
 from fedcore.aggregation.plans import DistributedNoisePlan, StagePlan
@@ -82,7 +85,16 @@ class DistributedNoise(PrivateStage):
             return aggregate
         # The sum's own site count (its last entry) is a site's claim: the count that matters
         # for the accounting is the leaf's, of masked inputs actually in the sum.
-        sums, _ = distributed.decode(aggregate.integers, self.round_noise(info))
+        noise = self.round_noise(info)
+        sums, _ = distributed.decode(aggregate.integers, noise)
+        # Masked inputs cannot be checked one by one; a sum beyond what `count` clipped updates
+        # and their noise can reach (a 10-sigma tail of the noise's norm) proves a lie.
+        count, dimension = max(aggregate.count, 1), sums.size
+        bound = count * (noise.clip_norm + math.sqrt(dimension) / noise.scale)
+        bound += noise.sigma / noise.scale * math.sqrt(count) * (math.sqrt(dimension) + 10)
+        if not float(np.linalg.norm(sums)) <= bound:
+            aggregate.rejected = f"the sum's norm {float(np.linalg.norm(sums)):.6g} exceeds {bound:.6g}"
+            sums = np.zeros_like(sums)
         aggregate.sum = unflatten(sums / len(info.sampled), info.model)
         aggregate.weight = 1.0  # the fixed denominator (sampled sites) is in the sum already
         return aggregate
