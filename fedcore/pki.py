@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-import ipaddress
 import os
 import re
 import sys
@@ -27,13 +26,21 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
+from fedcore.certificates import (
+    VALIDITY,
+    crl_number,
+    make_certificate,
+    make_crl,
+    new_key,
+    pem,
+    pem_key,
+    write_file,
+)
 from fedcore.errors import ConfigError
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-VALIDITY = dt.timedelta(days=825)
-CRL_VALIDITY = dt.timedelta(days=365)
 PASSPHRASE_VARIABLE = "FEDCORE_CA_PASSPHRASE"
 CA_NAME = "fedcore CA"
 
@@ -45,113 +52,6 @@ class TlsFiles:
     ca: bytes
     certificate: bytes
     key: bytes
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = 0o600 if secret else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    os.fchmod(fd, mode)  # O_CREAT's mode does not apply to a file that already existed
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
-def _pem(cert: x509.Certificate | x509.CertificateRevocationList) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-
-
-def _certificate(
-    subject: str,
-    public_key: ec.EllipticCurvePublicKey,
-    issuer: x509.Certificate | None,
-    signing_key: ec.EllipticCurvePrivateKey,
-    *,
-    ca: bool = False,
-    server_hosts: list[str] | None = None,
-    validity: dt.timedelta = VALIDITY,
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer else name)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
-    if ca:
-        usage = dict(key_cert_sign=True, crl_sign=True, digital_signature=False)
-    else:
-        usage = dict(key_cert_sign=False, crl_sign=False, digital_signature=True)
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()),
-            critical=False,
-        )
-        purpose = ExtendedKeyUsageOID.SERVER_AUTH if server_hosts else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
-    builder = builder.add_extension(
-        x509.KeyUsage(
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            encipher_only=False,
-            decipher_only=False,
-            **usage,
-        ),
-        critical=True,
-    )
-    if server_hosts:
-        alt: list[x509.GeneralName] = []
-        for host in server_hosts:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                alt.append(x509.DNSName(host))
-        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-    return builder.sign(signing_key, hashes.SHA256())
-
-
-def crl_number(crl: x509.CertificateRevocationList) -> int:
-    """The CRL's sequence number: each revocation issues the next (0 without one)."""
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        return 0
-
-
-def _crl(
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    revoked: list[x509.RevokedCertificate],
-    number: int = 1,
-) -> bytes:
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - dt.timedelta(minutes=5))
-        .next_update(now + CRL_VALIDITY)
-        .add_extension(x509.CRLNumber(number), critical=False)
-    )
-    for entry in revoked:
-        builder = builder.add_revoked_certificate(entry)
-    return _pem(builder.sign(ca_key, hashes.SHA256()))
 
 
 def ask_passphrase(*, confirm: bool = False) -> bytes:
@@ -178,15 +78,15 @@ def init(directory: Path, hosts: list[str], *, passphrase: bytes | None = None) 
         raise ConfigError(f"{directory} already holds a CA; use another directory or `fedcore pki add-site`")
     if not hosts:
         raise ConfigError("give the server's host name or address with --host")
-    ca_key = _key()
-    ca_cert = _certificate(CA_NAME, ca_key.public_key(), None, ca_key, ca=True)
-    server_key = _key()
-    server_cert = _certificate(hosts[0], server_key.public_key(), ca_cert, ca_key, server_hosts=hosts)
-    _write(directory / "ca.key", _pem_key(ca_key, passphrase), secret=True)
-    _write(directory / "ca.crt", _pem(ca_cert))
-    _write(directory / "crl.pem", _crl(ca_cert, ca_key, []))
-    _write(directory / "server.key", _pem_key(server_key), secret=True)
-    _write(directory / "server.crt", _pem(server_cert))
+    ca_key = new_key()
+    ca_cert = make_certificate(CA_NAME, ca_key.public_key(), None, ca_key, ca=True)
+    server_key = new_key()
+    server_cert = make_certificate(hosts[0], server_key.public_key(), ca_cert, ca_key, server_hosts=hosts)
+    write_file(directory / "ca.key", pem_key(ca_key, passphrase), secret=True)
+    write_file(directory / "ca.crt", pem(ca_cert))
+    write_file(directory / "crl.pem", make_crl(ca_cert, ca_key, []))
+    write_file(directory / "server.key", pem_key(server_key), secret=True)
+    write_file(directory / "server.crt", pem(server_cert))
 
 
 @dataclass(frozen=True)
@@ -213,15 +113,26 @@ class _Authority:
             except ValueError:
                 raise ConfigError("wrong passphrase for the CA key") from None
         assert isinstance(key, ec.EllipticCurvePrivateKey)
-        return cls(directory, cert, key)
+        authority = cls(directory, cert, key)
+        authority._adopt_kits()
+        return authority
+
+    def _adopt_kits(self) -> None:
+        """Certificates of kits made before `issued/` existed join it: they can be revoked,
+        and they hold their names like any other."""
+        for path in sorted(self.directory.glob("sites/*/site.crt")):
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            record = self.directory / "issued" / f"{cert.serial_number:x}.crt"
+            if cert.issuer == self.certificate.subject and not record.exists():
+                write_file(record, pem(cert))
 
     def issue(
         self, name: str, public_key: ec.EllipticCurvePublicKey, validity: dt.timedelta
     ) -> x509.Certificate:
         if validity < dt.timedelta(days=1):
             raise ConfigError("a certificate must be valid for at least one day")
-        cert = _certificate(name, public_key, self.certificate, self.key, validity=validity)
-        _write(self.directory / "issued" / f"{cert.serial_number:x}.crt", _pem(cert))
+        cert = make_certificate(name, public_key, self.certificate, self.key, validity=validity)
+        write_file(self.directory / "issued" / f"{cert.serial_number:x}.crt", pem(cert))
         return cert
 
     def issued(self) -> list[x509.Certificate]:
@@ -231,9 +142,14 @@ class _Authority:
 
     def crl(self) -> x509.CertificateRevocationList:
         try:
-            return x509.load_pem_x509_crl((self.directory / "crl.pem").read_bytes())
+            crl = x509.load_pem_x509_crl((self.directory / "crl.pem").read_bytes())
         except FileNotFoundError:  # a CA made before revocation existed
-            return x509.load_pem_x509_crl(_crl(self.certificate, self.key, []))
+            return x509.load_pem_x509_crl(make_crl(self.certificate, self.key, []))
+        if not crl.is_signature_valid(self.key.public_key()):  # never re-sign what we did not sign
+            raise ConfigError(
+                f"{self.directory / 'crl.pem'} is not signed by this CA; restore it from a backup"
+            )
+        return crl
 
     def revoked_serials(self) -> set[int]:
         return {entry.serial_number for entry in self.crl()}
@@ -260,13 +176,13 @@ def add_site(directory: Path, name: str) -> Path:
     _check_name(name)
     authority = _Authority.open(directory)
     kit = directory / "sites" / name
-    if kit.exists():
-        raise ConfigError(f"site {name!r} already has a kit in {kit}")
-    key = _key()
+    if kit.exists() or authority.active(name):
+        raise ConfigError(f"site {name!r} already has a kit or an active certificate; revoke it first")
+    key = new_key()
     cert = authority.issue(name, key.public_key(), VALIDITY)
-    _write(kit / "ca.crt", _pem(authority.certificate))
-    _write(kit / "site.crt", _pem(cert))
-    _write(kit / "site.key", _pem_key(key), secret=True)
+    write_file(kit / "ca.crt", pem(authority.certificate))
+    write_file(kit / "site.crt", pem(cert))
+    write_file(kit / "site.key", pem_key(key), secret=True)
     return kit
 
 
@@ -276,23 +192,23 @@ def request(kit: Path, name: str) -> Path:
     _check_name(name)
     if (kit / "site.key").exists():
         raise ConfigError(f"{kit} already holds a site key; renew its certificate instead of replacing it")
-    key = _key()
+    key = new_key()
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .sign(key, hashes.SHA256())
     )
-    _write(kit / "site.key", _pem_key(key), secret=True)
-    _write(kit / "site.csr", csr.public_bytes(serialization.Encoding.PEM))
+    write_file(kit / "site.key", pem_key(key), secret=True)
+    write_file(kit / "site.csr", csr.public_bytes(serialization.Encoding.PEM))
     return kit / "site.csr"
 
 
 def _deliver(authority: _Authority, cert: x509.Certificate, out: Path) -> None:
     """The certificate at `out`, with the CA's certificate beside it (the site's two files)."""
-    _write(out, _pem(cert))
+    write_file(out, pem(cert))
     beside = out.parent / "ca.crt"
     if beside.resolve() != (authority.directory / "ca.crt").resolve():
-        _write(beside, _pem(authority.certificate))
+        write_file(beside, pem(authority.certificate))
 
 
 def sign(ca_dir: Path, csr_path: Path, out: Path, *, days: int = VALIDITY.days) -> x509.Certificate:
@@ -368,7 +284,9 @@ def revoke(ca_dir: Path, name: str) -> list[int]:
         x509.RevokedCertificateBuilder().serial_number(c.serial_number).revocation_date(now).build()
         for c in targets
     ]
-    _write(ca_dir / "crl.pem", _crl(authority.certificate, authority.key, entries, crl_number(current) + 1))
+    write_file(
+        ca_dir / "crl.pem", make_crl(authority.certificate, authority.key, entries, crl_number(current) + 1)
+    )
     return [c.serial_number for c in targets]
 
 

@@ -114,3 +114,26 @@ def test_the_server_trusts_only_crls_its_ca_signed_and_never_an_older_one(tmp_pa
     assert revocations.refresh(force=True) == frozenset() and serial in revocations.revoked
     (ca / "crl.pem").write_bytes(newer)
     assert revocations.refresh(force=True) == frozenset()  # the same list again: nothing new
+
+
+def test_kits_made_before_the_issued_record_can_be_revoked_and_hold_their_name(tmp_path: Path) -> None:
+    """An upgraded CA adopts the certificates of kits it made earlier (sites/NAME/site.crt):
+    revoking them works, and a second key for the name is refused."""
+    ca = tmp_path / "ca"
+    pki.init(ca, ["127.0.0.1"])
+    kit = pki.add_site(ca, "st-marys")
+    shutil.rmtree(ca / "issued")  # as a CA made before this record existed
+    other = tmp_path / "other"
+    with pytest.raises(ConfigError, match="already holds an active certificate"):
+        pki.sign(ca, pki.request(other, "st-marys"), other / "site.crt")
+    assert pki.revoke(ca, "st-marys") == [_serial(kit / "site.crt")]
+
+
+def test_the_ca_never_re_signs_a_crl_it_did_not_sign(tmp_path: Path) -> None:
+    ca, other = tmp_path / "ca", tmp_path / "other"
+    pki.init(ca, ["127.0.0.1"])
+    pki.init(other, ["127.0.0.1"])
+    pki.add_site(ca, "site-a")
+    shutil.copy(other / "crl.pem", ca / "crl.pem")
+    with pytest.raises(ConfigError, match="not signed by this CA"):
+        pki.revoke(ca, "site-a")

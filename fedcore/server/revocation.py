@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography import x509
 
 from fedcore.errors import ConfigError
-from fedcore.pki import crl_number
+from fedcore.certificates import crl_number
 
 log = logging.getLogger(__name__)
 
