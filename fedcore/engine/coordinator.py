@@ -23,7 +23,6 @@ import numpy as np
 
 from fedcore.aggregation import (
     Drop,
-    DropReason,
     Exchange,
     Pipeline,
     RoundInfo,
@@ -36,6 +35,7 @@ from fedcore.aggregation.builder import pipeline_for
 from fedcore.aggregation.statistics import statistics_pipeline_for
 from fedcore.config import Experiment
 from fedcore.engine import faults
+from fedcore.engine.exclusion import Exclusions
 from fedcore.engine.gather import EvaluationMetrics, Traffic, gather, weighted
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.engine.records import RoundRecord, RoundStore, RunResult
@@ -80,12 +80,12 @@ class Coordinator:
         self.on_round = on_round
         self.ordered_replies = ordered_replies
         self.run_id = run_id or uuid.uuid4().hex
+        self.exclusions = Exclusions(transport)  # sites that misbehaved: out for the rest of the run
         self.parameters = task.initial_parameters(derive_seed(experiment.seed, "init"))
         self.round = 0  # last completed round
         self.records: list[RoundRecord] = []
         self.stopped: str | None = None
         self.roster: list[str] = []  # the sites available at the last completed round
-        self.excluded: dict[str, str] = {}  # sites that misbehaved: out for the rest of the run
         self.resumed_at: int | None = None  # the first round after a resume
         self._committing: asyncio.Future[None] | None = None  # the last round's store write
         self.commit_wait = 0.0
@@ -104,7 +104,7 @@ class Coordinator:
         self.transport.load_state(state.transport)
         self.stopped, self.roster = state.stopped, list(state.roster)
         for site, reason in state.excluded.items():
-            self._exclude(site, reason)
+            self.exclusions.exclude(site, reason)
         if state.statistics is not None:
             self._use_statistics(np.array(state.statistics, dtype=np.float64))
         self.records = list(history)
@@ -122,12 +122,8 @@ class Coordinator:
             roster=list(self.roster),
             transport=self.transport.state(),
             statistics=None if self.statistics is None else [float(v) for v in self.statistics],
-            excluded=dict(self.excluded),
+            excluded=dict(self.exclusions.excluded),
         )
-
-    def _exclude(self, site: str, reason: str) -> None:
-        self.excluded[site] = reason
-        self.transport.exclude(site, reason)
 
     def _use_statistics(self, total: np.ndarray) -> None:
         self.task.use_statistics(total)  # the server's own evaluation standardises alike
@@ -253,7 +249,7 @@ class Coordinator:
             await self.transport.wait_for_sites(fed.min_sites)
         faults.reach(number, faults.Point.BEFORE_SAMPLING)
         started = time.perf_counter()
-        available = sorted(s for s in self.transport.available() if s not in self.excluded)
+        available = self.exclusions.allowed(sorted(self.transport.available()))
         info = RoundInfo(
             self.run_id, number, attempt, (), len(available), self.parameters, self.experiment.seed
         )
@@ -266,20 +262,13 @@ class Coordinator:
         faults.reach(number, faults.Point.AFTER_AGGREGATION)
         for site, drop in aggregate.dropped.items():
             log.info("round %d: dropped %s (%s)", number, site, drop)
-            if drop.reason is DropReason.BAD_REPLY:  # a malformed or lying message: out for good
-                log.warning("site %s is excluded from the rest of run %s: %s", site, self.run_id, drop)
-                self._exclude(site, f"round {number}: {drop}")
+        self.exclusions.judge(aggregate.dropped, number)
         if aggregate.rejected is not None:
             return None  # (the pipeline said why)
         if aggregate.count < fed.min_sites and not self.pipeline.completes_any_sample:
-            count, sampled = aggregate.count, len(info.sampled)
+            got, need = aggregate.count, fed.min_sites
             log.warning(
-                "round %d attempt %d: %d of %d sites aggregated, need %d; retrying",
-                number,
-                attempt,
-                count,
-                sampled,
-                fed.min_sites,
+                "round %d attempt %d: %d sites aggregated, need %d; retrying", number, attempt, got, need
             )
             return None
         self.parameters = self.strategy.apply(self.parameters, aggregate.mean)
