@@ -96,6 +96,15 @@ def test_each_mode_is_a_composition_of_stages(
     assert [type(item) for item in pipeline.plan(info(["a", "b"]))] == plan
 
 
+def test_secure_aggregation_withholds_federated_evaluation() -> None:
+    """Per-site metrics and the counts that weigh them are more than the sum."""
+    assert build_pipeline(experiment()).withholds_evaluation is None
+    assert (
+        build_pipeline(experiment(secure_aggregation__enabled=True)).withholds_evaluation
+        == "secure aggregation"
+    )
+
+
 def test_a_robust_rule_under_secure_aggregation_is_refused() -> None:
     with pytest.raises(ConfigError, match="needs every site's update"):
         experiment(aggregation__rule="krum", secure_aggregation__enabled=True)

@@ -64,6 +64,9 @@ def round_params(config: SecureAggregationConfig, info: RoundInfo, *, bits: int)
 class SecureSum(Leaf):
     name = "secure_sum"
     section = Section.SECURE_AGGREGATION
+    # Per-site federated metrics (and the counts that weigh them) are more than the sum: the
+    # server evaluates on its own held-out data only.
+    withholds_evaluation = "secure aggregation"
 
     def __init__(self, config: SecureAggregationConfig, *, bits: int) -> None:
         self.config = config
