@@ -3,8 +3,9 @@ with, and masks against, only k neighbours instead of all n - 1 sites.
 
 The graph is a public function of the round's session (run, round, attempt), its
 participants and its degree: every site recomputes it and refuses another, so a server
-cannot hand-place colluding sites around a target; it can only redraw by changing the
-participants or the attempt (see the README's threat model for what that buys it)."""
+cannot draw it by hand. It can still search sessions and participant sets offline for a draw
+it likes (the README's threat model): stopping that needs randomness the sites contribute
+after the participants are fixed (commit and reveal), which is not built yet."""
 
 from __future__ import annotations
 
