@@ -12,8 +12,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from fedcore.errors import ConfigError
 from fedcore.certificates import crl_number
+from fedcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
