@@ -137,3 +137,22 @@ def test_the_ca_never_re_signs_a_crl_it_did_not_sign(tmp_path: Path) -> None:
     shutil.copy(other / "crl.pem", ca / "crl.pem")
     with pytest.raises(ConfigError, match="not signed by this CA"):
         pki.revoke(ca, "site-a")
+
+
+def test_the_server_remembers_the_newest_crl_across_restarts(tmp_path: Path) -> None:
+    """The highest CRL number seen is kept in the run's state: after a restart, neither an
+    older genuine list put back nor a deleted one un-revokes anything."""
+    ca = tmp_path / "ca"
+    pki.init(ca, ["127.0.0.1"])
+    ca_pem, floor = (ca / "ca.crt").read_bytes(), tmp_path / "state-crl-number"
+    empty = (ca / "crl.pem").read_bytes()
+    pki.add_site(ca, "site-a")
+    pki.revoke(ca, "site-a")
+    first = RevocationList(ca / "crl.pem", ca_pem, floor)
+    assert first.revoked and floor.read_text() == "2"
+    (ca / "crl.pem").write_bytes(empty)  # restart with the older list put back
+    with pytest.raises(ConfigError, match="older than the list loaded"):
+        RevocationList(ca / "crl.pem", ca_pem, floor)
+    (ca / "crl.pem").unlink()
+    with pytest.raises(ConfigError, match="is missing; this run has used CRL number 2"):
+        RevocationList(ca / "crl.pem", ca_pem, floor)

@@ -137,7 +137,13 @@ async def _serve(
         max_payload_bytes=4 * model_bytes + (1 << 20),
         mutual_tls=pki_dir is not None,
         audit=audit,
-        revocations=RevocationList(pki_dir / "crl.pem", pki.server_files(pki_dir).ca) if pki_dir else None,
+        revocations=(
+            RevocationList(
+                pki_dir / "crl.pem", pki.server_files(pki_dir).ca, opened.store.directory / "crl-number"
+            )
+            if pki_dir
+            else None
+        ),
     )
     # Each site holds one stream; the cap keeps a flood of connections from exhausting the server.
     server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_STREAMS)

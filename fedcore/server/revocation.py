@@ -26,13 +26,20 @@ def certificate_serial(pem: bytes) -> int:
 class RevocationList:
     path: Path
     ca_pem: bytes
+    # Where the highest CRL number seen is kept (the run's state): a restart does not
+    # forget it, so neither an older list put back nor a deleted one un-revokes anything.
+    floor_file: Path | None = None
     revoked: frozenset[int] = frozenset()
     _seen: tuple[int, int] | None = field(default=None, repr=False)  # (mtime_ns, size) last read
     _number: int = field(default=-1, repr=False)  # the loaded CRL's sequence number
 
     def __post_init__(self) -> None:
         self._ca = x509.load_pem_x509_certificate(self.ca_pem)
+        if self.floor_file is not None and self.floor_file.exists():
+            self._number = int(self.floor_file.read_text())
         if not self.path.exists():
+            if self._number >= 0:
+                raise ConfigError(f"{self.path} is missing; this run has used CRL number {self._number}")
             log.warning("%s is missing: no certificate can be revoked until it appears", self.path)
             return
         self.revoked = self._load()
@@ -52,6 +59,8 @@ class RevocationList:
                 f"{self.path} (CRL number {number}) is older than the list loaded ({self._number})"
             )
         self._seen, self._number = (stat.st_mtime_ns, stat.st_size), number
+        if self.floor_file is not None:
+            self.floor_file.write_text(str(number))
         return frozenset(entry.serial_number for entry in crl)
 
     def refresh(self, *, force: bool = False) -> frozenset[int]:
