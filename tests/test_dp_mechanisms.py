@@ -27,7 +27,6 @@ from fedcore.privacy.randomness import SecureRandom
 from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
 from fedcore.privacy.user_level import update_noise_multiplier
 from fedcore.secagg.common import RoundParams
-from fedcore.secagg.graph import neighbour_graph
 from fedcore.secagg.local import run_round
 from fedcore.secagg.quantize import signed
 from fedcore.tasks import build_task
@@ -409,8 +408,7 @@ def test_the_distributed_sum_carries_the_configured_total_noise() -> None:
     n sigma^2 (never zero: it never sees an un-noised sum), and its decoded mean is unbiased."""
     n, d = 10, 20_000
     sites = [f"site-{i}" for i in range(n)]
-    graph = neighbour_graph(sites, 9, session="")
-    params = RoundParams(1, tuple(sites), graph, 6, d + 1, 64)
+    params = RoundParams(1, tuple(sites), 9, 6, d + 1, 64)
     noise = distributed.DistributedNoise.for_model(dimension=d, clip_norm=1.0, noise_multiplier=1.0, sites=n)
     g = np.random.default_rng(0)
     updates = {s: g.normal(0, 0.003, d) for s in sites}  # norm ~0.42 < clip: nothing clipped

@@ -8,7 +8,7 @@ these attacks recover the input."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import pytest
@@ -25,6 +25,8 @@ from fedcore.secagg.stages.messages import (
     ConsistencyRequest,
     ConsistencySignature,
     NeighbourKeys,
+    NonceReveal,
+    RevealRequest,
     RoutedShares,
     ShareKeys,
     UnmaskRequest,
@@ -38,9 +40,9 @@ ROUND = 1
 
 def params(n: int, *, threshold: int | None = None, session: str = "run/1/1") -> RoundParams:
     sites = [f"site-{i:03d}" for i in range(n)]
-    graph = neighbour_graph(sites, default_degree(n), session=session)
+    graph = neighbour_graph(sites, default_degree(n), session=session)  # its degrees: any draw's
     t = threshold if threshold is not None else default_threshold(min(len(p) for p in graph.values()))
-    return RoundParams(ROUND, tuple(sites), graph, t, LENGTH, 32, session)
+    return RoundParams(ROUND, tuple(sites), default_degree(n), t, LENGTH, 32, session)
 
 
 @dataclass
@@ -93,12 +95,13 @@ def recover(p: RoundParams, loot: Loot, target: str, used: dict[str, AdvertiseKe
 
 class Federation:
     """Honest sites with identities (`signed=False`: without, the positive control), and
-    the first two stages run honestly."""
+    the first two stages run honestly. `p`: the parameters before the beacon, then (after
+    `reveal`) with it: the graph the sites' nonces drew."""
 
     def __init__(
         self, p: RoundParams, authority: LocalAuthority | None = None, *, signed: bool = True
     ) -> None:
-        self.p = p
+        self.p = self.base = p
         self.authority = authority or LocalAuthority(seed=11)
         self.clients = {
             s: SecAggClient(s, self.authority.identity(s) if signed else None) for s in p.participants
@@ -113,6 +116,14 @@ class Federation:
         self.loot.keys = dict(keys)  # type: ignore[arg-type]
         return keys  # type: ignore[return-value]
 
+    def reveal(self, keys: dict[str, AdvertiseKeys]) -> dict[str, NeighbourKeys]:
+        """The reveal, honestly: every site's nonce, and the keys in the graph they draw."""
+        requests, server = ServerAdvertise(self.base).collect(list(keys.values()))
+        nonces = [self.clients[s].step(requests[s], ROUND) for s in requests]
+        forwarded, server2 = server.collect(nonces)  # type: ignore[arg-type]
+        self.p = server2.params
+        return forwarded
+
     def share(self, forwarded: dict[str, NeighbourKeys]) -> dict[str, ShareKeys]:
         return {s: self.clients[s].step(forwarded[s], ROUND) for s in forwarded}  # type: ignore[misc]
 
@@ -124,12 +135,15 @@ class Federation:
                 {sender: shares[sender].ciphertexts[site] for sender in senders},
                 {sender: shares[sender].digests[site] for sender in senders},
             )
-            masked = self.clients[site].mask(routed, ROUND, self.inputs[site].copy())
+            try:
+                masked = self.clients[site].mask(routed, ROUND, self.inputs[site].copy())
+            except ProtocolAbort as refused:
+                self.refused[site] = refused.aborted.reason
+                continue
             self.loot.masked[site] = masked.vector
 
     def honest_start(self) -> dict[str, NeighbourKeys]:
-        keys = self.advertise()
-        forwarded, _ = ServerAdvertise(self.p).collect(list(keys.values()))
+        forwarded = self.reveal(self.advertise())
         self.mask(self.share(forwarded))
         return forwarded
 
@@ -171,6 +185,7 @@ def test_an_honest_round_sums_exactly_and_leaks_no_input() -> None:
     p = params(16)
     fed = Federation(p)
     fed.honest_start()
+    p = fed.p  # with the beacon: its graph
     cohort = frozenset(p.participants)
     signatures = fed.sign(dict.fromkeys(p.participants, cohort))
     for site in p.participants:
@@ -210,15 +225,23 @@ def drop_plan(p: RoundParams, target: str) -> dict[str, frozenset[str]]:
     of the target has its mask key revealed by a threshold of sites, while the target's
     neighbours still reveal its self-mask seed."""
     near, everyone = p.neighbours[target], frozenset(p.participants)
-    room = {s: len(p.neighbours[s]) - (p.threshold - 1) for s in everyone - {target}}
-    drops: dict[str, set[str]] = {s: set() for s in room}
-    for j in sorted(near, key=lambda j: (len(p.neighbours[j]), j)):  # the hardest to cover first
-        holders = sorted((h for h in p.neighbours[j] - {target} if room[h] > 0), key=lambda h: (-room[h], h))
-        assert len(holders) >= p.threshold, "the plan must be able to succeed"
-        for h in holders[: p.threshold]:
-            drops[h].add(j)
-            room[h] -= 1
-    return {target: everyone, **{s: everyone - frozenset(d) for s, d in drops.items()}}
+    draw = np.random.default_rng(0)
+    for _ in range(1000):  # greedy over random orders: the graph is the beacon's, not ours
+        room = {s: len(p.neighbours[s]) - (p.threshold - 1) for s in everyone - {target}}
+        drops: dict[str, set[str]] = {s: set() for s in room}
+        tie = {s: draw.random() for s in everyone}
+        for j in sorted(near, key=lambda j: tie[j]):
+            holders = sorted(
+                (h for h in p.neighbours[j] - {target} if room[h] > 0), key=lambda h: (-room[h], tie[h])
+            )
+            if len(holders) < p.threshold:
+                break
+            for h in holders[: p.threshold]:
+                drops[h].add(j)
+                room[h] -= 1
+        else:
+            return {target: everyone, **{s: everyone - frozenset(d) for s, d in drops.items()}}
+    raise AssertionError("the plan must be able to succeed")
 
 
 @pytest.mark.parametrize("n", [16, 64])
@@ -228,6 +251,7 @@ def test_without_signatures_the_attack_rebuilds_the_input(n: int) -> None:
     p = params(n)
     fed = Federation(p, signed=False)
     fed.honest_start()
+    p = fed.p  # with the beacon: its graph
     target = target_of(p)
     attack_with_views(fed, drop_plan(p, target))
     assert rebuilt(fed, target)
@@ -241,6 +265,7 @@ def test_different_views_of_the_survivors(n: int) -> None:
     p = params(n)
     fed = Federation(p)
     fed.honest_start()
+    p = fed.p  # with the beacon: its graph
     target = target_of(p)
     views = drop_plan(p, target)
     refusals = attack_with_views(fed, views)
@@ -259,6 +284,7 @@ def test_neighbours_claimed_dropped_while_the_target_survived(n: int) -> None:
     p = params(n)
     fed = Federation(p)
     fed.honest_start()
+    p = fed.p  # with the beacon: its graph
     target = target_of(p)
     near, everyone = p.neighbours[target], frozenset(p.participants)
     views = {s: (everyone if s in near else everyone - near) for s in p.participants}
@@ -272,6 +298,7 @@ def test_an_unmask_request_outside_the_signed_set_is_refused() -> None:
     p = params(16)
     fed = Federation(p)
     fed.honest_start()
+    p = fed.p  # with the beacon: its graph
     target = target_of(p)
     everyone = frozenset(p.participants)
     signatures = fed.sign(dict.fromkeys(p.participants, everyone))
@@ -295,18 +322,16 @@ def test_a_threshold_too_low_is_refused_before_any_key_exists(threshold: str) ->
         client.step(p, ROUND)
     assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
     with pytest.raises(ProtocolAbort):  # nor a cohort of two
-        SecAggClient("a").step(
-            RoundParams(ROUND, ("a", "b"), {"a": frozenset("b"), "b": frozenset("a")}, 1, 4), ROUND
-        )
+        SecAggClient("a").step(RoundParams(ROUND, ("a", "b"), 1, 1, 4), ROUND)
 
 
 def forge(genuine: dict[str, AdvertiseKeys]) -> tuple[dict[str, AdvertiseKeys], dict[str, bytes]]:
     """Keys the server makes for these sites (it knows their private parts), carrying the
-    genuine signatures and certificates alongside."""
+    genuine signatures, certificates and commitments alongside."""
     forged, privates = {}, {}
     for i, (peer, real) in enumerate(sorted(genuine.items()), start=1):
         mask, cipher = KeyPair.from_private(bytes([i]) * 32), KeyPair.from_private(bytes([i + 100]) * 32)
-        forged[peer] = AdvertiseKeys(peer, cipher.public, mask.public, real.signature, real.credential)
+        forged[peer] = replace(real, cipher_public=cipher.public, mask_public=mask.public)
         privates[peer] = mask.private
     return forged, privates
 
@@ -318,19 +343,20 @@ def test_substituted_neighbour_keys_are_not_used() -> None:
     p = params(16)
     target = target_of(p)
     fed = Federation(p)
-    forwarded, _ = ServerAdvertise(p).collect(list(fed.advertise().values()))
+    forwarded = fed.reveal(fed.advertise())
     forged, _ = forge(forwarded[target].keys)
     with pytest.raises(ProtocolAbort) as stopped:
-        fed.clients[target].step(NeighbourKeys(target, forged), ROUND)
+        fed.clients[target].step(NeighbourKeys(target, forged, forwarded[target].nonces), ROUND)
     assert stopped.value.aborted.reason is AbortReason.TOO_FEW_NEIGHBOURS
 
     fed = Federation(p)
-    forwarded, _ = ServerAdvertise(p).collect(list(fed.advertise().values()))
+    forwarded = fed.reveal(fed.advertise())
+    p = fed.p
     spare = len(forwarded[target].keys) - p.threshold  # forgeries the target can leave out
     some = dict(sorted(forwarded[target].keys.items())[:spare])
     forged, privates = forge(some)
     fed.loot.private_keys = privates
-    mixed = NeighbourKeys(target, {**forwarded[target].keys, **forged})
+    mixed = NeighbourKeys(target, {**forwarded[target].keys, **forged}, forwarded[target].nonces)
     shares = fed.share({**forwarded, target: mixed})
     assert set(shares[target].ciphertexts) == set(forwarded[target].keys) - set(forged)
     fed.mask(shares)
@@ -360,6 +386,7 @@ def test_an_odd_neighbourhood_cannot_be_split_in_two(n: int) -> None:
         assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
     fed = Federation(p)
     fed.honest_start()
+    p = fed.p  # with the beacon: its graph
     near = sorted(p.neighbours[target])
     first = frozenset(near[: p.threshold]) | {target}
     second = frozenset(near[p.threshold :]) | {target}
@@ -376,6 +403,7 @@ def test_a_site_claimed_dropped_after_its_masked_input_reveals_no_self_mask() ->
     p = params(16)
     fed = Federation(p)
     fed.honest_start()
+    p = fed.p  # with the beacon: its graph
     target = target_of(p)
     without = frozenset(p.participants) - {target}
     signatures = fed.sign(dict.fromkeys(sorted(without), without))
@@ -401,21 +429,22 @@ def test_signatures_from_an_earlier_attempt_do_not_verify() -> None:
     old = Federation(first, authority)
     old_keys = old.advertise()
     fed = Federation(second, authority)
-    fed.advertise()
+    forwarded = fed.reveal(fed.advertise())
     target = target_of(second)
-    replayed = NeighbourKeys(target, {p: old_keys[p] for p in second.neighbours[target]})
+    replayed = NeighbourKeys(
+        target, {p: old_keys[p] for p in forwarded[target].keys}, forwarded[target].nonces
+    )
     with pytest.raises(ProtocolAbort) as refused:
         fed.clients[target].step(replayed, ROUND)
     assert refused.value.aborted.reason is AbortReason.TOO_FEW_NEIGHBOURS
     # Consistency signatures of another execution of the same session are bound to its keys.
-    old_forwarded, _ = ServerAdvertise(first).collect(list(old_keys.values()))
-    old.mask(old.share(old_forwarded))
+    old.mask(old.share(old.reveal(old_keys)))
     cohort = frozenset(first.participants)
     stale = old.sign(dict.fromkeys(first.participants, cohort))
     redo = Federation(first, authority)  # the same session again (a server redoing the round)
     redo.honest_start()
     redo.sign({target: cohort})
-    request = UnmaskRequest(target, frozenset(first.neighbours[target]), frozenset(), cohort, stale)
+    request = UnmaskRequest(target, frozenset(redo.p.neighbours[target]), frozenset(), cohort, stale)
     assert redo.unmask(target, request) is AbortReason.BAD_SIGNATURES
 
 
@@ -451,34 +480,110 @@ def test_masked_inputs_mask_only_with_signed_keys_over_real_mtls_kits(tmp_path: 
     assert not a.verifier.verify("localhost", server.signer.credential, server.signer.sign(data), data)
 
 
-@pytest.mark.parametrize("graph", ["placed", "sparse"])
-def test_a_graph_the_session_did_not_draw_is_refused_before_any_key_exists(graph: str) -> None:
-    """The server surrounds the target with sites of its choosing (colluders), or draws a
-    sparser graph (fewer colluders would fill a neighbourhood): every site recomputes the
-    session's graph and refuses both before it makes a key."""
-    p = params(64)
+def test_a_reveal_request_without_the_sites_own_commitment_is_refused() -> None:
+    """The server fixes the set of sites after it has every commitment: a set that leaves a
+    site's own commitment out, or shows another in its place (one whose nonce the server
+    chose), gets no nonce from it, so the server cannot draw the beacon without it."""
+    p = params(16)
+    fed = Federation(p)
+    requests, _ = ServerAdvertise(p).collect(list(fed.advertise().values()))
     target = target_of(p)
-    if graph == "placed":
-        chosen = frozenset(
-            sorted(set(p.participants) - p.neighbours[target] - {target})[: len(p.neighbours[target])]
+    without = {s: c for s, c in requests[target].commitments.items() if s != target}
+    for shown in (without, {**without, target: bytes(32)}):
+        with pytest.raises(ProtocolAbort) as refused:
+            fed.clients[target].step(RevealRequest(target, shown), ROUND)
+        assert refused.value.aborted.reason is AbortReason.BAD_REVEAL
+    assert isinstance(fed.clients[target].step(requests[target], ROUND), NonceReveal)
+
+
+def test_a_forged_nonce_is_refused_at_share_keys_and_names_its_sender() -> None:
+    """The server forwards a nonce of its own for an honest site (to steer the beacon), or
+    leaves one out: the site checks every nonce against the commitments it was shown, and
+    makes no share. A site revealing a nonce that does not match its commitment is named; a
+    missing reveal aborts the attempt without a culprit (it is retried)."""
+    p = params(16)
+    fed = Federation(p)
+    requests, server = ServerAdvertise(p).collect(list(fed.advertise().values()))
+    nonces = {s: fed.clients[s].step(requests[s], ROUND) for s in requests}
+    forwarded, _ = server.collect(list(nonces.values()))  # type: ignore[arg-type]
+    target, victim = p.participants[0], p.participants[1]
+    honest = forwarded[target].nonces
+    others = {s: n for s, n in honest.items() if s != victim}
+    for changed in ({**honest, victim: bytes(32)}, others):
+        with pytest.raises(ProtocolAbort) as refused:
+            fed.clients[target].step(replace(forwarded[target], nonces=changed), ROUND)
+        assert refused.value.aborted.reason is AbortReason.BAD_REVEAL
+    lying = [*[m for s, m in nonces.items() if s != victim], NonceReveal(victim, bytes(32))]
+    with pytest.raises(ProtocolAbort) as named:
+        server.collect(lying)  # type: ignore[arg-type]
+    assert named.value.aborted.reason is AbortReason.BAD_REVEAL and named.value.aborted.culprit == victim
+    with pytest.raises(ProtocolAbort) as missing:
+        server.collect([m for s, m in nonces.items() if s != victim])  # type: ignore[misc]
+    assert (
+        missing.value.aborted.reason is AbortReason.MISSING_REVEAL and missing.value.aborted.culprit is None
+    )
+
+
+def test_different_commitments_to_two_groups_give_signatures_that_do_not_verify_across() -> None:
+    """The server shows half the sites the set without one site (so their beacon, and graph,
+    differ from the other half's). Both halves go on to sign the survivor set, but each
+    signature binds its signer's beacon: neither half reaches a threshold with the other's
+    signatures, and no site answers the unmask request."""
+    p = params(10)  # a complete graph: both halves reach the consistency check
+    fed = Federation(p)
+    requests, server = ServerAdvertise(p).collect(list(fed.advertise().values()))
+    sites = list(p.participants)
+    first, second = sites[:5], sites[5:]
+    gone = first[0]  # left out of what the second half is shown
+    shown = {s: requests[s] for s in first} | {
+        s: RevealRequest(s, {q: c for q, c in requests[s].commitments.items() if q != gone}) for s in second
+    }
+    nonces = [fed.clients[s].step(shown[s], ROUND) for s in sites]
+    forwarded, _ = server.collect(nonces)  # type: ignore[arg-type]
+    for s in second:
+        f = forwarded[s]
+        forwarded[s] = NeighbourKeys(
+            s,
+            {q: k for q, k in f.keys.items() if q != gone},
+            {q: n for q, n in f.nonces.items() if q != gone},
         )
-        # Relabel: each old neighbour trades places with a chosen site (an isomorphic graph).
-        swap = dict(zip(sorted(p.neighbours[target]), sorted(chosen), strict=True))
-        swap |= {new: old for old, new in swap.items()}
-        relabel = {s: swap.get(s, s) for s in p.participants}
-        forged = replace(
-            p,
-            neighbours={
-                relabel[s]: frozenset(relabel[x] for x in peers) for s, peers in p.neighbours.items()
-            },
-        )
-        assert forged.neighbours[target] == chosen
-    else:
-        sparse = neighbour_graph(list(p.participants), 4, session=p.session)
-        forged = replace(p, neighbours=sparse, threshold=default_threshold(4))
+    fed.mask(fed.share(forwarded))
+    assert fed.refused == {gone: AbortReason.TOO_FEW_NEIGHBOURS}  # the second half left it out
+    cohort = frozenset(sites) - {gone}
+    signatures = fed.sign(dict.fromkeys(cohort, cohort))
+    assert set(signatures) == cohort  # everyone signed: each half over its own beacon
+    refusals = {
+        site: fed.unmask(site, UnmaskRequest(site, cohort - {site}, frozenset(), cohort, signatures))
+        for site in cohort
+    }
+    assert set(refusals.values()) == {AbortReason.BAD_SIGNATURES}
+
+
+def test_a_site_takes_part_in_at_most_max_attempts_of_a_round() -> None:
+    """A server that aborts after the reveal draws the beacon again with the next attempt:
+    each site advertises for at most max_attempts sessions of a round (a session redone
+    counts once), which bounds the draws the server can choose from."""
+    p = params(16)
+    site = target_of(p)
+    assert SecAggClient(site).max_attempts == 10
+    client = SecAggClient(site, LocalAuthority(seed=11).identity(site), max_attempts=3)
+    for attempt in (1, 2, 3, 2):
+        assert isinstance(client.step(replace(p, session=f"run/1/{attempt}"), ROUND), AdvertiseKeys)
+    with pytest.raises(ProtocolAbort) as refused:
+        client.step(replace(p, session="run/1/4"), ROUND)
+    assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
+    assert isinstance(client.step(replace(p, round=ROUND + 1, session="run/2/1"), ROUND + 1), AdvertiseKeys)
+
+
+def test_a_degree_below_the_default_is_refused_before_any_key_exists() -> None:
+    """A sparser graph needs fewer colluders to fill a site's neighbourhood: refused. The
+    parameters carry no graph at all (only its degree): the beacon draws it."""
+    assert "neighbours" not in {f.name for f in fields(RoundParams)}
+    p = params(64)
+    sparse = replace(p, degree=4, threshold=default_threshold(4))
     for site in p.participants:
         with pytest.raises(ProtocolAbort) as refused:
-            SecAggClient(site, LocalAuthority(seed=11).identity(site)).step(forged, ROUND)
+            SecAggClient(site, LocalAuthority(seed=11).identity(site)).step(sparse, ROUND)
         assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
 
 

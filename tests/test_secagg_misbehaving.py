@@ -20,6 +20,7 @@ import pytest
 from fedcore.secagg.common import AbortReason, ProtocolAbort, RoundParams
 from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
 from fedcore.secagg.identity import LocalAuthority
+from fedcore.secagg.local import advertise
 from fedcore.secagg.shamir import PRIME, SHARE_BYTES
 from fedcore.secagg.stages import share_keys
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
@@ -28,6 +29,8 @@ from fedcore.secagg.stages.messages import (
     ConsistencyRequest,
     MaskedInput,
     NeighbourKeys,
+    NonceReveal,
+    RevealRequest,
     RoutedShares,
     ShareKeys,
     UnmaskShares,
@@ -45,7 +48,7 @@ def setup(n: int = 10) -> tuple[RoundParams, dict[str, np.ndarray], LocalAuthori
     sites = [f"site-{i:02d}" for i in range(n)]
     graph = neighbour_graph(sites, default_degree(n), session="run/1/1")
     t = default_threshold(min(len(p) for p in graph.values()))
-    p = RoundParams(1, tuple(sites), graph, t, LENGTH, 32, "run/1/1")
+    p = RoundParams(1, tuple(sites), default_degree(n), t, LENGTH, 32, "run/1/1")
     rng = np.random.default_rng(3)
     return p, {s: rng.integers(0, 2**32, LENGTH, dtype=np.uint32) for s in sites}, LocalAuthority(5)
 
@@ -63,6 +66,8 @@ class Outcome:
     rejected: dict[str, str]  # every site named, at any stage
     cohort: frozenset[str]  # the sites whose masked inputs are in the sum
     declined: frozenset[str]  # routed no shares: left out without blame
+    params: RoundParams | None = None  # with the beacon: its graph
+    vanished: frozenset[str] = frozenset()
 
 
 def run(
@@ -71,13 +76,14 @@ def run(
     ids: LocalAuthority,
     *,
     tamper: dict[str, Tamper] | None = None,
-    vanish: frozenset[str] = frozenset(),
+    vanish: frozenset[str] | Callable[[RoundParams], frozenset[str]] = frozenset(),
     dropped: frozenset[str] = frozenset(),
     silent: frozenset[str] = frozenset(),
     seeds: dict[str, bytes] | None = None,
 ) -> Outcome:
     """An honest round whose messages of each stage pass through `tamper[stage]` (a liar's
-    doing) on their way to the server; `vanish` before sharing keys, `dropped` before their
+    doing) on their way to the server; `vanish` before sharing keys (or a function of the
+    parameters with the beacon: the graph is drawn after advertise), `dropped` before their
     masked input, `silent` after it; `seeds`: self-mask seeds sites share and mask with
     instead of the one they committed to. A site routed no shares declines the stage (an
     honest one aborts for itself: `declined`)."""
@@ -88,9 +94,12 @@ def run(
         s: (m, dataclasses.replace(c, self_seed=(seeds or {}).get(s, c.self_seed)))
         for s, (m, c) in stage1.items()
     }
-    forwarded, server2 = ServerAdvertise(p).collect(t["advertise"]([m for m, _ in stage1.values()]))
+    requests, reveal = ServerAdvertise(p).collect(t["advertise"]([m for m, _ in stage1.values()]))
+    revealed = {s: stage1[s][1].receive(requests[s]) for s in requests}  # `vanish` too: keys first
+    forwarded, server2 = reveal.collect([m for m, _ in revealed.values()])
+    vanish = vanish(server2.params) if callable(vanish) else vanish
     stage2 = {
-        s: stage1[s][1].receive(forwarded[s], os.urandom, ids.identity(s))
+        s: revealed[s][1].receive(forwarded[s], os.urandom, ids.identity(s))
         for s in forwarded
         if s not in vanish
     }
@@ -104,7 +113,8 @@ def run(
     requests, server5 = server4.collect(t["consistency"]([m for m, _ in stage4.values()]))
     answers = [stage4[s][1].receive(requests[s], ids.identity(s)) for s in requests]
     total = server5.collect(t["unmask"](answers))
-    return Outcome(total, {**server4.rejected, **server5.rejected}, server4.cohort, declined)
+    rejected = {**server4.rejected, **server5.rejected}
+    return Outcome(total, rejected, server4.cohort, declined, server2.params, vanish)
 
 
 def by(liar: str, change: Callable[[Any], Any]) -> Tamper:
@@ -157,9 +167,10 @@ def test_low_order_keys_are_named_at_advertise_and_left_out_by_honest_sites() ->
     # that neighbour out rather than crash on the all-zero agreement.
     stage1 = {s: ClientAdvertise(p, s).start(os.urandom) for s in p.participants}
     me = p.participants[0]
-    keys = {q: stage1[q][0] for q in p.neighbours[me]}
+    forwarded, _, states = advertise(p, stage1)
+    keys = dict(forwarded[me].keys)
     keys[liar] = dataclasses.replace(keys[liar], mask_public=ORDER_EIGHT)
-    shares, _ = stage1[me][1].receive(NeighbourKeys(me, keys), os.urandom)
+    shares, _ = states[me].receive(NeighbourKeys(me, keys, forwarded[me].nonces), os.urandom)
     assert set(shares.ciphertexts) == set(p.neighbours[me]) - {liar}
 
 
@@ -204,21 +215,25 @@ def test_a_site_with_too_few_live_neighbours_declines_without_blame() -> None:
     against it, and the round completes with the others' exact sum."""
     p, inputs, ids = setup(24)
     lonely = p.participants[0]
-    near, draw = sorted(p.neighbours[lonely]), np.random.default_rng(0)
 
-    def others_keep_enough(vanish: frozenset[str]) -> bool:
-        gone = vanish | {lonely}
-        return all(len(p.neighbours[s] - gone) >= p.threshold for s in set(p.participants) - gone)
+    def pick(q: RoundParams) -> frozenset[str]:  # in the graph the beacon drew
+        near, draw = sorted(q.neighbours[lonely]), np.random.default_rng(0)
 
-    # Leave it threshold - 1 neighbours, and every other site enough (the graph is the session's).
-    candidates = (
-        frozenset(draw.choice(near, len(near) - p.threshold + 1, replace=False)) for _ in range(500)
-    )
-    vanish = next(v for v in candidates if others_keep_enough(v))
-    assert len(p.neighbours[lonely] - vanish) < p.threshold
-    out = run(p, inputs, ids, vanish=vanish)
+        def others_keep_enough(vanish: frozenset[str]) -> bool:
+            gone = vanish | {lonely}
+            return all(len(q.neighbours[s] - gone) >= q.threshold for s in set(q.participants) - gone)
+
+        # Leave it threshold - 1 neighbours, and every other site enough.
+        candidates = (
+            frozenset(draw.choice(near, len(near) - q.threshold + 1, replace=False)) for _ in range(500)
+        )
+        vanish = next(v for v in candidates if others_keep_enough(v))
+        assert len(q.neighbours[lonely] - vanish) < q.threshold
+        return vanish
+
+    out = run(p, inputs, ids, vanish=pick)
     assert out.declined == {lonely} and out.rejected == {}
-    assert out.cohort == set(p.participants) - vanish - {lonely}
+    assert out.cohort == set(p.participants) - out.vanished - {lonely}
     np.testing.assert_array_equal(out.total, exact(inputs, out.cohort))
 
 
@@ -361,8 +376,11 @@ def test_the_commitment_digests_and_complaints_travel_on_the_wire() -> None:
     a, b, c, d = p.participants[:4]
     keys, _ = ClientAdvertise(p, a, ids.identity(a)).start(os.urandom)
     assert from_wire(to_wire(keys), site=a) == keys
-    forwarded = NeighbourKeys(b, {a: keys})
+    forwarded = NeighbourKeys(b, {a: keys}, {a: b"n" * 32, c: b"m" * 32})
     assert from_wire(to_wire(forwarded), site=b) == forwarded
+    assert keys.nonce_commitment and keys.seed_commitment
+    for message in (RevealRequest(b, {a: b"1" * 32, b: b"2" * 32}), NonceReveal(a, b"3" * 32)):
+        assert from_wire(to_wire(message), site=message.site) == message
     for kind in (ShareKeys, RoutedShares):
         shares = kind(a, {b: b"c", c: b"d"}, {b: b"1", c: b"2"})
         assert from_wire(to_wire(shares), site=a) == shares

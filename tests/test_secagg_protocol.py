@@ -14,16 +14,15 @@ from hypothesis import strategies as st
 
 from fedcore.secagg.common import Aborted, AbortReason, ProtocolAbort, RoundParams
 from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
-from fedcore.secagg.local import run_round
-from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
+from fedcore.secagg.local import advertise, run_round
+from fedcore.secagg.stages.advertise import ClientAdvertise
 from fedcore.secagg.stages.messages import ConsistencyRequest, UnmaskRequest
 
 
 def params(n: int, degree: int, threshold: int, length: int, bits: int = 32) -> RoundParams:
     sites = [f"site-{i:03d}" for i in range(n)]
-    graph = neighbour_graph(sites, degree, session="")
-    smallest = min(len(p) for p in graph.values())
-    return RoundParams(1, tuple(sites), graph, min(threshold, smallest), length, bits)
+    smallest = min(len(p) for p in neighbour_graph(sites, degree, session="").values())
+    return RoundParams(1, tuple(sites), degree, min(threshold, smallest), length, bits)
 
 
 def inputs_for(p: RoundParams, seed: int) -> dict[str, np.ndarray]:
@@ -90,8 +89,9 @@ def test_dropouts_below_each_neighbourhoods_tolerance_complete_exactly() -> None
 def test_a_server_asking_for_both_shares_of_a_site_is_refused() -> None:
     p = params(6, 5, 4, 8)
     clients = {s: ClientAdvertise(p, s).start(bytes_source()) for s in p.participants}
-    forwarded, server = ServerAdvertise(p).collect([m for m, _ in clients.values()])
-    stage2 = {s: clients[s][1].receive(forwarded[s], bytes_source()) for s in p.participants}
+    forwarded, server, states = advertise(p, clients)
+    p = server.params  # with the beacon: its graph
+    stage2 = {s: states[s].receive(forwarded[s], bytes_source()) for s in p.participants}
     routed, _ = server.collect([m for m, _ in stage2.values()])
     me = p.participants[0]
     _, consistency = stage2[me][1].receive(routed[me], np.zeros(8, np.uint32))

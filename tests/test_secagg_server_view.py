@@ -12,7 +12,7 @@ import pytest
 from fedcore.errors import SecurityError
 from fedcore.secagg import shamir
 from fedcore.secagg.common import ProtocolAbort, RoundParams
-from fedcore.secagg.graph import neighbour_graph
+from fedcore.secagg.local import advertise
 from fedcore.secagg.primitives import agree, decrypt
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
 from fedcore.secagg.stages.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskShares
@@ -22,9 +22,7 @@ N, DEGREE, THRESHOLD, LENGTH = 8, 7, 5, 20_000
 
 def params(round_number: int = 1) -> RoundParams:
     sites = [f"site-{i}" for i in range(N)]
-    return RoundParams(
-        round_number, tuple(sites), neighbour_graph(sites, DEGREE, session=""), THRESHOLD, LENGTH
-    )
+    return RoundParams(round_number, tuple(sites), DEGREE, THRESHOLD, LENGTH)
 
 
 def full_round(p: RoundParams, inputs: dict[str, np.ndarray], dropped_at_3: set[str]) -> dict[str, object]:
@@ -32,8 +30,8 @@ def full_round(p: RoundParams, inputs: dict[str, np.ndarray], dropped_at_3: set[
     seen: dict[str, object] = {}
     stage1 = {s: ClientAdvertise(p, s).start(os.urandom) for s in p.participants}
     seen["keys"] = [m for m, _ in stage1.values()]
-    forwarded, server2 = ServerAdvertise(p).collect(seen["keys"])  # type: ignore[arg-type]
-    stage2 = {s: stage1[s][1].receive(forwarded[s], os.urandom) for s in p.participants}
+    forwarded, server2, states = advertise(p, stage1)
+    stage2 = {s: states[s].receive(forwarded[s], os.urandom) for s in p.participants}
     seen["shares"] = [m for m, _ in stage2.values()]
     routed, server3 = server2.collect(seen["shares"])  # type: ignore[arg-type]
     live = [s for s in p.participants if s not in dropped_at_3]
@@ -79,9 +77,9 @@ def test_shares_addressed_to_one_site_open_for_no_one_else() -> None:
     sites = list(p.participants)
     stage1 = {s: ClientAdvertise(p, s).start(os.urandom) for s in sites}
     keys = {s: m for s, (m, _) in stage1.items()}
-    forwarded, _ = ServerAdvertise(p).collect(list(keys.values()))
+    forwarded, _, states = advertise(p, stage1)
     sender = sites[0]
-    message, _ = stage1[sender][1].receive(forwarded[sender], os.urandom)
+    message, _ = states[sender].receive(forwarded[sender], os.urandom)
     recipient, ciphertext = next(iter(message.ciphertexts.items()))
     intruders = [s for s in sites if s not in (sender, recipient)]
     for intruder in intruders:  # another site, with its own key pair, cannot open it
@@ -115,8 +113,10 @@ def test_forged_replayed_and_out_of_stage_messages_leave_their_sender_out() -> N
     assert set(copied) == {sites[0], sites[1]}  # neither copy is trusted
     with pytest.raises(ProtocolAbort):  # not a participant of the round
         server.collect([*keys, AdvertiseKeys("mallory", keys[0].cipher_public, keys[0].mask_public)])
-    forwarded, server2 = server.collect(keys)
-    stage2 = {s: stage1[s][1].receive(forwarded[s], os.urandom) for s in sites}
+    requests, reveal = server.collect(keys)
+    revealed = {s: stage1[s][1].receive(requests[s]) for s in sites}
+    forwarded, server2 = reveal.collect([m for m, _ in revealed.values()])
+    stage2 = {s: revealed[s][1].receive(forwarded[s], os.urandom) for s in sites}
     shares = [m for m, _ in stage2.values()]
     _, wrong_stage = server2.collect([*shares[1:], MaskedInput(sites[0], np.zeros(LENGTH, np.uint32))])  # type: ignore[list-item]
     assert set(wrong_stage.rejected) == {sites[0]}

@@ -37,6 +37,7 @@ def test_the_secure_model_is_the_plain_model() -> None:
     assert record.secure_aggregation["masked"] == 6
     assert set(record.secure_aggregation["stages"]) == {
         "advertise",
+        "reveal",
         "share_keys",
         "masked_input",
         "consistency",

@@ -1,6 +1,6 @@
-"""The SecAgg+ leaf: the server's side of one secure sum, four exchanges with the sites.
+"""The SecAgg+ leaf: the server's side of one secure sum, five exchanges with the sites.
 
-Advertise keys, share keys, fit-and-mask (the global model and the stage plan go out with
+Advertise keys, reveal nonces (the graph's randomness), share keys, fit-and-mask (the global model and the stage plan go out with
 the routed shares; a masked integer vector comes back), unmask. The server's stage states
 (fedcore.secagg.stages) check every message and keep only what the protocol allows; an
 abort at any stage fails the attempt, which the engine retries. The result is the sum
@@ -38,27 +38,36 @@ from fedcore.secagg.stages.messages import (
     AdvertiseKeys,
     ConsistencySignature,
     MaskedInput,
+    NonceReveal,
     ShareKeys,
     UnmaskShares,
 )
 
 log = logging.getLogger(__name__)
 
-EXCHANGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")  # in protocol order
+EXCHANGES = (
+    "advertise",
+    "reveal",
+    "share_keys",
+    "masked_input",
+    "consistency",
+    "unmask",
+)  # in protocol order
 
 
 def round_params(config: SecureAggregationConfig, info: RoundInfo, *, bits: int) -> RoundParams:
     sampled = list(info.sampled)
-    # Sites refuse a graph sparser than the default, or other than the session's.
+    # Sites refuse a graph sparser than the default; the nonces they reveal draw it.
     degree = max(config.neighbors or 0, default_degree(len(sampled)))
     session = f"{info.run_id}/{info.round}/{info.attempt}"
+    # Its degrees: the same for every draw of the graph (`neighbour_graph`).
     graph = neighbour_graph(sampled, degree, session=session)
     smallest = min(len(peers) for peers in graph.values())
     largest = max(len(peers) for peers in graph.values())
     # Sites refuse a threshold that is not above half their neighbourhood (a configured one too).
     threshold = min(max(config.threshold or 0, default_threshold(largest)), smallest)
     length = sum(a.size for a in info.model.values()) + 1  # the update, then its weight
-    return RoundParams(info.round, tuple(sampled), graph, threshold, length, bits, session)
+    return RoundParams(info.round, tuple(sampled), degree, threshold, length, bits, session)
 
 
 class SecureSum(Leaf):
@@ -124,7 +133,9 @@ class SecureSum(Leaf):
             keys = await exchange(
                 "advertise", list(info.sampled), lambda s: SiteRequest(False, params), AdvertiseKeys
             )
-            forwarded, server2 = ServerAdvertise(params).collect(keys)
+            reveal, server1b = ServerAdvertise(params).collect(keys)
+            nonces = await exchange("reveal", sorted(reveal), send(reveal), NonceReveal)
+            forwarded, server2 = server1b.collect(nonces)
             shares = await exchange("share_keys", sorted(forwarded), send(forwarded), ShareKeys)
             routed, server3 = server2.collect(shares)
             plan = context.plan(info)
@@ -180,7 +191,7 @@ class SecureSum(Leaf):
             masked=len(contributors),
             recovered=len(set(routed) - set(contributors)),  # shared keys, then dropped
             threshold=params.threshold,
-            neighbors=min(len(p) for p in params.neighbours.values()),
+            neighbors=min(len(p) for p in server2.params.neighbours.values()),
             stages=stages,
         )
         return aggregate

@@ -14,25 +14,40 @@ from fedcore.secagg.stages.messages import (
     ConsistencyRequest,
     MaskedInput,
     NeighbourKeys,
+    RevealRequest,
     RoutedShares,
     UnmaskRequest,
     dtype,
 )
+from fedcore.secagg.stages.reveal import ClientReveal
 from fedcore.secagg.stages.share_keys import ClientShareKeys
 from fedcore.secagg.stages.unmask import ClientUnmask
 
+MAX_ATTEMPTS = 10  # sessions of one round a site takes part in, by default
+
 # A site's state within a round.
-SecAggState = ClientShareKeys | ClientMaskedInput | ClientConsistency | ClientUnmask
+SecAggState = ClientReveal | ClientShareKeys | ClientMaskedInput | ClientConsistency | ClientUnmask
 
 
 class SecAggClient:
-    def __init__(self, site: str, identity: Identity | None = None, *, min_cohort: int = MIN_COHORT) -> None:
+    def __init__(
+        self,
+        site: str,
+        identity: Identity | None = None,
+        *,
+        min_cohort: int = MIN_COHORT,
+        max_attempts: int = MAX_ATTEMPTS,
+    ) -> None:
         """`identity`: the site's signing key and its verifier of the others (None: no
         signatures, so only an honest server is kept from the inputs). `min_cohort`: the
-        site's policy on the fewest participants of a round it joins (at least MIN_COHORT)."""
+        site's policy on the fewest participants of a round it joins (at least MIN_COHORT).
+        `max_attempts`: the most sessions of one round it advertises for (a server that
+        aborts at reveal draws the graph again: this caps its draws)."""
         self.site = site
         self.identity = identity
         self.min_cohort = max(min_cohort, MIN_COHORT)
+        self.max_attempts = max_attempts
+        self.sessions: dict[int, set[str]] = {}  # round -> the sessions advertised for
         self.state: SecAggState | None = None
 
     def participants(self) -> tuple[str, ...]:
@@ -53,7 +68,7 @@ class SecAggClient:
         )
 
     def step(self, message: object, round_number: int) -> object:
-        """Stages 1, 2 and 4: the reply to the server's message."""
+        """Stages 1, 1b (reveal), 2 and 4: the reply to the server's message."""
         if isinstance(message, RoundParams):
             need(
                 message.round == round_number and self.site in message.participants,
@@ -65,10 +80,23 @@ class SecAggClient:
                 AbortReason.UNSAFE_PARAMETERS,
                 f"{len(message.participants)} participants; this site's policy needs {self.min_cohort}",
             )
+            sessions = self.sessions.setdefault(message.round, set())
+            need(
+                message.session in sessions or len(sessions) < self.max_attempts,
+                AbortReason.UNSAFE_PARAMETERS,
+                f"attempt {len(sessions) + 1} of round {message.round}; this site takes part in {self.max_attempts}",
+            )
+            sessions.add(message.session)
+            self.sessions = {r: s for r, s in self.sessions.items() if r >= message.round}
             # Fresh keys every time, also for a session redone after a server's crash: every
             # signature binds the signer's keys of this execution, so nothing old is replayable.
             reply, self.state = ClientAdvertise(message, self.site, self.identity).start(os.urandom)
             return reply
+        if isinstance(message, RevealRequest):
+            self._expect(ClientReveal, round_number)
+            assert isinstance(self.state, ClientReveal)
+            nonce, self.state = self.state.receive(message, self.min_cohort)
+            return nonce
         if isinstance(message, NeighbourKeys):
             self._expect(ClientShareKeys, round_number)
             assert isinstance(self.state, ClientShareKeys)

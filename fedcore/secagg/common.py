@@ -9,6 +9,7 @@ comes in as `randbytes`, so that tests can replay a round.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import hashlib
@@ -32,6 +33,8 @@ class AbortReason(enum.Enum):
     INCONSISTENT_REQUEST = "the server asked for shares it must not have"
     UNSAFE_PARAMETERS = "the round's parameters would let the server reconstruct an input"
     BAD_SIGNATURES = "too few valid signatures on the survivor set"
+    MISSING_REVEAL = "a site that advertised keys revealed no nonce"
+    BAD_REVEAL = "a nonce that does not match its commitment, or commitments without this site's"
 
 
 @dataclass(frozen=True)
@@ -55,22 +58,35 @@ class RoundParams:
 
     round: int
     participants: tuple[str, ...]  # the sites that start the round, sorted
-    neighbours: Mapping[str, frozenset[str]]  # symmetric, no self loops
+    degree: int  # of the neighbour graph, which the beacon draws (`neighbours`)
     threshold: int  # shares needed to reconstruct a site's secrets
     length: int  # integers per input vector
     bits: int = 32  # arithmetic modulo 2**bits
     session: str = ""  # run, round and attempt: bound into every signature of the round
+    # SHA-256 of the nonces the sites revealed after the participant set was fixed (b"" at
+    # advertise, before it exists): with the session, what draws the neighbour graph.
+    beacon: bytes = b""
 
     def __post_init__(self) -> None:
         if list(self.participants) != sorted(set(self.participants)):
             raise ValueError("participants must be sorted and distinct")
-        for site, peers in self.neighbours.items():
-            if site in peers or any(site not in self.neighbours[p] for p in peers):
-                raise ValueError(f"the neighbour graph must be symmetric without self loops (at {site})")
+        if self.degree < 1:
+            raise ValueError("degree must be positive")
         if not 1 <= self.threshold <= min((len(p) for p in self.neighbours.values()), default=0):
             raise ValueError("threshold must be between 1 and the smallest neighbourhood's size")
         if self.bits not in (32, 64):
             raise ValueError("bits must be 32 or 64")
+
+    @functools.cached_property
+    def neighbours(self) -> Mapping[str, frozenset[str]]:
+        """The graph the beacon draws (symmetric, no self loops): no party can pass another."""
+        draw = f"{self.session}|{self.beacon.hex()}" if self.beacon else self.session
+        return neighbour_graph(self.participants, self.degree, session=draw)
+
+    @functools.cached_property
+    def base(self) -> RoundParams:
+        """The parameters before the beacon: what the advertise signatures and commitments bind."""
+        return dataclasses.replace(self, beacon=b"") if self.beacon else self
 
     def index(self, site: str) -> int:
         """The site's Shamir x-coordinate (1-based, never 0: 0 is where the secret lives)."""
@@ -87,36 +103,41 @@ class RoundParams:
     def digest(self) -> bytes:
         """The parameters as one value: a site signs its view of them with its keys, so that
         neighbours given different parameters cannot verify each other."""
-        graph = sorted((site, sorted(peers)) for site, peers in self.neighbours.items())
-        view = (self.session, self.round, self.participants, graph, self.threshold, self.length, self.bits)
+        view = (
+            self.session,
+            self.round,
+            self.participants,
+            self.degree,
+            self.beacon,
+            self.threshold,
+            self.length,
+            self.bits,
+        )
         return hashlib.sha256(repr(view).encode()).digest()
 
     def check_safe(self, site: str) -> None:
-        """What a site checks before it takes part: a graph over exactly the participants,
-        at least MIN_COHORT of them, at least 2 neighbours, and a threshold above half of
-        its neighbourhood counted with itself (2t >= k + 2): no two disjoint groups of that
+        """What a site checks before it takes part (at advertise, and again with the beacon):
+        at least MIN_COHORT participants, a degree at least the default (a sparser graph
+        needs fewer colluders around a site), at least 2 neighbours, and a threshold above
+        half of its neighbourhood counted with itself (2t >= k + 2): no two disjoint groups of that
         neighbourhood can each gather t signatures on different survivor sets, so the server
         cannot have one group reveal a site's self mask and the other its neighbours' keys."""
+        n = len(self.participants)
         need(
-            len(self.participants) >= MIN_COHORT and set(self.neighbours) == set(self.participants),
+            n >= MIN_COHORT,
             AbortReason.UNSAFE_PARAMETERS,
-            f"{len(self.participants)} participants and a graph over others; a secure sum needs {MIN_COHORT}",
+            f"{n} participants; a secure sum needs {MIN_COHORT}",
         )
-        degree = len(self.neighbours.get(site, ()))
+        need(
+            self.degree >= default_degree(n),
+            AbortReason.UNSAFE_PARAMETERS,
+            f"degree {self.degree}, sparser than the default {default_degree(n)}",
+        )
+        degree = len(self.neighbours[site])
         need(
             degree >= 2 and 2 * self.threshold >= degree + 2,
             AbortReason.UNSAFE_PARAMETERS,
             f"threshold {self.threshold} is not above half of this site and its {degree} neighbours",
-        )
-        # The graph the session draws (the server cannot place sites), at least as dense as
-        # the default (a sparser graph needs fewer colluders around a site).
-        n, largest = len(self.participants), max(len(p) for p in self.neighbours.values())
-        least = neighbour_graph(self.participants, default_degree(n), session=self.session)
-        need(
-            largest >= len(least[site])
-            and dict(self.neighbours) == neighbour_graph(self.participants, largest, session=self.session),
-            AbortReason.UNSAFE_PARAMETERS,
-            "a neighbour graph sparser than the default, or not the one the session draws",
         )
 
 

@@ -1,11 +1,14 @@
 """The sparse neighbour graph of SecAgg+ (Bell et al. 2020): each site shares its secrets
 with, and masks against, only k neighbours instead of all n - 1 sites.
 
-The graph is a public function of the round's session (run, round, attempt), its
-participants and its degree: every site recomputes it and refuses another, so a server
-cannot draw it by hand. It can still search sessions and participant sets offline for a draw
-it likes (the README's threat model): stopping that needs randomness the sites contribute
-after the participants are fixed (commit and reveal), which is not built yet."""
+The graph is a public function of the round's session (run, round, attempt), the beacon,
+its participants and its degree (`RoundParams.neighbours`). The beacon hashes the nonces
+the sites committed to at advertise and revealed once the server had fixed the participant
+set (`fedcore.secagg.stages.reveal`): the server cannot know an honest site's nonce when it
+fixes the set, so it cannot search sessions or participant sets offline for a draw it likes,
+and every site computes the graph itself, so it cannot pass another. It can re-roll the draw
+only by aborting an attempt after the reveal, and each site takes part in at most
+`max_attempts` attempts of a round (`SecAggClient`)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,21 @@ import numpy as np
 from fedcore.secagg.common import Aborted, ProtocolAbort, RandBytes, RoundParams
 from fedcore.secagg.identity import Identity
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
+from fedcore.secagg.stages.messages import AdvertiseKeys, NeighbourKeys
+from fedcore.secagg.stages.reveal import ClientReveal
+from fedcore.secagg.stages.share_keys import ClientShareKeys, ServerShareKeys
+
+
+def advertise(
+    params: RoundParams, stage1: Mapping[str, tuple[AdvertiseKeys, ClientReveal]]
+) -> tuple[dict[str, NeighbourKeys], ServerShareKeys, dict[str, ClientShareKeys]]:
+    """Stage 1 and its reveal, honestly: the server collects the advertisements, every site
+    it accepted reveals its nonce, and the server forwards the keys in the graph the nonces
+    draw (`ServerShareKeys.params`: the parameters with the beacon)."""
+    requests, server = ServerAdvertise(params).collect([m for m, _ in stage1.values()])
+    revealed = {s: stage1[s][1].receive(requests[s]) for s in requests}
+    forwarded, server2 = server.collect([m for m, _ in revealed.values()])
+    return forwarded, server2, {s: state for s, (_, state) in revealed.items()}
 
 
 def run_round(
@@ -35,10 +50,11 @@ def run_round(
     try:
         clients = {s: ClientAdvertise(params, s, (identities or {}).get(s)) for s in params.participants}
         stage1 = {s: clients[s].start(randbytes) for s in alive(1)}
-        forwarded, server2 = ServerAdvertise(params).collect([m for m, _ in stage1.values()])
+        # The reveal is part of advertising: a site missing there aborts the attempt.
+        forwarded, server2, states = advertise(params, stage1)
         ids = identities or {}
         stage2 = {
-            s: stage1[s][1].receive(forwarded[s], randbytes, ids.get(s)) for s in alive(2) if s in forwarded
+            s: states[s].receive(forwarded[s], randbytes, ids.get(s)) for s in alive(2) if s in forwarded
         }
         routed, server3 = server2.collect([m for m, _ in stage2.values()])
         stage3 = {s: stage2[s][1].receive(routed[s], inputs[s]) for s in alive(3) if s in routed}

@@ -18,6 +18,8 @@ from fedcore.secagg.stages.messages import (
     ConsistencySignature,
     MaskedInput,
     NeighbourKeys,
+    NonceReveal,
+    RevealRequest,
     RoutedShares,
     ShareKeys,
     UnmaskRequest,
@@ -37,9 +39,8 @@ def to_wire(message: object) -> pb.SecAgg:
             length=message.length,
             bits=message.bits,
             session=message.session,
+            degree=message.degree,
         )
-        for site, peers in message.neighbours.items():
-            params.neighbours[site].sites.extend(sorted(peers))
         return pb.SecAgg(params=params)
     if isinstance(message, AdvertiseKeys):
         return pb.SecAgg(keys=_keys(message))
@@ -47,7 +48,12 @@ def to_wire(message: object) -> pb.SecAgg:
         out = pb.SecAgg(neighbour_keys=pb.SecAggNeighbourKeys())
         for site, keys in message.keys.items():
             out.neighbour_keys.keys[site].CopyFrom(_keys(keys))
+        out.neighbour_keys.nonces.update(message.nonces)
         return out
+    if isinstance(message, RevealRequest):
+        return pb.SecAgg(reveal_request=pb.SecAggRevealRequest(commitments=message.commitments))
+    if isinstance(message, NonceReveal):
+        return pb.SecAgg(nonce_reveal=pb.SecAggNonceReveal(nonce=message.nonce))
     if isinstance(message, ConsistencyRequest):
         return pb.SecAgg(consistency_request=pb.SecAggConsistencyRequest(cohort=sorted(message.cohort)))
     if isinstance(message, ConsistencySignature):
@@ -89,11 +95,14 @@ def _keys(keys: AdvertiseKeys) -> pb.SecAggKeys:
         signature=keys.signature,
         credential=keys.credential,
         seed_commitment=keys.seed_commitment,
+        nonce_commitment=keys.nonce_commitment,
     )
 
 
 def _from_keys(site: str, k: pb.SecAggKeys) -> AdvertiseKeys:
-    return AdvertiseKeys(site, k.cipher_public, k.mask_public, k.signature, k.credential, k.seed_commitment)
+    return AdvertiseKeys(
+        site, k.cipher_public, k.mask_public, k.signature, k.credential, k.seed_commitment, k.nonce_commitment
+    )
 
 
 def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -> object:
@@ -105,7 +114,7 @@ def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -
             return RoundParams(
                 round=p.round,
                 participants=tuple(p.participants),
-                neighbours={s: frozenset(peers.sites) for s, peers in p.neighbours.items()},
+                degree=p.degree,
                 threshold=p.threshold,
                 length=p.length,
                 bits=p.bits,
@@ -115,7 +124,11 @@ def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -
             return _from_keys(site, message.keys)
         if which == "neighbour_keys":
             keys = {s: _from_keys(s, k) for s, k in message.neighbour_keys.keys.items()}
-            return NeighbourKeys(site, keys)
+            return NeighbourKeys(site, keys, dict(message.neighbour_keys.nonces))
+        if which == "reveal_request":
+            return RevealRequest(site, dict(message.reveal_request.commitments))
+        if which == "nonce_reveal":
+            return NonceReveal(site, message.nonce_reveal.nonce)
         if which == "consistency_request":
             return ConsistencyRequest(site, frozenset(message.consistency_request.cohort))
         if which == "consistency_signature":

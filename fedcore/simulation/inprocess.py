@@ -49,8 +49,10 @@ class InProcessTransport(Transport):
         if not self.experiment.secure_aggregation.enabled:
             return instruction.kind is InstructionKind.FIT
         stage = int(rng(seed, "dropout-stage", *when, site).integers(1, 5))
-        # Drawn over the four exchanges a site works in (the consistency check is a signature).
-        return [e for e in SECURE_EXCHANGES if e != "consistency"][stage - 1] == instruction.exchange
+        # Drawn over the four exchanges a site works in (the reveal is a nonce, the consistency
+        # check a signature).
+        worked = [e for e in SECURE_EXCHANGES if e not in ("reveal", "consistency")]
+        return worked[stage - 1] == instruction.exchange
 
     def _heterogeneity(self, site: str, instruction: Instruction) -> Instruction:
         sim, seed = self.experiment.simulation, self.experiment.seed

@@ -79,7 +79,7 @@ def per_party(sites: int, params: int, bits: int = 32) -> dict[str, Any]:
     degree = default_degree(sites)
     graph = neighbour_graph(names, degree, session="bench/1/1")
     threshold = default_threshold(min(len(p) for p in graph.values()))
-    p = RoundParams(1, tuple(names), graph, threshold, params + 1, bits, "bench/1/1")
+    p = RoundParams(1, tuple(names), degree, threshold, params + 1, bits, "bench/1/1")
     authority = LocalAuthority(0)  # every site signs, and checks its neighbours' signatures
     ids = {s: authority.identity(s) for s in names}
     dtype = np.uint64 if bits == 64 else np.uint32
@@ -99,11 +99,13 @@ def per_party(sites: int, params: int, bits: int = 32) -> dict[str, Any]:
     s1 = timed(
         client, "advertise", lambda: {s: ClientAdvertise(p, s, ids[s]).start(os.urandom) for s in names}
     )
-    forwarded, server2 = timed(
+    reveal, server1b = timed(
         server, "advertise", lambda: ServerAdvertise(p).collect([m for m, _ in s1.values()])
     )
+    s1b = timed(client, "reveal", lambda: {s: s1[s][1].receive(reveal[s]) for s in names})
+    forwarded, server2 = timed(server, "reveal", lambda: server1b.collect([m for m, _ in s1b.values()]))
     s2 = timed(
-        client, "share_keys", lambda: {s: s1[s][1].receive(forwarded[s], os.urandom, ids[s]) for s in names}
+        client, "share_keys", lambda: {s: s1b[s][1].receive(forwarded[s], os.urandom, ids[s]) for s in names}
     )
     routed, server3 = timed(server, "share_keys", lambda: server2.collect([m for m, _ in s2.values()]))
     inputs: dict[str, np.ndarray] = {}
@@ -235,7 +237,7 @@ def render(rows: list[dict[str, Any]], throughput: float, console: Console) -> N
             f"{flower_s / deployment:.1f}x" if flower_s else "-",
         )
     console.print(table)
-    stages = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
+    stages = ("advertise", "reveal", "share_keys", "masked_input", "consistency", "unmask")
     per_stage = Table(
         title="Per party and stage, milliseconds (signing and checking: advertise, consistency, unmask)"
     )

@@ -120,7 +120,7 @@ def test_every_byte_the_server_receives_in_a_secure_round_hides_each_update(
     update = np.full(params, STEP, np.float32).tobytes()
     masked = [arrays for _, _, arrays in captured if arrays]
     assert len(masked) == 5  # one payload per site: its masked vector, nothing else
-    assert len(counts) == 5 * 5 and set(counts) == {0}  # no reply of any stage carries an example count
+    assert len(counts) == 6 * 5 and set(counts) == {0}  # no reply of any exchange carries an example count
     everything = b"".join(raw + b"".join(a.tobytes() for a in arrays.values()) for _, raw, arrays in captured)
     assert update[:64] not in everything  # not even 16 of the update's float32 values in a row
     for arrays in masked:

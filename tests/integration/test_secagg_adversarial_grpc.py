@@ -34,6 +34,7 @@ from fedcore.secagg.stages.messages import (
     ConsistencySignature,
     MaskedInput,
     NeighbourKeys,
+    NonceReveal,
     ShareKeys,
     UnmaskRequest,
     UnmaskShares,
@@ -140,7 +141,11 @@ class GrpcFederation:
         keys = {s: r.message for s, r in replies.items()}
         assert all(isinstance(k, AdvertiseKeys) for k in keys.values()), replies
         self.loot.keys = dict(keys)  # type: ignore[arg-type]
-        forwarded, server2 = ServerAdvertise(self.p).collect(list(keys.values()))  # type: ignore[arg-type]
+        requests, reveal = ServerAdvertise(self.p).collect(list(keys.values()))  # type: ignore[arg-type]
+        nonces = {s: r.message for s, r in self._stage(dict(requests), "reveal").items()}
+        assert all(isinstance(m, NonceReveal) for m in nonces.values()), nonces
+        forwarded, server2 = reveal.collect(list(nonces.values()))  # type: ignore[arg-type]
+        self.p = server2.params  # with the beacon: the graph the sites' nonces drew
         shares = {s: r.message for s, r in self._stage(dict(forwarded), "share_keys").items()}
         assert all(isinstance(m, ShareKeys) for m in shares.values())
         routed, _ = server2.collect(list(shares.values()))  # type: ignore[arg-type]
@@ -190,8 +195,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def round_params(server: DishonestServer, attempt: int, **changes: Any) -> RoundParams:
     graph = neighbour_graph(server.sites, default_degree(N), session=f"evil/{ROUND}/{attempt}")
-    t = default_threshold(max(len(p) for p in graph.values()))
-    p = RoundParams(ROUND, tuple(server.sites), graph, t, PARAMS + 1, 32, f"evil/{ROUND}/{attempt}")
+    t = default_threshold(max(len(p) for p in graph.values()))  # its degrees: any draw's
+    p = RoundParams(
+        ROUND, tuple(server.sites), default_degree(N), t, PARAMS + 1, 32, f"evil/{ROUND}/{attempt}"
+    )
     return replace(p, **changes)
 
 
@@ -199,6 +206,7 @@ def test_over_grpc_an_honest_round_unmasks_only_the_sum(server: DishonestServer)
     p = round_params(server, attempt=1)
     fed = GrpcFederation(server, p)
     fed.honest_start()
+    p = fed.p  # with the beacon
     everyone = frozenset(p.participants)
     signatures = fed.sign(dict.fromkeys(p.participants, everyone))
     for site in p.participants:
@@ -225,6 +233,7 @@ def test_over_grpc_the_split_views_attack_gets_no_input(server: DishonestServer)
     p = round_params(server, attempt=2)
     fed = GrpcFederation(server, p)
     fed.honest_start()
+    p = fed.p  # with the beacon
     target = p.participants[0]
     views = drop_plan(p, target)
     refusals = attack_with_views(fed, views)  # type: ignore[arg-type]

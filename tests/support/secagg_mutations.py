@@ -19,14 +19,48 @@ MUTATIONS = [
         "smaller_than_its_policy",
     ),
     (
+        [("fedcore/secagg/common.py", "self.degree >= default_degree(n),", "True,")],
+        "degree_below_the_default",
+    ),
+    (
         [
             (
-                "fedcore/secagg/common.py",
-                "largest >= len(least[site]) and dict(self.neighbours) == neighbour_graph(",
-                "bool(least) or dict(self.neighbours) == neighbour_graph(",
+                "fedcore/secagg/stages/reveal.py",
+                "commitments.get(self.site) == nonce_commitment(p, self.site, self.nonce),",
+                "True,",
             )
         ],
-        "session_did_not_draw",
+        "without_the_sites_own_commitment",
+    ),
+    (
+        [
+            (
+                "fedcore/secagg/stages/share_keys.py",
+                "set(message.nonces) == set(self.commitments)\n            and all(",
+                "True or all(",
+            )
+        ],
+        "forged_nonce",
+    ),
+    (
+        [
+            (
+                "fedcore/secagg/stages/messages.py",
+                '"consistency",\n        params.session,\n        params.digest,',
+                '"consistency",\n        params.session,\n        params.base.digest,',
+            )
+        ],
+        "different_commitments",
+    ),
+    (
+        [
+            (
+                "fedcore/secagg/client.py",
+                "message.session in sessions or len(sessions) < self.max_attempts,",
+                "True,",
+            )
+        ],
+        "max_attempts",
     ),
     (
         [("fedcore/secagg/stages/unmask.py", "self._signed_by(request, identity) >= p.threshold,", "True,")],
@@ -70,7 +104,13 @@ MUTATIONS = [
                 "fedcore/secagg/stages/messages.py",
                 "        keys.cipher_public,\n        keys.mask_public,\n        cohort,",
                 "        cohort,",
-            )
+            ),
+            # A redone session draws another beacon too: both bindings off.
+            (
+                "fedcore/secagg/stages/messages.py",
+                '"consistency",\n        params.session,\n        params.digest,',
+                '"consistency",\n        params.session,\n        params.base.digest,',
+            ),
         ],
         "earlier_attempt",
     ),

@@ -212,43 +212,57 @@ class SiteList(_message.Message):
     def __init__(self, sites: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
-    __slots__ = ("round", "participants", "neighbours", "threshold", "length", "bits", "session")
-    class NeighboursEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: SiteList
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SiteList, _Mapping]] = ...) -> None: ...
+    __slots__ = ("round", "participants", "threshold", "length", "bits", "session", "degree")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
-    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
     round: int
     participants: _containers.RepeatedScalarFieldContainer[str]
-    neighbours: _containers.MessageMap[str, SiteList]
     threshold: int
     length: int
     bits: int
     session: str
-    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[_Mapping[str, SiteList]] = ..., threshold: _Optional[int] = ..., length: _Optional[int] = ..., bits: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
+    degree: int
+    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., threshold: _Optional[int] = ..., length: _Optional[int] = ..., bits: _Optional[int] = ..., session: _Optional[str] = ..., degree: _Optional[int] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
-    __slots__ = ("cipher_public", "mask_public", "signature", "credential", "seed_commitment")
+    __slots__ = ("cipher_public", "mask_public", "signature", "credential", "seed_commitment", "nonce_commitment")
     CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     cipher_public: bytes
     mask_public: bytes
     signature: bytes
     credential: bytes
     seed_commitment: bytes
-    def __init__(self, cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., credential: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ...) -> None: ...
+    nonce_commitment: bytes
+    def __init__(self, cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., credential: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ..., nonce_commitment: _Optional[bytes] = ...) -> None: ...
+
+class SecAggRevealRequest(_message.Message):
+    __slots__ = ("commitments",)
+    class CommitmentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    commitments: _containers.ScalarMap[str, bytes]
+    def __init__(self, commitments: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggNonceReveal(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class SecAggConsistencyRequest(_message.Message):
     __slots__ = ("cohort",)
@@ -263,7 +277,7 @@ class SecAggConsistencySignature(_message.Message):
     def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class SecAggNeighbourKeys(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "nonces")
     class KeysEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -271,9 +285,18 @@ class SecAggNeighbourKeys(_message.Message):
         key: str
         value: SecAggKeys
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SecAggKeys, _Mapping]] = ...) -> None: ...
+    class NoncesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    NONCES_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.MessageMap[str, SecAggKeys]
-    def __init__(self, keys: _Optional[_Mapping[str, SecAggKeys]] = ...) -> None: ...
+    nonces: _containers.ScalarMap[str, bytes]
+    def __init__(self, keys: _Optional[_Mapping[str, SecAggKeys]] = ..., nonces: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class SecAggCiphertexts(_message.Message):
     __slots__ = ("ciphertexts", "digests")
@@ -345,7 +368,7 @@ class SecAggMaskedInput(_message.Message):
     def __init__(self) -> None: ...
 
 class SecAgg(_message.Message):
-    __slots__ = ("params", "keys", "neighbour_keys", "share_keys", "routed_shares", "masked_input", "unmask_request", "unmask_shares", "consistency_request", "consistency_signature")
+    __slots__ = ("params", "keys", "neighbour_keys", "share_keys", "routed_shares", "masked_input", "unmask_request", "unmask_shares", "consistency_request", "consistency_signature", "reveal_request", "nonce_reveal")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOUR_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +379,8 @@ class SecAgg(_message.Message):
     UNMASK_SHARES_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_REQUEST_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    REVEAL_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    NONCE_REVEAL_FIELD_NUMBER: _ClassVar[int]
     params: SecAggParams
     keys: SecAggKeys
     neighbour_keys: SecAggNeighbourKeys
@@ -366,7 +391,9 @@ class SecAgg(_message.Message):
     unmask_shares: SecAggUnmaskShares
     consistency_request: SecAggConsistencyRequest
     consistency_signature: SecAggConsistencySignature
-    def __init__(self, params: _Optional[_Union[SecAggParams, _Mapping]] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., neighbour_keys: _Optional[_Union[SecAggNeighbourKeys, _Mapping]] = ..., share_keys: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., routed_shares: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., masked_input: _Optional[_Union[SecAggMaskedInput, _Mapping]] = ..., unmask_request: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ..., unmask_shares: _Optional[_Union[SecAggUnmaskShares, _Mapping]] = ..., consistency_request: _Optional[_Union[SecAggConsistencyRequest, _Mapping]] = ..., consistency_signature: _Optional[_Union[SecAggConsistencySignature, _Mapping]] = ...) -> None: ...
+    reveal_request: SecAggRevealRequest
+    nonce_reveal: SecAggNonceReveal
+    def __init__(self, params: _Optional[_Union[SecAggParams, _Mapping]] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., neighbour_keys: _Optional[_Union[SecAggNeighbourKeys, _Mapping]] = ..., share_keys: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., routed_shares: _Optional[_Union[SecAggCiphertexts, _Mapping]] = ..., masked_input: _Optional[_Union[SecAggMaskedInput, _Mapping]] = ..., unmask_request: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ..., unmask_shares: _Optional[_Union[SecAggUnmaskShares, _Mapping]] = ..., consistency_request: _Optional[_Union[SecAggConsistencyRequest, _Mapping]] = ..., consistency_signature: _Optional[_Union[SecAggConsistencySignature, _Mapping]] = ..., reveal_request: _Optional[_Union[SecAggRevealRequest, _Mapping]] = ..., nonce_reveal: _Optional[_Union[SecAggNonceReveal, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "task", "site_name")

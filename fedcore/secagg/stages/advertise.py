@@ -12,11 +12,12 @@ from fedcore.secagg.primitives import KeyPair, valid_public
 from fedcore.secagg.stages.messages import (
     COMMITMENT_BYTES,
     AdvertiseKeys,
-    NeighbourKeys,
+    RevealRequest,
     advertised,
+    nonce_commitment,
     seed_commitment,
 )
-from fedcore.secagg.stages.share_keys import ClientShareKeys, ServerShareKeys
+from fedcore.secagg.stages.reveal import ClientReveal, ServerReveal
 
 
 def keypair(randbytes: RandBytes) -> KeyPair:
@@ -29,30 +30,41 @@ class ClientAdvertise:
     site: str
     identity: Identity | None = None  # None: unsigned keys (an honest server is trusted)
 
-    def start(self, randbytes: RandBytes) -> tuple[AdvertiseKeys, ClientShareKeys]:
+    def start(self, randbytes: RandBytes) -> tuple[AdvertiseKeys, ClientReveal]:
         self.params.check_safe(self.site)
         cipher, mask = keypair(randbytes), keypair(randbytes)
         # The seed is drawn now, and committed to, so that the server can check what it
         # rebuilds from shares at unmask.
         seed = randbytes(SEED_BYTES)
         commitment = seed_commitment(self.params, self.site, seed)
-        message = AdvertiseKeys(self.site, cipher.public, mask.public, seed_commitment=commitment)
+        # The nonce too: revealed only once the server has fixed who takes part (`reveal`).
+        nonce = randbytes(SEED_BYTES)
+        message = AdvertiseKeys(
+            self.site,
+            cipher.public,
+            mask.public,
+            seed_commitment=commitment,
+            nonce_commitment=nonce_commitment(self.params, self.site, nonce),
+        )
         if self.identity is not None:
             signature = self.identity.signer.sign(advertised(self.params, message))
             message = replace(message, signature=signature, credential=self.identity.signer.credential)
-        return message, ClientShareKeys(self.params, self.site, cipher, mask, seed)
+        return message, ClientReveal(self.params, self.site, cipher, mask, seed, nonce)
 
 
 @dataclass(frozen=True)
 class ServerAdvertise:
     params: RoundParams
 
-    def collect(self, messages: list[AdvertiseKeys]) -> tuple[dict[str, NeighbourKeys], ServerShareKeys]:
-        """Forward each live site its live neighbours' keys. Sites that sent nothing dropped
+    def collect(self, messages: list[AdvertiseKeys]) -> tuple[dict[str, RevealRequest], ServerReveal]:
+        """Fix the set of sites whose keys are accepted, and ask each of them to reveal its
+        nonce (`ServerReveal`), showing it the set's nonce commitments. Sites that sent nothing dropped
         out; a site whose message is malformed, repeated or reuses another's key is left out
-        with the reason (`ServerShareKeys.rejected`): one site cannot abort the round.
+        with the reason (`ServerReveal.rejected`): one site cannot abort the round.
         Malformed: keys that are not canonical 32-byte X25519 points, low-order points (every
         agreement with one is all zero), one key twice, or a commitment that is no SHA-256."""
+        if self.params.beacon:
+            raise ValueError("the advertise stage runs on the parameters before the beacon")
         keys: dict[str, AdvertiseKeys] = {}
         rejected: dict[str, str] = {}
         for m in messages:
@@ -72,8 +84,8 @@ class ServerAdvertise:
                 rejected[m.site] = "malformed keys"
             elif not (valid_public(m.cipher_public) and valid_public(m.mask_public)):
                 rejected[m.site] = "a low-order or non-canonical X25519 key"
-            elif len(m.seed_commitment) != COMMITMENT_BYTES:
-                rejected[m.site] = "a malformed seed commitment"
+            elif not len(m.seed_commitment) == COMMITMENT_BYTES == len(m.nonce_commitment):
+                rejected[m.site] = "a malformed seed or nonce commitment"
             else:
                 keys[m.site] = m
         owners: dict[bytes, list[str]] = {}
@@ -90,8 +102,5 @@ class ServerAdvertise:
             AbortReason.TOO_FEW_SURVIVORS,
             f"{len(live)} sites advertised keys",
         )
-        out = {
-            site: NeighbourKeys(site, {p: keys[p] for p in sorted(self.params.neighbours[site] & live)})
-            for site in sorted(live)
-        }
-        return out, ServerShareKeys(self.params, keys, rejected)
+        reveal = ServerReveal(self.params, keys, rejected)
+        return reveal.requests(), reveal

@@ -25,6 +25,22 @@ class AdvertiseKeys:
     signature: bytes = b""  # the site's, over the session, the parameters, both keys, the commitment
     credential: bytes = b""  # what proves the signing key (its certificate)
     seed_commitment: bytes = b""  # SHA-256 binding the self-mask seed: see `seed_commitment`
+    nonce_commitment: bytes = b""  # SHA-256 binding the site's beacon nonce: see `nonce_commitment`
+
+
+@dataclass(frozen=True)
+class RevealRequest:
+    """The server's fixed set of sites (those whose keys it accepted), by their nonce
+    commitments: a site whose own commitment is in it reveals its nonce."""
+
+    site: str
+    commitments: dict[str, bytes]  # site -> its nonce commitment
+
+
+@dataclass(frozen=True)
+class NonceReveal:
+    site: str
+    nonce: bytes
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,7 @@ class NeighbourKeys:
 
     site: str
     keys: dict[str, AdvertiseKeys]
+    nonces: dict[str, bytes] = field(default_factory=dict)  # every revealed nonce: the beacon's
 
 
 @dataclass(frozen=True)
@@ -64,19 +81,36 @@ def advertised(params: RoundParams, keys: AdvertiseKeys) -> bytes:
     return signed_bytes(
         "advertise",
         params.session,
-        params.digest,
+        params.base.digest,
         keys.site,
         keys.cipher_public,
         keys.mask_public,
         keys.seed_commitment,
+        keys.nonce_commitment,
     )
+
+
+def nonce_commitment(params: RoundParams, site: str, nonce: bytes) -> bytes:
+    """What a site commits to at advertise, and reveals once the server has fixed who takes
+    part: the server cannot know an honest site's nonce when it fixes the set."""
+    return hashlib.sha256(
+        signed_bytes("beacon nonce", params.session, params.base.digest, site, nonce)
+    ).digest()
+
+
+def beacon(params: RoundParams, nonces: dict[str, bytes]) -> bytes:
+    """The round's randomness, from every revealed nonce: what draws the neighbour graph."""
+    pairs = [part for site, nonce in sorted(nonces.items()) for part in (site, nonce)]
+    return hashlib.sha256(signed_bytes("beacon", params.session, params.base.digest, *pairs)).digest()
 
 
 def seed_commitment(params: RoundParams, site: str, seed: bytes) -> bytes:
     """What a site commits to at advertise: the server checks the self-mask seed it rebuilds
     from shares against it, so that a lying share holder (or a dealer sharing another seed)
     cannot make it remove a wrong self mask. Hiding: the seed is 256 random bits."""
-    return hashlib.sha256(signed_bytes("self-mask seed", params.session, params.digest, site, seed)).digest()
+    return hashlib.sha256(
+        signed_bytes("self-mask seed", params.session, params.base.digest, site, seed)
+    ).digest()
 
 
 def share_digest(params: RoundParams, dealer: str, holder: str, kind: str, share: bytes) -> bytes:
@@ -99,9 +133,10 @@ def dealt(params: RoundParams, dealer: str, holder: str, pair: bytes) -> bytes:
 
 
 def agreed(params: RoundParams, keys: AdvertiseKeys, cohort: frozenset[str]) -> bytes:
-    """What a survivor signs at the consistency check: the session, its keys of this
-    execution (a signature from an earlier execution of the session cannot be replayed)
-    and the survivor set."""
+    """What a survivor signs at the consistency check: the session, the parameters with the
+    beacon it computed (sites shown different commitments or nonces cannot verify each
+    other), its keys of this execution (a signature from an earlier execution of the
+    session cannot be replayed) and the survivor set."""
     return signed_bytes(
         "consistency",
         params.session,

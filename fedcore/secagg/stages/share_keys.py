@@ -6,7 +6,7 @@ ciphertexts, between the pairs of sites that each addressed the other."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fedcore.secagg import shamir
 from fedcore.secagg.common import AbortReason, RandBytes, RoundParams, need
@@ -18,7 +18,9 @@ from fedcore.secagg.stages.messages import (
     NeighbourKeys,
     RoutedShares,
     ShareKeys,
+    beacon,
     dealt,
+    nonce_commitment,
     verified,
 )
 
@@ -36,25 +38,38 @@ class ClientShareKeys:
     cipher: KeyPair
     mask: KeyPair
     self_seed: bytes  # committed to in this site's advertisement
+    commitments: dict[str, bytes] = field(default_factory=dict)  # the nonce commitments shown at reveal
 
     def receive(
         self, message: NeighbourKeys, randbytes: RandBytes, identity: Identity | None = None
     ) -> tuple[ShareKeys, ClientMaskedInput]:
-        """`identity`: this site's check of its neighbours' signatures (states hold no keys)."""
-        p = self.params
+        """`identity`: this site's check of its neighbours' signatures (states hold no keys).
+        The nonces must be those the commitments shown at reveal bind, all of them: their
+        beacon draws the graph, which this site computes itself."""
+        base = self.params.base
         need(message.site == self.site, AbortReason.BAD_MESSAGE, "neighbour keys addressed to another site")
         need(
-            set(message.keys) <= p.neighbours[self.site],
+            set(message.nonces) == set(self.commitments)
+            and all(nonce_commitment(base, s, n) == self.commitments[s] for s, n in message.nonces.items()),
+            AbortReason.BAD_REVEAL,
+            "nonces that do not match the commitments shown at reveal",
+        )
+        p = replace(base, beacon=beacon(base, message.nonces))
+        p.check_safe(self.site)
+        need(
+            set(message.keys) <= p.neighbours[self.site] & set(self.commitments),
             AbortReason.BAD_MESSAGE,
             "keys of sites that are not neighbours",
         )
-        # Keys their site did not sign (substituted, replayed, or for other parameters), and
+        # Keys their site did not sign (substituted, replayed, or for other parameters, or
+        # with another nonce commitment than the reveal showed), and
         # keys no secret can be agreed with (low-order points: the agreement is all zero),
         # are left out: this site shares nothing with, and masks against nothing of, them.
         keys = {
             peer: k
             for peer, k in message.keys.items()
             if k.site == peer
+            and k.nonce_commitment == self.commitments.get(peer)  # the one shown at reveal
             and verified(identity, p, k)
             and valid_public(k.cipher_public)
             and valid_public(k.mask_public)
