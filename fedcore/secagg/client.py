@@ -41,13 +41,14 @@ class SecAggClient:
         """`identity`: the site's signing key and its verifier of the others (None: no
         signatures, so only an honest server is kept from the inputs). `min_cohort`: the
         site's policy on the fewest participants of a round it joins (at least MIN_COHORT).
-        `max_attempts`: the most sessions of one round it advertises for (a server that
-        aborts at reveal draws the graph again: this caps its draws)."""
+        `max_attempts`: the most times it advertises for one round, whatever the session
+        (a server that aborts at reveal, or redoes a session, draws the graph again: this
+        caps its draws; the count lives as long as the site's state for the run)."""
         self.site = site
         self.identity = identity
         self.min_cohort = max(min_cohort, MIN_COHORT)
         self.max_attempts = max_attempts
-        self.sessions: dict[int, set[str]] = {}  # round -> the sessions advertised for
+        self.advertised: dict[int, int] = {}  # round -> times this site advertised for it
         self.state: SecAggState | None = None
 
     def participants(self) -> tuple[str, ...]:
@@ -80,14 +81,15 @@ class SecAggClient:
                 AbortReason.UNSAFE_PARAMETERS,
                 f"{len(message.participants)} participants; this site's policy needs {self.min_cohort}",
             )
-            sessions = self.sessions.setdefault(message.round, set())
+            # Every advertisement draws a fresh nonce, so every one counts (a redone session
+            # too), and no round's count is ever forgotten (going back to a round would reset it).
+            count = self.advertised.get(message.round, 0)
             need(
-                message.session in sessions or len(sessions) < self.max_attempts,
+                count < self.max_attempts,
                 AbortReason.UNSAFE_PARAMETERS,
-                f"attempt {len(sessions) + 1} of round {message.round}; this site takes part in {self.max_attempts}",
+                f"attempt {count + 1} of round {message.round}; this site takes part in {self.max_attempts}",
             )
-            sessions.add(message.session)
-            self.sessions = {r: s for r, s in self.sessions.items() if r >= message.round}
+            self.advertised[message.round] = count + 1
             # Fresh keys every time, also for a session redone after a server's crash: every
             # signature binds the signer's keys of this execution, so nothing old is replayable.
             reply, self.state = ClientAdvertise(message, self.site, self.identity).start(os.urandom)

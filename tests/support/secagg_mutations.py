@@ -56,7 +56,7 @@ MUTATIONS = [
         [
             (
                 "fedcore/secagg/client.py",
-                "message.session in sessions or len(sessions) < self.max_attempts,",
+                "count < self.max_attempts,",
                 "True,",
             )
         ],
