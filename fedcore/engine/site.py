@@ -202,6 +202,10 @@ class Site:
             raise PrivacyBudgetError(
                 "privacy policy: no evaluation on training data under differential privacy"
             )
+        if self.stages.secagg.advertised:
+            # This run sums securely: the server learns only sums, so no per-site metric (nor
+            # the count that weighs it) leaves, whatever the server asks.
+            raise ProtocolError("this site sends no per-site evaluation in a secure-aggregation run")
         data = self.data.test if self.data.test is not None else self.data.train
         result = self.task.evaluate(instruction.parameters, data)
         return Reply(

@@ -132,3 +132,30 @@ def test_every_byte_the_server_receives_in_a_secure_round_hides_each_update(
         expected = vector.size / 256
         assert float(((counts - expected) ** 2 / expected).sum()) < 400
         assert np.unique(vector[:-1]).size > params * 0.99
+
+
+def test_a_site_in_a_secure_run_refuses_to_evaluate_for_the_server(tmp_path: Path) -> None:
+    """The server withholds federated evaluation under SecAgg; a dishonest one that asks
+    anyway, after a secure round, gets a refusal: no per-site metric or count leaves."""
+    from fedcore.aggregation.site import SiteStages
+    from fedcore.engine import Instruction, InstructionKind
+    from fedcore.engine.site import Site
+    from fedcore.secagg.common import RoundParams
+    from fedcore.secagg.stages.messages import AdvertiseKeys
+
+    task = Bench(PARAMS)
+    site = Site(
+        name="site-1",
+        task=task,
+        data=task.site_data("builtin:1/1", partition="iid", seed=0, partitions=1),
+        stages=SiteStages("site-1"),
+    )
+    model = task.initial_parameters(0)
+    ask = Instruction(InstructionKind.EVALUATE, 1, model, exchange="evaluate")
+    assert site.handle(ask).refusal is None  # no secure round yet: it evaluates
+    params = RoundParams(1, ("site-1", "site-2", "site-3"), 2, 2, PARAMS + 1, 32, "run/1/1")
+    keys = site.handle(Instruction(InstructionKind.STAGE, 1, {}, message=params, exchange="advertise"))
+    assert isinstance(keys.message, AdvertiseKeys)  # it took part in round 1's secure sum
+    refused = site.handle(ask)
+    assert refused.refusal is not None and "secure-aggregation" in refused.refusal
+    assert refused.num_examples == 0 and not refused.metrics
