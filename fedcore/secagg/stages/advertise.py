@@ -15,6 +15,7 @@ from fedcore.secagg.stages.messages import (
     RevealRequest,
     advertised,
     nonce_commitment,
+    one_per_site,
     seed_commitment,
 )
 from fedcore.secagg.stages.reveal import ClientReveal, ServerReveal
@@ -65,29 +66,19 @@ class ServerAdvertise:
         agreement with one is all zero), one key twice, or a commitment that is no SHA-256."""
         if self.params.beacon:
             raise ValueError("the advertise stage runs on the parameters before the beacon")
+        sent, rejected = one_per_site(messages, AdvertiseKeys, self.params.participants, "keys")
         keys: dict[str, AdvertiseKeys] = {}
-        rejected: dict[str, str] = {}
-        for m in messages:
-            site = str(getattr(m, "site", ""))
-            if not isinstance(m, AdvertiseKeys) or m.site not in self.params.neighbours:
-                need(
-                    bool(site) and site in self.params.neighbours,
-                    AbortReason.BAD_MESSAGE,
-                    f"a message from {site!r}",
-                )
-                rejected[site] = f"{type(m).__name__} in the advertise stage"
-            elif m.site in keys or m.site in rejected:
-                rejected[m.site] = "keys sent twice"
-            elif not (
+        for site, m in sent.items():
+            if not (
                 len(m.cipher_public) == SEED_BYTES == len(m.mask_public) and m.cipher_public != m.mask_public
             ):
-                rejected[m.site] = "malformed keys"
+                rejected[site] = "malformed keys"
             elif not (valid_public(m.cipher_public) and valid_public(m.mask_public)):
-                rejected[m.site] = "a low-order or non-canonical X25519 key"
+                rejected[site] = "a low-order or non-canonical X25519 key"
             elif not len(m.seed_commitment) == COMMITMENT_BYTES == len(m.nonce_commitment):
-                rejected[m.site] = "a malformed seed or nonce commitment"
+                rejected[site] = "a malformed seed or nonce commitment"
             else:
-                keys[m.site] = m
+                keys[site] = m
         owners: dict[bytes, list[str]] = {}
         for k in keys.values():
             for public in (k.cipher_public, k.mask_public):

@@ -21,6 +21,7 @@ from fedcore.secagg.stages.messages import (
     ConsistencySignature,
     UnmaskRequest,
     agreed,
+    one_per_site,
 )
 from fedcore.secagg.stages.unmask import ClientUnmask, ServerUnmask
 
@@ -71,16 +72,10 @@ class ServerConsistency:
         survivor whose message is no signature, or comes twice, is named (its input stays
         in the sum) and asked for nothing, as if it had dropped here."""
         p = self.params
-        signatures: dict[str, bytes] = {}
-        rejected: dict[str, str] = {}
-        for m in messages:
-            site = str(getattr(m, "site", ""))
-            need(site in self.cohort, AbortReason.BAD_MESSAGE, f"consistency signature from {site!r}")
-            if not isinstance(m, ConsistencySignature) or site in signatures or site in rejected:
-                rejected[site] = "a malformed or repeated consistency signature"
-            else:
-                signatures[site] = m.signature
-        signatures = {s: sig for s, sig in signatures.items() if s not in rejected}
+        received, rejected = one_per_site(
+            messages, ConsistencySignature, self.cohort, "consistency signature"
+        )
+        signatures = {s: m.signature for s, m in received.items()}
         need(len(signatures) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(signatures)} signatures")
         dropped = self.shared - self.cohort
         requests = {

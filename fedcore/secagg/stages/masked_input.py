@@ -25,6 +25,7 @@ from fedcore.secagg.stages.messages import (
     RoutedShares,
     dealt,
     dtype,
+    one_per_site,
     pairwise_mask,
 )
 
@@ -103,17 +104,11 @@ class ServerMaskedInput:
         site whose vector is malformed or sent twice is left out, as if it had dropped before
         its masked input (its neighbours' shares remove its pairwise masks)."""
         p = self.params
+        received, rejected = one_per_site(messages, MaskedInput, p.participants, "masked input")
         vectors: dict[str, np.ndarray] = {}
-        rejected: dict[str, str] = {}
-        for m in messages:
-            site = str(getattr(m, "site", ""))
-            need(site in p.participants, AbortReason.BAD_MESSAGE, f"masked input from {site!r}")
+        for site, m in received.items():
             if site not in self.shared:  # routed no shares: an honest site declines
                 rejected[site] = "a masked input it was not asked for"
-            elif not isinstance(m, MaskedInput):
-                rejected[site] = f"{type(m).__name__} in the masked-input stage"
-            elif site in vectors or site in rejected:
-                rejected[site] = "masked input sent twice"
             elif m.vector.shape != (p.length,) or m.vector.dtype != dtype(p):
                 rejected[site] = "a masked input of the wrong length or type"
             else:

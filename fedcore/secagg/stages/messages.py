@@ -4,13 +4,14 @@ modules import only this module and the next stage's (no cycles)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedcore.secagg.common import RoundParams
+from fedcore.secagg.common import AbortReason, RoundParams, need
 from fedcore.secagg.identity import Identity, signed_bytes
 from fedcore.secagg.primitives import agree
 
@@ -204,3 +205,26 @@ class UnmaskShares:
     seed_shares: dict[str, bytes]  # survivor -> share of its self-mask seed
     key_shares: dict[str, bytes]  # dropped site -> share of its mask private key
     complaints: frozenset[str] = frozenset()  # neighbours whose shares for this site were garbage
+
+
+Message = TypeVar("Message")
+
+
+def one_per_site(
+    messages: Iterable[object], kind: type[Message], senders: Collection[str], what: str
+) -> tuple[dict[str, Message], dict[str, str]]:
+    """A server stage's replies, one per site: the messages of `kind` by site, and the sites
+    left out with why (a message of another kind, or a second one: then neither counts). A
+    message from a site outside `senders` aborts the round: nothing there can be named."""
+    got: dict[str, Message] = {}
+    rejected: dict[str, str] = {}
+    for m in messages:
+        site = str(getattr(m, "site", ""))
+        need(site in senders, AbortReason.BAD_MESSAGE, f"{what} from {site!r}")
+        if not isinstance(m, kind):
+            rejected[site] = f"{type(m).__name__} in place of {what}"
+        elif site in got or site in rejected:
+            rejected[site] = f"{what} sent twice"
+        else:
+            got[site] = m
+    return {s: m for s, m in got.items() if s not in rejected}, rejected

@@ -21,6 +21,7 @@ from fedcore.secagg.stages.messages import (
     beacon,
     dealt,
     nonce_commitment,
+    one_per_site,
     verified,
 )
 
@@ -126,16 +127,10 @@ class ServerShareKeys:
         framing it would take a majority of its neighbourhood), else routed no shares at all,
         so that it declines the stage like a site whose neighbours dropped out."""
         p = self.params
+        received, rejected = one_per_site(messages, ShareKeys, self.keys, "shares")
         sent: dict[str, ShareKeys] = {}
-        rejected: dict[str, str] = {}
-        for m in messages:
-            site = str(getattr(m, "site", ""))
-            need(site in self.keys, AbortReason.BAD_MESSAGE, f"shares from {site!r}")
-            if not isinstance(m, ShareKeys):
-                rejected[site] = f"{type(m).__name__} in the share-keys stage"
-            elif site in sent or site in rejected:
-                rejected[site] = "shares sent twice"
-            elif not set(m.ciphertexts) <= p.neighbours[site] & set(self.keys):
+        for site, m in received.items():
+            if not set(m.ciphertexts) <= p.neighbours[site] & set(self.keys):
                 rejected[site] = "shares addressed to other sites than its neighbours"
             elif set(m.digests) != set(m.ciphertexts) or any(
                 len(d) != DEALT_BYTES for d in m.digests.values()
@@ -143,7 +138,6 @@ class ServerShareKeys:
                 rejected[site] = "malformed share digests"
             else:
                 sent[site] = m
-        sent = {s: m for s, m in sent.items() if s not in rejected}
         declined: set[str] = set()
         while True:  # leaving a site out takes pairs from its neighbours: until none falls short
             pairs = {

@@ -22,6 +22,7 @@ from fedcore.secagg.stages.messages import (
     UnmaskRequest,
     UnmaskShares,
     agreed,
+    one_per_site,
     pairwise_mask,
     seed_commitment,
     share_digest,
@@ -111,21 +112,20 @@ class ServerUnmask:
         checked (a seed against its owner's commitment, a key against its advertised public
         key), and shares off it are their dealer's doing: named. A secret that cannot be
         rebuilt aborts the round, with its owner as the culprit when the fault is its own:
-        threshold of the shares it dealt give no secret that passes, or most of the
-        neighbours it dealt to complained of garbage (a complaint alone names nobody: it is
-        one site's word against another's). Never a wrong sum: every secret used passed."""
+        threshold of the shares it dealt give no secret that passes, or the complaints of
+        garbage are what left fewer than threshold readable shares (a complaint alone names
+        nobody: it is one site's word against another's). Never a wrong sum: every secret used passed."""
         p = self.params
         dropped = self.shared - self.survivors
+        received, bad = one_per_site(messages, UnmaskShares, self.survivors, "unmask answer")
+        # A site named at the consistency check was asked for nothing: its reason stands.
+        self.rejected.update({s: why for s, why in bad.items() if s not in self.rejected})
         answers: dict[str, UnmaskShares] = {}
-        for m in messages:
-            site = str(getattr(m, "site", ""))
-            need(site in self.survivors, AbortReason.BAD_MESSAGE, f"shares from {site!r}")
+        for site, m in received.items():
             held = self.dealt[site].keys()  # the dealers of the shares it holds (pairs are mutual)
             if site in self.rejected:
-                continue  # named at the consistency check: it was asked for nothing
-            if not isinstance(m, UnmaskShares) or site in answers:
-                self.rejected[site] = "a malformed or repeated unmask answer"
-            elif not (
+                continue
+            if not (
                 m.seed_shares.keys() <= held & self.survivors
                 and m.key_shares.keys() <= held & dropped
                 and m.complaints <= held
@@ -133,7 +133,6 @@ class ServerUnmask:
                 self.rejected[site] = "shares of sites it was not asked for"
             else:
                 answers[site] = m
-        answers = {s: m for s, m in answers.items() if s not in self.rejected}
 
         def rebuild(owner: str, kind: str, check: Callable[[bytes], bool]) -> bytes:
             what = "self-mask seed" if kind == "seed" else "mask key"
