@@ -131,27 +131,25 @@ async def _serve(
     audit: AuditLog,
 ) -> RunResult:
     model_bytes = sum(a.nbytes for a in task.initial_parameters(0).values())
+    files = pki.server_files(pki_dir) if pki_dir is not None else None
     transport = GrpcTransport(
         spec=task_spec(experiment, task),
         run_id=opened.run_id,
         max_payload_bytes=4 * model_bytes + (1 << 20),
-        mutual_tls=pki_dir is not None,
+        mutual_tls=files is not None,
         audit=audit,
         revocations=(
-            RevocationList(
-                pki_dir / "crl.pem", pki.server_files(pki_dir).ca, opened.store.directory / "crl-number"
-            )
-            if pki_dir
+            RevocationList(pki_dir / "crl.pem", files.ca, opened.store.directory / "crl-number")
+            if pki_dir is not None and files is not None
             else None
         ),
     )
     # Each site holds one stream; the cap keeps a flood of connections from exhausting the server.
     server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_STREAMS)
     server.add_generic_rpc_handlers((transport.handler(),))
-    if pki_dir is None:
+    if files is None:
         port = server.add_insecure_port(listen)
     else:
-        files = pki.server_files(pki_dir)
         credentials = grpc.ssl_server_credentials(
             [(files.key, files.certificate)], root_certificates=files.ca, require_client_auth=True
         )
