@@ -132,6 +132,8 @@ def _simulate(args: argparse.Namespace) -> int:
                 if record.accuracy is not None
                 else ""
             )
+            if record.skipped:
+                status = f"round skipped: {record.skipped}"
             progress.update(bar, advance=1, status=status)
 
         result, summary = run_simulation(
@@ -175,6 +177,8 @@ def _server(args: argparse.Namespace) -> int:
 
     def on_round(r: RoundRecord) -> None:
         dropped = f", dropped {r.dropped}" if r.dropped else ""
+        if r.skipped:
+            dropped += f"; SKIPPED (model unchanged): {r.skipped}"
         log.info(
             "round %d/%d: %d sites, accuracy %s, loss %s, %.2f s%s",
             r.round,

@@ -114,6 +114,42 @@ def test_a_masked_input_out_of_range_fails_the_attempt_never_the_run(
     np.testing.assert_allclose(result.parameters["w"], 0.02, atol=1e-6)
 
 
+def test_a_site_that_lies_in_every_attempt_skips_rounds_but_cannot_stop_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A site sends a negative weight in every masked input of round 1 (its lie cannot be
+    pinned on it under the mask): every attempt's sum is rejected, the round is skipped with
+    the model unchanged, and round 2, where it tells the truth, proceeds from that model."""
+    from fedcore.aggregation import site as site_stages
+
+    honest = site_stages.quantized_contribution
+    calls: list[int] = []
+
+    def lying(update, template, *, weight, clip, step, bits, rng):  # type: ignore[no-untyped-def]
+        out = honest(update, template, weight=weight, clip=clip, step=step, bits=bits, rng=rng)
+        calls.append(1)
+        if len(calls) <= 15 and len(calls) % 5 == 1:  # one of five in each of round 1's attempts
+            out[-1:] -= np.uint32(round(4 / step))  # w = 0.5 - 4
+        return out
+
+    monkeypatch.setattr(site_stages, "quantized_contribution", lying)
+    e = experiment(
+        task__name="bench:100",
+        simulation__sites=5,
+        federation__rounds=2,
+        federation__max_round_retries=2,
+        secure_aggregation__enabled=True,
+        secure_aggregation__max_examples=2,
+        secure_aggregation__clip_range=1.0,
+    )
+    result, _ = run_simulation(e, None)
+    first, second = result.records
+    assert first.skipped is not None and "weights" in first.skipped
+    assert (first.attempt, first.sites, first.examples) == (3, 0, 0)
+    assert second.skipped is None and second.sites == 5
+    np.testing.assert_allclose(result.parameters["w"], 0.01, atol=1e-6)  # one round's step
+
+
 def test_a_site_that_garbles_its_shares_is_named_and_excluded_for_the_rest_of_the_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -3,8 +3,10 @@
 Per round: wait for enough sites, sample (the pipeline may sample itself), let the pipeline
 check the round may start, hand it an `Exchange` over the transport and take the aggregate,
 apply the strategy, evaluate (on the server's held-out split, else federated), record. An
-attempt that fails (too few inputs, a secure sum aborted) is retried; a site that vanishes
-or misses the deadline is data for the round. The Coordinator never looks inside a stage:
+attempt that fails (too few inputs, a secure sum aborted) is retried; a round whose last
+attempt's result is rejected with no one to blame (a secure sum out of range) is skipped,
+the model unchanged, so that no site can stop the run; a site that vanishes or misses the
+deadline is data for the round. The Coordinator never looks inside a stage:
 privacy and secure aggregation are stages of the pipeline.
 """
 
@@ -263,15 +265,19 @@ class Coordinator:
         for site, drop in aggregate.dropped.items():
             log.info("round %d: dropped %s (%s)", number, site, drop)
         self.exclusions.judge(aggregate.dropped, number)
-        if aggregate.rejected is not None:
+        skipped = aggregate.rejected
+        if skipped is not None and attempt <= fed.max_round_retries:
             return None  # (the pipeline said why)
-        if aggregate.count < fed.min_sites and not self.pipeline.completes_any_sample:
+        if skipped is None and aggregate.count < fed.min_sites and not self.pipeline.completes_any_sample:
             got, need = aggregate.count, fed.min_sites
             log.warning(
                 "round %d attempt %d: %d sites aggregated, need %d; retrying", number, attempt, got, need
             )
             return None
-        self.parameters = self.strategy.apply(self.parameters, aggregate.mean)
+        if skipped is None:
+            self.parameters = self.strategy.apply(self.parameters, aggregate.mean)
+        else:  # no one to blame (e.g. a sum out of range): the run goes on from the same model
+            log.error("round %d skipped after %d attempts: %s", number, attempt, skipped)
         accuracy, loss, evaluation, named = await self._evaluate(number, sorted(aggregate.contributors))
         sections = aggregate.measurements
         privacy = sections.get(Section.PRIVACY.value, {})
@@ -285,7 +291,7 @@ class Coordinator:
         }
         return RoundRecord(
             round=number,
-            sites=aggregate.count,
+            sites=0 if skipped else aggregate.count,
             accuracy=accuracy,
             loss=loss,
             seconds=time.perf_counter() - started,
@@ -296,7 +302,7 @@ class Coordinator:
             attempt=attempt,
             evaluation=evaluation,
             eval_metrics=named,
-            examples=round(aggregate.weight) if math.isfinite(aggregate.weight) else 0,
+            examples=round(aggregate.weight) if math.isfinite(aggregate.weight) and not skipped else 0,
             bytes_sent=traffic.sent,
             bytes_received=traffic.received,
             secure_aggregation=sections.get(Section.SECURE_AGGREGATION.value, {}),
@@ -306,6 +312,7 @@ class Coordinator:
             site_epsilon=privacy.pop("site_epsilon", {}),
             privacy=privacy,
             declined=self.transport.declined(),
+            skipped=skipped,
         )
 
     def _exchange(self, info: RoundInfo, traffic: Traffic) -> Exchange:
