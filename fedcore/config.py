@@ -10,7 +10,8 @@ errors, and command-line flags override the file (`Experiment.override`).
     [aggregation] rule, trim, byzantine, clip_norm
     [data]        partition, seed
     [simulation]  sites, workers, backend, ray_address, stragglers, dropout, byzantine, byzantine_attack
-    [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, max_examples
+    [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, max_examples,
+                          colluding_fraction
     [privacy]     mode, noise_multiplier, target_epsilon, delta, max_grad_norm, ghost_clipping,
                   clip_norm, adaptive_clipping, target_quantile, clip_learning_rate,
                   clipped_count_stddev, secure_rng
@@ -113,6 +114,9 @@ class DataConfig:
     seed: int = 0  # the experiment seed: partitioning, initial model, sampling, training order
 
 
+DEFAULT_COLLUDING_FRACTION = 0.05  # of a round's participants: the default of jobs and of sites' policies
+
+
 @dataclass(frozen=True)
 class SecureAggregationConfig:
     enabled: bool = False
@@ -126,6 +130,10 @@ class SecureAggregationConfig:
     # its update (no count leaves a site); a larger bound costs precision at 32 bits
     # (simulations/benchmarks/secagg_weight_precision.py), a smaller one caps big sites.
     max_examples: int = 100_000
+    # The fraction of a round's participants that may collude with a malicious server: the
+    # default threshold keeps every input from them except with probability 2**-40
+    # (`fedcore.secagg.graph.safe_threshold`); sites refuse less than their own policy needs.
+    colluding_fraction: float = DEFAULT_COLLUDING_FRACTION
 
 
 class PrivacyMode(enum.StrEnum):
@@ -299,6 +307,7 @@ def _validate(e: Experiment, source: str) -> None:
     need(sa.max_examples >= 1, "[secure_aggregation] max_examples must be >= 1")
     need(sa.neighbors is None or sa.neighbors >= 2, "[secure_aggregation] neighbors must be >= 2")
     need(sa.threshold is None or sa.threshold >= 1, "[secure_aggregation] threshold must be >= 1")
+    need(0 <= sa.colluding_fraction < 0.5, "[secure_aggregation] colluding_fraction must be in [0, 0.5)")
     sim = e.simulation
     need(sim.sites >= 1, f"[simulation] sites must be >= 1, got {sim.sites}")
     need(sim.workers is None or sim.workers >= 1, f"[simulation] workers must be >= 1, got {sim.workers}")

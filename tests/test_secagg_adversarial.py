@@ -16,7 +16,7 @@ import pytest
 from fedcore.secagg import shamir
 from fedcore.secagg.client import SecAggClient
 from fedcore.secagg.common import SEED_BYTES, AbortReason, ProtocolAbort, RoundParams
-from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
+from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph, safe_threshold
 from fedcore.secagg.identity import LocalAuthority
 from fedcore.secagg.primitives import KeyPair, add_masks
 from fedcore.secagg.stages.advertise import ServerAdvertise
@@ -38,10 +38,18 @@ LENGTH = 16
 ROUND = 1
 
 
+def majority(n: int) -> int:
+    """The smallest threshold sites accept from a server with no colluding site."""
+    graph = neighbour_graph([f"site-{i:03d}" for i in range(n)], default_degree(n), session="")
+    return default_threshold(min(len(p) for p in graph.values()))
+
+
 def params(n: int, *, threshold: int | None = None, session: str = "run/1/1") -> RoundParams:
     sites = [f"site-{i:03d}" for i in range(n)]
     graph = neighbour_graph(sites, default_degree(n), session=session)  # its degrees: any draw's
-    t = threshold if threshold is not None else default_threshold(min(len(p) for p in graph.values()))
+    degree = min(len(p) for p in graph.values())
+    t = threshold if threshold is not None else safe_threshold(n, degree, 0.05, attempts=10)
+    assert t is not None
     return RoundParams(ROUND, tuple(sites), default_degree(n), t, LENGTH, 32, session)
 
 
@@ -99,12 +107,20 @@ class Federation:
     `reveal`) with it: the graph the sites' nonces drew."""
 
     def __init__(
-        self, p: RoundParams, authority: LocalAuthority | None = None, *, signed: bool = True
+        self,
+        p: RoundParams,
+        authority: LocalAuthority | None = None,
+        *,
+        signed: bool = True,
+        colluding_fraction: float = 0.05,
     ) -> None:
         self.p = self.base = p
         self.authority = authority or LocalAuthority(seed=11)
         self.clients = {
-            s: SecAggClient(s, self.authority.identity(s) if signed else None) for s in p.participants
+            s: SecAggClient(
+                s, self.authority.identity(s) if signed else None, colluding_fraction=colluding_fraction
+            )
+            for s in p.participants
         }
         rng = np.random.default_rng(5)
         self.inputs = {s: rng.integers(0, 2**32, LENGTH, dtype=np.uint32) for s in p.participants}
@@ -247,9 +263,10 @@ def drop_plan(p: RoundParams, target: str) -> dict[str, frozenset[str]]:
 @pytest.mark.parametrize("n", [16, 64])
 def test_without_signatures_the_attack_rebuilds_the_input(n: int) -> None:
     """The positive control: sites without identities trust the server's count of
-    signatures, and the different-views attack below gives back the target's input."""
-    p = params(n)
-    fed = Federation(p, signed=False)
+    signatures, and the different-views attack below gives back the target's input (at the
+    majority threshold: the one that needs the most of the signatures' defence)."""
+    p = params(n, threshold=majority(n))
+    fed = Federation(p, signed=False, colluding_fraction=0.0)
     fed.honest_start()
     p = fed.p  # with the beacon: its graph
     target = target_of(p)
@@ -262,8 +279,8 @@ def test_different_views_of_the_survivors(n: int) -> None:
     """The split of the review: every neighbour of the target is "dropped" for enough sites
     to reveal its mask key, while the target "survived" for its neighbours, who reveal its
     self-mask seed. Each view is signed by one site only: no site answers."""
-    p = params(n)
-    fed = Federation(p)
+    p = params(n, threshold=majority(n))
+    fed = Federation(p, colluding_fraction=0.0)
     fed.honest_start()
     p = fed.p  # with the beacon: its graph
     target = target_of(p)
@@ -605,3 +622,39 @@ def test_a_site_refuses_a_cohort_smaller_than_its_policy() -> None:
         assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
     large = params(12)
     assert isinstance(SecAggClient(large.participants[0], min_cohort=10).step(large, ROUND), AdvertiseKeys)
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_a_threshold_short_of_the_colluding_fraction_is_refused(n: int) -> None:
+    """A majority threshold keeps a site's secrets from a server with no colluding site; a
+    site whose policy allows for 5% colluding participants refuses it at advertise, before
+    any key leaves, and accepts the threshold `safe_threshold` derives. A site assuming no
+    colluders (the check off) takes the weaker one."""
+    weak = params(n, threshold=majority(n))
+    target = target_of(weak)
+    with pytest.raises(ProtocolAbort) as refused:
+        SecAggClient(target, LocalAuthority(seed=11).identity(target)).step(weak, ROUND)
+    assert refused.value.aborted.reason is AbortReason.UNSAFE_PARAMETERS
+    assert "colluding" in refused.value.aborted.detail
+    assert SecAggClient(target, colluding_fraction=0.0).step(weak, ROUND) is not None
+    assert SecAggClient(target).step(params(n), ROUND) is not None
+    assert params(n).threshold > weak.threshold
+
+
+def test_the_safe_threshold_bounds_the_chance_of_a_split_neighbourhood() -> None:
+    """An independent check of the bound: place floor(5% n) colluders at random, draw the
+    graph many times, count honest sites with at least 2t - k - 1 colluding neighbours (what a
+    split needs). At the majority threshold it happens often; at the safe one, never."""
+    n = 100
+    sites = [f"site-{i:03d}" for i in range(n)]
+    draw = np.random.default_rng(3)
+    bad = set(draw.choice(sites, size=5, replace=False))
+    weak, strong = majority(n), params(n).threshold
+    degree = default_degree(n)
+    hits = {weak: 0, strong: 0}
+    for session in range(200):
+        graph = neighbour_graph(sites, degree, session=f"draw/{session}")
+        for t in hits:
+            need = 2 * t - degree - 1
+            hits[t] += any(len(graph[s] & bad) >= need for s in sites if s not in bad)
+    assert hits[weak] > 100 and hits[strong] == 0, hits

@@ -31,8 +31,9 @@ from fedcore.aggregation.base import (
 )
 from fedcore.config import SecureAggregationConfig
 from fedcore.errors import ProtocolError
+from fedcore.secagg.client import MAX_ATTEMPTS
 from fedcore.secagg.common import MIN_COHORT, ProtocolAbort, RoundParams
-from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
+from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph, safe_threshold
 from fedcore.secagg.stages.advertise import ServerAdvertise
 from fedcore.secagg.stages.messages import (
     AdvertiseKeys,
@@ -57,15 +58,20 @@ EXCHANGES = (
 
 def round_params(config: SecureAggregationConfig, info: RoundInfo, *, bits: int) -> RoundParams:
     sampled = list(info.sampled)
-    # Sites refuse a graph sparser than the default; the nonces they reveal draw it.
-    degree = max(config.neighbors or 0, default_degree(len(sampled)))
-    session = f"{info.run_id}/{info.round}/{info.attempt}"
-    # Its degrees: the same for every draw of the graph (`neighbour_graph`).
-    graph = neighbour_graph(sampled, degree, session=session)
-    smallest = min(len(peers) for peers in graph.values())
-    largest = max(len(peers) for peers in graph.values())
-    # Sites refuse a threshold that is not above half their neighbourhood (a configured one too).
-    threshold = min(max(config.threshold or 0, default_threshold(largest)), smallest)
+    n, session = len(sampled), f"{info.run_id}/{info.round}/{info.attempt}"
+    # Sites refuse a graph sparser than the default (the nonces they reveal draw it), and a
+    # threshold below what the colluding fraction needs at their degree: a denser graph
+    # where no threshold up to the degree is enough.
+    degree = max(config.neighbors or 0, default_degree(n))
+    while True:
+        # Its degrees: the same for every draw of the graph (`neighbour_graph`).
+        degrees = {len(peers) for peers in neighbour_graph(sampled, degree, session=session).values()}
+        safe = [safe_threshold(n, k, config.colluding_fraction, attempts=MAX_ATTEMPTS) for k in degrees]
+        if all(t is not None for t in safe) or degree >= n - 1:
+            break
+        degree += 1
+    needed = max((t for t in safe if t is not None), default=max(map(default_threshold, degrees)))
+    threshold = min(max(config.threshold or 0, needed), min(degrees))
     length = sum(a.size for a in info.model.values()) + 1  # the update, then its weight
     return RoundParams(info.round, tuple(sampled), degree, threshold, length, bits, session)
 

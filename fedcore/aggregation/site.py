@@ -100,7 +100,10 @@ class SiteStages:
         its check of its neighbours' (None: it trusts the server to relay them honestly)."""
         self.remembers = remembers
         self.privacy = privacy or SitePrivacy()
-        self.secagg = SecAggClient(name, identity, min_cohort=self.privacy.policy.min_secure_cohort)
+        policy = self.privacy.policy
+        self.secagg = SecAggClient(
+            name, identity, min_cohort=policy.min_secure_cohort, colluding_fraction=policy.colluding_fraction
+        )
         self.private = False  # this site has trained under DP: no exact statistics leave it
         self._last: Encoded | None = None  # the last fit's encoding, for `replay`
 

@@ -4,7 +4,8 @@
 [identity]  kit, insecure, name
 [data]      task, uri, label, features (tabular: the label column, the columns to use)
 [agent]     device, give_up_after, audit (the site's audit log; default: audit.log in its kit)
-[privacy]   ledger, max_epsilon, delta, min_noise_multiplier, require_dp, min_secure_cohort
+[privacy]   ledger, max_epsilon, delta, min_noise_multiplier, require_dp, min_secure_cohort,
+            colluding_fraction
 [policy]    tasks (the task code this site approves: "NAME==VERSION[@SHA256]")
 """
 
@@ -14,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fedcore.config import DEFAULT_COLLUDING_FRACTION
 from fedcore.errors import ConfigError
 from fedcore.privacy.site_policy import DEFAULT_DELTA, SitePolicy, SitePrivacy
 from fedcore.typed_toml import read_toml
@@ -32,6 +34,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "min_noise_multiplier": (int, float),
         "require_dp": bool,
         "min_secure_cohort": int,
+        "colluding_fraction": float,
     },
     "policy": {"tasks": list},
 }
@@ -81,12 +84,15 @@ def site_privacy(
         min_noise_multiplier=float(site.get("privacy.min_noise_multiplier", 0.0)),
         require_dp=bool(site.get("privacy.require_dp", False)),
         min_secure_cohort=int(site.get("privacy.min_secure_cohort", 3)),
+        colluding_fraction=float(site.get("privacy.colluding_fraction", DEFAULT_COLLUDING_FRACTION)),
         ledger=Path(ledger),
     )
     if policy.max_epsilon is not None and not policy.max_epsilon > 0:
         raise ConfigError("max_epsilon must be > 0")
     if not 0 < policy.delta < 1:
         raise ConfigError("[privacy] delta must be in (0, 1)")
+    if not 0 <= policy.colluding_fraction < 0.5:
+        raise ConfigError("[privacy] colluding_fraction must be in [0, 0.5)")
     privacy = SitePrivacy(policy)
     log.info(
         "privacy ledger %s: epsilon spent %.3f (budget %s)",

@@ -41,7 +41,9 @@ class RoundRecord:
     site_epsilon: dict[str, float] = field(default_factory=dict)  # sample-level: each reporting site's
     privacy: dict[str, Any] = field(default_factory=dict)  # mode, noise, clip norm, sites' noise in the sum
     declined: dict[str, str] = field(default_factory=dict)  # sites that declined the job since the last round
-    skipped: str | None = None  # why the round left the model unchanged (its last attempt's result was rejected)
+    skipped: str | None = (
+        None  # why the round left the model unchanged (its last attempt's result was rejected)
+    )
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-safe dict: non-finite numbers (NaN, infinity) become null."""

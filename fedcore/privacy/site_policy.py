@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedcore.config import DEFAULT_COLLUDING_FRACTION
 from fedcore.errors import PrivacyBudgetError
 from fedcore.privacy.accountant import Mechanism, epsilon, noise_for
 from fedcore.privacy.distributed import DistributedNoise, sensitivity_l2
@@ -38,6 +39,9 @@ class SitePolicy:
     # sites can make every other input of a cohort its own, so a larger minimum is what keeps
     # honest inputs beside this site's (3, the protocol's own floor, by default).
     min_secure_cohort: int = 3
+    # The share of a secure sum's participants this site assumes may collude with the server:
+    # it refuses a threshold that does not hold against that many (fedcore.secagg.graph).
+    colluding_fraction: float = DEFAULT_COLLUDING_FRACTION
     ledger: Path | None = None  # None: in memory (a simulated site)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+from fedcore.config import DEFAULT_COLLUDING_FRACTION
 from fedcore.secagg.common import MIN_COHORT, AbortReason, RoundParams, need
+from fedcore.secagg.graph import colluders, safe_threshold
 from fedcore.secagg.identity import Identity
 from fedcore.secagg.quantize import UInt
 from fedcore.secagg.stages.advertise import ClientAdvertise
@@ -37,17 +39,21 @@ class SecAggClient:
         *,
         min_cohort: int = MIN_COHORT,
         max_attempts: int = MAX_ATTEMPTS,
+        colluding_fraction: float = DEFAULT_COLLUDING_FRACTION,
     ) -> None:
         """`identity`: the site's signing key and its verifier of the others (None: no
         signatures, so only an honest server is kept from the inputs). `min_cohort`: the
         site's policy on the fewest participants of a round it joins (at least MIN_COHORT).
         `max_attempts`: the most times it advertises for one round, whatever the session
         (a server that aborts at reveal, or redoes a session, draws the graph again: this
-        caps its draws; the count lives as long as the site's state for the run)."""
+        caps its draws; the count lives as long as the site's state for the run).
+        `colluding_fraction`: the share of participants this site assumes may collude with
+        the server; it refuses a threshold that does not hold against them (`safe_threshold`)."""
         self.site = site
         self.identity = identity
         self.min_cohort = max(min_cohort, MIN_COHORT)
         self.max_attempts = max_attempts
+        self.colluding_fraction = colluding_fraction
         self.advertised: dict[int, int] = {}  # round -> times this site advertised for it
         self.state: SecAggState | None = None
 
@@ -90,6 +96,7 @@ class SecAggClient:
                 f"attempt {count + 1} of round {message.round}; this site takes part in {self.max_attempts}",
             )
             self.advertised[message.round] = count + 1
+            self._check_threshold(message)
             # Fresh keys every time, also for a session redone after a server's crash: every
             # signature binds the signer's keys of this execution, so nothing old is replayable.
             reply, self.state = ClientAdvertise(message, self.site, self.identity).start(os.urandom)
@@ -102,7 +109,9 @@ class SecAggClient:
         if isinstance(message, NeighbourKeys):
             self._expect(ClientShareKeys, round_number)
             assert isinstance(self.state, ClientShareKeys)
-            shares, self.state = self.state.receive(message, os.urandom, self.identity)
+            shares, after = self.state.receive(message, os.urandom, self.identity)
+            self._check_threshold(after.params)  # the graph drawn: before any share leaves
+            self.state = after
             return shares
         if isinstance(message, ConsistencyRequest):
             self._expect(ClientConsistency, round_number)
@@ -116,6 +125,17 @@ class SecAggClient:
             return state.receive(message, self.identity)
         need(False, AbortReason.BAD_MESSAGE, f"unexpected {type(message).__name__}")
         raise AssertionError("unreachable")
+
+    def _check_threshold(self, p: RoundParams) -> None:
+        n, degree = len(p.participants), len(p.neighbours[self.site])
+        safe = safe_threshold(n, degree, self.colluding_fraction, attempts=self.max_attempts)
+        need(
+            safe is not None and p.threshold >= safe,
+            AbortReason.UNSAFE_PARAMETERS,
+            f"threshold {p.threshold} of {degree} neighbours among {n} sites does not hold against "
+            f"{colluders(n, self.colluding_fraction)} colluding (this site's policy: "
+            f"{self.colluding_fraction:g} of the sites; it needs {safe or 'a larger degree'})",
+        )
 
     def mask(self, routed: RoutedShares, round_number: int, values: UInt) -> MaskedInput:
         """Stage 3: mask the site's encoded contribution (integers modulo 2**bits, the round's

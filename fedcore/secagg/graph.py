@@ -62,3 +62,39 @@ def default_threshold(degree: int) -> int:
     every site checks): a site's secrets survive while such a majority of its neighbours
     does, and no two disjoint groups of the neighbourhood can each reach t."""
     return (degree + 3) // 2
+
+
+SECURITY_BITS = 40  # the statistical security of the threshold rule: 2**-40 per round
+
+
+def colluders(n: int, colluding_fraction: float) -> int:
+    """How many of n participants a fraction of colluding sites is (rounded down)."""
+    return math.floor(colluding_fraction * n + 1e-9)
+
+
+@functools.lru_cache(maxsize=256)
+def safe_threshold(n: int, degree: int, colluding_fraction: float, *, attempts: int) -> int | None:
+    """The smallest threshold t (at least `default_threshold`) that keeps every honest site's
+    input from a malicious server with colluders(n, fraction) colluding participants, except
+    with probability 2**-SECURITY_BITS over the `attempts` graphs it can draw for a round.
+
+    The server needs 2t - k - 1 of them among an honest site's k neighbours to split that
+    neighbourhood into two survivor sets that each gather t signatures (t of them rebuild
+    the site's secrets outright: more). The beacon draws the graph after the participants are
+    fixed, so those k neighbours are a uniform k-subset of the other n - 1 sites, and how
+    many colluders they hold is hypergeometric; the tail is summed exactly, in integers, and
+    bounded over every honest site and attempt. None: no t up to k is enough (raise k)."""
+    bad = colluders(n, colluding_fraction)
+    others = n - 1
+    draws = math.comb(others, degree)
+    for t in range(default_threshold(degree), degree + 1):
+        split = 2 * t - degree - 1
+        if split > bad:
+            return t
+        tail = sum(
+            math.comb(bad, j) * math.comb(others - bad, degree - j)
+            for j in range(split, min(bad, degree) + 1)
+        )
+        if tail * (n - bad) * attempts * 2**SECURITY_BITS <= draws:
+            return t
+    return None
