@@ -32,7 +32,7 @@ import fedcore
 from fedcore.privacy.randomness import SecureRandom
 from fedcore.secagg.common import RoundParams
 from fedcore.secagg.contribution import quantized_contribution, step_for_round
-from fedcore.secagg.graph import default_degree, default_threshold, neighbour_graph
+from fedcore.secagg.graph import default_degree, neighbour_graph, safe_threshold
 from fedcore.secagg.identity import LocalAuthority
 from fedcore.secagg.primitives import add_mask
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
@@ -78,7 +78,9 @@ def per_party(sites: int, params: int, bits: int = 32) -> dict[str, Any]:
     names = [f"site-{i:04d}" for i in range(sites)]
     degree = default_degree(sites)
     graph = neighbour_graph(names, degree, session="bench/1/1")
-    threshold = default_threshold(min(len(p) for p in graph.values()))
+    # What the server asks for and sites accept by default (5% colluding participants).
+    threshold = safe_threshold(sites, min(len(p) for p in graph.values()), 0.05, attempts=10)
+    assert threshold is not None
     p = RoundParams(1, tuple(names), degree, threshold, params + 1, bits, "bench/1/1")
     authority = LocalAuthority(0)  # every site signs, and checks its neighbours' signatures
     ids = {s: authority.identity(s) for s in names}
