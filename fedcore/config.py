@@ -12,7 +12,8 @@ errors, and command-line flags override the file (`Experiment.override`).
     [simulation]  sites, workers, backend, ray_address, stragglers, dropout, byzantine, byzantine_attack
     [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, max_examples,
                           colluding_fraction
-    [privacy]     mode, noise_multiplier, target_epsilon, delta, max_grad_norm, ghost_clipping,
+    [privacy]     mode, noise_multiplier, target_epsilon, delta, max_grad_norm, sample_rate,
+                  local_steps, ghost_clipping,
                   clip_norm, adaptive_clipping, target_quantile, clip_learning_rate,
                   clipped_count_stddev, secure_rng
 """
@@ -150,6 +151,11 @@ class PrivacyConfig:
     target_epsilon: float | None = None  # the noise is chosen so the whole run stays within it
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # sample: each example's gradient is clipped to this L2 norm
+    # sample: each DP-SGD step's batch takes every example with this probability, and a round
+    # runs `local_steps` steps. Both are public and the same at every site, so a site's
+    # privacy cost (and the epsilon it reports) says nothing of how many examples it holds.
+    sample_rate: float = 1.0
+    local_steps: int = 1
     ghost_clipping: bool = False  # sample: Opacus's ghost clipping (no per-example gradients kept)
     clip_norm: float = 1.0  # user-level: each site's update is clipped to this L2 norm (initial, if adaptive)
     adaptive_clipping: bool = False  # user-central: Andrew et al. 2021's quantile-tracking clip norm
@@ -339,6 +345,8 @@ def _validate_privacy(e: Experiment, need: Callable[[bool, str], None]) -> None:
     need(p.statistics_noise_multiplier > 0, "[privacy] statistics_noise_multiplier must be > 0")
     need(p.max_grad_norm > 0 and p.clip_norm > 0, "[privacy] max_grad_norm and clip_norm must be > 0")
     need(0 < p.target_quantile < 1, "[privacy] target_quantile must be in (0, 1)")
+    need(0 < p.sample_rate <= 1, f"[privacy] sample_rate must be in (0, 1], got {p.sample_rate}")
+    need(p.local_steps >= 1, f"[privacy] local_steps must be >= 1, got {p.local_steps}")
     need(p.clip_learning_rate > 0, "[privacy] clip_learning_rate must be > 0")
     need(
         p.clipped_count_stddev is None or p.clipped_count_stddev > 0,

@@ -22,7 +22,7 @@ from fedcore.aggregation.plans import CentralNoisePlan, ClipPlan, SampleDPPlan
 from fedcore.errors import PrivacyBudgetError
 from fedcore.privacy import book_keeping, distributed, dpsgd
 from fedcore.privacy.accountant import Mechanism, epsilon, zcdp_epsilon
-from fedcore.privacy.dpsgd import SampleDP, round_mechanism
+from fedcore.privacy.dpsgd import SampleDP
 from fedcore.privacy.randomness import SecureRandom
 from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
 from fedcore.privacy.user_level import update_noise_multiplier
@@ -97,9 +97,14 @@ def test_dp_sgd_adds_noise_of_std_noise_multiplier_times_clip(engine: str) -> No
     before = model.weight.detach().clone()
     x, y = torch.zeros(n, 500), torch.randint(0, 200, (n,))
     dpsgd.train(
-        model, x, y, dp=ENGINES[engine], random=SecureRandom.seeded(4),
-        lr=1.0, weight_decay=0.0, local_epochs=1, batch_size=n,
-    )  # fmt: skip
+        model,
+        x,
+        y,
+        dp=ENGINES[engine],
+        random=SecureRandom.seeded(4),
+        lr=1.0,
+        weight_decay=0.0,
+    )  # fmt: skip (the defaults: q = 1, one step)
     noise = ((before - model.weight.detach()) * n).numpy()  # one step, q = 1: the batch is all n
     variance_within(noise, (1.7 * 0.3) ** 2)
 
@@ -173,8 +178,8 @@ def test_book_keeping_clips_exactly_as_opacus(name: str) -> None:
         torch.manual_seed(0)
         model = build()
         dpsgd.train(
-            model, x, y, dp=SampleDP(1.0, 0.2, book_keeping=book), random=SecureRandom.seeded(5),
-            lr=0.5, weight_decay=0.01, local_epochs=2, batch_size=8,
+            model, x, y, dp=SampleDP(1.0, 0.2, 0.2, 10, book_keeping=book), random=SecureRandom.seeded(5),
+            lr=0.5, weight_decay=0.01,
         )  # fmt: skip
         trained.append(model.state_dict())
     for key, value in trained[0].items():
@@ -203,8 +208,8 @@ def test_book_keeping_leaves_other_models_to_opacus() -> None:
     model = refused["layer norm"]
     before = [p.detach().clone() for p in model.parameters()]
     dpsgd.train(
-        model, torch.randn(20, 4), torch.randint(0, 4, (20,)), dp=SampleDP(1.0, 1.0),
-        random=SecureRandom.seeded(6), lr=0.1, weight_decay=0.0, local_epochs=1, batch_size=5,
+        model, torch.randn(20, 4), torch.randint(0, 4, (20,)), dp=SampleDP(1.0, 1.0, 0.25, 4),
+        random=SecureRandom.seeded(6), lr=0.1, weight_decay=0.0,
     )  # fmt: skip
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())  # plain again
@@ -300,13 +305,19 @@ def test_adaptive_clipping_keeps_the_total_noise_multiplier() -> None:
     assert (z_update**-2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(z)
 
 
-def test_a_dp_sgd_round_is_the_mechanism_opacus_would_account() -> None:
-    m = round_mechanism(150, batch_size=32, local_epochs=2, noise_multiplier=1.1)
-    assert m == Mechanism(1.1, 1 / 5, 10)  # ceil(150 / 32) = 5 steps per epoch, q = 1/5
+def test_a_dp_sgd_round_is_the_public_mechanism_whatever_the_sites_size() -> None:
+    """The mechanism a round runs (and so the epsilon a site reports) is the job's public
+    settings: two sites of 30 and 300 examples run, and report, the same one."""
+    dp = SampleDP(1.1, 1.0, 0.2, 10)
+    for n in (30, 300):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        x, y = torch.randn(n, 4), torch.randint(0, 2, (n,))
+        _, ran = dpsgd.train(model, x, y, dp=dp, random=SecureRandom.seeded(n), lr=0.1, weight_decay=0.0)
+        assert ran == Mechanism(1.1, 0.2, 10) == dp.mechanism
 
 
 # The site's budget ----------------------------------------------------------------------
-SHAPE = {"examples": 120, "batch_size": 30, "local_epochs": 1}
+SHAPE = {"sample_rate": 0.25, "local_steps": 4}
 JOB = {
     "noise_multiplier": 2.0,
     "target_epsilon": None,
@@ -332,7 +343,7 @@ def test_a_site_refuses_the_round_that_would_cross_its_budget_even_after_a_resta
         site.spend(plan)
         taken += 1
         assert taken < 1000
-    mechanism = round_mechanism(120, batch_size=30, local_epochs=1, noise_multiplier=2.0)
+    mechanism = Mechanism(2.0, 0.25, 4)
     assert epsilon([mechanism] * taken, 1e-5) <= 1.0 < epsilon([mechanism] * (taken + 1), 1e-5)
     restarted = SitePrivacy(policy)  # a new process reads the same ledger
     assert restarted.ledger.spent() == pytest.approx(epsilon([mechanism] * taken, 1e-5))
@@ -344,12 +355,11 @@ def test_a_site_refuses_the_round_that_would_cross_its_budget_even_after_a_resta
 
 def test_the_server_cannot_lower_a_sites_noise_or_switch_dp_off() -> None:
     privacy = SitePrivacy(SitePolicy(min_noise_multiplier=3.0, require_dp=True))
-    shape = {"examples": 100, "batch_size": 10, "local_epochs": 1}
-    plan = privacy.plan_dp_sgd(**{**JOB, "noise_multiplier": 0.5}, **shape)
-    assert plan.dp == SampleDP(3.0, 1.0) and plan.mechanism.noise_multiplier == 3.0
+    plan = privacy.plan_dp_sgd(**{**JOB, "noise_multiplier": 0.5}, **SHAPE)
+    assert plan.dp == SampleDP(3.0, 1.0, 0.25, 4) and plan.mechanism.noise_multiplier == 3.0
     # Through the site part of the stages, as a fit instruction's plan arrives:
     stages = SiteStages("site-1", privacy)
-    prepare = {"masked": False, "examples": 100, "batch_size": 10, "local_epochs": 1, "dimension": 10}
+    prepare = {"masked": False, "dimension": 10}
     for plan_items in [(), (ClipPlan(1.0, equal_weights=True), CentralNoisePlan(1e-5, "run-a"))]:
         with pytest.raises(PrivacyBudgetError, match="noise it adds"):
             stages.prepare(plan_items, **prepare)

@@ -14,8 +14,6 @@ from fedcore.cli import main
 from fedcore.config import Experiment
 from fedcore.errors import ConfigError
 from fedcore.privacy import distributed
-from fedcore.privacy.dpsgd import round_mechanism
-from fedcore.simulation.runners import make_site
 from fedcore.tasks import build_task
 from tests.support.opacus_reference import opacus_epsilon
 
@@ -54,22 +52,22 @@ def test_every_accepted_combination_runs_and_accounts_every_round(mode: str, sec
 
 
 def test_sites_report_the_epsilon_opacus_gives_for_their_dp_sgd() -> None:
-    e = experiment(privacy__mode="sample", federation__sites_per_round=4, task__local_epochs=2)
+    """Every site runs the job's public mechanism (q, steps), whatever its size: its
+    reported epsilon is Opacus's for the rounds it took part in, and the run's is the
+    largest site's, which the server accounts itself from the attempts it sent."""
+    e = experiment(privacy__mode="sample", federation__sites_per_round=4)
+    e = e.override(privacy__sample_rate=0.3, privacy__local_steps=3)
     result, _ = run_simulation(e, None)
     took_part: dict[str, int] = {}
     checked = 0
     for record in result.records:
         for site, eps in record.site_epsilon.items():
             took_part[site] = took_part.get(site, 0) + 1
-            virtual = make_site(e, int(site.split("-")[1]))
-            batch = virtual.task.defaults["batch_size"]
-            m = round_mechanism(
-                len(virtual.data.train), batch_size=batch, local_epochs=2, noise_multiplier=1.0
-            )
-            expected = opacus_epsilon([(1.0, m.sample_rate, m.steps * took_part[site])], 1e-5)
+            expected = opacus_epsilon([(1.0, 0.3, 3 * took_part[site])], 1e-5)
             assert eps == pytest.approx(expected, rel=1e-6)
             checked += 1
-        assert record.epsilon == max(record.site_epsilon.values())  # every site took part by now
+        most = opacus_epsilon([(1.0, 0.3, 3 * max(took_part.values()))], 1e-5)
+        assert record.epsilon == pytest.approx(most, rel=1e-6)
     assert checked == 12
 
 
@@ -314,3 +312,50 @@ def test_the_per_site_log_says_who_took_part_and_what_each_site_spent(tmp_path: 
         record = result.records[row["round"] - 1]
         assert row["aggregated"] == (row["site"] not in record.dropped)
         assert row["epsilon"] == record.site_epsilon[row["site"]] and row["delta"] == 1e-5
+
+
+def test_retried_rounds_never_take_a_sample_level_run_past_its_target() -> None:
+    """The review's case: 6 sites, all needed, 30% dropout, many retries. Every attempt a
+    site was sent costs it a round; the server stops the run before an attempt that could
+    take a site past the target, and the sites' own epsilons (by their ledgers) stay within."""
+    e = experiment(
+        task__name="breast_cancer",
+        privacy__mode="sample",
+        privacy__noise_multiplier=None,
+        privacy__target_epsilon=2.0,
+        federation__rounds=3,
+        federation__min_sites=6,
+        federation__max_round_retries=20,
+        simulation__dropout=0.3,
+    )
+    result, summary = run_simulation(e, None)
+    assert summary["privacy"]["epsilon"] <= 2.0 * (1 + 1e-6)
+    assert all(eps <= 2.0 * (1 + 1e-6) for eps in summary["privacy"]["site_epsilon"].values())
+    assert summary["privacy"]["stopped_early"], "retries should have used up the target"
+    assert len(result.records) < 3
+
+
+def test_a_site_refuses_a_round_past_the_jobs_target_whatever_the_server_asks() -> None:
+    """A server that ignores the target (asks again and again): the site's own ledger
+    refuses the round that would take this run past it; the refusal names the target."""
+    from fedcore.errors import PrivacyBudgetError
+    from fedcore.privacy.site_policy import SitePrivacy
+
+    site = SitePrivacy()
+    job = {
+        "noise_multiplier": None,
+        "target_epsilon": 2.0,
+        "rounds": 3,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.5,
+        "local_steps": 2,
+        "ghost_clipping": False,
+        "delta": 1e-5,
+        "run": "run-t",
+    }
+    for _ in range(3):
+        site.spend(site.plan_dp_sgd(**job))
+    assert site.ledger.spent("run-t") <= 2.0 * (1 + 1e-6)
+    with pytest.raises(PrivacyBudgetError, match="target"):
+        site.plan_dp_sgd(**job)
+    site.plan_dp_sgd(**{**job, "run": "run-u"})  # another run has its own target

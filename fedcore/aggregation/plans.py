@@ -31,6 +31,8 @@ class SampleDPPlan(PlanItem):
     rounds: int
     delta: float
     run: str
+    sample_rate: float = 1.0  # each step's Poisson sampling rate: public, the same at every site
+    local_steps: int = 1  # DP-SGD steps per round: public too
     noise_multiplier: float | None = None  # exactly one of these two
     target_epsilon: float | None = None  # over `rounds` rounds, by the site's own accounting
     ghost_clipping: bool = False

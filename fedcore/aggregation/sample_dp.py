@@ -1,28 +1,60 @@
 """Sample-level DP: every site trains with DP-SGD and accounts for itself (its ledger and
-budget); the server only relays the job's settings and collects each site's reported
-epsilon. The run's epsilon is the largest a site reported."""
+budget). The DP-SGD mechanism of a round (noise, sampling rate, steps) is public and the
+same at every site, so the server accounts every site too, from the attempts it sent each
+one: a retried round counts again, and no attempt starts that could take a site past the
+run's target epsilon (the sites refuse one by their own ledgers as well). The run's epsilon
+is the largest site's."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fedcore.aggregation.base import RoundInfo
 from fedcore.aggregation.plans import SampleDPPlan, StagePlan
 from fedcore.aggregation.private import PrivateStage
 from fedcore.config import PrivacyConfig
+from fedcore.privacy.accountant import Mechanism, epsilon
+from fedcore.privacy.site_policy import planned_noise, statistics_release
 
 
 class SampleLevelDP(PrivateStage):
     name = "sample_dp"
     mode = "sample"
     unit = "one training example"
-    accountant = "each site's RDP accountant (Opacus) over its DP-SGD steps"
+    accountant = "RDP (Opacus) over every site's DP-SGD steps"
 
     def __init__(
         self, config: PrivacyConfig, *, rounds: int, seed: int, releases_statistics: bool = False
     ) -> None:
         super().__init__(config, rounds=rounds, seed=seed)
         self.statistics_noise = config.statistics_noise_multiplier if releases_statistics else None
+        self.prior = statistics_release(self.statistics_noise)
+        if config.target_epsilon is not None:
+            self.noise = planned_noise(
+                config.target_epsilon,
+                config.delta,
+                config.sample_rate,
+                config.local_steps,
+                rounds,
+                self.prior,
+            )
+        self.trained: dict[str, int] = {}  # site -> attempts it was sent to train in (so: may have)
+
+    def mechanism(self) -> Mechanism:
+        assert self.noise is not None
+        return Mechanism(self.noise, self.config.sample_rate, self.config.local_steps)
+
+    def site_epsilon_after(self, attempts: int) -> float:
+        """A site's epsilon in this run after training in `attempts` attempts (with the
+        statistics release, which every site made)."""
+        return epsilon([*self.prior, *[self.mechanism()] * attempts], self.config.delta)
+
+    def check_round(self, info: RoundInfo) -> None:
+        most = max((self.trained.get(s, 0) for s in info.sampled), default=0)
+        self.within_target(self.site_epsilon_after(most + 1))
+        for site in info.sampled:  # counted before any instruction leaves: whether it trains or not
+            self.trained[site] = self.trained.get(site, 0) + 1
 
     def site_plan(self, info: RoundInfo) -> StagePlan:
         p = self.config
@@ -31,6 +63,8 @@ class SampleLevelDP(PrivateStage):
             rounds=self.rounds,
             delta=p.delta,
             run=info.run_id,
+            sample_rate=p.sample_rate,
+            local_steps=p.local_steps,
             noise_multiplier=p.noise_multiplier,
             target_epsilon=p.target_epsilon,
             ghost_clipping=p.ghost_clipping,
@@ -38,10 +72,15 @@ class SampleLevelDP(PrivateStage):
             statistics_noise=self.statistics_noise,
         )
 
-    # check_round: nothing. Each site enforces its own budget and the job's target by refusing.
-
     def epsilon(self) -> float:
-        return max(self.site_epsilon.values(), default=0.0)
+        return self.site_epsilon_after(max(self.trained.values(), default=0)) if self.trained else 0.0
 
     def summary_details(self) -> dict[str, Any]:
-        return {"noise_multiplier": self.config.noise_multiplier}
+        return {"sample_rate": self.config.sample_rate, "local_steps": self.config.local_steps}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "trained": dict(self.trained)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.trained = {k: int(v) for k, v in state.get("trained", {}).items()}

@@ -120,9 +120,6 @@ class SiteStages:
         plan: tuple[StagePlan, ...],
         *,
         masked: bool,
-        examples: int,
-        batch_size: int,
-        local_epochs: int,
         dimension: int,
         sensitivity: float | None = None,
     ) -> Prepared:
@@ -152,12 +149,11 @@ class SiteStages:
                 target_epsilon=sample.target_epsilon,
                 rounds=sample.rounds,
                 max_grad_norm=sample.max_grad_norm,
+                sample_rate=sample.sample_rate,
+                local_steps=sample.local_steps,
                 ghost_clipping=sample.ghost_clipping,
                 delta=sample.delta,
                 run=sample.run,
-                examples=examples,
-                batch_size=batch_size,
-                local_epochs=local_epochs,
                 statistics_noise=sample.statistics_noise,
             )
             rng = self.privacy.secure_rng(sample.secure_rng)

@@ -122,9 +122,6 @@ class Site:
             prepared = self.stages.prepare(
                 instruction.plan,
                 masked=instruction.message is not None,
-                examples=len(self.data.train),
-                batch_size=1,
-                local_epochs=1,
                 dimension=size,
                 sensitivity=self.task.statistics_sensitivity(),
             )
@@ -153,9 +150,6 @@ class Site:
             prepared = self.stages.prepare(
                 instruction.plan,
                 masked=masked,
-                examples=len(self.data.train),
-                batch_size=settings.batch_size,
-                local_epochs=settings.local_epochs,
                 dimension=dimension,
             )
             if prepared.dp is not None:

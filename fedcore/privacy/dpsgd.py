@@ -10,14 +10,14 @@ Both give the same sums (tested against each other). Two more things are ours:
 - the noise and the batch sampling come from `SecureRandom` (AES-CTR keyed from the OS),
   not torch's generator: Opacus's own secure mode needs torchcsprng, which does not
   install with current torch. They are drawn many steps at a time (`_Ahead`);
-- batches are Poisson-sampled (each example with probability q = 1 / ceil(n / batch_size)),
-  which is what the RDP accountant assumes. A round runs `local_epochs x ceil(n / batch_size)`
-  steps, so one round is the mechanism `Mechanism(noise_multiplier, q, steps)`.
+- batches are Poisson-sampled (each example with the job's probability q), which is what
+  the accountants assume, and a round runs the job's number of steps: one round is the
+  mechanism `Mechanism(noise_multiplier, q, steps)`, the same at every site whatever its
+  size, so that nothing a site reports about its privacy reveals how many examples it has.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,16 +38,15 @@ class SampleDP:
 
     noise_multiplier: float
     max_grad_norm: float
+    sample_rate: float = 1.0  # each example's chance to be in a step's batch (public)
+    local_steps: int = 1  # steps per round (public)
     ghost_clipping: bool = False  # Opacus's ghost clipping
     book_keeping: bool = True  # one-pass clipping where the model allows (book_keeping.py)
 
-
-def round_mechanism(
-    examples: int, *, batch_size: int, local_epochs: int, noise_multiplier: float
-) -> Mechanism:
-    """What one round of DP-SGD over `examples` examples costs."""
-    steps_per_epoch = max(1, math.ceil(examples / batch_size))
-    return Mechanism(noise_multiplier, 1.0 / steps_per_epoch, local_epochs * steps_per_epoch)
+    @property
+    def mechanism(self) -> Mechanism:
+        """What one round of it costs: public settings only, never the site's count."""
+        return Mechanism(self.noise_multiplier, self.sample_rate, self.local_steps)
 
 
 class _Ahead:
@@ -129,8 +128,6 @@ def train(
     random: SecureRandom,
     lr: float,
     weight_decay: float,
-    local_epochs: int,
-    batch_size: int,
     after_noise: Callable[[], None] | None = None,
 ) -> tuple[float, Mechanism]:
     """Train `model` in place with DP-SGD; the mean training loss and the mechanism run.
@@ -139,9 +136,7 @@ def train(
     proximal gradient, which does not depend on the data and so costs no privacy)."""
     check_model(model)
     n = len(y)
-    mechanism = round_mechanism(
-        n, batch_size=batch_size, local_epochs=local_epochs, noise_multiplier=dp.noise_multiplier
-    )
+    mechanism = dp.mechanism
     expected_batch = max(1, round(n * mechanism.sample_rate))
     trainable = [p for p in model.parameters() if p.requires_grad]
     sgd = torch.optim.SGD(trainable, lr=lr, weight_decay=weight_decay)

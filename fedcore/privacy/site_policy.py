@@ -20,7 +20,7 @@ from fedcore.config import DEFAULT_COLLUDING_FRACTION
 from fedcore.errors import PrivacyBudgetError
 from fedcore.privacy.accountant import Mechanism, epsilon, noise_for
 from fedcore.privacy.distributed import DistributedNoise, sensitivity_l2
-from fedcore.privacy.dpsgd import SampleDP, round_mechanism
+from fedcore.privacy.dpsgd import SampleDP
 from fedcore.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
@@ -79,36 +79,28 @@ class SitePrivacy:
         target_epsilon: float | None,
         rounds: int,
         max_grad_norm: float,
+        sample_rate: float,
+        local_steps: int,
         ghost_clipping: bool,
         delta: float,
         run: str,
-        examples: int,
-        batch_size: int,
-        local_epochs: int,
         statistics_noise: float | None = None,
     ) -> RoundPlan:
-        """What a DP-SGD round will cost the site; PrivacyBudgetError when its policy forbids it.
-        `statistics_noise`: the run also releases statistics with this noise (a target
-        epsilon is met with that release composed in)."""
+        """What a DP-SGD round will cost the site; PrivacyBudgetError when its policy forbids
+        it, or when the round would take this run past the job's target epsilon by the
+        site's own ledger (a retried round counts again: whatever the server asks, the run
+        never ends above its target). `statistics_noise`: the run also releases statistics
+        with this noise (a target epsilon is met with that release composed in)."""
         job_delta = _delta(delta)
-        steps_per_epoch = round_mechanism(
-            examples, batch_size=batch_size, local_epochs=1, noise_multiplier=1.0
-        )
+        sample_rate = job_setting("sample_rate", sample_rate)
+        if not sample_rate <= 1 or not isinstance(local_steps, int) or local_steps < 1:
+            raise PrivacyBudgetError(
+                f"privacy policy: bad DP-SGD settings q={sample_rate}, steps={local_steps}"
+            )
+        prior = statistics_release(statistics_noise)
         if target_epsilon is not None:
-            if rounds < 1:
-                raise PrivacyBudgetError("privacy policy: a target epsilon needs the job's number of rounds")
-            prior = (
-                (Mechanism(job_setting("statistics_noise", statistics_noise), 1.0, 1),)
-                if statistics_noise
-                else ()
-            )
-            noise = noise_for(
-                target_epsilon=job_setting("target_epsilon", target_epsilon),
-                delta=job_delta,
-                sample_rate=steps_per_epoch.sample_rate,
-                steps=steps_per_epoch.steps * local_epochs * rounds,
-                prior=prior,
-            )
+            target = job_setting("target_epsilon", target_epsilon)
+            noise = planned_noise(target, job_delta, sample_rate, local_steps, rounds, prior)
         else:
             noise = job_setting("noise_multiplier", noise_multiplier)
         if noise < self.policy.min_noise_multiplier:
@@ -118,11 +110,18 @@ class SitePrivacy:
                 self.policy.min_noise_multiplier,
             )
             noise = self.policy.min_noise_multiplier
-        mechanism = round_mechanism(
-            examples, batch_size=batch_size, local_epochs=local_epochs, noise_multiplier=noise
+        dp = SampleDP(
+            noise, job_setting("max_grad_norm", max_grad_norm), sample_rate, local_steps, ghost_clipping
         )
-        dp = SampleDP(noise, job_setting("max_grad_norm", max_grad_norm), ghost_clipping)
-        return self._affordable(RoundPlan(mechanism, run, job_delta, dp=dp))
+        if target_epsilon is not None:
+            self.ledger.reload()
+            after = epsilon([*prior, *self.ledger.runs.get(run, []), dp.mechanism], job_delta)
+            if after > target * (1 + TARGET_SLACK):
+                raise PrivacyBudgetError(
+                    f"privacy policy: this round would take the run's epsilon to {after:.4g} "
+                    f"(delta {job_delta:g}), over the job's target {target:g}"
+                )
+        return self._affordable(RoundPlan(dp.mechanism, run, job_delta, dp=dp))
 
     def plan_distributed(
         self, noise: DistributedNoise, *, delta: float, run: str, dimension: int, participants: int | None
@@ -197,6 +196,32 @@ class SitePrivacy:
             "epsilon_total": self.ledger.spent(),
             "noise_multiplier": plan.mechanism.noise_multiplier,
         }
+
+
+TARGET_SLACK = 1e-6  # relative: the noise search's own precision is coarser
+
+
+def statistics_release(noise: float | None) -> tuple[Mechanism, ...]:
+    """The statistics release before round 1, as a mechanism (none when the task has none)."""
+    return (Mechanism(job_setting("statistics_noise", noise), 1.0, 1),) if noise else ()
+
+
+def planned_noise(
+    target: float,
+    delta: float,
+    sample_rate: float,
+    local_steps: int,
+    rounds: int,
+    prior: tuple[Mechanism, ...],
+) -> float:
+    """The DP-SGD noise multiplier every site of a run uses for a target epsilon: the same
+    at the server (which accounts every site from it) and at each site (which refuses to
+    go past it)."""
+    if rounds < 1:
+        raise PrivacyBudgetError("privacy policy: a target epsilon needs the job's number of rounds")
+    return noise_for(
+        target_epsilon=target, delta=delta, sample_rate=sample_rate, steps=local_steps * rounds, prior=prior
+    )
 
 
 def job_setting(name: str, value: object) -> float:

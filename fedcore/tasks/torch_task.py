@@ -118,8 +118,6 @@ class TorchClassifierTask(Task):
             random=dp_random(secure=settings.secure_rng, seed=settings.seed),
             lr=settings.lr,
             weight_decay=settings.weight_decay,
-            local_epochs=settings.local_epochs,
-            batch_size=settings.batch_size,
             after_noise=proximal_gradient if anchor is not None else None,
         )
         return FitOutcome(

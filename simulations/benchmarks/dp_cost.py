@@ -29,6 +29,7 @@ JSON also has the Poisson sampling draws.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -44,7 +45,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedcore.privacy.dpsgd import SampleDP, round_mechanism
+from fedcore.privacy.accountant import Mechanism
+from fedcore.privacy.dpsgd import SampleDP
 from fedcore.privacy.randomness import SecureRandom
 from fedcore.tasks import build_task
 from fedcore.tasks.base import SiteData, TrainSettings
@@ -116,10 +118,13 @@ def measure(name: str, model: str | None, sites: int, repeats: int, console: Con
     assert isinstance(task, TorchClassifierTask)
     data: SiteData = task.site_data(f"builtin:1/{sites}", partition="iid", seed=0, partitions=sites)
     parameters = task.initial_parameters(0)
-    settings = {variant: settings_for(task, dp) for variant, dp in VARIANTS.items()}
-    n = len(data.train)
-    batch_size = settings["plain"].batch_size
-    mechanism = round_mechanism(n, batch_size=batch_size, local_epochs=1, noise_multiplier=NOISE_MULTIPLIER)
+    n, batch_size = len(data.train), task.defaults["batch_size"]
+    steps = max(1, math.ceil(n / batch_size))  # DP-SGD runs as many steps as plain SGD's epoch
+    settings = {
+        variant: settings_for(task, dp and dataclasses.replace(dp, sample_rate=1 / steps, local_steps=steps))
+        for variant, dp in VARIANTS.items()
+    }
+    mechanism = Mechanism(NOISE_MULTIPLIER, 1 / steps, steps)
     shapes = [p.numel() for p in task.build_model().parameters()]
     label = f"{name}/{task.model} x{sites}"
     console.print(

@@ -17,7 +17,6 @@ import pytest
 from fedcore import load_experiment
 from fedcore import pki as fedcore_pki
 from fedcore.privacy.accountant import Mechanism, epsilon
-from fedcore.privacy.dpsgd import round_mechanism
 from fedcore.tasks import build_task, default_partition
 from tests.integration.test_cli_federation import fedcore, free_port, wait
 
@@ -29,7 +28,7 @@ LIMITED = "site-3"  # the site with a budget
 # going when the killed site is back (and it goes on, with two sites, while it is not).
 ROUNDS = 100_000  # more than the test needs: it stops the server (SIGTERM) once it has seen enough
 MAX_EPSILON = 1.0
-NOISE, BATCH_SIZE, LOCAL_EPOCHS, DELTA = 4.0, 16, 1, 1e-5
+NOISE, SAMPLE_RATE, LOCAL_STEPS, DELTA = 4.0, 0.1, 10, 1e-5
 BUDGET = "refused: privacy budget"
 
 EXPERIMENT = f"""
@@ -41,14 +40,14 @@ round_timeout = 60
 
 [task]
 name = "breast_cancer"
-batch_size = {BATCH_SIZE}
-local_epochs = {LOCAL_EPOCHS}
 
 [privacy]
 mode = "sample"
 noise_multiplier = {NOISE}
 delta = {DELTA}
 max_grad_norm = 1.0
+sample_rate = {SAMPLE_RATE}
+local_steps = {LOCAL_STEPS}
 secure_rng = true
 """
 
@@ -63,9 +62,8 @@ def affordable_rounds(experiment_file: Path) -> tuple[int, Mechanism, float]:
         seed=experiment.seed,
         partitions=3,
     )
-    mechanism = round_mechanism(
-        len(data.train), batch_size=BATCH_SIZE, local_epochs=LOCAL_EPOCHS, noise_multiplier=NOISE
-    )
+    del data  # the mechanism is public: the site's count does not enter it
+    mechanism = Mechanism(NOISE, SAMPLE_RATE, LOCAL_STEPS)
     k = 0
     while k < ROUNDS and epsilon([mechanism] * (k + 1), DELTA) <= MAX_EPSILON:
         k += 1
