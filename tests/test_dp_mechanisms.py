@@ -380,10 +380,30 @@ def test_distributed_dp_needs_masking_and_real_noise_and_costs_the_sites_own_bud
         site.plan_distributed(silent, **job, participants=4)
     plan = site.plan_distributed(fair, **job, participants=4)
     assert plan.distributed == fair
-    # What the site records is its own noise alone: multiplier 2 / sqrt(4) = 1, one release.
-    assert plan.mechanism.noise_multiplier == pytest.approx(1.0) and plan.mechanism.sample_rate == 1.0
+    # What the site records is its own noise alone, 2 / sqrt(4) = 1 per site, for the ledger's
+    # unit, one example, which can move the clipped update twice the clip norm: 0.5.
+    assert plan.mechanism.noise_multiplier == pytest.approx(0.5) and plan.mechanism.sample_rate == 1.0
     spent = site.spend(plan)
-    assert spent["epsilon"] == pytest.approx(opacus_epsilon([(1.0, 1.0, 1)], 1e-5), rel=1e-6)
+    assert spent["epsilon"] == pytest.approx(opacus_epsilon([(0.5, 1.0, 1)], 1e-5), rel=1e-6)
+
+
+def test_a_distributed_round_enters_the_ledger_at_the_example_level_sensitivity() -> None:
+    """The review's figure: one round at z = 1 (the site's own noise) is epsilon 4.73 per
+    site but 10.73 per example (sensitivity 2 x clip), computed here from the Gaussian
+    mechanism's RDP directly (alpha / (2 z^2) per order), not through fedcore."""
+    import numpy as np
+
+    d = 100
+    noise = distributed.DistributedNoise.for_model(dimension=d, clip_norm=1.0, noise_multiplier=1.0, sites=1)
+    site = SitePrivacy()
+    spent = site.spend(site.plan_distributed(noise, delta=1e-5, run="r", dimension=d, participants=3))
+    z = 0.5  # per example
+    orders = np.linspace(1.01, 200, 20000)
+    rdp = orders / (2 * z**2)
+    # Opacus's conversion (Balle et al. 2020), the one fedcore's ledger uses
+    eps = rdp - (np.log(1e-5) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+    assert spent["epsilon"] == pytest.approx(float(eps.min()), rel=2e-3)
+    assert 10.6 < spent["epsilon"] < 10.9
 
 
 def test_processes_sharing_a_ledger_never_overspend_it(tmp_path: Path) -> None:

@@ -139,7 +139,10 @@ class SitePrivacy:
         own = self.check_noise_floor(noise, dimension=dimension, participants=participants)
         # The site's own noise alone, against a server that could drop every other site: a
         # single discrete Gaussian is exactly the Gaussian mechanism's zCDP (tau = 0 for one site).
-        return self._affordable(RoundPlan(Mechanism(own, 1.0, 1), run, _delta(delta), distributed=noise))
+        # The ledger's unit is one example: adding or removing one can move the clipped update
+        # anywhere in its ball, twice the clip norm, so the multiplier per example is half the
+        # one per site (whose neighbour is its update zeroed).
+        return self._affordable(RoundPlan(Mechanism(own / 2, 1.0, 1), run, _delta(delta), distributed=noise))
 
     def plan_statistics(self, *, noise_multiplier: float, delta: float, run: str) -> RoundPlan:
         """What releasing a statistics vector with Gaussian noise (`noise_multiplier` x its

@@ -32,7 +32,11 @@ def fedcore(*args: str | Path | int, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "fedcore", *map(str, args)], stdout=out, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "fedcore", *map(str, args)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log.parent,  # what a process writes by default (an insecure site's audit log) stays there
         )
 
 

@@ -28,7 +28,7 @@ LIMITED = "site-3"  # the site with a budget
 # going when the killed site is back (and it goes on, with two sites, while it is not).
 ROUNDS = 100_000  # more than the test needs: it stops the server (SIGTERM) once it has seen enough
 MAX_EPSILON = 1.0
-NOISE, SAMPLE_RATE, LOCAL_STEPS, DELTA = 4.0, 0.1, 10, 1e-5
+NOISE, SAMPLE_RATE, LOCAL_STEPS, DELTA = 4.0, 0.1, 30, 1e-5
 BUDGET = "refused: privacy budget"
 
 EXPERIMENT = f"""
