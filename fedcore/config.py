@@ -12,7 +12,7 @@ errors, and command-line flags override the file (`Experiment.override`).
     [simulation]  sites, workers, backend, ray_address, stragglers, dropout, byzantine, byzantine_attack
     [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, max_examples,
                           colluding_fraction
-    [privacy]     mode, noise_multiplier, target_epsilon, delta, max_grad_norm, sample_rate,
+    [privacy]     mode, noise_multiplier, target_epsilon, delta, accountant, max_grad_norm, sample_rate,
                   local_steps, ghost_clipping,
                   clip_norm, adaptive_clipping, target_quantile, clip_learning_rate,
                   clipped_count_stddev, secure_rng
@@ -144,12 +144,26 @@ class PrivacyMode(enum.StrEnum):
     USER_DISTRIBUTED = "user-distributed"  # sites clip and add integer noise before masking
 
 
+class Accountant(enum.StrEnum):
+    PLD = "pld"  # privacy loss distributions (Google's dp-accounting): the tightest we have
+    RDP = "rdp"  # Renyi DP (Opacus's): looser; what fedcore used before PLD
+
+
+class Adjacency(enum.StrEnum):
+    """Which neighbouring datasets an epsilon is about."""
+
+    ADD_REMOVE = "add-remove"  # one unit (an example, a site) more or less
+    REPLACE_ONE = "replace-one"  # one unit swapped for another: the size is public
+    ZERO_OUT = "zero-out"  # a site present with its contribution zeroed (the count of sites is public)
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     mode: PrivacyMode = PrivacyMode.NONE
     noise_multiplier: float | None = None  # give this or target_epsilon
     target_epsilon: float | None = None  # the noise is chosen so the whole run stays within it
     delta: float = 1e-5
+    accountant: Accountant = Accountant.PLD  # for planning the noise and for every epsilon reported
     max_grad_norm: float = 1.0  # sample: each example's gradient is clipped to this L2 norm
     # sample: each DP-SGD step's batch takes every example with this probability, and a round
     # runs `local_steps` steps. Both are public and the same at every site, so a site's
@@ -248,6 +262,7 @@ _CHOICES: dict[str, tuple[type[enum.StrEnum], str]] = {
     "ByzantineAttack": (ByzantineAttack, "byzantine attack"),
     "Backend": (Backend, "backend"),
     "PrivacyMode": (PrivacyMode, "privacy mode"),
+    "Accountant": (Accountant, "privacy accountant"),
     "StrategyName": (StrategyName, "strategy"),
     "Standardise": (Standardise, "standardisation"),
 }

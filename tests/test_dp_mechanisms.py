@@ -19,6 +19,7 @@ from scipy import stats
 
 from fedcore.aggregation import SiteStages
 from fedcore.aggregation.plans import CentralNoisePlan, ClipPlan, SampleDPPlan
+from fedcore.config import Accountant
 from fedcore.errors import PrivacyBudgetError
 from fedcore.privacy import book_keeping, distributed, dpsgd
 from fedcore.privacy.accountant import Mechanism, epsilon, zcdp_epsilon
@@ -31,7 +32,7 @@ from fedcore.secagg.local import run_round
 from fedcore.secagg.quantize import signed
 from fedcore.tasks import build_task
 from fedcore.tensors import clip_l2
-from tests.support.opacus_reference import opacus_epsilon
+from tests.support.opacus_reference import gaussian_epsilon, opacus_epsilon, pld_epsilon
 
 # Every statistical test below fails with probability 1e-6 when the code is right (two-sided);
 # the seeds are fixed, so the outcome is reproducible.
@@ -384,26 +385,26 @@ def test_distributed_dp_needs_masking_and_real_noise_and_costs_the_sites_own_bud
     # unit, one example, which can move the clipped update twice the clip norm: 0.5.
     assert plan.mechanism.noise_multiplier == pytest.approx(0.5) and plan.mechanism.sample_rate == 1.0
     spent = site.spend(plan)
-    assert spent["epsilon"] == pytest.approx(opacus_epsilon([(0.5, 1.0, 1)], 1e-5), rel=1e-6)
+    assert spent["epsilon"] == pytest.approx(pld_epsilon([(0.5, 1.0, 1)], 1e-5), rel=1e-6)
 
 
-def test_a_distributed_round_enters_the_ledger_at_the_example_level_sensitivity() -> None:
+@pytest.mark.parametrize("accountant", list(Accountant))
+def test_a_distributed_round_enters_the_ledger_at_the_example_level_sensitivity(
+    accountant: Accountant,
+) -> None:
     """The review's figure: one round at z = 1 (the site's own noise) is epsilon 4.73 per
-    site but 10.73 per example (sensitivity 2 x clip), computed here from the Gaussian
-    mechanism's RDP directly (alpha / (2 z^2) per order), not through fedcore."""
-    import numpy as np
-
+    site but 10.73 per example by RDP (sensitivity 2 x clip: z = 0.5); by PLD, within its
+    discretisation of the exact Gaussian curve at z = 0.5 (about 10.0)."""
     d = 100
     noise = distributed.DistributedNoise.for_model(dimension=d, clip_norm=1.0, noise_multiplier=1.0, sites=1)
-    site = SitePrivacy()
+    site = SitePrivacy(SitePolicy(accountant=accountant))
     spent = site.spend(site.plan_distributed(noise, delta=1e-5, run="r", dimension=d, participants=3))
-    z = 0.5  # per example
-    orders = np.linspace(1.01, 200, 20000)
-    rdp = orders / (2 * z**2)
-    # Opacus's conversion (Balle et al. 2020), the one fedcore's ledger uses
-    eps = rdp - (np.log(1e-5) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
-    assert spent["epsilon"] == pytest.approx(float(eps.min()), rel=2e-3)
-    assert 10.6 < spent["epsilon"] < 10.9
+    if accountant is Accountant.RDP:
+        assert site.ledger.spent() == pytest.approx(opacus_epsilon([(0.5, 1.0, 1)], 1e-5), rel=1e-6)
+        assert 10.6 < site.ledger.spent() < 10.9
+    else:
+        exact = gaussian_epsilon(0.5, 1, 1e-5)
+        assert exact <= spent["epsilon"] <= exact + 0.02 and 9.9 < exact < 10.1
 
 
 def test_processes_sharing_a_ledger_never_overspend_it(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from fedcore.config import Experiment
 from fedcore.errors import ConfigError
 from fedcore.privacy import distributed
 from fedcore.tasks import build_task
-from tests.support.opacus_reference import opacus_epsilon
+from tests.support.opacus_reference import opacus_epsilon, pld_epsilon
 
 
 def experiment(**overrides: object) -> Experiment:
@@ -51,9 +51,9 @@ def test_every_accepted_combination_runs_and_accounts_every_round(mode: str, sec
     assert summary["privacy"]["epsilon"] == pytest.approx(epsilons[-1])
 
 
-def test_sites_report_the_epsilon_opacus_gives_for_their_dp_sgd() -> None:
+def test_sites_report_the_epsilon_dp_accounting_gives_for_their_dp_sgd() -> None:
     """Every site runs the job's public mechanism (q, steps), whatever its size: its
-    reported epsilon is Opacus's for the rounds it took part in, and the run's is the
+    reported epsilon is dp-accounting's PLD for the rounds it took part in, and the run's is the
     largest site's, which the server accounts itself from the attempts it sent."""
     e = experiment(privacy__mode="sample", federation__sites_per_round=4)
     e = e.override(privacy__sample_rate=0.3, privacy__local_steps=3)
@@ -63,10 +63,10 @@ def test_sites_report_the_epsilon_opacus_gives_for_their_dp_sgd() -> None:
     for record in result.records:
         for site, eps in record.site_epsilon.items():
             took_part[site] = took_part.get(site, 0) + 1
-            expected = opacus_epsilon([(1.0, 0.3, 3 * took_part[site])], 1e-5)
+            expected = pld_epsilon([(1.0, 0.3, 3 * took_part[site])], 1e-5)
             assert eps == pytest.approx(expected, rel=1e-6)
             checked += 1
-        most = opacus_epsilon([(1.0, 0.3, 3 * max(took_part.values()))], 1e-5)
+        most = pld_epsilon([(1.0, 0.3, 3 * max(took_part.values()))], 1e-5)
         assert record.epsilon == pytest.approx(most, rel=1e-6)
     assert checked == 12
 
@@ -77,7 +77,10 @@ def test_user_central_epsilon_is_the_subsampled_gaussian_over_rounds() -> None:
     result, _ = run_simulation(e, None)
     for k, record in enumerate(result.records, start=1):
         assert record.privacy["sample_rate"] == 0.5
-        assert record.epsilon == pytest.approx(opacus_epsilon([(1.0, 0.5, k)], 1e-5), rel=1e-6)
+        assert record.epsilon == pytest.approx(pld_epsilon([(1.0, 0.5, k)], 1e-5), rel=1e-6)
+    rdp = run_simulation(e.override(privacy__accountant="rdp"), None)[0].records
+    assert rdp[-1].epsilon == pytest.approx(opacus_epsilon([(1.0, 0.5, 4)], 1e-5), rel=1e-6)
+    assert rdp[-1].epsilon > result.records[-1].epsilon  # PLD is the tighter
 
 
 @pytest.mark.parametrize("mode", ["sample", "user-central", "user-distributed"])
@@ -285,7 +288,7 @@ def test_user_central_rounds_complete_whoever_is_sampled_and_release_no_training
         assert [r.attempt for r in result.records] == [1] * 8
         assert any(len(r.sampled) < 2 for r in result.records)
         assert all(r.train_loss is None and "train_loss" not in r.fit_metrics for r in result.records)
-        assert result.records[-1].epsilon == pytest.approx(opacus_epsilon([(1.0, 1 / 6, 8)], 1e-5), rel=1e-6)
+        assert result.records[-1].epsilon == pytest.approx(pld_epsilon([(1.0, 1 / 6, 8)], 1e-5), rel=1e-6)
 
 
 def test_a_decrypted_distributed_sum_is_accounted_even_when_the_round_is_retried() -> None:

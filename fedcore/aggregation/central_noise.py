@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class CentralNoise(PrivateStage):
     name = "central_noise"
     mode = "user-central"
-    accountant = "RDP accountant (Opacus), Poisson site sampling, composition over rounds"
+    accounting = "the Gaussian mechanism on the clipped sum, Poisson site sampling, over rounds"
     completes_any_sample = True
 
     def __init__(
@@ -69,6 +69,7 @@ class CentralNoise(PrivateStage):
                 delta=self.config.delta,
                 sample_rate=self.rate(),
                 steps=self.rounds,
+                accountant=self.config.accountant,
             )
             log.info(
                 "noise multiplier %.4f for epsilon %.3g over %d rounds",
@@ -93,7 +94,9 @@ class CentralNoise(PrivateStage):
     def check_round(self, info: RoundInfo) -> None:
         if self.config.target_epsilon is not None:
             next_round = Mechanism(self.noise_multiplier(), self.rate(), 1)
-            self.within_target(accountant.epsilon([*self.history, next_round], self.config.delta))
+            self.within_target(
+                accountant.epsilon([*self.history, next_round], self.config.delta, self.config.accountant)
+            )
 
     def site_plan(self, info: RoundInfo) -> StagePlan:
         return CentralNoisePlan(self.config.delta, info.run_id)
@@ -137,7 +140,7 @@ class CentralNoise(PrivateStage):
             aggregate.measure(self.section, unclipped_fraction=fraction, next_clip_norm=self.clip.norm)
 
     def epsilon(self) -> float:
-        return accountant.epsilon(self.history, self.config.delta)
+        return accountant.epsilon(self.history, self.config.delta, self.config.accountant)
 
     def state_dict(self) -> dict[str, Any]:
         return {

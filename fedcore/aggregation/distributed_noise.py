@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class DistributedNoise(PrivateStage):
     name = "distributed_noise"
     mode = "user-distributed"
-    accountant = "distributed discrete Gaussian zCDP (Kairouz et al. 2021), no sampling amplification"
+    accounting = "distributed discrete Gaussian zCDP (Kairouz et al. 2021), no sampling amplification"
 
     def __init__(self, config: Any, *, rounds: int, seed: int) -> None:
         super().__init__(config, rounds=rounds, seed=seed)
@@ -111,6 +111,9 @@ class DistributedNoise(PrivateStage):
             rho=rho,
             clip_norm=noise.clip_norm,
         )
+
+    def accountant_name(self) -> str:
+        return "zcdp"  # the discrete Gaussian's sum (no PLD of it here)
 
     def epsilon(self) -> float:
         return distributed.epsilon(self.rhos, self.config.delta)

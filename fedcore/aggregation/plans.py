@@ -35,6 +35,7 @@ class SampleDPPlan(PlanItem):
     local_steps: int = 1  # DP-SGD steps per round: public too
     noise_multiplier: float | None = None  # exactly one of these two
     target_epsilon: float | None = None  # over `rounds` rounds, by the site's own accounting
+    accountant: str = "pld"  # what the target is planned and checked with (an `Accountant`)
     ghost_clipping: bool = False
     secure_rng: bool = True
     # The run also releases the task's statistics with this noise multiplier (one Gaussian

@@ -21,7 +21,7 @@ class PrivateStage(Stage):
     accounts_privacy = True
     mode: ClassVar[str]
     unit: ClassVar[str] = "one site's whole data"
-    accountant: ClassVar[str]
+    accounting: ClassVar[str]  # what the accountant composes, in words
     reserved_metrics = frozenset({EPSILON, EPSILON_TOTAL, NOISE})
 
     def __init__(self, config: PrivacyConfig, *, rounds: int, seed: int) -> None:
@@ -80,7 +80,8 @@ class PrivateStage(Stage):
                 "epsilon": self.epsilon(),
                 "delta": self.config.delta,
                 "unit": self.unit,
-                "accountant": self.accountant,
+                "accountant": self.accountant_name(),
+                "accounting": self.accounting,
                 "noise_multiplier": self.noise,
                 "refused": self.refused,
                 "secure_rng": self.config.secure_rng,
@@ -93,6 +94,9 @@ class PrivateStage(Stage):
 
     def summary_details(self) -> dict[str, Any]:
         return {}
+
+    def accountant_name(self) -> str:
+        return self.config.accountant.value
 
     def state_dict(self) -> dict[str, Any]:
         return {

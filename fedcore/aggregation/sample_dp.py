@@ -22,7 +22,7 @@ class SampleLevelDP(PrivateStage):
     name = "sample_dp"
     mode = "sample"
     unit = "one training example"
-    accountant = "RDP (Opacus) over every site's DP-SGD steps"
+    accounting = "every site's DP-SGD steps, from the attempts the server sent it"
 
     def __init__(
         self, config: PrivacyConfig, *, rounds: int, seed: int, releases_statistics: bool = False
@@ -38,6 +38,7 @@ class SampleLevelDP(PrivateStage):
                 config.local_steps,
                 rounds,
                 self.prior,
+                config.accountant,
             )
         self.trained: dict[str, int] = {}  # site -> attempts it was sent to train in (so: may have)
 
@@ -48,7 +49,9 @@ class SampleLevelDP(PrivateStage):
     def site_epsilon_after(self, attempts: int) -> float:
         """A site's epsilon in this run after training in `attempts` attempts (with the
         statistics release, which every site made)."""
-        return epsilon([*self.prior, *[self.mechanism()] * attempts], self.config.delta)
+        return epsilon(
+            [*self.prior, *[self.mechanism()] * attempts], self.config.delta, self.config.accountant
+        )
 
     def check_round(self, info: RoundInfo) -> None:
         most = max((self.trained.get(s, 0) for s in info.sampled), default=0)
@@ -67,6 +70,7 @@ class SampleLevelDP(PrivateStage):
             local_steps=p.local_steps,
             noise_multiplier=p.noise_multiplier,
             target_epsilon=p.target_epsilon,
+            accountant=p.accountant.value,
             ghost_clipping=p.ghost_clipping,
             secure_rng=p.secure_rng,
             statistics_noise=self.statistics_noise,

@@ -151,6 +151,7 @@ class SiteStages:
                 max_grad_norm=sample.max_grad_norm,
                 sample_rate=sample.sample_rate,
                 local_steps=sample.local_steps,
+                accountant=sample.accountant,
                 ghost_clipping=sample.ghost_clipping,
                 delta=sample.delta,
                 run=sample.run,

@@ -5,7 +5,7 @@
 [data]      task, uri, label, features (tabular: the label column, the columns to use)
 [agent]     device, give_up_after, audit (the site's audit log; default: audit.log in its kit)
 [privacy]   ledger, max_epsilon, delta, min_noise_multiplier, require_dp, min_secure_cohort,
-            colluding_fraction
+            colluding_fraction, accountant
 [policy]    tasks (the task code this site approves: "NAME==VERSION[@SHA256]")
 """
 
@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fedcore.config import DEFAULT_COLLUDING_FRACTION
+from fedcore.config import DEFAULT_COLLUDING_FRACTION, Accountant
 from fedcore.errors import ConfigError
 from fedcore.privacy.site_policy import DEFAULT_DELTA, SitePolicy, SitePrivacy
 from fedcore.typed_toml import read_toml
@@ -35,6 +35,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "require_dp": bool,
         "min_secure_cohort": int,
         "colluding_fraction": float,
+        "accountant": str,
     },
     "policy": {"tasks": list},
 }
@@ -85,6 +86,7 @@ def site_privacy(
         require_dp=bool(site.get("privacy.require_dp", False)),
         min_secure_cohort=int(site.get("privacy.min_secure_cohort", 3)),
         colluding_fraction=float(site.get("privacy.colluding_fraction", DEFAULT_COLLUDING_FRACTION)),
+        accountant=_accountant(site.get("privacy.accountant", Accountant.PLD.value)),
         ledger=Path(ledger),
     )
     if policy.max_epsilon is not None and not policy.max_epsilon > 0:
@@ -101,3 +103,11 @@ def site_privacy(
         policy.max_epsilon,
     )
     return privacy
+
+
+def _accountant(name: object) -> Accountant:
+    try:
+        return Accountant(str(name))
+    except ValueError:
+        choices = ", ".join(a.value for a in Accountant)
+        raise ConfigError(f"[privacy] accountant must be one of {choices}, got {name!r}") from None

@@ -1,10 +1,15 @@
-"""Privacy accounting with Opacus's RDP accountant: every epsilon fedcore reports comes from
-here, with its delta.
+"""Privacy accounting: every epsilon fedcore reports comes from here, with its delta, its
+accountant and its neighbouring relation.
 
 A mechanism is a subsampled Gaussian mechanism applied `steps` times: DP-SGD at a site
 (noise multiplier, batch sampling rate, optimizer steps) or DP-FedAvg at the server (noise
-multiplier, site sampling rate, rounds). Rényi DP composes by addition, so a history of
-mechanisms, within a run or across runs, is accounted as one list.
+multiplier, site sampling rate, rounds). A history of mechanisms, within a run or across
+runs, is accounted as one composition, by either accountant:
+- PLD (`Accountant.PLD`, the default): Google's dp-accounting privacy loss distributions,
+  pessimistic (an upper bound) at a value discretisation of `PLD_INTERVAL`; add-remove or
+  replace-one neighbours, Poisson subsampling included;
+- RDP (`Accountant.RDP`): Opacus's Renyi-DP accountant; add-remove neighbours (replace-one
+  only without subsampling, as the Gaussian mechanism at twice the sensitivity).
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedcore.config import Accountant, Adjacency
+
 log = logging.getLogger(__name__)
+
+PLD_INTERVAL = 1e-3  # dp-accounting's value discretisation: coarser is faster and looser, never optimistic
 
 
 @dataclass(frozen=True)
@@ -35,27 +44,68 @@ class Mechanism:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
 
 
-def epsilon(history: Sequence[Mechanism], delta: float) -> float:
-    """The (epsilon, delta)-DP guarantee of running every mechanism in `history`."""
-    from opacus.accountants import RDPAccountant
+Groups = tuple[tuple[float, float, int], ...]  # (noise multiplier, sample rate, steps), sorted
 
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    # RDP is linear in the steps of one mechanism: equal mechanisms (every round of a site's
-    # ledger, typically) are accounted once with their steps summed, as Opacus's own step()
-    # does, so a long ledger costs no more than a short one.
+
+def _groups(history: Sequence[Mechanism]) -> Groups:
+    """Equal mechanisms merged, their steps summed (every round of a ledger, typically): a
+    long history costs no more than a short one, and equal histories share a cache entry."""
     steps: dict[tuple[float, float], int] = {}
     for m in history:
         if m.steps > 0:
             key = (m.noise_multiplier, m.sample_rate)
             steps[key] = steps.get(key, 0) + m.steps
-    if not steps:
+    return tuple(sorted((z, q, n) for (z, q), n in steps.items()))
+
+
+def epsilon(
+    history: Sequence[Mechanism],
+    delta: float,
+    accountant: Accountant = Accountant.PLD,
+    adjacency: Adjacency = Adjacency.ADD_REMOVE,
+) -> float:
+    """The (epsilon, delta)-DP guarantee of running every mechanism in `history`, for
+    neighbours related by `adjacency` (zero-out is add-remove's arithmetic: the same
+    sensitivity, the count public)."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    groups = _groups(history)
+    if not groups:
         return 0.0
+    replace = adjacency is Adjacency.REPLACE_ONE
+    if accountant is Accountant.PLD:
+        return _pld_epsilon(groups, delta, replace)
+    return _rdp_epsilon(groups, delta, replace)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pld_epsilon(groups: Groups, delta: float, replace: bool) -> float:
+    from dp_accounting import dp_event, privacy_accountant
+    from dp_accounting.pld import pld_privacy_accountant
+
+    relation = privacy_accountant.NeighboringRelation
+    pld = pld_privacy_accountant.PLDAccountant(
+        relation.REPLACE_ONE if replace else relation.ADD_OR_REMOVE_ONE,
+        value_discretization_interval=PLD_INTERVAL,
+    )
+    for z, q, n in groups:
+        gaussian = dp_event.GaussianDpEvent(z)
+        pld.compose(gaussian if q == 1 else dp_event.PoissonSampledDpEvent(q, gaussian), n)
+    return float(pld.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_epsilon(groups: Groups, delta: float, replace: bool) -> float:
+    from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
+    if replace and any(q < 1 for _, q, _ in groups):
+        raise ValueError(
+            "the RDP accountant has no replace-one bound for subsampling: use the PLD accountant"
+        )
     orders = RDPAccountant.DEFAULT_ALPHAS
-    # Opacus's RDPAccountant.get_epsilon, with each mechanism's per-step RDP computed once.
-    rdp = sum(np.asarray(_rdp_per_step(z, q)) * n for (z, q), n in steps.items())
+    # Replace-one without subsampling: the Gaussian mechanism at twice the sensitivity.
+    rdp = sum(np.asarray(_rdp_per_step(z / 2 if replace else z, q)) * n for z, q, n in groups)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         value, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
@@ -77,36 +127,36 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, .
 
 @functools.lru_cache(maxsize=1024)
 def noise_for(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, prior: tuple[Mechanism, ...] = ()
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: tuple[Mechanism, ...] = (),
+    accountant: Accountant = Accountant.PLD,
+    adjacency: Adjacency = Adjacency.ADD_REMOVE,
 ) -> float:
-    """The smallest noise multiplier whose `steps` steps stay within `target_epsilon`, with
-    the `prior` mechanisms (e.g. a statistics release) composed in."""
-    from opacus.accountants.utils import get_noise_multiplier
+    """The smallest noise multiplier (to 1e-4 relative, rounded up) whose `steps` steps,
+    with the `prior` mechanisms (e.g. a statistics release) composed in, stay within
+    `target_epsilon` by `accountant`."""
+    if prior and epsilon(prior, delta, accountant, adjacency) >= target_epsilon:
+        raise ValueError(f"the target epsilon {target_epsilon} leaves nothing after {list(prior)}")
 
-    if prior:
-        if epsilon(prior, delta) >= target_epsilon:
-            raise ValueError(f"the target epsilon {target_epsilon} leaves nothing after {list(prior)}")
-
-        def within(z: float) -> bool:
-            return epsilon([*prior, Mechanism(z, sample_rate, steps)], delta) <= target_epsilon
-
-        low, high = 0.0, 1.0
-        while not within(high):
-            low, high = high, 2 * high
-        while high - low > 1e-4 * high:  # the same precision as Opacus's search
-            low, high = (low, (low + high) / 2) if within((low + high) / 2) else ((low + high) / 2, high)
-        return high
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        value = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant="rdp",
+    def within(z: float) -> bool:
+        return (
+            epsilon([*prior, Mechanism(z, sample_rate, steps)], delta, accountant, adjacency)
+            <= target_epsilon
         )
-    return float(value)
+
+    low, high = 0.0, 1.0
+    while not within(high):
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta}")
+    while high - low > 1e-4 * high:  # Opacus's precision
+        middle = (low + high) / 2
+        low, high = (low, middle) if within(middle) else (middle, high)
+    return high
 
 
 def zcdp_epsilon(rho: float, delta: float) -> float:
@@ -124,3 +174,6 @@ def zcdp_epsilon(rho: float, delta: float) -> float:
         warnings.simplefilter("ignore")  # "optimal order is the largest alpha": looser, still valid
         value, _ = get_privacy_spent(orders=orders, rdp=[a * rho for a in orders], delta=delta)
     return float(value)
+
+
+__all__ = ["Accountant", "Adjacency", "Mechanism", "epsilon", "noise_for", "zcdp_epsilon"]

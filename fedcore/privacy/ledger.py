@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedcore.config import Accountant
 from fedcore.errors import ConfigError
 from fedcore.privacy.accountant import Mechanism, epsilon
 
@@ -26,9 +27,10 @@ VERSION = 1
 class PrivacyLedger:
     """`path` None keeps the ledger in memory (a simulated site: see `state`)."""
 
-    def __init__(self, path: Path | None, *, delta: float) -> None:
+    def __init__(self, path: Path | None, *, delta: float, accountant: Accountant = Accountant.PLD) -> None:
         self.path = path
         self.delta = delta
+        self.accountant = accountant  # the site's: its budget is checked with it
         self.runs: dict[str, list[Mechanism]] = self._load()
 
     def _load(self) -> dict[str, list[Mechanism]]:
@@ -77,11 +79,13 @@ class PrivacyLedger:
 
     def spent(self, run: str | None = None) -> float:
         """Epsilon (at the ledger's delta) spent by one run, or by all runs together."""
-        return epsilon(self.runs.get(run, []) if run is not None else self.history(), self.delta)
+        return epsilon(
+            self.runs.get(run, []) if run is not None else self.history(), self.delta, self.accountant
+        )
 
     def spent_after(self, mechanism: Mechanism) -> float:
         """Total epsilon if `mechanism` ran next: what a site checks before it trains."""
-        return epsilon([*self.history(), mechanism], self.delta)
+        return epsilon([*self.history(), mechanism], self.delta, self.accountant)
 
     def record(self, run: str, mechanism: Mechanism) -> None:
         self.runs.setdefault(run, []).append(mechanism)

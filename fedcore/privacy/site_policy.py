@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcore.config import DEFAULT_COLLUDING_FRACTION
+from fedcore.config import DEFAULT_COLLUDING_FRACTION, Accountant
 from fedcore.errors import PrivacyBudgetError
 from fedcore.privacy.accountant import Mechanism, epsilon, noise_for
 from fedcore.privacy.distributed import DistributedNoise, sensitivity_l2
@@ -42,6 +42,7 @@ class SitePolicy:
     # The share of a secure sum's participants this site assumes may collude with the server:
     # it refuses a threshold that does not hold against that many (fedcore.secagg.graph).
     colluding_fraction: float = DEFAULT_COLLUDING_FRACTION
+    accountant: Accountant = Accountant.PLD  # what the budget is checked with
     ledger: Path | None = None  # None: in memory (a simulated site)
 
 
@@ -51,13 +52,16 @@ class RoundPlan:
     run: str
     job_delta: float
     dp: SampleDP | None = None  # sample-level: the DP-SGD to run
+    accountant: Accountant = Accountant.PLD  # the job's, for this run's epsilon
     distributed: DistributedNoise | None = None  # user-distributed: the noise to add
 
 
 class SitePrivacy:
     def __init__(self, policy: SitePolicy | None = None) -> None:
         self.policy = policy or SitePolicy()
-        self.ledger = PrivacyLedger(self.policy.ledger, delta=self.policy.delta)
+        self.ledger = PrivacyLedger(
+            self.policy.ledger, delta=self.policy.delta, accountant=self.policy.accountant
+        )
 
     @property
     def protective(self) -> bool:
@@ -85,6 +89,7 @@ class SitePrivacy:
         delta: float,
         run: str,
         statistics_noise: float | None = None,
+        accountant: str = Accountant.PLD.value,
     ) -> RoundPlan:
         """What a DP-SGD round will cost the site; PrivacyBudgetError when its policy forbids
         it, or when the round would take this run past the job's target epsilon by the
@@ -92,6 +97,7 @@ class SitePrivacy:
         never ends above its target). `statistics_noise`: the run also releases statistics
         with this noise (a target epsilon is met with that release composed in)."""
         job_delta = _delta(delta)
+        job_accountant = _accountant(accountant)
         sample_rate = job_setting("sample_rate", sample_rate)
         if not sample_rate <= 1 or not isinstance(local_steps, int) or local_steps < 1:
             raise PrivacyBudgetError(
@@ -100,7 +106,7 @@ class SitePrivacy:
         prior = statistics_release(statistics_noise)
         if target_epsilon is not None:
             target = job_setting("target_epsilon", target_epsilon)
-            noise = planned_noise(target, job_delta, sample_rate, local_steps, rounds, prior)
+            noise = planned_noise(target, job_delta, sample_rate, local_steps, rounds, prior, job_accountant)
         else:
             noise = job_setting("noise_multiplier", noise_multiplier)
         if noise < self.policy.min_noise_multiplier:
@@ -115,13 +121,13 @@ class SitePrivacy:
         )
         if target_epsilon is not None:
             self.ledger.reload()
-            after = epsilon([*prior, *self.ledger.runs.get(run, []), dp.mechanism], job_delta)
+            after = epsilon([*prior, *self.ledger.runs.get(run, []), dp.mechanism], job_delta, job_accountant)
             if after > target * (1 + TARGET_SLACK):
                 raise PrivacyBudgetError(
                     f"privacy policy: this round would take the run's epsilon to {after:.4g} "
                     f"(delta {job_delta:g}), over the job's target {target:g}"
                 )
-        return self._affordable(RoundPlan(dp.mechanism, run, job_delta, dp=dp))
+        return self._affordable(RoundPlan(dp.mechanism, run, job_delta, dp=dp, accountant=job_accountant))
 
     def plan_distributed(
         self, noise: DistributedNoise, *, delta: float, run: str, dimension: int, participants: int | None
@@ -195,7 +201,7 @@ class SitePrivacy:
             self._check_budget(plan.mechanism)
             self.ledger.record(plan.run, plan.mechanism)
         return {
-            "epsilon": epsilon(self.ledger.runs[plan.run], plan.job_delta),
+            "epsilon": epsilon(self.ledger.runs[plan.run], plan.job_delta, plan.accountant),
             "epsilon_total": self.ledger.spent(),
             "noise_multiplier": plan.mechanism.noise_multiplier,
         }
@@ -216,6 +222,7 @@ def planned_noise(
     local_steps: int,
     rounds: int,
     prior: tuple[Mechanism, ...],
+    accountant: Accountant,
 ) -> float:
     """The DP-SGD noise multiplier every site of a run uses for a target epsilon: the same
     at the server (which accounts every site from it) and at each site (which refuses to
@@ -223,8 +230,20 @@ def planned_noise(
     if rounds < 1:
         raise PrivacyBudgetError("privacy policy: a target epsilon needs the job's number of rounds")
     return noise_for(
-        target_epsilon=target, delta=delta, sample_rate=sample_rate, steps=local_steps * rounds, prior=prior
+        target_epsilon=target,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=local_steps * rounds,
+        prior=prior,
+        accountant=accountant,
     )
+
+
+def _accountant(name: object) -> Accountant:
+    try:
+        return Accountant(str(name))
+    except ValueError:
+        raise PrivacyBudgetError(f"privacy policy: unknown accountant {name!r}") from None
 
 
 def job_setting(name: str, value: object) -> float:
