@@ -12,8 +12,8 @@ errors, and command-line flags override the file (`Experiment.override`).
     [simulation]  sites, workers, backend, ray_address, stragglers, dropout, byzantine, byzantine_attack
     [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, max_examples,
                           colluding_fraction
-    [privacy]     mode, noise_multiplier, target_epsilon, delta, accountant, max_grad_norm, sample_rate,
-                  local_steps, ghost_clipping,
+    [privacy]     mode, noise_multiplier, target_epsilon, delta, accountant, adjacency, max_grad_norm,
+                  sample_rate, local_steps, expected_batch, ghost_clipping,
                   clip_norm, adaptive_clipping, target_quantile, clip_learning_rate,
                   clipped_count_stddev, secure_rng
 """
@@ -149,6 +149,13 @@ class Accountant(enum.StrEnum):
     RDP = "rdp"  # Renyi DP (Opacus's): looser; what fedcore used before PLD
 
 
+class Unit(enum.StrEnum):
+    """What an epsilon protects: one training example, or one site's whole data."""
+
+    EXAMPLE = "example"
+    SITE = "site"
+
+
 class Adjacency(enum.StrEnum):
     """Which neighbouring datasets an epsilon is about."""
 
@@ -164,12 +171,19 @@ class PrivacyConfig:
     target_epsilon: float | None = None  # the noise is chosen so the whole run stays within it
     delta: float = 1e-5
     accountant: Accountant = Accountant.PLD  # for planning the noise and for every epsilon reported
+    # Which neighbours the run is planned and reported for; None: the mode's own (add-remove for
+    # sample and user-central, zero-out for user-distributed, the only one its sum allows).
+    adjacency: Adjacency | None = None
     max_grad_norm: float = 1.0  # sample: each example's gradient is clipped to this L2 norm
     # sample: each DP-SGD step's batch takes every example with this probability, and a round
     # runs `local_steps` steps. Both are public and the same at every site, so a site's
     # privacy cost (and the epsilon it reports) says nothing of how many examples it holds.
     sample_rate: float = 1.0
     local_steps: int = 1
+    # sample: the public number each step's noisy sum of clipped gradients is divided by (about
+    # sample_rate x a typical site's count), never the site's own count: that would make the
+    # update depend on the count outside what the accountant covers
+    expected_batch: float = 100.0
     ghost_clipping: bool = False  # sample: Opacus's ghost clipping (no per-example gradients kept)
     clip_norm: float = 1.0  # user-level: each site's update is clipped to this L2 norm (initial, if adaptive)
     adaptive_clipping: bool = False  # user-central: Andrew et al. 2021's quantile-tracking clip norm
@@ -184,6 +198,13 @@ class PrivacyConfig:
     @property
     def enabled(self) -> bool:
         return self.mode is not PrivacyMode.NONE
+
+    @property
+    def neighbours(self) -> Adjacency:
+        """The neighbouring relation the run's epsilon is for (`adjacency` or the mode's own)."""
+        if self.adjacency is not None:
+            return self.adjacency
+        return Adjacency.ZERO_OUT if self.mode is PrivacyMode.USER_DISTRIBUTED else Adjacency.ADD_REMOVE
 
     @property
     def user_level(self) -> bool:
@@ -263,6 +284,7 @@ _CHOICES: dict[str, tuple[type[enum.StrEnum], str]] = {
     "Backend": (Backend, "backend"),
     "PrivacyMode": (PrivacyMode, "privacy mode"),
     "Accountant": (Accountant, "privacy accountant"),
+    "Adjacency": (Adjacency, "neighbouring relation"),
     "StrategyName": (StrategyName, "strategy"),
     "Standardise": (Standardise, "standardisation"),
 }
@@ -362,6 +384,13 @@ def _validate_privacy(e: Experiment, need: Callable[[bool, str], None]) -> None:
     need(0 < p.target_quantile < 1, "[privacy] target_quantile must be in (0, 1)")
     need(0 < p.sample_rate <= 1, f"[privacy] sample_rate must be in (0, 1], got {p.sample_rate}")
     need(p.local_steps >= 1, f"[privacy] local_steps must be >= 1, got {p.local_steps}")
+    need(p.expected_batch > 0, f"[privacy] expected_batch must be > 0, got {p.expected_batch}")
+    distributed = p.mode is PrivacyMode.USER_DISTRIBUTED
+    need(
+        p.adjacency is None or (p.adjacency is Adjacency.ZERO_OUT) == distributed,
+        "[privacy] adjacency: user-distributed DP holds for zero-out neighbours only (its sum counts the "
+        "sites), and zero-out is meaningful for it alone",
+    )
     need(p.clip_learning_rate > 0, "[privacy] clip_learning_rate must be > 0")
     need(
         p.clipped_count_stddev is None or p.clipped_count_stddev > 0,

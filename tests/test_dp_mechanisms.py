@@ -6,6 +6,7 @@ sum under real SecAgg+ carrying the configured total noise."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -89,25 +90,20 @@ ENGINES = {
 }
 
 
+@pytest.mark.parametrize(("q", "steps"), [(1.0, 1), (0.3, 4)])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_dp_sgd_adds_noise_of_std_noise_multiplier_times_clip(engine: str) -> None:
-    """A whole DP-SGD round whose data gradients are exactly zero (no bias, zero inputs):
-    the update is the noise alone, of std z x C over the expected batch."""
+def test_dp_sgd_adds_noise_of_std_noise_multiplier_times_clip(engine: str, q: float, steps: int) -> None:
+    """Whole DP-SGD rounds whose data gradients are exactly zero (no bias, zero inputs), with
+    Poisson sampling (q < 1: some batches empty, still a noisy step) and without: the update
+    is the noise alone, `steps` draws of std z x C over the public expected batch."""
     n = 50
     model = torch.nn.Linear(500, 200, bias=False)
     before = model.weight.detach().clone()
     x, y = torch.zeros(n, 500), torch.randint(0, 200, (n,))
-    dpsgd.train(
-        model,
-        x,
-        y,
-        dp=ENGINES[engine],
-        random=SecureRandom.seeded(4),
-        lr=1.0,
-        weight_decay=0.0,
-    )  # fmt: skip (the defaults: q = 1, one step)
-    noise = ((before - model.weight.detach()) * n).numpy()  # one step, q = 1: the batch is all n
-    variance_within(noise, (1.7 * 0.3) ** 2)
+    dp = dataclasses.replace(ENGINES[engine], sample_rate=q, local_steps=steps, expected_batch=40.0)
+    dpsgd.train(model, x, y, dp=dp, random=SecureRandom.seeded(4), lr=1.0, weight_decay=0.0)
+    noise = ((before - model.weight.detach()) * 40.0).numpy()
+    variance_within(noise, steps * (1.7 * 0.3) ** 2)
 
 
 CLASSIFIERS = {
@@ -458,3 +454,25 @@ def test_the_distributed_sum_carries_the_configured_total_noise() -> None:
     decoded, count = distributed.decode(held, noise)
     error = decoded - sum(updates.values())
     assert count == n and abs(error.mean()) < 6 * math.sqrt(n) * noise.sigma / noise.scale / math.sqrt(d)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_dp_sgd_step_is_divided_by_the_public_expected_batch_never_the_sites_count(engine: str) -> None:
+    """Twice the same examples, twice the update: the noisy sum is divided by the job's
+    `expected_batch`, so the site's count shapes nothing outside the accounting (dividing by
+    n x q would make add-remove neighbours differ by more than one clipped gradient)."""
+    updates = []
+    for copies in (1, 2):
+        model = torch.nn.Linear(3, 2, bias=False)
+        torch.nn.init.zeros_(model.weight)
+        x = torch.tensor([[0.3, -0.2, 0.1]] * (10 * copies))
+        y = torch.zeros(10 * copies, dtype=torch.long)
+        dp = dataclasses.replace(
+            ENGINES[engine], noise_multiplier=1e-9, max_grad_norm=100.0, expected_batch=7.0
+        )
+        dpsgd.train(model, x, y, dp=dp, random=SecureRandom.seeded(1), lr=1.0, weight_decay=0.0)
+        updates.append(model.weight.detach().clone())
+    torch.testing.assert_close(updates[1], 2 * updates[0])
+    # One example's gradient at zero weights: softmax (1/2, 1/2) against class 0, over 7.
+    expected = torch.tensor([[0.3, -0.2, 0.1], [-0.3, 0.2, -0.1]]) * 0.5 * 10 / 7
+    torch.testing.assert_close(updates[0], expected, rtol=1e-5, atol=1e-6)

@@ -362,3 +362,46 @@ def test_a_site_refuses_a_round_past_the_jobs_target_whatever_the_server_asks() 
     with pytest.raises(PrivacyBudgetError, match="target"):
         site.plan_dp_sgd(**job)
     site.plan_dp_sgd(**{**job, "run": "run-u"})  # another run has its own target
+
+
+@pytest.mark.parametrize(
+    ("mode", "secure", "unit", "adjacency"),
+    [
+        ("sample", False, "example", "add-remove"),
+        ("user-central", False, "site", "add-remove"),
+        ("user-distributed", True, "site", "zero-out"),
+    ],
+)
+def test_every_epsilon_says_what_it_is(mode: str, secure: bool, unit: str, adjacency: str) -> None:
+    """Beside each epsilon: delta, unit, neighbours and accountant, in every round's record
+    and the summary; the add-remove modes also give the replace-one figure, which is larger."""
+    e = experiment(privacy__mode=mode, secure_aggregation__enabled=secure, federation__rounds=2)
+    result, summary = run_simulation(e, None)
+    labels = {"unit": unit, "adjacency": adjacency}
+    for record in result.records:
+        assert {k: record.privacy[k] for k in labels} == labels and record.delta == 1e-5
+    privacy = summary["privacy"]
+    assert {k: privacy[k] for k in labels} == labels
+    assert privacy["accountant"] == ("zcdp" if mode == "user-distributed" else "pld")
+    if adjacency == "add-remove":
+        assert privacy["epsilon_replace_one"] > privacy["epsilon"]
+    else:
+        assert privacy["epsilon_replace_one"] is None
+
+
+def test_a_run_planned_for_replace_one_neighbours_meets_its_target_for_them() -> None:
+    e = experiment(
+        privacy__mode="sample",
+        privacy__noise_multiplier=None,
+        privacy__target_epsilon=3.0,
+        privacy__adjacency="replace-one",
+    )
+    result, summary = run_simulation(e, None)
+    planned = summary["privacy"]["noise_multiplier"]
+    assert summary["privacy"]["adjacency"] == "replace-one" and len(result.records) == 3
+    # more noise than the same target for add-remove neighbours needs
+    other = run_simulation(e.override(privacy__adjacency="add-remove"), None)[1]["privacy"]
+    assert planned > other["noise_multiplier"]
+    assert pld_epsilon([(planned, 1.0, 3)], 1e-5, replace=True) <= 3.0 < pld_epsilon(
+        [(planned * 0.99, 1.0, 3)], 1e-5, replace=True
+    )

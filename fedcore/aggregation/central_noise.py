@@ -70,6 +70,7 @@ class CentralNoise(PrivateStage):
                 sample_rate=self.rate(),
                 steps=self.rounds,
                 accountant=self.config.accountant,
+                adjacency=self.config.neighbours,
             )
             log.info(
                 "noise multiplier %.4f for epsilon %.3g over %d rounds",
@@ -94,9 +95,7 @@ class CentralNoise(PrivateStage):
     def check_round(self, info: RoundInfo) -> None:
         if self.config.target_epsilon is not None:
             next_round = Mechanism(self.noise_multiplier(), self.rate(), 1)
-            self.within_target(
-                accountant.epsilon([*self.history, next_round], self.config.delta, self.config.accountant)
-            )
+            self.within_target(self.history_epsilon([*self.history, next_round]))
 
     def site_plan(self, info: RoundInfo) -> StagePlan:
         return CentralNoisePlan(self.config.delta, info.run_id)
@@ -139,8 +138,11 @@ class CentralNoise(PrivateStage):
             self.clip.norm = self.adaptive.clip_norm
             aggregate.measure(self.section, unclipped_fraction=fraction, next_clip_norm=self.clip.norm)
 
+    def mechanisms(self) -> list[Mechanism]:
+        return list(self.history)
+
     def epsilon(self) -> float:
-        return accountant.epsilon(self.history, self.config.delta, self.config.accountant)
+        return self.history_epsilon(self.history)
 
     def state_dict(self) -> dict[str, Any]:
         return {

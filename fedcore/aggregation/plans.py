@@ -36,6 +36,8 @@ class SampleDPPlan(PlanItem):
     noise_multiplier: float | None = None  # exactly one of these two
     target_epsilon: float | None = None  # over `rounds` rounds, by the site's own accounting
     accountant: str = "pld"  # what the target is planned and checked with (an `Accountant`)
+    adjacency: str = "add-remove"  # the neighbours the target is for (an `Adjacency`)
+    expected_batch: float = 100.0  # the public denominator of each step's noisy gradient sum
     ghost_clipping: bool = False
     secure_rng: bool = True
     # The run also releases the task's statistics with this noise multiplier (one Gaussian

@@ -4,11 +4,13 @@ sites' refusals on privacy grounds, and the privacy summary of the run."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from fedcore.aggregation.base import Aggregate, RefusalCode, RoundInfo, Section, Stage, StopRun
-from fedcore.config import PrivacyConfig
+from fedcore.config import Accountant, Adjacency, PrivacyConfig, Unit
+from fedcore.privacy import accountant
+from fedcore.privacy.accountant import Mechanism
 from fedcore.privacy.randomness import SecureRandom, dp_random
 from fedcore.seeding import derive_seed
 
@@ -20,7 +22,7 @@ class PrivateStage(Stage):
     withholds_evaluation = "differential privacy"
     accounts_privacy = True
     mode: ClassVar[str]
-    unit: ClassVar[str] = "one site's whole data"
+    unit: ClassVar[Unit] = Unit.SITE
     accounting: ClassVar[str]  # what the accountant composes, in words
     reserved_metrics = frozenset({EPSILON, EPSILON_TOTAL, NOISE})
 
@@ -45,6 +47,32 @@ class PrivateStage(Stage):
     def epsilon(self) -> float:
         raise NotImplementedError
 
+    def history_epsilon(self, history: Sequence[Mechanism], adjacency: Adjacency | None = None) -> float:
+        """Epsilon of `history` by the run's accountant, for the run's neighbours (or `adjacency`)."""
+        return accountant.epsilon(
+            history, self.config.delta, self.config.accountant, adjacency or self.config.neighbours
+        )
+
+    def mechanisms(self) -> list[Mechanism]:
+        """The Gaussian mechanisms the run's epsilon composes ([] where it is not such a list)."""
+        return []
+
+    def labels(self) -> dict[str, str]:
+        """What every epsilon of the run is: its unit, its neighbours and its accountant."""
+        return {
+            "unit": self.unit.value,
+            "adjacency": self.config.neighbours.value,
+            "accountant": self.accountant_name(),
+        }
+
+    def replace_one_epsilon(self) -> float | None:
+        """The same run's epsilon for replace-one neighbours (the honest figure where the size of
+        the data is public), by PLD; None where it does not apply."""
+        history = self.mechanisms()
+        if not history or self.config.neighbours is not Adjacency.ADD_REMOVE:
+            return None
+        return accountant.epsilon(history, self.config.delta, Accountant.PLD, Adjacency.REPLACE_ONE)
+
     def within_target(self, projected: float) -> None:
         """StopRun unless `projected` (the run's epsilon if the next step happens) is within target."""
         target = self.config.target_epsilon
@@ -68,7 +96,7 @@ class PrivateStage(Stage):
         if reported:
             aggregate.measure(self.section, site_epsilon=reported)
         self.account_round(aggregate, info)
-        aggregate.measure(self.section, epsilon=self.epsilon(), delta=self.config.delta)
+        aggregate.measure(self.section, epsilon=self.epsilon(), delta=self.config.delta, **self.labels())
 
     def account_round(self, aggregate: Aggregate, info: RoundInfo) -> None:
         """The stage's own accounting of a round whose aggregate the server holds."""
@@ -79,8 +107,8 @@ class PrivateStage(Stage):
                 "mode": self.mode,
                 "epsilon": self.epsilon(),
                 "delta": self.config.delta,
-                "unit": self.unit,
-                "accountant": self.accountant_name(),
+                **self.labels(),
+                "epsilon_replace_one": self.replace_one_epsilon(),
                 "accounting": self.accounting,
                 "noise_multiplier": self.noise,
                 "refused": self.refused,

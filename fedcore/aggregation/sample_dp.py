@@ -13,15 +13,15 @@ from typing import Any
 from fedcore.aggregation.base import RoundInfo
 from fedcore.aggregation.plans import SampleDPPlan, StagePlan
 from fedcore.aggregation.private import PrivateStage
-from fedcore.config import PrivacyConfig
-from fedcore.privacy.accountant import Mechanism, epsilon
+from fedcore.config import PrivacyConfig, Unit
+from fedcore.privacy.accountant import Mechanism
 from fedcore.privacy.site_policy import planned_noise, statistics_release
 
 
 class SampleLevelDP(PrivateStage):
     name = "sample_dp"
     mode = "sample"
-    unit = "one training example"
+    unit = Unit.EXAMPLE
     accounting = "every site's DP-SGD steps, from the attempts the server sent it"
 
     def __init__(
@@ -39,6 +39,7 @@ class SampleLevelDP(PrivateStage):
                 rounds,
                 self.prior,
                 config.accountant,
+                config.neighbours,
             )
         self.trained: dict[str, int] = {}  # site -> attempts it was sent to train in (so: may have)
 
@@ -49,9 +50,7 @@ class SampleLevelDP(PrivateStage):
     def site_epsilon_after(self, attempts: int) -> float:
         """A site's epsilon in this run after training in `attempts` attempts (with the
         statistics release, which every site made)."""
-        return epsilon(
-            [*self.prior, *[self.mechanism()] * attempts], self.config.delta, self.config.accountant
-        )
+        return self.history_epsilon([*self.prior, *[self.mechanism()] * attempts])
 
     def check_round(self, info: RoundInfo) -> None:
         most = max((self.trained.get(s, 0) for s in info.sampled), default=0)
@@ -71,16 +70,27 @@ class SampleLevelDP(PrivateStage):
             noise_multiplier=p.noise_multiplier,
             target_epsilon=p.target_epsilon,
             accountant=p.accountant.value,
+            adjacency=p.neighbours.value,
+            expected_batch=p.expected_batch,
             ghost_clipping=p.ghost_clipping,
             secure_rng=p.secure_rng,
             statistics_noise=self.statistics_noise,
         )
 
+    def mechanisms(self) -> list[Mechanism]:
+        most = max(self.trained.values(), default=0)
+        return [*self.prior, *[self.mechanism()] * most] if most else []
+
     def epsilon(self) -> float:
-        return self.site_epsilon_after(max(self.trained.values(), default=0)) if self.trained else 0.0
+        return self.history_epsilon(self.mechanisms())
 
     def summary_details(self) -> dict[str, Any]:
-        return {"sample_rate": self.config.sample_rate, "local_steps": self.config.local_steps}
+        p = self.config
+        return {
+            "sample_rate": p.sample_rate,
+            "local_steps": p.local_steps,
+            "expected_batch": p.expected_batch,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "trained": dict(self.trained)}

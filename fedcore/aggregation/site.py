@@ -152,6 +152,8 @@ class SiteStages:
                 sample_rate=sample.sample_rate,
                 local_steps=sample.local_steps,
                 accountant=sample.accountant,
+                adjacency=sample.adjacency,
+                expected_batch=sample.expected_batch,
                 ghost_clipping=sample.ghost_clipping,
                 delta=sample.delta,
                 run=sample.run,

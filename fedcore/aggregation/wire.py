@@ -68,6 +68,8 @@ def plan_from_wire(items: Iterable[pb.StagePlan]) -> tuple[StagePlan, ...]:
                     sample_rate=s.sample_rate,
                     local_steps=s.local_steps,
                     accountant=s.accountant,
+                    adjacency=s.adjacency,
+                    expected_batch=s.expected_batch,
                     noise_multiplier=s.noise_multiplier if noise == "noise_multiplier" else None,
                     target_epsilon=s.target_epsilon if noise == "target_epsilon" else None,
                     ghost_clipping=s.ghost_clipping,

@@ -40,6 +40,9 @@ class SampleDP:
     max_grad_norm: float
     sample_rate: float = 1.0  # each example's chance to be in a step's batch (public)
     local_steps: int = 1  # steps per round (public)
+    # The public denominator of each step's noisy gradient sum (Opacus's expected batch size),
+    # not n x q: the site's count must not shape its update outside the accounting.
+    expected_batch: float = 100.0
     ghost_clipping: bool = False  # Opacus's ghost clipping
     book_keeping: bool = True  # one-pass clipping where the model allows (book_keeping.py)
 
@@ -137,7 +140,6 @@ def train(
     check_model(model)
     n = len(y)
     mechanism = dp.mechanism
-    expected_batch = max(1, round(n * mechanism.sample_rate))
     trainable = [p for p in model.parameters() if p.requires_grad]
     sgd = torch.optim.SGD(trainable, lr=lr, weight_decay=weight_decay)
     std = dp.noise_multiplier * dp.max_grad_norm
@@ -145,7 +147,7 @@ def train(
         lambda count: random.gaussian_tensor(count, std), sum(p.numel() for p in trainable), mechanism.steps
     )
     sampling = _Ahead(lambda count: torch.from_numpy(random.uniform(count)), n, mechanism.steps)
-    run = _Run(sgd, dp, noise, expected_batch, after_noise)
+    run = _Run(sgd, dp, noise, dp.expected_batch, after_noise)
     steps: _BookKeepingSteps | _OpacusSteps
     if dp.book_keeping and not dp.ghost_clipping and book_keeping.supports(model):
         steps = _BookKeepingSteps(model, run)
@@ -173,7 +175,7 @@ class _Run:
     sgd: torch.optim.SGD
     dp: SampleDP
     noise: _Ahead  # rows of N(0, (noise_multiplier x max_grad_norm)^2), one per step
-    expected_batch: int  # the "mean" loss's denominator: n x sampling rate
+    expected_batch: float  # the "mean" loss's denominator: public (SampleDP.expected_batch)
     after_noise: Callable[[], None] | None
 
 

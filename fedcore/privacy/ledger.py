@@ -104,6 +104,11 @@ class PrivacyLedger:
         document: dict[str, Any] = {
             "version": VERSION,
             "delta": self.delta,
+            # every entry is a Gaussian mechanism on this site's examples: the total is for one
+            # example added or removed, by the site's accountant
+            "unit": "example",
+            "adjacency": "add-remove",
+            "accountant": self.accountant.value,
             "runs": {run: [vars(m) for m in spent] for run, spent in self.runs.items()},
             "epsilon_total": self.spent(),
         }

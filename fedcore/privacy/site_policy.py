@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcore.config import DEFAULT_COLLUDING_FRACTION, Accountant
+from fedcore.config import DEFAULT_COLLUDING_FRACTION, Accountant, Adjacency
 from fedcore.errors import PrivacyBudgetError
 from fedcore.privacy.accountant import Mechanism, epsilon, noise_for
 from fedcore.privacy.distributed import DistributedNoise, sensitivity_l2
@@ -53,6 +53,7 @@ class RoundPlan:
     job_delta: float
     dp: SampleDP | None = None  # sample-level: the DP-SGD to run
     accountant: Accountant = Accountant.PLD  # the job's, for this run's epsilon
+    adjacency: Adjacency = Adjacency.ADD_REMOVE  # the job's, for this run's epsilon
     distributed: DistributedNoise | None = None  # user-distributed: the noise to add
 
 
@@ -90,6 +91,8 @@ class SitePrivacy:
         run: str,
         statistics_noise: float | None = None,
         accountant: str = Accountant.PLD.value,
+        adjacency: str = Adjacency.ADD_REMOVE.value,
+        expected_batch: float = 100.0,
     ) -> RoundPlan:
         """What a DP-SGD round will cost the site; PrivacyBudgetError when its policy forbids
         it, or when the round would take this run past the job's target epsilon by the
@@ -98,6 +101,7 @@ class SitePrivacy:
         with this noise (a target epsilon is met with that release composed in)."""
         job_delta = _delta(delta)
         job_accountant = _accountant(accountant)
+        neighbours = _adjacency(adjacency)
         sample_rate = job_setting("sample_rate", sample_rate)
         if not sample_rate <= 1 or not isinstance(local_steps, int) or local_steps < 1:
             raise PrivacyBudgetError(
@@ -106,7 +110,9 @@ class SitePrivacy:
         prior = statistics_release(statistics_noise)
         if target_epsilon is not None:
             target = job_setting("target_epsilon", target_epsilon)
-            noise = planned_noise(target, job_delta, sample_rate, local_steps, rounds, prior, job_accountant)
+            noise = planned_noise(
+                target, job_delta, sample_rate, local_steps, rounds, prior, job_accountant, neighbours
+            )
         else:
             noise = job_setting("noise_multiplier", noise_multiplier)
         if noise < self.policy.min_noise_multiplier:
@@ -117,17 +123,24 @@ class SitePrivacy:
             )
             noise = self.policy.min_noise_multiplier
         dp = SampleDP(
-            noise, job_setting("max_grad_norm", max_grad_norm), sample_rate, local_steps, ghost_clipping
+            noise,
+            job_setting("max_grad_norm", max_grad_norm),
+            sample_rate,
+            local_steps,
+            job_setting("expected_batch", expected_batch),
+            ghost_clipping,
         )
         if target_epsilon is not None:
             self.ledger.reload()
-            after = epsilon([*prior, *self.ledger.runs.get(run, []), dp.mechanism], job_delta, job_accountant)
+            spent = [*prior, *self.ledger.runs.get(run, []), dp.mechanism]
+            after = epsilon(spent, job_delta, job_accountant, neighbours)
             if after > target * (1 + TARGET_SLACK):
                 raise PrivacyBudgetError(
                     f"privacy policy: this round would take the run's epsilon to {after:.4g} "
                     f"(delta {job_delta:g}), over the job's target {target:g}"
                 )
-        return self._affordable(RoundPlan(dp.mechanism, run, job_delta, dp=dp, accountant=job_accountant))
+        plan = RoundPlan(dp.mechanism, run, job_delta, dp=dp, accountant=job_accountant, adjacency=neighbours)
+        return self._affordable(plan)
 
     def plan_distributed(
         self, noise: DistributedNoise, *, delta: float, run: str, dimension: int, participants: int | None
@@ -201,7 +214,7 @@ class SitePrivacy:
             self._check_budget(plan.mechanism)
             self.ledger.record(plan.run, plan.mechanism)
         return {
-            "epsilon": epsilon(self.ledger.runs[plan.run], plan.job_delta, plan.accountant),
+            "epsilon": epsilon(self.ledger.runs[plan.run], plan.job_delta, plan.accountant, plan.adjacency),
             "epsilon_total": self.ledger.spent(),
             "noise_multiplier": plan.mechanism.noise_multiplier,
         }
@@ -223,6 +236,7 @@ def planned_noise(
     rounds: int,
     prior: tuple[Mechanism, ...],
     accountant: Accountant,
+    adjacency: Adjacency = Adjacency.ADD_REMOVE,
 ) -> float:
     """The DP-SGD noise multiplier every site of a run uses for a target epsilon: the same
     at the server (which accounts every site from it) and at each site (which refuses to
@@ -236,7 +250,20 @@ def planned_noise(
         steps=local_steps * rounds,
         prior=prior,
         accountant=accountant,
+        adjacency=adjacency,
     )
+
+
+def _adjacency(name: object) -> Adjacency:
+    try:
+        relation = Adjacency(str(name))
+    except ValueError:
+        relation = None
+    if relation not in (Adjacency.ADD_REMOVE, Adjacency.REPLACE_ONE):
+        raise PrivacyBudgetError(
+            f"privacy policy: DP-SGD's neighbours are add-remove or replace-one, not {name!r}"
+        )
+    return relation
 
 
 def _accountant(name: object) -> Accountant:

@@ -57,8 +57,10 @@ def privacy_summary(privacy: dict[str, Any]) -> str:
     """The lines `fedcore simulate` prints about the privacy a run spent."""
     lines = [
         f"privacy: mode {privacy['mode']}, epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:g} "
-        f"({privacy['unit']}), {privacy['accountant']}"
+        f"(unit: one {privacy['unit']}, {privacy['adjacency']} neighbours; {privacy['accountant']} accountant)"
     ]
+    if privacy.get("epsilon_replace_one") is not None:
+        lines.append(f"  for replace-one neighbours: epsilon {privacy['epsilon_replace_one']:.3f}")
     if privacy.get("noise_multiplier") is not None:
         lines.append(f"  noise multiplier {privacy['noise_multiplier']:.4g}")
     if privacy.get("site_noise_multiplier"):

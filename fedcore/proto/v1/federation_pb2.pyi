@@ -110,7 +110,7 @@ class ClipPlan(_message.Message):
     def __init__(self, norm: _Optional[float] = ..., equal_weights: _Optional[bool] = ..., report_unclipped: _Optional[bool] = ...) -> None: ...
 
 class SampleDPPlan(_message.Message):
-    __slots__ = ("max_grad_norm", "noise_multiplier", "target_epsilon", "rounds", "ghost_clipping", "delta", "run", "secure_rng", "statistics_noise", "sample_rate", "local_steps", "accountant")
+    __slots__ = ("max_grad_norm", "noise_multiplier", "target_epsilon", "rounds", "ghost_clipping", "delta", "run", "secure_rng", "statistics_noise", "sample_rate", "local_steps", "accountant", "adjacency", "expected_batch")
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,8 @@ class SampleDPPlan(_message.Message):
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
+    ADJACENCY_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_BATCH_FIELD_NUMBER: _ClassVar[int]
     max_grad_norm: float
     noise_multiplier: float
     target_epsilon: float
@@ -135,7 +137,9 @@ class SampleDPPlan(_message.Message):
     sample_rate: float
     local_steps: int
     accountant: str
-    def __init__(self, max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., rounds: _Optional[int] = ..., ghost_clipping: _Optional[bool] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ..., statistics_noise: _Optional[float] = ..., sample_rate: _Optional[float] = ..., local_steps: _Optional[int] = ..., accountant: _Optional[str] = ...) -> None: ...
+    adjacency: str
+    expected_batch: float
+    def __init__(self, max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., rounds: _Optional[int] = ..., ghost_clipping: _Optional[bool] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ..., statistics_noise: _Optional[float] = ..., sample_rate: _Optional[float] = ..., local_steps: _Optional[int] = ..., accountant: _Optional[str] = ..., adjacency: _Optional[str] = ..., expected_batch: _Optional[float] = ...) -> None: ...
 
 class CentralNoisePlan(_message.Message):
     __slots__ = ("delta", "run")
