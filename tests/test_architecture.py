@@ -23,6 +23,7 @@ LAYERS = [
     {"privacy"},  # DP-SGD, accountants, the site's policy and ledger
     {"strategies"},
     {"pki", "config", "seeding", "audit"},
+    {"privacy_config"},  # the [privacy] table, which config re-exports
     {"certificates"},  # keys, certificates and CRLs: what pki and the server both build on
     {"tensors", "tasks.partition", "typed_toml"},  # tasks.partition is pure numpy: config validates with it
     {"proto", "errors"},

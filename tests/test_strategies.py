@@ -341,3 +341,26 @@ def test_a_restored_fedopt_continues_exactly(kind: str) -> None:
     a, b = ours.apply(global_, updates[2]), fresh.apply(global_, updates[2])
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_an_averaged_strategy_delivers_the_moving_average_and_resumes_from_the_iterate() -> None:
+    """Sites train from the iterate; the run evaluates and stores the average; a checkpoint
+    (the average as the run's model, the strategy's state) gives back the same iterate."""
+    from fedcore.config import StrategyConfig
+    from fedcore.strategies import build_strategy
+
+    strategy = build_strategy(StrategyConfig(average=0.5))
+    model = {"w": np.zeros(3)}
+    iterates = []
+    for step in (np.ones(3), 3 * np.ones(3)):
+        model = strategy.apply(model, {"w": step})
+        iterates.append(model["w"].copy())
+    np.testing.assert_allclose(model["w"], 4 * np.ones(3))  # FedAvg: the iterate moves by the mean
+    np.testing.assert_allclose(strategy.released(model)["w"], 0.5 * iterates[0] + 0.5 * iterates[1])
+    resumed = build_strategy(StrategyConfig(average=0.5))
+    resumed.load_state_dict(strategy.state_dict())
+    stored = strategy.released(model)
+    np.testing.assert_allclose(resumed.restored(stored)["w"], model["w"])
+    np.testing.assert_allclose(resumed.released(model)["w"], stored["w"])
+    plain = build_strategy(StrategyConfig())
+    assert plain.released(model) is model and plain.restored(model) is model

@@ -380,3 +380,30 @@ def test_evaluate_counts_correct_predictions() -> None:
     assert result.accuracy == pytest.approx(float(np.mean(test.y == 1)))
     expected_loss = -np.log(np.exp(np.where(test.y == 1, 1.0, 0.0)) / (1 + np.e))
     assert result.loss == pytest.approx(float(expected_loss.mean()), rel=1e-5)
+
+
+def test_sample_level_dp_gets_the_tasks_private_defaults_for_what_the_job_leaves_unset() -> None:
+    from fedcore import load_experiment
+    from fedcore.tasks import job_settings, with_task_defaults
+
+    plain = load_experiment().override(task__name="digits")
+    assert with_task_defaults(plain) == plain
+    private = with_task_defaults(plain.override(privacy__mode="sample", privacy__target_epsilon=3.0))
+    assert (private.task.model, private.task.lr, private.strategy.average) == ("linear", 4.0, 0.9)
+    chosen = plain.override(
+        privacy__mode="sample", privacy__target_epsilon=3.0, task__model="cnn", task__lr=0.3
+    )
+    kept = with_task_defaults(chosen)
+    assert (kept.task.model, kept.task.lr, kept.strategy.average) == ("cnn", 0.3, 0.9)
+    assert job_settings(private, sites=True)["model"] == "linear"  # a site builds the job's model
+
+
+def test_a_site_builds_the_model_the_job_names_and_refuses_an_unknown_one() -> None:
+
+    from fedcore.tasks import build_task
+
+    task = build_task("digits")
+    task.use_model("linear")
+    assert sum(p.size for p in task.initial_parameters(0).values()) == 64 * 10 + 10
+    with pytest.raises(ValueError, match="no model"):
+        task.use_model("transformer")

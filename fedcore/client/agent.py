@@ -234,7 +234,10 @@ class SiteAgent:
         if self.site is not None and key == self._site_key:
             return
         try:  # the job's task settings first (where the model comes from, the data schema)
-            self.task.configure({**job_from_config(config), **self.settings.data_settings})
+            job = {**job_from_config(config), **self.settings.data_settings}
+            if "model" in job:  # the job's model, which the server's updates are shaped for
+                self.task.use_model(str(job["model"]))
+            self.task.configure(job)
         except (KeyError, ValueError, TypeError) as err:
             raise _Rejected(f"cannot set up task {welcome.task!r} for this run: {err}") from None
         try:  # the site's own data, against the job's schema: a mismatch sends nothing

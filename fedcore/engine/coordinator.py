@@ -102,6 +102,7 @@ class Coordinator:
             )
         self.run_id, self.round, self.parameters = state.run_id, state.round, state.parameters
         self.strategy.load_state_dict(state.strategy)
+        self.parameters = self.strategy.restored(state.parameters)
         self.pipeline.load_state_dict(state.pipeline)
         self.transport.load_state(state.transport)
         self.stopped, self.roster = state.stopped, list(state.roster)
@@ -117,7 +118,7 @@ class Coordinator:
         return RunState(
             run_id=self.run_id,
             round=self.round,
-            parameters=self.parameters,
+            parameters=self.strategy.released(self.parameters),  # what the run delivers and exports
             strategy=self.strategy.state_dict(),
             pipeline=copy.deepcopy(self.pipeline.state_dict()),  # a snapshot: stages go on
             stopped=self.stopped,
@@ -151,7 +152,8 @@ class Coordinator:
                 log.warning("stopping before round %d: %s", self.round + 1, stop)
             await self._settle()
             completed = True
-            return RunResult(self.parameters, self.records, self.stopped, self.commit_wait)
+            released = self.strategy.released(self.parameters)
+            return RunResult(released, self.records, self.stopped, self.commit_wait)
         finally:
             if not completed and self._committing is not None:  # the store's write ends first
                 (failed,) = await asyncio.shield(asyncio.gather(self._committing, return_exceptions=True))
@@ -378,7 +380,8 @@ class Coordinator:
         self, number: int, sites: list[str]
     ) -> tuple[float | None, float | None, str, dict[str, float]]:
         if self.test_data is not None:
-            result = await asyncio.to_thread(self.task.evaluate, self.parameters, self.test_data)
+            model = self.strategy.released(self.parameters)
+            result = await asyncio.to_thread(self.task.evaluate, model, self.test_data)
             return result.accuracy, result.loss, "central", dict(result.metrics)
         if self.pipeline.withholds_evaluation:
             # Exact federated metrics would be statistics of the sites' data outside the
@@ -387,7 +390,7 @@ class Coordinator:
         instruction = Instruction(
             InstructionKind.EVALUATE,
             number,
-            self.parameters,
+            self.strategy.released(self.parameters),
             self._statistics_config,
             exchange="evaluate",
         )

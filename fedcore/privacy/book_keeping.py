@@ -27,7 +27,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+
+class Shift(nn.Module):
+    """x + offset, a constant (e.g. centring pixels): a per-example operation without
+    parameters, which `supports` knows."""
+
+    def __init__(self, offset: float) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+    def extra_repr(self) -> str:
+        return f"offset={self.offset}"
+
+
 _PER_EXAMPLE = {
+    Shift,
     nn.Linear,
     nn.Conv2d,
     nn.Sequential,

@@ -27,7 +27,15 @@ from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.revocation import RevocationList
 from fedcore.server.transport import GrpcTransport
-from fedcore.tasks import Task, TaskSpec, default_partition, job_settings, task_for, task_source
+from fedcore.tasks import (
+    Task,
+    TaskSpec,
+    default_partition,
+    job_settings,
+    task_for,
+    task_source,
+    with_task_defaults,
+)
 from fedcore.tracking import Tracker
 from fedcore.wire import MAX_MESSAGE_BYTES
 
@@ -79,6 +87,7 @@ async def serve(
     """Run the federation until every round is done (or the task is cancelled). With
     `resume`, continue the run stored in `state` (ConfigError if the experiment differs);
     a run already complete returns at once. `command`: how the experiment was given."""
+    experiment = with_task_defaults(experiment)
     task = task or task_for(experiment)
     opened = open_run(state, experiment, resume=resume, command=command)  # before listening: the lock
     try:

@@ -23,7 +23,7 @@ from fedcore.simulation.memory import PeakMemory
 from fedcore.simulation.report import plot_report, write_summary
 from fedcore.simulation.runners import make_runner, make_site, set_threads
 from fedcore.strategies import build_strategy
-from fedcore.tasks import Task, default_partition, task_for
+from fedcore.tasks import Task, default_partition, task_for, with_task_defaults
 from fedcore.tracking import Tracker
 
 
@@ -61,6 +61,7 @@ def run_simulation(
     round's record and the run's state after it. Returns the result and the summary."""
     started = time.perf_counter()
     set_threads(1)  # see fedcore.simulation.runners: workers give the parallelism
+    experiment = with_task_defaults(experiment)
     task = check_simulation(experiment)
     if device is not None:
         task.device = torch.device(device)  # type: ignore[attr-defined]
@@ -137,7 +138,7 @@ def _run(
         completed = True
     finally:
         for tracker in trackers:
-            tracker.finish(coordinator.parameters if completed else None, completed=completed)
+            tracker.finish(result.parameters if completed else None, completed=completed)
     return result, _summary(experiment, task, result, started, peak) | coordinator.pipeline.summary()
 
 

@@ -29,6 +29,14 @@ class Strategy(abc.ABC):
     def apply(self, current: Arrays, mean_update: Arrays) -> Arrays:
         """The next global model from the current one and the sites' mean update."""
 
+    def released(self, current: Arrays) -> Arrays:
+        """The model the run evaluates and delivers: the iterate itself (`Averaged`: their average)."""
+        return current
+
+    def restored(self, stored: Arrays) -> Arrays:
+        """The iterate to go on from, given the model a checkpoint stored (`released`'s)."""
+        return stored
+
     def state_dict(self) -> dict[str, Arrays]:
         """Optimizer state to save with the model (empty when stateless)."""
         return {}

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from fedcore.config import Experiment
+from fedcore.config import Experiment, PrivacyMode
 from fedcore.tasks import plugins
 from fedcore.tasks.base import (
     Dataset,
@@ -100,11 +100,33 @@ def task_for(experiment: Experiment) -> Task:
     return task
 
 
+def with_task_defaults(experiment: Experiment) -> Experiment:
+    """The experiment with its task's private defaults (`Task.private_defaults`) for what a
+    sample-level DP job leaves unset: DP-SGD learns best with another recipe (a smaller
+    model, full-batch steps at a large learning rate, averaged iterates) than plain SGD."""
+    if experiment.privacy.mode is not PrivacyMode.SAMPLE:
+        return experiment
+    try:
+        defaults = build_task(experiment.task.name).private_defaults
+    except ValueError:
+        return experiment  # an unknown task: the caller's own check says so
+    unset = {
+        "task__model": ("model", experiment.task.model),
+        "task__lr": ("lr", experiment.task.lr),
+        "strategy__average": ("average", experiment.strategy.average),
+    }
+    chosen = {
+        key: defaults[name] for key, (name, value) in unset.items() if value is None and name in defaults
+    }
+    return experiment.override(**chosen) if chosen else experiment
+
+
 def job_settings(experiment: Experiment, *, sites: bool = False) -> dict[str, Any]:
     """The `[task]` settings a task needs (Task.configure): where its model comes from and
     the data schema. `sites`: those sent to sites in the Welcome (not the simulation's data)."""
     t = experiment.task
     settings: dict[str, Any] = {
+        "model": t.model,
         "initial": t.initial,
         "classes": json.dumps(list(t.classes)) if t.classes is not None else None,
         "image_size": json.dumps(list(t.image_size)) if t.image_size is not None else None,

@@ -117,12 +117,21 @@ class Task(abc.ABC):
     name: ClassVar[str]
     models: ClassVar[tuple[str, ...]]
     defaults: ClassVar[dict[str, Any]]
+    # What a sample-level DP job gets for what it leaves unset: "model", "lr" ([task]) and
+    # "average" ([strategy]); DP-SGD's best recipe is not the plain one (see `with_task_defaults`).
+    private_defaults: ClassVar[dict[str, Any]] = {}
     supports_dp_sgd: ClassVar[bool] = False  # fit() honours TrainSettings.dp
     # What the model takes, for people and exported models (e.g. "N x 1 x 8 x 8, pixels / 16").
     input_description: ClassVar[str] = "N x features, float32, as the task's loader prepares them"
 
     def __init__(self, model: str | None = None) -> None:
         model = model or self.models[0]
+        if model not in self.models:
+            raise ValueError(f"task {self.name!r} has no model {model!r}; choose one of {list(self.models)}")
+        self.model = model
+
+    def use_model(self, model: str) -> None:
+        """Build the job's model from now on (a site learns it from the job)."""
         if model not in self.models:
             raise ValueError(f"task {self.name!r} has no model {model!r}; choose one of {list(self.models)}")
         self.model = model
