@@ -476,3 +476,20 @@ def test_a_dp_sgd_step_is_divided_by_the_public_expected_batch_never_the_sites_c
     # One example's gradient at zero weights: softmax (1/2, 1/2) against class 0, over 7.
     expected = torch.tensor([[0.3, -0.2, 0.1], [-0.3, 0.2, -0.1]]) * 0.5 * 10 / 7
     torch.testing.assert_close(updates[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_central_release_is_on_an_integer_grid_with_discrete_gaussian_noise() -> None:
+    """No floating-point noise leaves the server: every released value is the grid step
+    times an integer, the noise on that grid has the std the accounted multiplier needs
+    (z x the floored sum's sensitivity in grid steps), and a zero sum releases noise alone."""
+    from fedcore.privacy.user_level import GRID_RESOLUTION, grid_noised
+
+    d, clip, z = 40_000, 0.5, 1.3
+    total = np.random.default_rng(0).normal(0, 0.01, d)
+    released, step = grid_noised(total, noise_multiplier=z, clip=clip, random=SecureRandom.seeded(3))
+    assert step == pytest.approx(clip / (GRID_RESOLUTION * math.sqrt(d)))
+    grid = np.rint(released / step)
+    np.testing.assert_array_equal(released, grid * step)  # g x an integer, exactly
+    noise = grid - np.floor(total / step)
+    sensitivity = clip / step + math.sqrt(d)
+    variance_within(noise, (z * sensitivity) ** 2)

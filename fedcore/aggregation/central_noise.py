@@ -1,8 +1,9 @@
 """User-level DP with the noise added at the server: DP-FedAvg (McMahan et al., ICLR 2018)
 with optional adaptive clipping (Andrew et al., NeurIPS 2021).
 
-It wraps a `Clip` stage with equal weights: the sum of clipped updates gets Gaussian noise
-of std z x C and is divided by the expected number of sites (a fixed denominator: the actual
+It wraps a `Clip` stage with equal weights: the sum of clipped updates gets discrete Gaussian
+noise of multiplier z on an integer grid (`grid_noised`: no floating-point noise is released)
+and is divided by the expected number of sites (a fixed denominator: the actual
 count would depend on who took part). Sites are Poisson-sampled with rate q from the DP
 stream, once per round (a retry keeps the sample), and the round completes with whoever
 replied (none: the noise alone is released), so each round is exactly the subsampled
@@ -24,7 +25,7 @@ from fedcore.aggregation.private import PrivateStage
 from fedcore.config import PrivacyConfig
 from fedcore.privacy import accountant
 from fedcore.privacy.accountant import Mechanism
-from fedcore.privacy.user_level import AdaptiveClip, update_noise_multiplier
+from fedcore.privacy.user_level import AdaptiveClip, grid_noised, update_noise_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,22 @@ class CentralNoise(PrivateStage):
         return update_noise_multiplier(z, self.adaptive.count_stddev)
 
     def finish(self, aggregate: Aggregate, info: RoundInfo) -> Aggregate:
-        std = self._update_noise() * self.clip.norm
-        random = self.random(info, "noise")
         sums = aggregate.sum if aggregate.sum is not None else {}
-        noisy = {}
-        for k, ref in info.model.items():
-            s = sums.get(k, np.zeros(ref.shape))
-            noisy[k] = s + random.gaussian(s.size, std).reshape(s.shape)
+        names = list(info.model)
+        flat = np.concatenate([np.ravel(sums.get(k, np.zeros(info.model[k].shape))) for k in names])
+        released, step = grid_noised(
+            flat,
+            noise_multiplier=self._update_noise(),
+            clip=self.clip.norm,
+            random=self.random(info, "noise"),
+        )
+        noisy, offset = {}, 0
+        for k in names:
+            size = info.model[k].size
+            noisy[k] = released[offset : offset + size].reshape(info.model[k].shape)
+            offset += size
         aggregate.sum = noisy
+        aggregate.measure(self.section, grid_step=step)
         aggregate.weight = self.rate() * self.sampled_from
         return aggregate
 
