@@ -51,7 +51,9 @@ class FederationConfig:
     sites_per_round: int | None = None  # None: every connected site
     start_sites: int | None = None  # sites connected before round 1 starts (None: min_sites)
     round_timeout: float = 600.0  # seconds a round may take before late sites are dropped
-    max_round_retries: int = 3  # consecutive failed attempts at one round before the run stops
+    # failed attempts at one round before the run stops (too few replies) or skips the round
+    # (its last result rejected with no one to blame: the model stays as it was)
+    max_round_retries: int = 3
     keep_models: int | None = None  # the run store keeps the models of the latest N rounds (None: all)
 
 

@@ -490,6 +490,6 @@ def test_the_central_release_is_on_an_integer_grid_with_discrete_gaussian_noise(
     assert step == pytest.approx(clip / (GRID_RESOLUTION * math.sqrt(d)))
     grid = np.rint(released / step)
     np.testing.assert_array_equal(released, grid * step)  # g x an integer, exactly
-    noise = grid - np.floor(total / step)
+    noise = grid - np.rint(total / step)
     sensitivity = clip / step + math.sqrt(d)
     variance_within(noise, (z * sensitivity) ** 2)

@@ -142,9 +142,11 @@ def test_a_site_that_lies_in_every_attempt_skips_rounds_but_cannot_stop_the_run(
         secure_aggregation__max_examples=2,
         secure_aggregation__clip_range=1.0,
     )
-    result, _ = run_simulation(e, None)
+    result, summary = run_simulation(e, None)
     first, second = result.records
     assert first.skipped is not None and "weights" in first.skipped
+    assert not any(c.isdigit() for c in first.skipped.replace("(0, count]", ""))  # no figure of the sum
+    assert summary["skipped_rounds"] == [1]
     assert (first.attempt, first.sites, first.examples) == (3, 0, 0)
     assert second.skipped is None and second.sites == 5
     np.testing.assert_allclose(result.parameters["w"], 0.01, atol=1e-6)  # one round's step

@@ -83,7 +83,8 @@ def test_unknown_task_lists_the_installed_ones() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "models"), [("breast_cancer", "'logreg', 'mlp'"), ("digits", "'cnn'"), ("synthetic", "'logreg'")]
+    ("name", "models"),
+    [("breast_cancer", "'logreg', 'mlp'"), ("digits", "'cnn', 'linear'"), ("synthetic", "'logreg'")],
 )
 def test_unknown_model_lists_the_task_models(name: str, models: str) -> None:
     with pytest.raises(ValueError, match=rf"task '{name}' has no model 'resnet'; choose one of \[{models}\]"):

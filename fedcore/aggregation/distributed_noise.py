@@ -93,7 +93,9 @@ class DistributedNoise(PrivateStage):
         bound = count * (noise.clip_norm + math.sqrt(dimension) / noise.scale)
         bound += noise.sigma / noise.scale * math.sqrt(count) * (math.sqrt(dimension) + 10)
         if not float(np.linalg.norm(sums)) <= bound:
-            aggregate.rejected = f"the sum's norm {float(np.linalg.norm(sums)):.6g} exceeds {bound:.6g}"
+            aggregate.rejected = (
+                f"the decoded sum's norm exceeds {bound:.6g}, what clipped updates and noise reach"
+            )
             sums = np.zeros_like(sums)
         aggregate.sum = unflatten(sums / len(info.sampled), info.model)
         aggregate.weight = 1.0  # the fixed denominator (sampled sites) is in the sum already

@@ -53,9 +53,12 @@ class Quantize(Stage):
         # be checked (that would take range proofs), but a sum outside these bounds proves a
         # lie (e.g. a negative weight): the attempt fails instead of becoming the model.
         if not 0 < weight <= aggregate.count + slack:
-            aggregate.rejected = f"sum of weights {weight:.6g} outside (0, {aggregate.count}]"
+            # No figures in the reason: it is recorded, and under central DP the sum is not yet noised.
+            aggregate.rejected = (
+                "the decoded sum of weights is outside (0, count]: a site lied under the mask"
+            )
         elif (peak := float(np.abs(flat[:-1]).max(initial=0.0))) > weight * self.clip_range + slack:
-            aggregate.rejected = f"|sum| {peak:.6g} above the weights' bound {weight * self.clip_range:.6g}"
+            aggregate.rejected = "the decoded sum exceeds what the weights allow: a site lied under the mask"
         if aggregate.rejected is not None:
             flat = np.zeros_like(flat)
             weight = 1.0  # harmless for the stages after: the pipeline discards the attempt

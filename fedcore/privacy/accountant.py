@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,7 +75,16 @@ def epsilon(
         return 0.0
     replace = adjacency is Adjacency.REPLACE_ONE
     if accountant is Accountant.PLD:
-        return _pld_epsilon(groups, delta, replace)
+        try:
+            return _pld_epsilon(groups, delta, replace)
+        except (ValueError, OverflowError, MemoryError) as err:
+            # Noise so small that the loss distribution cannot be built (e.g. a multiplier of
+            # 1e-12): RDP's bound is valid too, or there is none.
+            log.warning("PLD accounting failed (%s): using RDP's bound", err)
+            try:
+                return _rdp_epsilon(groups, delta, replace)
+            except ValueError:
+                return math.inf
     return _rdp_epsilon(groups, delta, replace)
 
 

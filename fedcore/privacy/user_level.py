@@ -57,16 +57,16 @@ class AdaptiveClip:
         return fraction
 
 
-GRID_RESOLUTION = 1 << 10  # grid steps per unit of clip norm and sqrt(dimension)
+GRID_RESOLUTION = 1 << 16  # grid steps per unit of clip norm and sqrt(dimension)
 
 
 def grid_noised(
     total: np.ndarray, *, noise_multiplier: float, clip: float, random: SecureRandom
 ) -> tuple[np.ndarray, float]:
     """The central release without floating-point noise: the sum of clipped updates on an
-    integer grid of step g = clip / (GRID_RESOLUTION sqrt(d)), floored, plus discrete Gaussian
-    integers, times g. Flooring moves a neighbour's sum by at most clip / g + sqrt(d) grid
-    steps (clip / g from the update, less than one step per coordinate from the floor), so
+    integer grid of step g = clip / (GRID_RESOLUTION sqrt(d)), rounded, plus discrete Gaussian
+    integers, times g. Rounding moves a neighbour's sum by at most clip / g + sqrt(d) grid
+    steps (clip / g from the update, less than one step per coordinate from the rounding), so
     sigma = noise_multiplier x (clip / g + sqrt(d)) keeps the accounted multiplier exactly
     `noise_multiplier` (the discrete Gaussian's privacy is at most the continuous one's at
     the same sigma / sensitivity: Canonne, Kamath and Steinke 2020). Every released value is
@@ -74,6 +74,6 @@ def grid_noised(
     d = max(total.size, 1)
     step = clip / (GRID_RESOLUTION * math.sqrt(d))
     sensitivity = clip / step + math.sqrt(d)
-    integers = np.floor(np.asarray(total, dtype=np.float64) / step).astype(np.int64)
+    integers = np.rint(np.asarray(total, dtype=np.float64) / step).astype(np.int64)
     integers += random.discrete_gaussian(total.size, noise_multiplier * sensitivity)
     return integers.astype(np.float64) * step, step

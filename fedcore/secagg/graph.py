@@ -78,9 +78,10 @@ def safe_threshold(n: int, degree: int, colluding_fraction: float, *, attempts: 
     input from a malicious server with colluders(n, fraction) colluding participants, except
     with probability 2**-SECURITY_BITS over the `attempts` graphs it can draw for a round.
 
-    The server needs 2t - k - 1 of them among an honest site's k neighbours to split that
-    neighbourhood into two survivor sets that each gather t signatures (t of them rebuild
-    the site's secrets outright: more). The beacon draws the graph after the participants are
+    A split of survivor views that recovers an input needs some honest site (the target, or
+    a neighbour it masked against) to have 2t - k - 1 of them among its k neighbours, signing
+    both views (t of them rebuild a site's secrets outright: more). The fraction is rounded
+    down: below 1 / fraction participants it assumes none. The beacon draws the graph after the participants are
     fixed, so those k neighbours are a uniform k-subset of the other n - 1 sites, and how
     many colluders they hold is hypergeometric; the tail is summed exactly, in integers, and
     bounded over every honest site and attempt. None: no t up to k is enough (raise k)."""

@@ -167,5 +167,10 @@ def print_results(records: list[RoundRecord], summary: dict[str, Any], out: Path
         f"final accuracy {'-' if final is None else f'{final:.4f}'} after {summary['rounds']} rounds "
         f"in {summary['wall_seconds']:.1f} s; wrote {out}/metrics.jsonl, summary.json, report.png"
     )
+    if summary.get("skipped_rounds"):
+        out_console.print(
+            f"[bold red]WARNING[/]: rounds {summary['skipped_rounds']} were skipped (the model did not move): "
+            "every attempt's secure sum was out of range, a site lying under the mask (see metrics.jsonl)"
+        )
     if "privacy" in summary:
         out_console.print(privacy_summary(summary["privacy"]))

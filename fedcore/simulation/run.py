@@ -154,6 +154,9 @@ def _summary(
         "seed": experiment.seed,
         "sites": experiment.simulation.sites,
         "rounds": len(result.records),
+        # rounds whose every attempt's result was rejected unattributably (a site lying under
+        # the mask): the model did not move in them
+        "skipped_rounds": [r.round for r in result.records if r.skipped],
         "final_accuracy": last.accuracy if last else None,
         "final_loss": last.loss if last else None,
         "best_accuracy": max((r.accuracy for r in result.records if r.accuracy is not None), default=None),
