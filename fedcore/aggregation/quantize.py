@@ -57,7 +57,7 @@ class Quantize(Stage):
             aggregate.rejected = (
                 "the decoded sum of weights is outside (0, count]: a site lied under the mask"
             )
-        elif (peak := float(np.abs(flat[:-1]).max(initial=0.0))) > weight * self.clip_range + slack:
+        elif float(np.abs(flat[:-1]).max(initial=0.0)) > weight * self.clip_range + slack:
             aggregate.rejected = "the decoded sum exceeds what the weights allow: a site lied under the mask"
         if aggregate.rejected is not None:
             flat = np.zeros_like(flat)
