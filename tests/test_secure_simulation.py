@@ -5,6 +5,7 @@ across forked workers (a site's protocol state is kept between instructions)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -77,13 +78,11 @@ def test_the_fedopt_family_runs_on_the_secure_sum() -> None:
     assert all(r.sites == 6 for r in result.records)
 
 
-@pytest.mark.parametrize("lie", ["negative weight", "oversized update"])
-def test_a_masked_input_out_of_range_fails_the_attempt_never_the_run(
-    lie: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One site's first masked input lies (no single input can be checked under the mask):
-    the decoded sum is out of the honest bounds, so that attempt is discarded, retried, and
-    the run's model is exact; nothing raises."""
+def masked_lies(
+    monkeypatch: pytest.MonkeyPatch, tamper: Callable[[np.ndarray, float, float, int], None]
+) -> list[int]:
+    """Every site's quantized contribution edited by `tamper(out, step, clip, call)` before it
+    is masked (`call` counts contributions from 1); the list of calls made."""
     from fedcore.aggregation import site as site_stages
 
     honest = site_stages.quantized_contribution
@@ -92,14 +91,29 @@ def test_a_masked_input_out_of_range_fails_the_attempt_never_the_run(
     def lying(update, template, *, weight, clip, step, bits, rng):  # type: ignore[no-untyped-def]
         out = honest(update, template, weight=weight, clip=clip, step=step, bits=bits, rng=rng)
         calls.append(1)
-        if len(calls) == 1:  # lies in the integers, as a hostile site would, modulo 2**bits
+        tamper(out, step, clip, len(calls))
+        return out
+
+    monkeypatch.setattr(site_stages, "quantized_contribution", lying)
+    return calls
+
+
+@pytest.mark.parametrize("lie", ["negative weight", "oversized update"])
+def test_a_masked_input_out_of_range_fails_the_attempt_never_the_run(
+    lie: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One site's first masked input lies (no single input can be checked under the mask):
+    the decoded sum is out of the honest bounds, so that attempt is discarded, retried, and
+    the run's model is exact; nothing raises."""
+
+    def tamper(out: np.ndarray, step: float, clip: float, call: int) -> None:
+        if call == 1:  # lies in the integers, as a hostile site would, modulo 2**bits
             if lie == "negative weight":
                 out[-1:] -= np.uint32(round(4 / step))  # w = 0.5 - 4: the sum of weights < 0
             else:
                 out[:-1] += np.uint32(round(3 * clip / step))  # 6x its bound, w x <= 0.5 clip
-        return out
 
-    monkeypatch.setattr(site_stages, "quantized_contribution", lying)
+    calls = masked_lies(monkeypatch, tamper)
     e = experiment(
         task__name="bench:100",
         simulation__sites=5,
@@ -120,19 +134,12 @@ def test_a_site_that_lies_in_every_attempt_skips_rounds_but_cannot_stop_the_run(
     """A site sends a negative weight in every masked input of round 1 (its lie cannot be
     pinned on it under the mask): every attempt's sum is rejected, the round is skipped with
     the model unchanged, and round 2, where it tells the truth, proceeds from that model."""
-    from fedcore.aggregation import site as site_stages
 
-    honest = site_stages.quantized_contribution
-    calls: list[int] = []
-
-    def lying(update, template, *, weight, clip, step, bits, rng):  # type: ignore[no-untyped-def]
-        out = honest(update, template, weight=weight, clip=clip, step=step, bits=bits, rng=rng)
-        calls.append(1)
-        if len(calls) <= 15 and len(calls) % 5 == 1:  # one of five in each of round 1's attempts
+    def tamper(out: np.ndarray, step: float, clip: float, call: int) -> None:
+        if call <= 15 and call % 5 == 1:  # one of five in each of round 1's attempts
             out[-1:] -= np.uint32(round(4 / step))  # w = 0.5 - 4
-        return out
 
-    monkeypatch.setattr(site_stages, "quantized_contribution", lying)
+    masked_lies(monkeypatch, tamper)
     e = experiment(
         task__name="bench:100",
         simulation__sites=5,
