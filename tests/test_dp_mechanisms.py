@@ -493,3 +493,71 @@ def test_the_central_release_is_on_an_integer_grid_with_discrete_gaussian_noise(
     noise = grid - np.rint(total / step)
     sensitivity = clip / step + math.sqrt(d)
     variance_within(noise, (z * sensitivity) ** 2)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_example_that_overflows_contributes_nothing_and_poisons_nothing(engine: str) -> None:
+    """A server sends a finite weight that overflows the logits of examples whose first
+    feature is large (an attacker review's proof of concept): their loss is not finite.
+    They must add nothing (not a NaN that the noise cannot hide, which would tell the server
+    whether such an example is there): the update equals the one trained without them."""
+    updates = []
+    for with_target in (True, False):
+        model = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[1.5e38, 0.0], [0.0, 1.0]]))
+            model.bias.zero_()
+        x = torch.tensor([[1e-40, 0.5], [1e-40, -0.5], *([[3.0, 0.1]] if with_target else [])])
+        y = torch.tensor([0, 1, *([1] if with_target else [])])
+        dp = dataclasses.replace(ENGINES[engine], noise_multiplier=1e-9, max_grad_norm=1.0)
+        dpsgd.train(model, x, y, dp=dp, random=SecureRandom.seeded(2), lr=0.1, weight_decay=0.0)
+        updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for key in updates[0]:
+        assert torch.isfinite(updates[0][key]).all()
+        torch.testing.assert_close(updates[0][key], updates[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_under_sample_dp_a_masked_weight_is_one_whatever_the_plan_says() -> None:
+    """An attacker review's finding: with secure aggregation the masked vector carried the
+    weight min(n, max_examples) / max_examples, exact, in every sum the server decrypts. A
+    site under DP encodes weight 1 even when a server's plan asks for count weights."""
+    from fedcore.aggregation.plans import QuantizePlan
+
+    stages = SiteStages("site-1", SitePrivacy())
+    step = 2.0**-20
+    plan = (
+        SampleDPPlan(1.0, 3, 1e-5, "run-w", noise_multiplier=1.0),
+        QuantizePlan(clip_range=1.0, step=step, max_examples=1000, bits=32, equal_weights=False),
+    )
+    prepared = stages.prepare(plan, masked=True, dimension=4)
+    template = {"w": np.zeros(4, np.float32)}
+    encoded = stages.encode(
+        prepared,
+        key="k",
+        update={"w": np.zeros(4, np.float32)},
+        examples=500,
+        metrics={},
+        template=template,
+        seed=1,
+    )
+    assert encoded.integers is not None
+    assert int(encoded.integers[-1]) in (round(1 / step) - 1, round(1 / step), round(1 / step) + 1)
+    assert encoded.weight == 1
+
+
+def test_a_site_under_dp_answers_no_evaluation_even_on_a_held_out_split() -> None:
+    """Another finding: a site with a held-out split answered EVALUATE under DP with exact
+    loss, accuracy and count. A private site refuses every per-site evaluation."""
+    from fedcore.engine.messages import Instruction, InstructionKind
+    from fedcore.engine.site import Site
+    from fedcore.tasks import SiteData, build_task
+
+    task = build_task("breast_cancer")
+    loaded = task.site_data("builtin:1/2", partition="iid", seed=0, partitions=2)
+    data = SiteData(train=loaded.train, test=loaded.train)  # a held-out split (its content does not matter)
+    stages = SiteStages("site-1", SitePrivacy(SitePolicy(require_dp=True)))
+    site = Site(name="site-1", task=task, data=data, stages=stages)
+    instruction = Instruction(InstructionKind.EVALUATE, 1, task.initial_parameters(0), {})
+    reply = site.handle(instruction)
+    assert reply.refusal is not None and "no per-site evaluation" in reply.refusal
+    assert reply.metrics == {} and reply.num_examples == 0

@@ -424,3 +424,28 @@ def test_digits_at_epsilon_3_learns_with_nothing_but_the_target_set() -> None:
     result, summary = run_simulation(e, None)
     assert summary["privacy"]["epsilon"] <= 3.0 * (1 + 1e-6)
     assert result.records[-1].accuracy is not None and result.records[-1].accuracy >= 0.85
+
+
+def test_a_statistics_release_is_counted_once_in_a_sites_target_check() -> None:
+    """An attacker review's finding: the site counted the statistics release both from its
+    ledger and as the plan's prior, so it refused the job's last round. Every planned round
+    fits, and the run ends within its target."""
+    from fedcore.privacy.site_policy import SitePrivacy
+
+    site = SitePrivacy()
+    site.spend(site.plan_statistics(noise_multiplier=10.0, delta=1e-5, run="run-s"))
+    job = {
+        "noise_multiplier": None,
+        "target_epsilon": 2.0,
+        "rounds": 5,
+        "max_grad_norm": 1.0,
+        "sample_rate": 1.0,
+        "local_steps": 1,
+        "ghost_clipping": False,
+        "delta": 1e-5,
+        "run": "run-s",
+        "statistics_noise": 10.0,
+    }
+    for _ in range(5):
+        site.spend(site.plan_dp_sgd(**job))
+    assert site.ledger.spent("run-s") <= 2.0 * (1 + 1e-6)

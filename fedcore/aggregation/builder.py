@@ -67,7 +67,7 @@ def build_pipeline(
                     clip_range=sa.clip_range,
                     bits=experiment.secagg_bits,
                     max_examples=sa.max_examples,
-                    equal_weights=p.user_level,
+                    equal_weights=p.enabled,  # under DP no count leaves a site, masked or not
                 )
             )
         leaf = SecureSum(sa, bits=experiment.secagg_bits)

@@ -248,7 +248,11 @@ class SiteStages:
                 integers = quantized_contribution(
                     update,
                     template,
-                    weight=1.0 if item.equal_weights else weight(examples, item.max_examples),
+                    # Under DP, equal weights whatever the plan says: a masked weight is still the
+                    # count, exact, in every sum the server decrypts.
+                    weight=1.0
+                    if item.equal_weights or prepared.private
+                    else weight(examples, item.max_examples),
                     clip=item.clip_range,
                     step=item.step,
                     bits=item.bits,

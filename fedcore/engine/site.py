@@ -190,12 +190,10 @@ class Site:
         )
 
     def _evaluate(self, instruction: Instruction) -> Reply:
-        if self.data.test is None and (self.stages.private or self.stages.protective):
-            # Exact loss and accuracy of any model the server sends, on the training data, is
-            # an oracle on that data that no DP noise covers.
-            raise PrivacyBudgetError(
-                "privacy policy: no evaluation on training data under differential privacy"
-            )
+        if self.stages.private or self.stages.protective:
+            # Exact loss, accuracy and count of any model the server sends, on the site's data
+            # (training or held out: both are the site's), are an oracle no DP noise covers.
+            raise PrivacyBudgetError("privacy policy: no per-site evaluation under differential privacy")
         if self.stages.secagg.advertised:
             # This run sums securely: the server learns only sums, so no per-site metric (nor
             # the count that weighs it) leaves, whatever the server asks.

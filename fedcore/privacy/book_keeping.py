@@ -144,9 +144,16 @@ class BookKeeping:
             if _trains(layer.bias):
                 squared += bias.square().sum(1)
             sums.append((call, per_example, bias))
-        factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
+        # An example whose loss or gradient is not finite (a server can send weights that
+        # overflow for some inputs only) contributes nothing: a NaN would poison the whole sum,
+        # and whether the update is finite would tell the server whether that example is there.
+        finite = torch.isfinite(squared) & torch.isfinite(losses.detach())
+        factor = torch.where(finite, (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0), 0.0)
         for call, first, second in sums:
             layer = call.layer
+            keep = finite.view(-1, *([1] * (first.dim() - 1)))
+            first = torch.where(keep, first, 0.0)  # 0 x inf would still be NaN
+            second = torch.where(finite.view(-1, *([1] * (second.dim() - 1))), second, 0.0)
             if first.dim() == 2:  # Linear on (batch, features): first = a, second = g
                 weighted = second * factor[:, None]
                 weight_grad, bias_grad = weighted.T @ first, weighted.sum(0)

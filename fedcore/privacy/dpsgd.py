@@ -249,6 +249,16 @@ class _OpacusSteps:
             )
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        # Examples whose loss is not finite contribute nothing (see BookKeeping.clipped_sum):
+        # Opacus would turn one into a NaN sum. Found by a forward pass without gradients.
+        with torch.no_grad():  # the plain model: Opacus's wrappers would record this pass
+            logits = self.module._module(x)
+            finite = torch.isfinite(nn.functional.cross_entropy(logits, y, reduction="none"))
+        if not bool(finite.all()):
+            if not bool(finite.any()):
+                self.noise_only()
+                return 0.0
+            x, y = x[finite], y[finite]
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.criterion(self.module(x), y)
         with warnings.catch_warnings():

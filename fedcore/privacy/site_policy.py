@@ -132,7 +132,8 @@ class SitePrivacy:
         )
         if target_epsilon is not None:
             self.ledger.reload()
-            spent = [*prior, *self.ledger.runs.get(run, []), dp.mechanism]
+            # The ledger holds this run's statistics release already, if this site made it.
+            spent = [*self.ledger.runs.get(run, []), dp.mechanism]
             after = epsilon(spent, job_delta, job_accountant, neighbours)
             if after > target * (1 + TARGET_SLACK):
                 raise PrivacyBudgetError(
