@@ -103,7 +103,11 @@ class SitePrivacy:
         job_accountant = _accountant(accountant)
         neighbours = _adjacency(adjacency)
         sample_rate = job_setting("sample_rate", sample_rate)
-        if not sample_rate <= 1 or not isinstance(local_steps, int) or local_steps < 1:
+        if (
+            not sample_rate <= 1
+            or not isinstance(local_steps, int)
+            or not 1 <= local_steps <= MAX_LOCAL_STEPS
+        ):
             raise PrivacyBudgetError(
                 f"privacy policy: bad DP-SGD settings q={sample_rate}, steps={local_steps}"
             )
@@ -222,6 +226,7 @@ class SitePrivacy:
 
 
 TARGET_SLACK = 1e-6  # relative: the noise search's own precision is coarser
+MAX_LOCAL_STEPS = 100_000  # DP-SGD steps a site runs in one round at most, whatever the job asks
 
 
 def statistics_release(noise: float | None) -> tuple[Mechanism, ...]:

@@ -49,9 +49,11 @@ class AdaptiveClip:
     def update(self, unclipped: int, contributors: int, expected_sites: float, random: SecureRandom) -> float:
         """Move the clip norm from the noisy fraction of unclipped updates. The bits are
         centred (b - 1/2, sensitivity 1/2, as the noise split assumes) and the expected count
-        is added back, so the actual count is never used in the clear."""
+        is added back, so the actual count is never used in the clear. The noise is a discrete
+        Gaussian on the doubled (integer) centred count: no floating-point noise is released."""
         assert self.count_stddev is not None, "set when the round's noise is known"
-        centred = unclipped - 0.5 * contributors + float(random.gaussian(1, self.count_stddev)[0])
+        doubled = 2 * unclipped - contributors + int(random.discrete_gaussian(1, 2 * self.count_stddev)[0])
+        centred = doubled / 2
         fraction = centred / expected_sites + 0.5
         self.clip_norm *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
         return fraction
