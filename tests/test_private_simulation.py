@@ -449,3 +449,22 @@ def test_a_statistics_release_is_counted_once_in_a_sites_target_check() -> None:
     for _ in range(5):
         site.spend(site.plan_dp_sgd(**job))
     assert site.ledger.spent("run-s") <= 2.0 * (1 + 1e-6)
+
+
+def test_the_server_accounts_every_statistics_release_the_sites_paid_for() -> None:
+    """An attacker review's finding: a statistics exchange retried after its sum was
+    obtained is paid for again by the sites; the server's epsilon counts every release."""
+    from fedcore.aggregation import RoundInfo
+    from fedcore.aggregation.sample_dp import SampleLevelDP
+    from fedcore.config import Accountant
+
+    e = experiment(privacy__mode="sample")  # noise multiplier 1, q 1, one step a round
+    stage = SampleLevelDP(e.privacy, rounds=3, seed=0, releases_statistics=True)
+    stage.statistics_released()
+    stage.statistics_released()  # a retried exchange: released twice
+    info = RoundInfo("run", 1, 1, ("a", "b"), 2, {}, 0)
+    stage.check_round(info)
+    z, stats = e.privacy.noise_multiplier, e.privacy.statistics_noise_multiplier
+    expected = pld_epsilon([(stats, 1.0, 2), (z, 1.0, 1)], 1e-5)
+    assert stage.epsilon() == pytest.approx(expected, rel=1e-6)
+    assert e.privacy.accountant is Accountant.PLD

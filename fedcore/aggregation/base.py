@@ -198,6 +198,9 @@ class Stage:
         """What the run spent or did, for summary.json (empty: nothing to say)."""
         return {}
 
+    def statistics_released(self) -> None:
+        """A statistics sum was released before round 1 (privacy stages account it)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Everything this stage needs to continue the run (JSON-serializable)."""
         return {}

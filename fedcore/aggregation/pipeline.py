@@ -86,6 +86,11 @@ class Pipeline:
             )
         return aggregate
 
+    def statistics_released(self) -> None:
+        """A statistics sum was released before round 1 (once per attempt that obtained one)."""
+        for stage in self.stages:
+            stage.statistics_released()
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for stage in self.stages:

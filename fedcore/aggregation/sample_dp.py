@@ -29,7 +29,8 @@ class SampleLevelDP(PrivateStage):
     ) -> None:
         super().__init__(config, rounds=rounds, seed=seed)
         self.statistics_noise = config.statistics_noise_multiplier if releases_statistics else None
-        self.prior = statistics_release(self.statistics_noise)
+        self.prior = statistics_release(self.statistics_noise)  # what the noise is planned with: one
+        self.statistics_releases = 0  # what the sites paid: one per statistics attempt released
         if config.target_epsilon is not None:
             self.noise = planned_noise(
                 config.target_epsilon,
@@ -50,7 +51,14 @@ class SampleLevelDP(PrivateStage):
     def site_epsilon_after(self, attempts: int) -> float:
         """A site's epsilon in this run after training in `attempts` attempts (with the
         statistics release, which every site made)."""
-        return self.history_epsilon([*self.prior, *[self.mechanism()] * attempts])
+        return self.history_epsilon([*self.released_prior(), *[self.mechanism()] * attempts])
+
+    def released_prior(self) -> list[Mechanism]:
+        """The statistics releases every site may have paid for (at least the planned one)."""
+        return [*self.prior] * max(self.statistics_releases, 1)
+
+    def statistics_released(self) -> None:
+        self.statistics_releases += 1
 
     def check_round(self, info: RoundInfo) -> None:
         most = max((self.trained.get(s, 0) for s in info.sampled), default=0)
@@ -79,7 +87,7 @@ class SampleLevelDP(PrivateStage):
 
     def mechanisms(self) -> list[Mechanism]:
         most = max(self.trained.values(), default=0)
-        return [*self.prior, *[self.mechanism()] * most] if most else []
+        return [*self.released_prior(), *[self.mechanism()] * most] if most else []
 
     def epsilon(self) -> float:
         return self.history_epsilon(self.mechanisms())
@@ -93,8 +101,9 @@ class SampleLevelDP(PrivateStage):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "trained": dict(self.trained)}
+        return {**super().state_dict(), "trained": dict(self.trained), "statistics": self.statistics_releases}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.trained = {k: int(v) for k, v in state.get("trained", {}).items()}
+        self.statistics_releases = int(state.get("statistics", 0))

@@ -12,6 +12,8 @@ its vector by a public cap on its records, so that the entries fit the fixed poi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from fedcore.aggregation.base import Aggregate, Leaf, RoundInfo, Section, SiteReply, Stage
@@ -32,8 +34,18 @@ class StatisticsNoise(Stage):
     name = "statistics_noise"
     section = Section.PRIVACY
 
-    def __init__(self, *, noise_multiplier: float, delta: float, secure_rng: bool) -> None:
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        delta: float,
+        secure_rng: bool,
+        on_release: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`on_release`: told of every statistics sum the server obtains (each one the sites
+        paid for, kept or not): the run's privacy stage accounts them."""
         self.noise_multiplier, self.delta, self.secure_rng = noise_multiplier, delta, secure_rng
+        self.on_release = on_release
 
     def site_plan(self, info: RoundInfo) -> StagePlan:
         return StatisticsNoisePlan(self.noise_multiplier, self.delta, info.run_id, self.secure_rng)
@@ -41,6 +53,7 @@ class StatisticsNoise(Stage):
     def account(self, aggregate: Aggregate, info: RoundInfo) -> None:
         reported = {s: float(m[EPSILON]) for s, m in aggregate.site_metrics.items() if EPSILON in m}
         aggregate.measure(self.section, noise_multiplier=self.noise_multiplier, site_epsilon=reported)
+        self.on_release()
 
 
 class StatisticsCheck(Stage):
@@ -73,14 +86,22 @@ class StatisticsScale(Stage):
         return aggregate
 
 
-def statistics_pipeline_for(experiment: Experiment, task: Task) -> Pipeline | None:
-    """The statistics exchange's pipeline for `task`, or None when it needs no statistics."""
+def statistics_pipeline_for(
+    experiment: Experiment, task: Task, run: Pipeline | None = None
+) -> Pipeline | None:
+    """The statistics exchange's pipeline for `task`, or None when it needs no statistics.
+    `run`: the run's pipeline, whose privacy stage accounts every statistics release."""
     if task.statistics_size() < 1:
         return None
-    return build_statistics_pipeline(experiment, bounded=task.statistics_sensitivity() is not None)
+    bounded = task.statistics_sensitivity() is not None
+    return build_statistics_pipeline(
+        experiment, bounded=bounded, on_release=run.statistics_released if run else None
+    )
 
 
-def build_statistics_pipeline(experiment: Experiment, *, bounded: bool) -> Pipeline:
+def build_statistics_pipeline(
+    experiment: Experiment, *, bounded: bool, on_release: Callable[[], None] | None = None
+) -> Pipeline:
     """The statistics exchange's pipeline. `bounded`: one record's contribution has a finite
     sensitivity (the task's public ranges), which DP noise and the secure sum's fixed point need."""
     p, sa = experiment.privacy, experiment.secure_aggregation
@@ -98,7 +119,10 @@ def build_statistics_pipeline(experiment: Experiment, *, bounded: bool) -> Pipel
     if p.mode is PrivacyMode.SAMPLE:
         wrappers.append(
             StatisticsNoise(
-                noise_multiplier=p.statistics_noise_multiplier, delta=p.delta, secure_rng=p.secure_rng
+                noise_multiplier=p.statistics_noise_multiplier,
+                delta=p.delta,
+                secure_rng=p.secure_rng,
+                on_release=on_release or (lambda: None),
             )
         )
     leaf: Leaf

@@ -78,7 +78,7 @@ class Coordinator:
         self.pipeline = pipeline or pipeline_for(experiment, task)
         self.statistics: np.ndarray | None = None  # the task's federated statistics (before round 1)
         self._statistics_config: Config = {}  # what every instruction carries of them (encoded once)
-        self._statistics_pipeline = statistics_pipeline_for(experiment, task)
+        self._statistics_pipeline = statistics_pipeline_for(experiment, task, self.pipeline)
         self.on_round = on_round
         self.ordered_replies = ordered_replies
         self.run_id = run_id or uuid.uuid4().hex
