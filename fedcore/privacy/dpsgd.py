@@ -73,11 +73,12 @@ class _Ahead:
 
 
 def _noised(grads: list[torch.Tensor], noise: torch.Tensor) -> list[torch.Tensor]:
-    """`grads` plus consecutive slices of one row of noise."""
-    noise = noise.to(grads[0].dtype)
+    """`grads` plus consecutive slices of one row of (float64) noise, added in float64 and
+    rounded once to the gradient's dtype: the noise is never rounded on its own first."""
     out, offset = [], 0
     for g in grads:
-        out.append(g + noise[offset : offset + g.numel()].to(device=g.device).view_as(g))
+        piece = noise[offset : offset + g.numel()].to(device=g.device).view_as(g)
+        out.append((g.to(piece.dtype) + piece).to(g.dtype))
         offset += g.numel()
     return out
 
