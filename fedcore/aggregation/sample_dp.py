@@ -48,21 +48,19 @@ class SampleLevelDP(PrivateStage):
         assert self.noise is not None
         return Mechanism(self.noise, self.config.sample_rate, self.config.local_steps)
 
-    def site_epsilon_after(self, attempts: int) -> float:
-        """A site's epsilon in this run after training in `attempts` attempts (with the
-        statistics release, which every site made)."""
-        return self.history_epsilon([*self.released_prior(), *[self.mechanism()] * attempts])
-
-    def released_prior(self) -> list[Mechanism]:
-        """The statistics releases every site may have paid for (at least the planned one)."""
-        return [*self.prior] * max(self.statistics_releases, 1)
+    def site_history(self, attempts: int) -> list[Mechanism]:
+        """What a site has spent in this run after training in `attempts` attempts: the
+        statistics releases it may have paid for (at least the planned one), then its rounds."""
+        if attempts == 0:
+            return []
+        return [*self.prior * max(self.statistics_releases, 1), *[self.mechanism()] * attempts]
 
     def statistics_released(self) -> None:
         self.statistics_releases += 1
 
     def check_round(self, info: RoundInfo) -> None:
         most = max((self.trained.get(s, 0) for s in info.sampled), default=0)
-        self.within_target(self.site_epsilon_after(most + 1))
+        self.within_target(self.history_epsilon(self.site_history(most + 1)))
         for site in info.sampled:  # counted before any instruction leaves: whether it trains or not
             self.trained[site] = self.trained.get(site, 0) + 1
 
@@ -86,8 +84,7 @@ class SampleLevelDP(PrivateStage):
         )
 
     def mechanisms(self) -> list[Mechanism]:
-        most = max(self.trained.values(), default=0)
-        return [*self.released_prior(), *[self.mechanism()] * most] if most else []
+        return self.site_history(max(self.trained.values(), default=0))
 
     def epsilon(self) -> float:
         return self.history_epsilon(self.mechanisms())
