@@ -127,6 +127,7 @@ class DataConfig:
 
 
 DEFAULT_COLLUDING_FRACTION = 0.05  # of a round's participants: the default of jobs and of sites' policies
+DISTRIBUTED_BITS = 20  # user-distributed DP's secure sum: rotated integers modulo 2**20 (Kairouz et al. 2021)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,9 @@ class SecureAggregationConfig:
         None  # shares to reconstruct a site's secrets; at least (and by default) a majority of its neighbours
     )
     clip_range: float = 10.0  # every update value is clipped to [-clip_range, clip_range]
-    bits: int | None = None  # arithmetic modulo 2**bits; None: 32, or 64 for distributed DP's integers
+    # Arithmetic modulo 2**bits; None: 32, or 20 for distributed DP (its sites rotate their
+    # noised integers, which then wrap without loss; 16 to 31, or 64 for no rotation)
+    bits: int | None = None
     # A public bound: a site's weight is min(examples, max_examples) / max_examples, masked with
     # its update (no count leaves a site); a larger bound costs precision at 32 bits
     # (simulations/benchmarks/secagg_weight_precision.py), a smaller one caps big sites.
@@ -184,11 +187,11 @@ class Experiment:
 
     @property
     def secagg_bits(self) -> int:
-        """The secure sum's modulus: 32 bits suffice for clipped, weighted updates; distributed
-        DP's noised integers need 64."""
+        """The secure sum's modulus: 32 bits suffice for clipped, weighted updates, 20 for
+        distributed DP's rotated, noised integers (`fedcore.privacy.distributed`)."""
         if self.secure_aggregation.bits is not None:
             return self.secure_aggregation.bits
-        return 64 if self.privacy.mode is PrivacyMode.USER_DISTRIBUTED else 32
+        return DISTRIBUTED_BITS if self.privacy.mode is PrivacyMode.USER_DISTRIBUTED else 32
 
     @property
     def seed(self) -> int:
@@ -283,7 +286,6 @@ def _validate(e: Experiment, source: str) -> None:
         "[federation] keep_models must be >= 1 (or unset: all)",
     )
     sa = e.secure_aggregation
-    need(sa.bits in (None, 32, 64), f"[secure_aggregation] bits must be 32 or 64, got {sa.bits}")
     need(sa.clip_range > 0, "[secure_aggregation] clip_range must be > 0")
     need(sa.max_examples >= 1, "[secure_aggregation] max_examples must be >= 1")
     need(sa.neighbors is None or sa.neighbors >= 2, "[secure_aggregation] neighbors must be >= 2")

@@ -138,6 +138,7 @@ def validate_privacy(
         "set [secure_aggregation] enabled = true (or use 'user-central')",
     )
     need(
-        p.mode is not PrivacyMode.USER_DISTRIBUTED or bits in (None, 64),
-        "[privacy] mode = 'user-distributed' needs [secure_aggregation] bits = 64",
+        bits is None or bits in (32, 64) or (p.mode is PrivacyMode.USER_DISTRIBUTED and 16 <= bits < 32),
+        f"[secure_aggregation] bits must be 32 or 64 (16 to 31 only for user-distributed DP, whose "
+        f"sites rotate their updates first), got {bits}",
     )

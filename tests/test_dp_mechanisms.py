@@ -451,7 +451,7 @@ def test_the_distributed_sum_carries_the_configured_total_noise() -> None:
     signal = sum(signals.values())
     variance_within(held[:-1] - signal[:-1], n * noise.sigma**2)
     # The decoded sum estimates the true sum within the noise's few standard deviations.
-    decoded, count = distributed.decode(held, noise)
+    decoded, count = distributed.decode(held, noise, d)
     error = decoded - sum(updates.values())
     assert count == n and abs(error.mean()) < 6 * math.sqrt(n) * noise.sigma / noise.scale / math.sqrt(d)
 

@@ -4,12 +4,19 @@ accountant's, target epsilons met, nonsense combinations refused with a clear er
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from fedcore import load_experiment, run_simulation
+from fedcore.aggregation.base import Aggregate, RoundInfo, StopRun
+from fedcore.aggregation.distributed_noise import DistributedNoise
 from fedcore.cli import main
 from fedcore.config import Experiment
 from fedcore.errors import ConfigError
@@ -165,24 +172,29 @@ def test_distributed_dp_accounts_the_noise_lost_to_dropouts() -> None:
         assert record.privacy["sites_noise"] == record.sites == len(record.sampled) - len(lost)
     assert any(r.sites < len(r.sampled) for r in lossy.records)
     d = sum(a.size for a in build_task("breast_cancer").initial_parameters(0).values())
-    rho = [
-        distributed.round_rho(
-            dimension=d,
-            noise=distributed.DistributedNoise(
-                r.privacy["clip_norm"], _scale(d, r.privacy["clip_norm"]), r.privacy["sigma"]
-            ),
-            sites=r.privacy["sites_noise"],
-        )
-        for r in lossy.records
-    ]
-    assert lossy.records[-1].epsilon == pytest.approx(distributed.epsilon(rho, 1e-5), rel=1e-9)
+    for result in (full, lossy):
+        assert result.records[-1].epsilon == pytest.approx(independent_epsilon(result.records, d), rel=1e-6)
     assert lossy.records[-1].epsilon > full.records[-1].epsilon  # less noise in the sums
 
 
-def _scale(dimension: int, clip: float) -> float:
-    return distributed.DistributedNoise.for_model(
-        dimension=dimension, clip_norm=clip, noise_multiplier=1, sites=1
-    ).scale
+def independent_epsilon(records: list[Any], dimension: int, delta: float = 1e-5) -> float:
+    """The run's epsilon from what its rounds recorded, not through fedcore's accountant: a
+    round whose sum holds n sites' discrete Gaussians of std sigma is a Gaussian of std
+    sqrt(n) sigma on a sum of sensitivity clip x scale + sqrt(d') (d' padded to a power of two
+    below 64 bits; tau ~ 0 at these sigmas), rho = Delta^2 / (2 n sigma^2); each site composes
+    the rounds its update is in (rho adds up), and the run's epsilon is the largest site's, by
+    Opacus's RDP accountant for one Gaussian of that rho."""
+    rho: dict[str, float] = {}
+    for r in records:
+        p = r.privacy
+        padded = dimension if p["bits"] == 64 else 1 << (dimension - 1).bit_length()
+        sensitivity = p["clip_norm"] * p["scale"] + math.sqrt(padded)
+        lost = {s for s, drop in r.dropped.items() if not drop.aggregated}
+        contributors = [s for s in r.sampled if s not in lost]
+        assert len(contributors) == p["sites_noise"]
+        for site in contributors:
+            rho[site] = rho.get(site, 0.0) + sensitivity**2 / (2 * p["sites_noise"] * p["sigma"] ** 2)
+    return max(opacus_epsilon([(1 / math.sqrt(2 * r), 1.0, 1)], delta) for r in rho.values())
 
 
 def test_adaptive_clipping_moves_the_clip_norm_towards_the_quantile() -> None:
@@ -468,3 +480,56 @@ def test_the_server_accounts_every_statistics_release_the_sites_paid_for() -> No
     expected = pld_epsilon([(stats, 1.0, 2), (z, 1.0, 1)], 1e-5)
     assert stage.epsilon() == pytest.approx(expected, rel=1e-6)
     assert e.privacy.accountant is Accountant.PLD
+
+
+def test_distributed_dp_accounts_each_site_for_its_own_rounds_and_spreads_them() -> None:
+    """12 sites, 3 a round, 8 rounds, target 2: the server knows who took part (no
+    amplification), so each site is accounted for the rounds its update is in: at most
+    K = ceil(8 x 3 / 12) = 2 each, with the noise planned for 2 rounds (Opacus: epsilon 2),
+    not for all 8. The run's epsilon is the largest site's, from the records independently."""
+    e = experiment(
+        task__name="breast_cancer",
+        privacy__mode="user-distributed",
+        privacy__noise_multiplier=None,
+        privacy__target_epsilon=2.0,
+        secure_aggregation__enabled=True,
+        simulation__sites=12,
+        federation__sites_per_round=3,
+        federation__min_sites=3,
+        federation__rounds=8,
+    )
+    result, summary = run_simulation(e, None)
+    assert len(result.records) == 8 and summary["privacy"]["stopped_early"] is None
+    taken = Counter(s for r in result.records for s in r.sampled)
+    assert set(taken) == {f"site-{k}" for k in range(1, 13)} and set(taken.values()) == {2}
+    z = summary["privacy"]["noise_multiplier"]
+    assert opacus_epsilon([(z, 1.0, 2)], 1e-5) == pytest.approx(2.0, rel=1e-3)
+    d = sum(a.size for a in build_task("breast_cancer").initial_parameters(0).values())
+    assert summary["privacy"]["epsilon"] == pytest.approx(independent_epsilon(result.records, d), rel=1e-6)
+    assert summary["privacy"]["epsilon"] <= 2.0 * (1 + 1e-6)
+    assert summary["privacy"]["rounds_per_site"] == summary["privacy"]["most_rounds_taken"] == 2
+
+
+def test_distributed_dp_ends_the_run_when_no_three_sites_have_rounds_left() -> None:
+    """4 sites, 3 a round, 4 rounds: K = 3 each fills the 12 places; a fifth round finds
+    no site with a round left within the target and ends the run instead of exceeding it."""
+    config = experiment(
+        privacy__mode="user-distributed",
+        privacy__noise_multiplier=None,
+        privacy__target_epsilon=3.0,
+        secure_aggregation__enabled=True,
+    ).privacy
+    stage = DistributedNoise(config, rounds=4, seed=0, bits=20, sites_per_round=3)
+    sites = [f"site-{k}" for k in range(4)]
+    model = {"w": np.zeros(31)}
+    for number in range(1, 5):
+        info = RoundInfo("run", number, 1, (), 4, model, 0)
+        info = dataclasses.replace(info, sampled=tuple(stage.sample(sites, info)))
+        stage.check_round(info)
+        stage.account_round(Aggregate(None, 1.0, 3, list(info.sampled)), info)
+    assert {s: stage.taken_part(s) for s in sites} == dict.fromkeys(sites, 3)
+    assert stage.epsilon() == pytest.approx(3.0, rel=1e-3)
+    info = RoundInfo("run", 5, 1, (), 4, model, 0)
+    assert stage.sample(sites, info) == []
+    with pytest.raises(StopRun, match="0 site\\(s\\) have rounds left"):
+        stage.check_round(info)

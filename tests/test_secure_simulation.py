@@ -193,12 +193,14 @@ def test_a_site_that_garbles_its_shares_is_named_and_excluded_for_the_rest_of_th
     np.testing.assert_allclose(result.parameters["w"], 0.03, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [None, 64])  # the default 20 (rotated, wrapping) and plain integers
 def test_under_distributed_dp_a_sum_beyond_the_clip_and_noise_fails_the_attempt(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, bits: int | None
 ) -> None:
-    """One site adds 2**40 to its first encoding (distributed DP's integers are summed
-    masked, unchecked): the decoded sum's norm exceeds what clipped updates and their noise
-    can reach, the attempt is discarded and retried; the model stays within the noise."""
+    """One site adds 2**18 to every integer of its first encoding (distributed DP's integers
+    are summed masked, unchecked; modulo 2**20 a lie is at most 2**19 a coordinate): the
+    decoded sum's norm exceeds what clipped updates and their noise can reach, the attempt
+    is discarded and retried; the model stays within the noise."""
     from fedcore.aggregation import site as site_stages
 
     honest = site_stages.SiteStages.encode
@@ -208,7 +210,7 @@ def test_under_distributed_dp_a_sum_beyond_the_clip_and_noise_fails_the_attempt(
         made = honest(self, prepared, **kw)
         if self.secagg.site == "site-2" and made.integers is not None and not lies:
             lies.append("told")
-            made.integers[:-1] += np.uint64(2**40)
+            made.integers[:-1] += made.integers.dtype.type(2**18)
         return made
 
     monkeypatch.setattr(site_stages.SiteStages, "encode", encode)
@@ -220,7 +222,8 @@ def test_under_distributed_dp_a_sum_beyond_the_clip_and_noise_fails_the_attempt(
         privacy__mode="user-distributed",
         privacy__noise_multiplier=0.5,
         privacy__clip_norm=1.0,
+        secure_aggregation__bits=bits,
     )
     result, _ = run_simulation(e, None)
     assert lies and [r.attempt for r in result.records] == [2]
-    assert np.abs(result.parameters["w"]).max() < 5.0  # within clip and noise, not 2**40 / scale
+    assert np.abs(result.parameters["w"]).max() < 5.0  # within clip and noise, not 2**18 / scale

@@ -109,7 +109,9 @@ def test_a_retried_secure_round_gets_fresh_noise_and_is_charged_and_accounted() 
     assert result.records[0].attempt == 2 and result.records[0].sites == 5
     ledgers = {name: spent(site) for name, site in transport.sites.items()}
     assert ledgers == {**{f"site-{k}": [2] for k in range(1, 5)}, "site-5": [1]}
-    assert len(coordinator.pipeline.state_dict()["distributed_noise"]["rhos"]) == 2  # both sums accounted
+    # Both sums are accounted, each for the sites whose updates are in it: as the sites' ledgers.
+    rhos = coordinator.pipeline.state_dict()["distributed_noise"]["rhos"]
+    assert {site: len(r) for site, r in rhos.items()} == {s: sum(v) for s, v in ledgers.items()}
 
 
 class CrashingStore(MemoryStore):

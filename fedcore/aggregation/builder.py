@@ -6,10 +6,12 @@ settings and turns them into a pipeline of stages. A new stage is a module and a
     user-central DP             central_noise <- clip (equal weights) <- mean
     SecAgg                      quantize <- secure_sum
     user-central DP + SecAgg    central_noise <- clip (equal weights) <- quantize (equal weights) <- secure_sum
-    user-distributed DP         distributed_noise <- secure_sum (64 bits)
+    user-distributed DP         distributed_noise <- secure_sum (20 bits, rotated)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from fedcore.aggregation.base import Leaf, Stage
 from fedcore.aggregation.central_noise import CentralNoise
@@ -46,6 +48,7 @@ def build_pipeline(
     )
     common = {"rounds": fed.rounds, "seed": experiment.seed}
     wrappers: list[Stage] = []
+    vector_length: Callable[[int], int] | None = None  # a site's encoding's integers, if not d + 1
     if p.mode is PrivacyMode.SAMPLE:
         if not supports_dp_sgd:
             raise ConfigError(
@@ -56,7 +59,11 @@ def build_pipeline(
         clip = Clip(p.clip_norm, equal_weights=True, report_unclipped=p.adaptive_clipping)
         wrappers += [CentralNoise(p, clip=clip, sites_per_round=fed.sites_per_round, **common), clip]
     elif p.mode is PrivacyMode.USER_DISTRIBUTED:
-        wrappers.append(DistributedNoise(p, **common))  # it clips, scales and rounds itself
+        distributed = DistributedNoise(  # it clips, scales and rounds itself, and samples
+            p, bits=experiment.secagg_bits, sites_per_round=fed.sites_per_round, **common
+        )
+        wrappers.append(distributed)
+        vector_length = distributed.vector_length
     if agg.clip_norm is not None and p.mode is not PrivacyMode.USER_CENTRAL:
         wrappers.append(Clip(agg.clip_norm))
     leaf: Leaf
@@ -70,7 +77,11 @@ def build_pipeline(
                     equal_weights=p.enabled,  # under DP no count leaves a site, masked or not
                 )
             )
-        leaf = SecureSum(sa, bits=experiment.secagg_bits)
+        leaf = SecureSum(
+            sa,
+            bits=experiment.secagg_bits,
+            length=vector_length,
+        )
     elif agg.rule is AggregationRule.MEAN:
         leaf = WeightedMean()
     else:

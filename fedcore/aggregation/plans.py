@@ -65,6 +65,8 @@ class DistributedNoisePlan(PlanItem):
     delta: float
     run: str
     secure_rng: bool = True
+    bits: int = 64  # the secure sum's modulus: below 64, rotate (public seed) and let the integers wrap
+    rotation: int = 0
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,9 @@ EXCHANGES = (
 )  # in protocol order
 
 
-def round_params(config: SecureAggregationConfig, info: RoundInfo, *, bits: int) -> RoundParams:
+def round_params(
+    config: SecureAggregationConfig, info: RoundInfo, *, bits: int, length: Callable[[int], int] | None = None
+) -> RoundParams:
     sampled = list(info.sampled)
     n, session = len(sampled), f"{info.run_id}/{info.round}/{info.attempt}"
     # Sites refuse a graph sparser than the default (the nonces they reveal draw it), and a
@@ -72,8 +74,8 @@ def round_params(config: SecureAggregationConfig, info: RoundInfo, *, bits: int)
         degree += 1
     needed = max((t for t in safe if t is not None), default=max(map(default_threshold, degrees)))
     threshold = min(max(config.threshold or 0, needed), min(degrees))
-    length = sum(a.size for a in info.model.values()) + 1  # the update, then its weight
-    return RoundParams(info.round, tuple(sampled), degree, threshold, length, bits, session)
+    integers = length(info.dimension) if length else info.dimension + 1  # the update, then its weight
+    return RoundParams(info.round, tuple(sampled), degree, threshold, integers, bits, session)
 
 
 class SecureSum(Leaf):
@@ -83,9 +85,12 @@ class SecureSum(Leaf):
     # server evaluates on its own held-out data only.
     withholds_evaluation = "secure aggregation"
 
-    def __init__(self, config: SecureAggregationConfig, *, bits: int) -> None:
+    def __init__(
+        self, config: SecureAggregationConfig, *, bits: int, length: Callable[[int], int] | None = None
+    ) -> None:
         self.config = config
         self.bits = bits
+        self.length = length  # integers per input for a model's dimension (default: d + 1)
 
     async def collect(self, context: RoundContext) -> Aggregate | None:
         info = context.info
@@ -102,7 +107,7 @@ class SecureSum(Leaf):
             return Aggregate(
                 sum=zeros, weight=0.0, count=0, contributors=[], dropped=dict.fromkeys(info.sampled, drop)
             )
-        params = round_params(self.config, info, bits=self.bits)
+        params = round_params(self.config, info, bits=self.bits, length=self.length)
         dropped: dict[str, Drop] = {}
         stages: dict[str, dict[str, Any]] = {}
         site_metrics: dict[str, dict[str, float]] = {}

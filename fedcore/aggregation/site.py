@@ -162,7 +162,13 @@ class SiteStages:
             rng = self.privacy.secure_rng(sample.secure_rng)
             prepared = Prepared(plan, dp=spend.dp, secure_rng=rng, spend=spend)
         elif isinstance(distributed, DistributedNoisePlan):
-            noise = DistributedNoise(distributed.clip_norm, distributed.scale, distributed.sigma)
+            noise = DistributedNoise(
+                distributed.clip_norm,
+                distributed.scale,
+                distributed.sigma,
+                distributed.bits,
+                distributed.rotation,
+            )
             spend = self.privacy.plan_distributed(
                 noise,
                 delta=distributed.delta,
@@ -233,8 +239,10 @@ class SiteStages:
             elif isinstance(item, DistributedNoisePlan) and prepared.spend is not None:
                 assert prepared.spend.distributed is not None
                 random = dp_random(secure=prepared.secure_rng, seed=seed)
-                encoded = encode_distributed(flatten(update, template), prepared.spend.distributed, random)
-                integers = encoded.view(np.uint64)
+                noise = prepared.spend.distributed
+                encoded = encode_distributed(flatten(update, template), noise, random)
+                # Modulo 2**bits: the low bits of the two's complement (uint32 below 64 bits).
+                integers = encoded.astype(np.uint32) if noise.bits <= 32 else encoded.view(np.uint64)
             elif isinstance(item, StatisticsNoisePlan) and prepared.spend is not None:
                 assert prepared.sensitivity is not None
                 std = prepared.spend.mechanism.noise_multiplier * prepared.sensitivity

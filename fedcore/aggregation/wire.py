@@ -18,6 +18,7 @@ from fedcore.aggregation.plans import (
 from fedcore.errors import ProtocolError
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.secagg import wire as secagg_wire
+from fedcore.secagg.packing import MIN_BITS
 from fedcore.tensors import Arrays
 
 MAX_PLAN_ITEMS = 16
@@ -81,7 +82,13 @@ def plan_from_wire(items: Iterable[pb.StagePlan]) -> tuple[StagePlan, ...]:
             out.append(CentralNoisePlan(item.central_noise.delta, item.central_noise.run))
         elif which == "distributed_noise":
             d = item.distributed_noise
-            out.append(DistributedNoisePlan(d.clip_norm, d.scale, d.sigma, d.delta, d.run, d.secure_rng))
+            if not (MIN_BITS <= d.bits <= 32 or d.bits == 64):
+                raise ProtocolError(f"a distributed noise plan needs 16 to 32 or 64 bits, got {d.bits}")
+            out.append(
+                DistributedNoisePlan(
+                    d.clip_norm, d.scale, d.sigma, d.delta, d.run, d.secure_rng, d.bits, d.rotation
+                )
+            )
         elif which == "quantize":
             q = item.quantize
             out.append(QuantizePlan(q.clip_range, q.step, q.max_examples, q.bits, q.equal_weights))

@@ -179,7 +179,7 @@ class SitePrivacy:
         `participants` such sites would carry less noise than the site's floor. (Against a
         server that drops sites on purpose the floor is only as good as the threshold; the
         ledger charges the site's own noise alone, which holds whatever the server does.)"""
-        own = noise.sigma / sensitivity_l2(dimension, noise.clip_norm, noise.scale)
+        own = noise.sigma / sensitivity_l2(noise.length(dimension), noise.clip_norm, noise.scale)
         if own * math.sqrt(participants) < self.policy.min_noise_multiplier:
             raise PrivacyBudgetError(
                 f"privacy policy: the round's summed noise multiplier {own * math.sqrt(participants):.3f} is below "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from fedcore.errors import SecurityError
 from fedcore.secagg.graph import default_degree, neighbour_graph
+from fedcore.secagg.packing import MIN_BITS
 
 RandBytes = Callable[[int], bytes]
 
@@ -74,8 +75,8 @@ class RoundParams:
             raise ValueError("degree must be positive")
         if not 1 <= self.threshold <= min((len(p) for p in self.neighbours.values()), default=0):
             raise ValueError("threshold must be between 1 and the smallest neighbourhood's size")
-        if self.bits not in (32, 64):
-            raise ValueError("bits must be 32 or 64")
+        if not (MIN_BITS <= self.bits <= 32 or self.bits == 64):
+            raise ValueError("bits must be 16 to 32, or 64")
 
     @functools.cached_property
     def neighbours(self) -> Mapping[str, frozenset[str]]:

@@ -141,8 +141,9 @@ def from_wire(message: pb.SecAgg, *, site: str, payload: Arrays | None = None) -
             return RoutedShares(site, dict(c.ciphertexts), dict(c.digests))
         if which == "masked_input":
             vector = (payload or {}).get(MASKED)
-            if vector is None or vector.ndim != 1 or vector.dtype not in (np.uint32, np.uint64):
-                raise ProtocolError("a masked input needs one uint32/uint64 tensor 'masked'")
+            # uint8: packed below 32 bits (`fedcore.secagg.packing`)
+            if vector is None or vector.ndim != 1 or vector.dtype not in (np.uint8, np.uint32, np.uint64):
+                raise ProtocolError("a masked input needs one uint8/uint32/uint64 tensor 'masked'")
             return MaskedInput(site, np.array(vector))
         if which == "unmask_request":
             r = message.unmask_request

@@ -8,8 +8,12 @@ stage and the speed of mask expansion.
   own in a deployment, in parallel) and the server's work per stage. A deployment's secure
   round adds about one site's client time plus the server's time to a plain round.
 - Flower: its SecAgg+ workflow in its simulation runtime (`flower_secagg.py`).
+- distributed DP's upload: what one site's masked input takes on the wire (the tensor codec's
+  payload) at 64 bits (plain integers) and at 32, 20 and 16 bits (rotated, wrapping, packed),
+  and what the smaller modulus costs in accuracy: the decoded mean's error at the same noise
+  multiplier (so the same epsilon), over the 64-bit one's.
 
-    python simulations/benchmarks/secagg_cost.py [--quick] [--skip-flower] [--out PATH]
+    python simulations/benchmarks/secagg_cost.py [--quick] [--skip-flower] [--uploads-only] [--out PATH]
 """
 
 from __future__ import annotations
@@ -29,22 +33,29 @@ from rich.console import Console
 from rich.table import Table
 
 import fedcore
+from fedcore.privacy import distributed
 from fedcore.privacy.randomness import SecureRandom
 from fedcore.secagg.common import RoundParams
 from fedcore.secagg.contribution import quantized_contribution, step_for_round
 from fedcore.secagg.graph import default_degree, neighbour_graph, safe_threshold
 from fedcore.secagg.identity import LocalAuthority
+from fedcore.secagg.packing import pack, packed
 from fedcore.secagg.primitives import add_mask
 from fedcore.secagg.stages.advertise import ClientAdvertise, ServerAdvertise
 from fedcore.simulation.runners import cores
+from fedcore.tensors import codec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from environment import environment
 
 WORKLOADS = [(20, 1_000_000), (50, 1_000_000), (100, 100_000)]
+# breast_cancer's logistic regression, digits' linear model and CNN, then 1M parameters
+UPLOAD_MODELS = [31, 650, 18_410, 1_000_000]
+UPLOAD_BITS = [64, 32, 20, 16]
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "secagg_cost.json"
 QUICK_OUT = DEFAULT_OUT.with_suffix(".quick.json")
+UPLOADS_OUT = DEFAULT_OUT.with_suffix(".uploads.json")
 
 
 def simulated_round(sites: int, params: int, rounds: int, *, secure: bool, workers: int) -> dict[str, Any]:
@@ -141,6 +152,45 @@ def per_party(sites: int, params: int, bits: int = 32) -> dict[str, Any]:
     }
 
 
+def distributed_upload(dimension: int, *, sites: int = 10, z: float = 1.0) -> dict[str, Any]:
+    """One site's masked input on the wire at each modulus, and the decoded mean's error (RMS
+    over the coordinates, at the same noise multiplier) relative to 64 bits. The masks are
+    left out: they cancel exactly in the sum (tests/test_distributed_modular.py) and do not
+    change a vector's size."""
+    g = np.random.default_rng(dimension)
+    updates = g.normal(0, 1, (sites, dimension))
+    updates *= 0.5 / np.linalg.norm(updates, axis=1, keepdims=True)  # within the clip norm 1
+    out: dict[str, Any] = {"params": dimension, "sites": sites, "noise_multiplier": z}
+    for bits in UPLOAD_BITS:
+        try:
+            noise = distributed.DistributedNoise.for_model(
+                dimension=dimension,
+                clip_norm=1.0,
+                noise_multiplier=z,
+                sites=sites,
+                bits=bits,
+                rotation_seed=7,
+            )
+        except ValueError:
+            out[str(bits)] = None  # too few bits for this model: the round refuses to start
+            continue
+        squares = []
+        for _ in range(max(1, min(50, 20_000 // dimension))):  # small models: enough coordinates
+            encoded = [distributed.encode(u, noise, SecureRandom()) for u in updates]
+            total = np.sum(encoded, axis=0)  # what the unmasked sum is (modulo 2**bits, read signed)
+            decoded, _ = distributed.decode(total.astype(np.uint64), noise, dimension)
+            squares.append(np.mean(np.square(decoded / sites - updates.mean(axis=0))))
+        vector = encoded[0].astype(np.uint32) if bits <= 32 else encoded[0].view(np.uint64)
+        wire = pack(vector, bits) if packed(bits) else vector
+        header, views = codec.encode({"masked": wire})
+        out[str(bits)] = {
+            "bytes": header.ByteSize() + sum(v.nbytes for v in views),
+            "rms_error": float(np.sqrt(np.mean(squares))),
+            "rounding_slack": float(np.sqrt(noise.length(dimension)) / noise.scale),
+        }
+    return out
+
+
 def mask_throughput() -> float:
     seed, count = os.urandom(32), 10_000_000
     buffer = np.zeros(count, np.uint32)
@@ -161,12 +211,15 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=8, help="fedcore rounds per setting (median of all but the first)"
     )
+    parser.add_argument(
+        "--uploads-only", action="store_true", help="only distributed DP's upload table (seconds)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 160)
     load_before = os.getloadavg()
     rows = []
-    for sites, params in [(20, 100_000)] if args.quick else WORKLOADS:
+    for sites, params in [] if args.uploads_only else [(20, 100_000)] if args.quick else WORKLOADS:
         console.print(f"[bold]{sites} sites x {params:,} params[/bold]: fedcore plain, secure, per party ...")
         row: dict[str, Any] = {"sites": sites, "params": params}
         # Each at its best setting on this machine: a plain round has nothing to parallelise
@@ -182,15 +235,20 @@ def main() -> None:
             row["flower_secagg"] = run_flower_secagg(sites=sites, params=params, rounds=3)
         rows.append(row)
     throughput = mask_throughput()
-    render(rows, throughput, console)
+    console.print("distributed DP uploads ...")
+    uploads = [distributed_upload(d) for d in UPLOAD_MODELS]
+    if rows:
+        render(rows, throughput, console)
+    render_uploads(uploads, console)
     report = {
         "benchmark": "secagg_cost",
         "date": dt.datetime.now(dt.UTC).isoformat(),
         "mask_expansion_mb_per_s": throughput,
         **environment(load_before),
         "workloads": rows,
+        "distributed_uploads": uploads,
     }
-    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    out = args.out or (UPLOADS_OUT if args.uploads_only else QUICK_OUT if args.quick else DEFAULT_OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     console.print(f"wrote {out}")
@@ -263,3 +321,29 @@ def render(rows: list[dict[str, Any]], throughput: float, console: Console) -> N
 
 if __name__ == "__main__":
     main()
+
+
+def render_uploads(uploads: list[dict[str, Any]], console: Console) -> None:
+    table = Table(
+        title="Distributed DP: one site's masked input per round (bytes on the wire) and the decoded "
+        "mean's RMS error over 64 bits' (10 sites, noise multiplier 1: the same epsilon)"
+    )
+    table.add_column("params", justify="right")
+    for bits in UPLOAD_BITS:
+        table.add_column(f"{bits} bits", justify="right")
+    for bits in UPLOAD_BITS[1:]:
+        table.add_column(f"{bits} / 64 bytes", justify="right")
+    for bits in UPLOAD_BITS[1:]:
+        table.add_column(f"{bits}-bit error / 64", justify="right")
+    for row in uploads:
+        base = row["64"]
+        cells = [f"{row[str(b)]['bytes']:,}" if row[str(b)] else "refused" for b in UPLOAD_BITS]
+        cells += [
+            f"{row[str(b)]['bytes'] / base['bytes']:.3f}" if row[str(b)] else "-" for b in UPLOAD_BITS[1:]
+        ]
+        cells += [
+            f"{row[str(b)]['rms_error'] / base['rms_error']:.4f}" if row[str(b)] else "-"
+            for b in UPLOAD_BITS[1:]
+        ]
+        table.add_row(f"{row['params']:,}", *cells)
+    console.print(table)

@@ -150,20 +150,24 @@ class CentralNoisePlan(_message.Message):
     def __init__(self, delta: _Optional[float] = ..., run: _Optional[str] = ...) -> None: ...
 
 class DistributedNoisePlan(_message.Message):
-    __slots__ = ("clip_norm", "scale", "sigma", "delta", "run", "secure_rng")
+    __slots__ = ("clip_norm", "scale", "sigma", "delta", "run", "secure_rng", "bits", "rotation")
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     SECURE_RNG_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_FIELD_NUMBER: _ClassVar[int]
     clip_norm: float
     scale: float
     sigma: float
     delta: float
     run: str
     secure_rng: bool
-    def __init__(self, clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., sigma: _Optional[float] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ...) -> None: ...
+    bits: int
+    rotation: int
+    def __init__(self, clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., sigma: _Optional[float] = ..., delta: _Optional[float] = ..., run: _Optional[str] = ..., secure_rng: _Optional[bool] = ..., bits: _Optional[int] = ..., rotation: _Optional[int] = ...) -> None: ...
 
 class StatisticsNoisePlan(_message.Message):
     __slots__ = ("noise_multiplier", "delta", "run", "secure_rng")

@@ -4,7 +4,8 @@ X25519 + HKDF secret they agree on: + for the neighbour after it, - for the one 
 that the pairwise masks of two live neighbours cancel in the sum. A site decrypts the
 shares its neighbours sent it now and checks them against their senders' digests: a
 neighbour whose shares are garbage is still masked against (it masks against this site:
-the pair must cancel), and complained about at unmask instead of stopping the round."""
+the pair must cancel), and complained about at unmask instead of stopping the round. Below
+32 bits the masked vector travels packed to its low bits (`fedcore.secagg.packing`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from fedcore.errors import SecurityError
 from fedcore.secagg.common import AbortReason, RoundParams, need
+from fedcore.secagg.packing import pack, packed, unpack
 from fedcore.secagg.primitives import KeyPair, add_masks, decrypt
 from fedcore.secagg.shamir import SHARE_BYTES
 from fedcore.secagg.stages.consistency import ClientConsistency, ServerConsistency
@@ -69,7 +71,7 @@ class ClientMaskedInput:
         add_masks(masked, masks)
         shares, garbage = self._open(ciphertexts, message.digests)
         state = ClientConsistency(p, self.site, shares, garbage, self.neighbour_keys, self.own)
-        return MaskedInput(self.site, masked), state
+        return MaskedInput(self.site, pack(masked, p.bits) if packed(p.bits) else masked), state
 
     def _open(
         self, ciphertexts: dict[str, bytes], digests: dict[str, bytes]
@@ -109,6 +111,11 @@ class ServerMaskedInput:
         for site, m in received.items():
             if site not in self.shared:  # routed no shares: an honest site declines
                 rejected[site] = "a masked input it was not asked for"
+            elif packed(p.bits):
+                try:
+                    vectors[site] = unpack(m.vector, p.bits, p.length)
+                except ValueError:
+                    rejected[site] = "a masked input of the wrong length or type"
             elif m.vector.shape != (p.length,) or m.vector.dtype != dtype(p):
                 rejected[site] = "a masked input of the wrong length or type"
             else:

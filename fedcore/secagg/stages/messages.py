@@ -158,7 +158,7 @@ def verified(identity: Identity | None, params: RoundParams, keys: AdvertiseKeys
 
 
 def dtype(params: RoundParams) -> type[np.unsignedinteger[Any]]:
-    return np.uint32 if params.bits == 32 else np.uint64
+    return np.uint32 if params.bits <= 32 else np.uint64
 
 
 def pairwise_mask(

@@ -16,6 +16,7 @@ import numpy as np
 from fedcore.secagg import shamir
 from fedcore.secagg.common import SEED_BYTES, AbortReason, RoundParams, need
 from fedcore.secagg.identity import Identity
+from fedcore.secagg.packing import packed, reduce
 from fedcore.secagg.primitives import KeyPair, add_masks
 from fedcore.secagg.stages.messages import (
     AdvertiseKeys,
@@ -176,7 +177,7 @@ class ServerUnmask:
             masks += [pairwise_mask(p, private, site, peer, self.keys[peer].mask_public) for peer in peers]
         result = self.total.copy()
         add_masks(result, masks)
-        return result
+        return reduce(result, p.bits) if packed(p.bits) else result
 
 
 def _committed(params: RoundParams, site: str, commitment: bytes) -> Callable[[bytes], bool]:
