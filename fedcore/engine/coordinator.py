@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -40,7 +41,7 @@ from fedcore.engine import faults
 from fedcore.engine.exclusion import Exclusions
 from fedcore.engine.gather import EvaluationMetrics, Traffic, gather, weighted
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
-from fedcore.engine.records import RoundRecord, RoundStore, RunResult
+from fedcore.engine.records import RoundRecord, RoundStore, RunResult, record_durably
 from fedcore.engine.run_state import RunState
 from fedcore.engine.statistics import RoundFailed, gather_statistics, statistics_config
 from fedcore.engine.transport import Transport
@@ -90,6 +91,7 @@ class Coordinator:
         self.roster: list[str] = []  # the sites available at the last completed round
         self.resumed_at: int | None = None  # the first round after a resume
         self._committing: asyncio.Future[None] | None = None  # the last round's store write
+        self.store_failures: list[BaseException] = []  # writes that failed on I/O (then tried again)
         self.commit_wait = 0.0
         faults.warn_if_armed()
         if resume is not None:
@@ -180,18 +182,16 @@ class Coordinator:
         )
 
     async def _commit(self, record: RoundRecord) -> None:
-        """Store the round with the run's state. A run that accounts privacy waits for it:
-        the round is durable before its model leaves in the next round. Otherwise the write
-        goes on in a thread while the next round runs (a crash before it is durable redoes
-        the round, with the same result); writes stay in order, one at a time."""
-        state = self.checkpoint()
+        """Store the round with the run's state, in a thread; an I/O error pauses the run (and
+        is alerted), never ends it. A run that accounts privacy waits: the round is durable
+        before its model leaves. Otherwise the next round runs meanwhile (a crash before the
+        write redoes the round, with the same result); writes stay in order, one at a time."""
+        state, failed = self.checkpoint(), self.store_failures.append
         await self._settle()
+        write = functools.partial(record_durably, self.store, record, state, on_failure=failed)
+        self._committing = asyncio.ensure_future(asyncio.to_thread(write))
         if self.pipeline.accounts_privacy:
-            started = time.perf_counter()
-            self.store.record(record, state)
-            self.commit_wait += time.perf_counter() - started
-        else:
-            self._committing = asyncio.ensure_future(asyncio.to_thread(self.store.record, record, state))
+            await self._settle()
 
     async def _settle(self) -> None:
         """Wait for the last round's store write (its error, if any, is the run's). The

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import os
+import sqlite3
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +20,8 @@ from safetensors.numpy import save_file
 from fedcore.aggregation import Drop, DropReason, RefusalCode
 from fedcore.engine.run_state import RunState
 from fedcore.tensors import Arrays
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,14 +125,49 @@ class MemoryStore:
 
 
 class FanOutStore:
-    """Hands every round to several stores."""
+    """Hands every round to several stores. A round some of them took before another failed
+    is not handed to them again when it is retried (`record_durably`)."""
 
     def __init__(self, stores: list[RoundStore]) -> None:
         self.stores = stores
+        self._took: tuple[int, set[int]] = (0, set())  # a round, and the stores that have it
 
     def record(self, record: RoundRecord, state: RunState) -> None:
-        for store in self.stores:
+        if self._took[0] != record.round:
+            self._took = (record.round, set())
+        took = self._took[1]
+        for i, store in enumerate(self.stores):
+            if i not in took:
+                store.record(record, state)
+                took.add(i)
+
+
+# Seconds between tries to store a round whose write failed on I/O (then the last, again and
+# again): a full disk or exhausted file descriptors pause the run, they never end it.
+STORE_RETRY_SECONDS = (0.1, 0.5, 2.0, 5.0, 15.0, 30.0)
+TRANSIENT_STORE_ERRORS = (OSError, sqlite3.OperationalError)  # EMFILE, ENOSPC, EIO, "unable to open"
+
+
+def record_durably(
+    store: RoundStore,
+    record: RoundRecord,
+    state: RunState,
+    *,
+    on_failure: Callable[[BaseException], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """store.record, tried until it succeeds: an I/O error is reported (`on_failure`: the log
+    and the metrics) and the write tried again after a pause, with nothing else done
+    meanwhile (the round's model does not leave before it is stored). Other errors (a bug,
+    a round out of order) end the run as before."""
+    for tries in itertools.count():
+        try:
             store.record(record, state)
+            return
+        except TRANSIENT_STORE_ERRORS as err:
+            log.error("round %d could not be stored (%s); trying again", record.round, err)
+            on_failure(err)
+            sleep(STORE_RETRY_SECONDS[min(tries, len(STORE_RETRY_SECONDS) - 1)])
 
 
 def save_model(path: Path, parameters: Arrays, metadata: dict[str, str] | None = None) -> None:

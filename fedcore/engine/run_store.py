@@ -246,7 +246,12 @@ class SqliteRunStore:
         self._views_stale = False
 
     def record(self, record: RoundRecord, state: RunState) -> None:
-        """The RoundStore interface: the round, and the run's state with its model stored once."""
+        """The RoundStore interface: the round, and the run's state with its model stored once.
+        A round already committed (its views failed after the commit, and the write is tried
+        again) only repairs the views."""
+        if self.last_round() >= record.round:
+            self.reconcile_views()
+            return
         checkpoint = dataclasses.replace(state, parameters={}).to_bytes()  # the model is in `models`
         rows = site_rows(record)
         self.commit_round(

@@ -319,31 +319,33 @@ def render(rows: list[dict[str, Any]], throughput: float, console: Console) -> N
     )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def render_uploads(uploads: list[dict[str, Any]], console: Console) -> None:
     table = Table(
-        title="Distributed DP: one site's masked input per round (bytes on the wire) and the decoded "
-        "mean's RMS error over 64 bits' (10 sites, noise multiplier 1: the same epsilon)"
+        title="Distributed DP: one site's masked input per round (bytes on the wire), and the noise "
+        "on the decoded mean at the same epsilon over 64 bits' (10 sites, noise multiplier 1)"
     )
     table.add_column("params", justify="right")
     for bits in UPLOAD_BITS:
         table.add_column(f"{bits} bits", justify="right")
-    for bits in UPLOAD_BITS[1:]:
+    for bits in UPLOAD_BITS[2:]:
         table.add_column(f"{bits} / 64 bytes", justify="right")
-    for bits in UPLOAD_BITS[1:]:
-        table.add_column(f"{bits}-bit error / 64", justify="right")
+    for bits in UPLOAD_BITS[2:]:
+        table.add_column(f"{bits}-bit noise / 64 (exact; measured RMS)", justify="right")
     for row in uploads:
         base = row["64"]
         cells = [f"{row[str(b)]['bytes']:,}" if row[str(b)] else "refused" for b in UPLOAD_BITS]
         cells += [
-            f"{row[str(b)]['bytes'] / base['bytes']:.3f}" if row[str(b)] else "-" for b in UPLOAD_BITS[1:]
+            f"{row[str(b)]['bytes'] / base['bytes']:.3f}" if row[str(b)] else "-" for b in UPLOAD_BITS[2:]
         ]
-        cells += [
-            f"{row[str(b)]['rms_error'] / base['rms_error']:.4f}" if row[str(b)] else "-"
-            for b in UPLOAD_BITS[1:]
-        ]
+        for b in UPLOAD_BITS[2:]:
+            got = row[str(b)]
+            # The noise is z x Delta_2 = z x (clip x scale + sqrt(d)): over the update's units,
+            # z x clip x (1 + rounding slack), so the ratio is the slacks' (clip 1).
+            exact = (1 + got["rounding_slack"]) / (1 + base["rounding_slack"]) if got else None
+            cells.append(f"{exact:.4f}; {got['rms_error'] / base['rms_error']:.3f}" if got else "-")
         table.add_row(f"{row['params']:,}", *cells)
     console.print(table)
+
+
+if __name__ == "__main__":
+    main()
