@@ -12,6 +12,7 @@ from fedcore.aggregation import wire as stage_wire
 from fedcore.engine import Instruction, Reply
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.server.site_text import clean_metrics, clean_text
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import config_from_wire, kind_from_wire, refusal_from_wire
 
@@ -69,6 +70,7 @@ class SiteSession:
                 f"reply for round {result.round} {kind.value} to a round {instruction.round} {instruction.kind.value}"
             )
         metrics = {k: v for k, v in config_from_wire(result.metrics).items() if isinstance(v, int | float)}
+        metrics = clean_metrics(self.name, metrics)
         arrays = assembler.arrays() if assembler.header.tensors else None
         stage_message = None
         if result.HasField("secagg") and not result.refusal:
@@ -83,7 +85,7 @@ class SiteSession:
             num_examples=result.num_examples,
             update=arrays,
             metrics={k: float(v) for k, v in metrics.items()},
-            refusal=result.refusal or None,
+            refusal=clean_text(result.refusal) if result.refusal else None,
             refusal_code=refusal_from_wire(result.refusal_code) if result.refusal else None,
         )
         if not pending.future.done():

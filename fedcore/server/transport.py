@@ -23,6 +23,7 @@ from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server.revocation import RevocationList, certificate_serial
 from fedcore.server.sessions import Outgoing, Pending, SiteSession
+from fedcore.server.site_text import clean_text
 from fedcore.tasks import TaskSpec
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import (
@@ -41,7 +42,6 @@ from fedcore.wire import (
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
-MAX_REASON = 500  # characters of a site's stated reason kept in the record
 
 
 class GrpcTransport(Transport):
@@ -342,8 +342,7 @@ class GrpcTransport(Transport):
             if body == "decline":  # the site's policy refuses this job: recorded, and it leaves
                 if session.answered:
                     raise ProtocolError("a site that took part in the job cannot decline it")
-                reason = "".join(c if c.isprintable() else " " for c in message.decline.reason[:MAX_REASON])
-                reason = reason.strip() or "no reason given"
+                reason = clean_text(message.decline.reason.strip()) or "no reason given"
                 log.warning("site %s declined the job: %s", session.name, reason)
                 if self.audit is not None:
                     self.audit.append(AuditKind.JOB_DECLINED, site=session.name, reason=reason)

@@ -1,0 +1,41 @@
+"""What a site writes that the server keeps: a refusal or a reason to decline, and the
+names of its metrics. A site is not trusted to keep them short or on one line (a 1 MB
+refusal with newlines forged a thousand log lines; 256 metric names of 14 KB grew
+`metrics.jsonl` by megabytes), so every such text is cut and escaped here, where it
+arrives, before any log, record or file sees it."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT: Final = 300  # characters of a refusal or a reason kept (then "...")
+MAX_METRICS: Final = 32  # metrics kept from one reply
+METRIC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,63}")  # what a metric may be called
+
+
+def clean_text(text: str, limit: int = MAX_TEXT) -> str:
+    """`text` on one printable line of at most `limit` characters (before escapes):
+    newlines, terminal escapes and other control or separator characters as escapes."""
+    cut = text[:limit]
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in cut)
+    return escaped + ("..." if len(text) > limit else "")
+
+
+def clean_metrics(site: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The first MAX_METRICS metrics whose names are short identifiers; the rest are left
+    out (and said so, once per reply, without repeating what the site wrote)."""
+    kept = {name: value for name, value in metrics.items() if METRIC_NAME.fullmatch(name)}
+    kept = dict(list(kept.items())[:MAX_METRICS])
+    if len(kept) < len(metrics):
+        log.warning(
+            "site %s: %d of its %d metrics left out (names or number)",
+            site,
+            len(metrics) - len(kept),
+            len(metrics),
+        )
+    return kept
