@@ -5,7 +5,9 @@ wrap at the scale the round plans, where the same sum without the rotation does.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +15,10 @@ import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcore.errors import PrivacyBudgetError
 from fedcore.privacy import distributed, rotation
 from fedcore.privacy.randomness import SecureRandom
+from fedcore.privacy.site_policy import SitePolicy, SitePrivacy
 from fedcore.secagg.common import RoundParams
 from fedcore.secagg.local import run_round
 from fedcore.secagg.packing import pack, packed_size, unpack
@@ -141,3 +145,47 @@ def test_the_epsilon_does_not_depend_on_the_modulus_beyond_the_rounding() -> Non
     )
     rhos = [distributed.round_rho(dimension=d, noise=x, sites=n) for x in (plain, small)]
     assert rhos[0] == pytest.approx(rhos[1], rel=1e-9) == pytest.approx(1 / (2 * z**2), rel=1e-9)
+
+
+@pytest.mark.parametrize("bits", [20, 64])
+def test_a_site_refuses_integers_beyond_what_its_floats_make_exactly(tmp_path: Path, bits: int) -> None:
+    """A dishonest server's plan: scale 2**59 and sigma ten times the sensitivity. The
+    site's ledger would charge a multiplier of 5, but float draws that large have no random
+    low bits (the attacker review told a zero update from a real one in one round): refused.
+    An honest plan for the same model passes."""
+    d = 100
+    site = SitePrivacy(SitePolicy(ledger=tmp_path / "ledger.json"))
+    job = {"delta": 1e-5, "run": "r", "dimension": d, "participants": 4}
+    scale = 2.0**59
+    sigma = 10 * distributed.sensitivity_l2(rotation.padded(d), 1.0, scale)
+    with pytest.raises(PrivacyBudgetError, match="beyond"):
+        site.plan_distributed(distributed.DistributedNoise(1.0, scale, sigma, bits, 5), **job)
+    honest = distributed.DistributedNoise.for_model(
+        dimension=d, clip_norm=1.0, noise_multiplier=1.0, sites=4, bits=bits, rotation_seed=5
+    )
+    assert site.plan_distributed(honest, **job).distributed == honest
+    with pytest.raises(ValueError, match="exact range"):
+        SecureRandom.seeded(1).discrete_gaussian(3, 2.0**50)
+
+
+def test_a_sum_of_sites_whose_noise_is_too_fine_for_the_accounting_is_refused() -> None:
+    """Kairouz et al.'s bound needs each site's sigma >= 1/2: one parameter summed over
+    10,000 sites at 20 bits would be 0.12, and the round refuses rather than mis-account."""
+    with pytest.raises(ValueError, match="sigma"):
+        distributed.DistributedNoise.for_model(
+            dimension=1, clip_norm=1.0, noise_multiplier=1.0, sites=10_000, bits=20
+        )
+
+
+def test_the_rotation_signs_are_shake256_of_the_seed_whatever_numpy_draws() -> None:
+    """Every site and the server must draw the same signs: from SHAKE-256 (a standard), not
+    from a numpy generator whose stream may change between versions."""
+    stream = hashlib.shake_256(b"fedcore rotation|" + (42).to_bytes(8, "little")).digest(2)
+    bits = [(stream[i // 8] >> (i % 8)) & 1 for i in range(16)]
+    e0 = np.zeros(16)
+    e0[0] = 1.0
+    # The first column of H D is D's first sign times H's first column (all ones) / 4.
+    first = rotation.rotate(e0, seed=42)
+    assert np.all(first == (1 - 2 * bits[0]) / 4)
+    signs = [rotation.rotate(np.eye(16)[i], seed=42)[0] * 4 for i in range(16)]
+    assert signs == [1 - 2 * b for b in bits]

@@ -103,43 +103,56 @@ def test_a_target_epsilon_is_met_and_not_wasted(mode: str) -> None:
     assert final is not None and 1.9 <= final <= 2.0 * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("mode", ["user-central", "user-distributed"])
-def test_a_run_ends_early_rather_than_exceed_its_target_epsilon(mode: str) -> None:
-    """Dropouts (distributed: their noise is lost) and retried attempts whose sum was
-    decrypted spend budget the plan did not count; the run stops before a round that would
-    cross the target, and says why. User-central: fewer sites after round 1 raise q."""
-    overrides: dict[str, object] = {
-        "privacy__mode": mode,
-        "privacy__noise_multiplier": None,
-        "privacy__target_epsilon": 2.0,
-        "federation__rounds": 6,
-        "secure_aggregation__enabled": mode == "user-distributed",
-    }
-    if mode == "user-distributed":
-        overrides.update(simulation__sites=8, simulation__dropout=0.3, federation__min_sites=3)
-    else:
-        overrides.update(simulation__sites=20, federation__sites_per_round=5)
-    e = experiment(**overrides)
-    if mode == "user-central":  # the plan is made for 20 sites; from round 2 only 10 are there
-        from fedcore.simulation import inprocess
+def test_a_run_ends_early_rather_than_exceed_its_target_epsilon() -> None:
+    """User-central: the plan is made for 20 sites; from round 2 only 10 are there, which
+    raises q; the run stops before a round that would cross the target, and says why."""
+    e = experiment(
+        privacy__mode="user-central",
+        privacy__noise_multiplier=None,
+        privacy__target_epsilon=2.0,
+        federation__rounds=6,
+        simulation__sites=20,
+        federation__sites_per_round=5,
+    )
+    from fedcore.simulation import inprocess
 
-        available = inprocess.InProcessTransport.available
-        calls = {"n": 0}
+    available = inprocess.InProcessTransport.available
+    calls = {"n": 0}
 
-        def shrinking(self: inprocess.InProcessTransport) -> list[str]:
-            calls["n"] += 1
-            every = available(self)
-            return every if calls["n"] <= 2 else every[:10]
+    def shrinking(self: inprocess.InProcessTransport) -> list[str]:
+        calls["n"] += 1
+        every = available(self)
+        return every if calls["n"] <= 2 else every[:10]
 
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(inprocess.InProcessTransport, "available", shrinking)
-            result, summary = run_simulation(e, None)
-    else:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inprocess.InProcessTransport, "available", shrinking)
         result, summary = run_simulation(e, None)
     assert 1 <= len(result.records) < 6
     assert all(r.epsilon is not None and r.epsilon <= 2.0 * (1 + 1e-6) for r in result.records)
     assert summary["privacy"]["epsilon"] <= 2.0 * (1 + 1e-6)
     assert "over the target 2" in summary["privacy"]["stopped_early"]
+
+
+def test_distributed_dp_goes_on_with_the_sites_whose_budget_allows_a_round() -> None:
+    """Dropouts lose noise, and a retried attempt whose sum was decrypted counts again: the
+    sites in those sums spend more than planned. Each is left out of the rounds that would
+    take it over the target, while the others go on (one unlucky round does not end the
+    run), and no record nor the summary ever exceeds it."""
+    e = experiment(
+        privacy__mode="user-distributed",
+        privacy__noise_multiplier=None,
+        privacy__target_epsilon=2.0,
+        federation__rounds=6,
+        secure_aggregation__enabled=True,
+        simulation__sites=8,
+        simulation__dropout=0.3,
+        federation__min_sites=3,
+    )
+    result, summary = run_simulation(e, None)
+    assert len(result.records) == 6 and summary["privacy"]["stopped_early"] is None
+    assert any(len(r.sampled) < 8 for r in result.records)  # some sites sat rounds out
+    assert all(r.epsilon is not None and r.epsilon <= 2.0 * (1 + 1e-6) for r in result.records)
+    assert summary["privacy"]["epsilon"] <= 2.0 * (1 + 1e-6)
 
 
 def test_a_target_that_allows_no_round_ends_the_run_before_the_first(tmp_path: Path) -> None:
@@ -533,3 +546,15 @@ def test_distributed_dp_ends_the_run_when_no_three_sites_have_rounds_left() -> N
     assert stage.sample(sites, info) == []
     with pytest.raises(StopRun, match="0 site\\(s\\) have rounds left"):
         stage.check_round(info)
+
+
+def test_a_distributed_run_saved_by_the_per_round_accounting_is_not_resumed_silently() -> None:
+    config = experiment(privacy__mode="user-distributed", secure_aggregation__enabled=True).privacy
+    stage = DistributedNoise(config, rounds=4, seed=0, bits=20)
+    old = {**stage.state_dict(), "rhos": [0.1, 0.2]}  # one list for the run: whose rounds?
+    with pytest.raises(ConfigError, match="older fedcore"):
+        stage.load_state_dict(old)
+    stage.rhos = {"site-1": [0.1]}
+    fresh = DistributedNoise(config, rounds=4, seed=0, bits=20)
+    fresh.load_state_dict(stage.state_dict())
+    assert fresh.rhos == {"site-1": [0.1]}

@@ -60,7 +60,11 @@ def build_pipeline(
         wrappers += [CentralNoise(p, clip=clip, sites_per_round=fed.sites_per_round, **common), clip]
     elif p.mode is PrivacyMode.USER_DISTRIBUTED:
         distributed = DistributedNoise(  # it clips, scales and rounds itself, and samples
-            p, bits=experiment.secagg_bits, sites_per_round=fed.sites_per_round, **common
+            p,
+            bits=experiment.secagg_bits,
+            sites_per_round=fed.sites_per_round,
+            min_sites=fed.min_sites,
+            **common,
         )
         wrappers.append(distributed)
         vector_length = distributed.vector_length

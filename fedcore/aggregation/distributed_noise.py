@@ -20,6 +20,7 @@ multiplier of 7.0 instead of 22.2 (every site in all 30).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -50,11 +51,19 @@ class DistributedNoise(PrivateStage):
     )
 
     def __init__(
-        self, config: Any, *, rounds: int, seed: int, bits: int, sites_per_round: int | None = None
+        self,
+        config: Any,
+        *,
+        rounds: int,
+        seed: int,
+        bits: int,
+        sites_per_round: int | None = None,
+        min_sites: int = 1,
     ) -> None:
         super().__init__(config, rounds=rounds, seed=seed)
         self.bits = bits
         self.sites_per_round = sites_per_round
+        self.min_sites = max(MIN_COHORT, min_sites)  # fewer with budget: no round can complete
         self.participations: int | None = None  # K: the rounds a site may take part in (at round 1)
         self.rhos: dict[str, list[float]] = {}  # site -> rho of each released sum that holds its update
         self.with_budget = 0  # sites that could take part in the last round sampled
@@ -63,14 +72,27 @@ class DistributedNoise(PrivateStage):
         return len(self.rhos.get(site, ()))
 
     def sample(self, available: Sequence[str], info: RoundInfo) -> list[str]:
-        """The sites that have taken part least (under a target: fewer than K times)."""
+        """The sites that have taken part least (under a target: those a full round keeps
+        within it, so about K rounds each, fewer for a site whose sums lost others' noise)."""
         if self.participations is None:
             k = self.sites_per_round
             self.participations = self.rounds
             if k is not None and k < len(available):
                 self.participations = math.ceil(self.rounds * k / len(available))
-        bounded = self.config.target_epsilon is not None
-        eligible = [s for s in available if not bounded or self.taken_part(s) < self.participations]
+        eligible = list(available)
+        if self.config.target_epsilon is not None and available:
+            full = min(self.sites_per_round or len(available), len(available))
+            rho = distributed.round_rho(
+                dimension=info.dimension,
+                noise=self.round_noise(dataclasses.replace(info, sampled=tuple(available[:full]))),
+                sites=full,
+            )
+            target = self.config.target_epsilon * (1 + 1e-6)
+            eligible = [
+                s
+                for s in available
+                if distributed.epsilon([*self.rhos.get(s, []), rho], self.config.delta) <= target
+            ]
         self.with_budget = len(eligible)
         tie = np.random.default_rng(derive_seed(self.seed, "distributed-sample", info.round, info.attempt))
         order = sorted(zip(tie.permutation(len(eligible)), eligible, strict=True))
@@ -136,11 +158,11 @@ class DistributedNoise(PrivateStage):
         """Best case: every sampled site's noise reaches the sum."""
         if self.config.target_epsilon is None:
             return
-        if self.with_budget < MIN_COHORT:
+        if self.with_budget < self.min_sites:
             self.stopped = (
                 f"{self.with_budget} site(s) have rounds left within the target epsilon "
-                f"{self.config.target_epsilon:g} (each takes part in {self.participations}); "
-                f"a secure sum needs {MIN_COHORT}: the run ends at epsilon {self.epsilon():.4g}"
+                f"{self.config.target_epsilon:g} (each takes part in about {self.participations}); "
+                f"a round needs {self.min_sites}: the run ends at epsilon {self.epsilon():.4g}"
             )
             raise StopRun(self.stopped)
         if info.sampled:
@@ -164,8 +186,10 @@ class DistributedNoise(PrivateStage):
         sums, _ = distributed.decode(aggregate.integers, noise, info.dimension)
         # Masked inputs cannot be checked one by one; a sum beyond what `count` clipped updates
         # and their noise can reach (a 10-sigma tail of the noise's norm) proves a lie.
-        count, dimension = max(aggregate.count, 1), noise.length(sums.size)
-        bound = count * (noise.clip_norm + math.sqrt(dimension) / noise.scale)
+        # Rounding moves each of the padded coordinates; the noise, rotated back and cut, lies
+        # in the model's own d.
+        count, dimension = max(aggregate.count, 1), sums.size
+        bound = count * (noise.clip_norm + math.sqrt(noise.length(dimension)) / noise.scale)
         bound += noise.sigma / noise.scale * math.sqrt(count) * (math.sqrt(dimension) + 10)
         if not float(np.linalg.norm(sums)) <= bound:
             aggregate.rejected = (
@@ -208,5 +232,10 @@ class DistributedNoise(PrivateStage):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
+        if not isinstance(state["rhos"], Mapping):
+            raise ConfigError(
+                "this run's state is from an older fedcore that accounted distributed DP per round, "
+                "not per site: it cannot be resumed by this version; start a new run"
+            )
         self.rhos = {site: [float(r) for r in rhos] for site, rhos in state["rhos"].items()}
         self.participations = state["participations"]

@@ -45,8 +45,19 @@ from fedcore.tensors import clip_l2
 
 ROUNDING_SLACK = 0.01  # sqrt(d) / (clip_norm x scale): rounding's share of the sensitivity, at most
 MAX_ROUNDING_SLACK = 0.1  # beyond it a modular sum needs more bits (10% more noise for the epsilon)
+MIN_SIGMA = 0.5  # each site's noise, in integer units, at least (Kairouz et al., Theorem 1)
 WRAP_FAILURE = 1e-4  # the chance that a round's modular sum wraps in some coordinate, at most
 PLAIN_BITS = 64  # integers that never wrap: no rotation
+EXACT_INTEGERS = (
+    2.0**40
+)  # the largest scaled clip or sigma a site accepts at 64 bits (floats exact far below)
+
+
+def largest_integer(bits: int) -> float:
+    """The largest scaled clip norm, and sigma, a site accepts for a sum modulo 2**bits: an
+    honest plan stays below half the modulus (beyond it noise is uniform anyway) and far
+    inside the floats' exact integers."""
+    return min(EXACT_INTEGERS, math.ldexp(1.0, bits - 1))
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,14 @@ class DistributedNoise:
                     f"{MAX_ROUNDING_SLACK:.0%} of the sensitivity: raise [secure_aggregation] bits"
                 )
         delta_2 = sensitivity_l2(d, clip_norm, scale)
-        return cls(clip_norm, scale, noise_multiplier * delta_2 / math.sqrt(sites), bits, rotation_seed)
+        sigma = noise_multiplier * delta_2 / math.sqrt(sites)
+        if sites > 1 and sigma < MIN_SIGMA:
+            # Kairouz et al.'s bound on the sum of discrete Gaussians assumes sigma >= 1/2.
+            raise ValueError(
+                f"each of {sites} sites would add a discrete Gaussian of sigma {sigma:.3g} < {MIN_SIGMA}: "
+                "too fine for the accounting; use more bits, fewer sites a round or more noise"
+            )
+        return cls(clip_norm, scale, sigma, bits, rotation_seed)
 
 
 def modular_scale(length: int, clip_norm: float, noise_multiplier: float, sites: int, bits: int) -> float:
@@ -151,6 +169,8 @@ def round_rho(*, dimension: int, noise: DistributedNoise, sites: int) -> float:
     """zCDP rho of one round whose sum holds the noise of `sites` sites (Kairouz et al., Thm 1)."""
     if sites < 1:
         raise ValueError("a sum needs at least one site")
+    if sites > 1 and noise.sigma < MIN_SIGMA:
+        raise ValueError(f"Kairouz et al.'s bound needs sigma >= {MIN_SIGMA}, got {noise.sigma:.3g}")
     dimension = noise.length(dimension)
     delta_2 = sensitivity_l2(dimension, noise.clip_norm, noise.scale)
     delta_1 = min(math.sqrt(dimension) * delta_2, delta_2**2)

@@ -113,6 +113,8 @@ class SecureRandom:
         (Canonne, Kamath, Steinke 2020, Algorithm 3), in floating point."""
         if sigma <= 0:
             return np.zeros(count, dtype=np.int64)
+        if not sigma <= 2.0**40:  # beyond, float draws lose the low bits (and int64 overflows)
+            raise ValueError(f"a discrete Gaussian of sigma {sigma:.3g} is beyond this sampler's exact range")
         t = math.floor(sigma) + 1
         out = np.empty(count, dtype=np.int64)
         filled = 0

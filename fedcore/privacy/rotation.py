@@ -9,6 +9,7 @@ the privacy holds for any signs, a bad draw costs only accuracy."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -30,7 +31,10 @@ def flatness(length: int, failure: float) -> float:
 
 
 def _signs(seed: int, length: int) -> Floats:
-    bits = np.random.Generator(np.random.PCG64(seed)).integers(0, 2, size=length)
+    """+-1 from SHAKE-256 of the seed: the same at every site and the server whatever their
+    numpy (whose generators promise no stream across versions)."""
+    stream = hashlib.shake_256(b"fedcore rotation|" + seed.to_bytes(8, "little")).digest((length + 7) // 8)
+    bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8), bitorder="little")[:length]
     return np.asarray(1.0 - 2.0 * bits, dtype=np.float64)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedcore.config import DEFAULT_COLLUDING_FRACTION, Accountant, Adjacency
 from fedcore.errors import PrivacyBudgetError
+from fedcore.privacy import distributed
 from fedcore.privacy.accountant import Mechanism, epsilon, noise_for
 from fedcore.privacy.distributed import DistributedNoise, sensitivity_l2
 from fedcore.privacy.dpsgd import SampleDP
@@ -160,6 +161,14 @@ class SitePrivacy:
             )
         for name, value in (("clip_norm", noise.clip_norm), ("scale", noise.scale), ("sigma", noise.sigma)):
             job_setting(name, value)
+        # Integers the encoding and the sampler make exactly: far beyond, floats lose the noise's
+        # low bits (a server could then tell updates apart from one round at any ledger charge).
+        largest = distributed.largest_integer(noise.bits)
+        if not (noise.clip_norm * noise.scale <= largest and noise.sigma <= largest):
+            raise PrivacyBudgetError(
+                f"privacy policy: the job's distributed noise asks for integers beyond {largest:.3g} "
+                f"(scale x clip {noise.clip_norm * noise.scale:.3g}, sigma {noise.sigma:.3g})"
+            )
         own = self.check_noise_floor(noise, dimension=dimension, participants=participants)
         # The site's own noise alone, against a server that could drop every other site: a
         # single discrete Gaussian is exactly the Gaussian mechanism's zCDP (tau = 0 for one site).
