@@ -3,15 +3,15 @@
 An experiment is a TOML file with the tables below; every key is optional, unknown keys are
 errors, and command-line flags override the file (`Experiment.override`).
 
-    [federation]  rounds, min_sites, sites_per_round, start_sites, round_timeout, max_round_retries
+    [federation]  rounds, min_sites, sites_per_round, start_sites, round_timeout, max_round_retries,
+                  keep_models, max_examples_per_site
     [task]        name, model, local_epochs, batch_size, lr, weight_decay, initial,
                   classes, image_size, channels, data
     [strategy]    name, proximal_mu, server_lr, beta_1, beta_2, tau, average
     [aggregation] rule, trim, byzantine, clip_norm
     [data]        partition, seed
     [simulation]  sites, workers, backend, ray_address, stragglers, dropout, byzantine, byzantine_attack
-    [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, max_examples,
-                          colluding_fraction
+    [secure_aggregation]  enabled, neighbors, threshold, clip_range, bits, colluding_fraction
     [privacy]     mode, noise_multiplier, target_epsilon, delta, accountant, adjacency, max_grad_norm,
                   sample_rate, local_steps, expected_batch, ghost_clipping,
                   clip_norm, adaptive_clipping, target_quantile, clip_learning_rate,
@@ -55,6 +55,11 @@ class FederationConfig:
     # (its last result rejected with no one to blame: the model stays as it was)
     max_round_retries: int = 3
     keep_models: int | None = None  # the run store keeps the models of the latest N rounds (None: all)
+    # A public bound on the example count a site's update weighs (None: the task's, 100,000 for
+    # most): a site claiming more weighs this much. Under secure aggregation its weight is
+    # min(examples, bound) / bound, masked with its update; a larger bound costs precision at
+    # 32 bits (simulations/benchmarks/secagg_weight_precision.py), a smaller one caps big sites.
+    max_examples_per_site: int | None = None
 
 
 class Standardise(enum.StrEnum):
@@ -141,10 +146,6 @@ class SecureAggregationConfig:
     # Arithmetic modulo 2**bits; None: 32, or 20 for distributed DP (its sites rotate their
     # noised integers, which then wrap without loss; 16 to 31, or 64 for no rotation)
     bits: int | None = None
-    # A public bound: a site's weight is min(examples, max_examples) / max_examples, masked with
-    # its update (no count leaves a site); a larger bound costs precision at 32 bits
-    # (simulations/benchmarks/secagg_weight_precision.py), a smaller one caps big sites.
-    max_examples: int = 100_000
     # The fraction of a round's participants that may collude with a malicious server: the
     # default threshold keeps every input from them except with probability 2**-40
     # (`fedcore.secagg.graph.safe_threshold`); sites refuse less than their own policy needs.
@@ -282,12 +283,15 @@ def _validate(e: Experiment, source: str) -> None:
         "sized for the sum of clipped updates",
     )
     need(
+        fed.max_examples_per_site is None or fed.max_examples_per_site >= 1,
+        "[federation] max_examples_per_site must be >= 1 (or unset: the task's)",
+    )
+    need(
         fed.keep_models is None or fed.keep_models >= 1,
         "[federation] keep_models must be >= 1 (or unset: all)",
     )
     sa = e.secure_aggregation
     need(sa.clip_range > 0, "[secure_aggregation] clip_range must be > 0")
-    need(sa.max_examples >= 1, "[secure_aggregation] max_examples must be >= 1")
     need(sa.neighbors is None or sa.neighbors >= 2, "[secure_aggregation] neighbors must be >= 2")
     need(sa.threshold is None or sa.threshold >= 1, "[secure_aggregation] threshold must be >= 1")
     need(0 <= sa.colluding_fraction < 0.5, "[secure_aggregation] colluding_fraction must be in [0, 0.5)")

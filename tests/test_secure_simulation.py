@@ -61,7 +61,7 @@ def test_dropouts_at_every_secagg_stage_never_give_a_wrong_sum() -> None:
         federation__min_sites=3,
         federation__max_round_retries=10,
         secure_aggregation__enabled=True,
-        secure_aggregation__max_examples=1,  # the public bound on a bench site's count: weight 1
+        federation__max_examples_per_site=1,  # the public bound on a bench site's count: weight 1
     )
     result, _ = run_simulation(e, None)
     stages = {drop.exchange for r in result.records for drop in r.dropped.values()}
@@ -119,7 +119,7 @@ def test_a_masked_input_out_of_range_fails_the_attempt_never_the_run(
         simulation__sites=5,
         federation__rounds=2,
         secure_aggregation__enabled=True,
-        secure_aggregation__max_examples=2,  # each bench site (1 example) weighs 0.5
+        federation__max_examples_per_site=2,  # each bench site (1 example) weighs 0.5
         secure_aggregation__clip_range=1.0,
     )
     result, _ = run_simulation(e, None)
@@ -146,7 +146,7 @@ def test_a_site_that_lies_in_every_attempt_skips_rounds_but_cannot_stop_the_run(
         federation__rounds=2,
         federation__max_round_retries=2,
         secure_aggregation__enabled=True,
-        secure_aggregation__max_examples=2,
+        federation__max_examples_per_site=2,
         secure_aggregation__clip_range=1.0,
     )
     result, summary = run_simulation(e, None)
@@ -184,7 +184,7 @@ def test_a_site_that_garbles_its_shares_is_named_and_excluded_for_the_rest_of_th
         federation__min_sites=3,
         federation__rounds=3,
         secure_aggregation__enabled=True,
-        secure_aggregation__max_examples=1,
+        federation__max_examples_per_site=1,
     )
     result, _ = run_simulation(e, None)
     first = result.records[0]

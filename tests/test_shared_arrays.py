@@ -87,7 +87,7 @@ def test_worker_processes_give_the_model_of_one_worker_and_leave_no_file(secure:
         federation__min_sites=6,
         federation__rounds=2,
         secure_aggregation__enabled=secure,
-        secure_aggregation__max_examples=1,  # a bench site's count: weight 1, full precision
+        federation__max_examples_per_site=1,  # a bench site's count: weight 1, full precision
     )
     models = []
     for workers in (1, 2):

@@ -25,21 +25,29 @@ from fedcore.aggregation.sample_dp import SampleLevelDP
 from fedcore.aggregation.secure_sum import SecureSum
 from fedcore.config import AggregationRule, Experiment, PrivacyMode
 from fedcore.errors import ConfigError
-from fedcore.tasks import Task
+from fedcore.tasks import Task, max_examples_per_site
 
 
 def pipeline_for(experiment: Experiment, task: Task) -> Pipeline:
     """The experiment's pipeline for rounds of `task`."""
     return build_pipeline(
-        experiment, supports_dp_sgd=task.supports_dp_sgd, releases_statistics=task.statistics_size() > 0
+        experiment,
+        supports_dp_sgd=task.supports_dp_sgd,
+        releases_statistics=task.statistics_size() > 0,
+        max_examples=max_examples_per_site(experiment, task),
     )
 
 
 def build_pipeline(
-    experiment: Experiment, *, supports_dp_sgd: bool = True, releases_statistics: bool = False
+    experiment: Experiment,
+    *,
+    supports_dp_sgd: bool = True,
+    releases_statistics: bool = False,
+    max_examples: int = Task.max_examples_per_site,
 ) -> Pipeline:
     """`releases_statistics`: the task's statistics go out before round 1 (under sample-level
-    DP, a target epsilon must cover them too)."""
+    DP, a target epsilon must cover them too); `max_examples`: the public bound on a site's
+    example count (`max_examples_per_site`)."""
     p, sa, agg, fed = (
         experiment.privacy,
         experiment.secure_aggregation,
@@ -77,7 +85,7 @@ def build_pipeline(
                 Quantize(
                     clip_range=sa.clip_range,
                     bits=experiment.secagg_bits,
-                    max_examples=sa.max_examples,
+                    max_examples=max_examples,
                     equal_weights=p.enabled,  # under DP no count leaves a site, masked or not
                 )
             )

@@ -25,7 +25,7 @@ from fedcore.aggregation.quantize import Quantize
 from fedcore.aggregation.secure_sum import SecureSum
 from fedcore.config import Experiment, PrivacyMode
 from fedcore.errors import ConfigError, ProtocolError
-from fedcore.tasks import Task
+from fedcore.tasks import Task, max_examples_per_site
 
 BITS = 64  # a sum of counts up to `max_examples` per site, to about 1e-12 of one record
 
@@ -95,12 +95,19 @@ def statistics_pipeline_for(
         return None
     bounded = task.statistics_sensitivity() is not None
     return build_statistics_pipeline(
-        experiment, bounded=bounded, on_release=run.statistics_released if run else None
+        experiment,
+        bounded=bounded,
+        on_release=run.statistics_released if run else None,
+        max_examples=max_examples_per_site(experiment, task),
     )
 
 
 def build_statistics_pipeline(
-    experiment: Experiment, *, bounded: bool, on_release: Callable[[], None] | None = None
+    experiment: Experiment,
+    *,
+    bounded: bool,
+    on_release: Callable[[], None] | None = None,
+    max_examples: int = Task.max_examples_per_site,
 ) -> Pipeline:
     """The statistics exchange's pipeline. `bounded`: one record's contribution has a finite
     sensitivity (the task's public ranges), which DP noise and the secure sum's fixed point need."""
@@ -128,7 +135,7 @@ def build_statistics_pipeline(
     leaf: Leaf
     if sa.enabled:
         wrappers += [
-            StatisticsScale(float(sa.max_examples)),
+            StatisticsScale(float(max_examples)),
             Quantize(clip_range=1.0, bits=BITS, max_examples=1, equal_weights=True),
         ]
         leaf = SecureSum(sa, bits=BITS)

@@ -35,6 +35,7 @@ from fedcore.aggregation import (
     StopRun,
 )
 from fedcore.aggregation.builder import pipeline_for
+from fedcore.aggregation.mean import MAX_WEIGHT
 from fedcore.aggregation.statistics import statistics_pipeline_for
 from fedcore.config import Experiment
 from fedcore.engine import faults
@@ -47,7 +48,7 @@ from fedcore.engine.statistics import RoundFailed, gather_statistics, statistics
 from fedcore.engine.transport import Transport
 from fedcore.seeding import derive_seed, rng
 from fedcore.strategies import Strategy, build_strategy
-from fedcore.tasks import Dataset, Task
+from fedcore.tasks import Dataset, Task, max_examples_per_site
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Coordinator:
         self.run_id = run_id or uuid.uuid4().hex
         self.exclusions = Exclusions(transport)  # sites that misbehaved: out for the rest of the run
         self.parameters = task.initial_parameters(derive_seed(experiment.seed, "init"))
+        self.max_examples = max_examples_per_site(experiment, task)
         self.round = 0  # last completed round
         self.records: list[RoundRecord] = []
         self.stopped: str | None = None
@@ -346,11 +348,10 @@ class Coordinator:
 
             def on_reply(reply: Reply) -> None:
                 faults.reach(info.round, exchange)
-                accept(
-                    SiteReply(
-                        reply.site, reply.update, float(reply.num_examples), reply.metrics, reply.message
-                    )
-                )
+                # A count is a site's claim: at most the public bound (absurd: refused as malformed).
+                weight = float(reply.num_examples)
+                weight = min(weight, self.max_examples) if weight <= MAX_WEIGHT else weight
+                accept(SiteReply(reply.site, reply.update, weight, reply.metrics, reply.message))
                 if reply.kind is InstructionKind.FIT:
                     traffic.fit[reply.site] = (reply.metrics, reply.num_examples)
                     traffic.received += sum(a.nbytes for a in (reply.update or {}).values())

@@ -100,6 +100,11 @@ def task_for(experiment: Experiment) -> Task:
     return task
 
 
+def max_examples_per_site(experiment: Experiment, task: Task) -> int:
+    """The public bound on the example count one site's update weighs: the job's, else the task's."""
+    return experiment.federation.max_examples_per_site or task.max_examples_per_site
+
+
 def with_task_defaults(experiment: Experiment) -> Experiment:
     """The experiment with its task's private defaults (`Task.private_defaults`) for what a
     sample-level DP job leaves unset: DP-SGD learns best with another recipe (a smaller

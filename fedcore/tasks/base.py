@@ -120,6 +120,8 @@ class Task(abc.ABC):
     # What a sample-level DP job gets for what it leaves unset: "model", "lr" ([task]) and
     # "average" ([strategy]); DP-SGD's best recipe is not the plain one (see `with_task_defaults`).
     private_defaults: ClassVar[dict[str, Any]] = {}
+    # The default public bound on one site's example count ([federation] max_examples_per_site).
+    max_examples_per_site: ClassVar[int] = 100_000
     supports_dp_sgd: ClassVar[bool] = False  # fit() honours TrainSettings.dp
     # What the model takes, for people and exported models (e.g. "N x 1 x 8 x 8, pixels / 16").
     input_description: ClassVar[str] = "N x features, float32, as the task's loader prepares them"

@@ -66,7 +66,7 @@ def simulated_round(sites: int, params: int, rounds: int, *, secure: bool, worke
         federation__rounds=rounds,
         simulation__workers=workers,
         secure_aggregation__enabled=secure,
-        secure_aggregation__max_examples=1,  # a bench site holds 1 example: weight 1, full precision
+        federation__max_examples_per_site=1,  # a bench site holds 1 example: weight 1, full precision
     )
     result, _ = fedcore.run_simulation(experiment, None)
     w = result.parameters["w"]

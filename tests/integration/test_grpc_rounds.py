@@ -55,7 +55,7 @@ def experiment(**overrides: object) -> Experiment:
         "task__name": f"bench:{PARAMS}",
         "federation__rounds": 2,
         "federation__round_timeout": 20.0,
-        "secure_aggregation__max_examples": 1,  # a bench site's count: weight 1, exact secure sums
+        "federation__max_examples_per_site": 1,  # a bench site's count: weight 1, exact secure sums
         **overrides,
     }
     return load_experiment().override(**settings)
@@ -141,6 +141,9 @@ async def _evil(port: int, name: str, act: str) -> grpc.StatusCode | None:
         result = pb.Result(request_id=ins.request_id, round=ins.round, kind=ins.kind, num_examples=1)
         if act == "wrong-round":
             result.round = ins.round + 7
+        if act == "inflated":  # the review's case: +1000 claimed for a billion examples
+            result.num_examples = 10**9
+            good = {"w": np.full(PARAMS, 1000.0, np.float32)}
         if act == "orphan-chunk":
             await call.write(pb.SiteMessage(chunk=pb.Chunk(data=b"\x00" * 16)))
         else:
@@ -283,3 +286,32 @@ def test_a_site_that_keeps_sending_malformed_replies_is_excluded_for_the_rest_of
     assert [e["data"]["site"] for e in log if e["kind"] == "excluded"] == ["liar"]
     refused = [e["data"] for e in log if e["kind"] == "connection refused"]
     assert any(d["site"] == "liar" and "excluded" in d["reason"] for d in refused)
+
+
+@pytest.mark.parametrize("bound", [None, 3])  # the task's (100,000), the job's
+def test_a_site_claiming_a_billion_examples_weighs_the_public_bound(
+    tmp_path: Path, bound: int | None
+) -> None:
+    """A count is a site's word: it weighs at most [federation] max_examples_per_site. The
+    liar still moves the model by what its update says (what clipping and robust rules are
+    for), but its weight is the bound's, not a billion's: before, +1000 made the model
+    1001.11 instead of 1.12."""
+
+    async def sites(port: int) -> list[object]:
+        honest = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2)]
+        liar = asyncio.ensure_future(_evil(port, "liar", "inflated"))
+        return list(await asyncio.gather(*honest, liar))
+
+    e = experiment(federation__start_sites=3, federation__rounds=1)
+    e = (
+        e.override(federation__max_examples_per_site=bound)
+        if bound
+        else load_experiment(None).override(
+            task__name=e.task.name, federation__start_sites=3, federation__rounds=1
+        )
+    )
+    result, _ = asyncio.run(federation(e, tmp_path, sites))
+    cap = bound or Bench.max_examples_per_site
+    expected = (2 * min(1, cap) * 0.01 + cap * 1000.0) / (2 * min(1, cap) + cap)
+    np.testing.assert_allclose(result.parameters["w"], expected, rtol=1e-5)
+    assert result.records[0].examples == 2 + cap
