@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from fedcore import audit, lifecycle, privacy_audit, task_packages
+from fedcore import audit, lifecycle, privacy_audit, run_status, task_packages
 from fedcore.client import command as client_command
 from fedcore.config import AggregationRule, Backend, Experiment, PrivacyMode, StrategyName, load_experiment
 from fedcore.errors import ConfigError, FedcoreError
@@ -324,6 +324,7 @@ def _parser() -> argparse.ArgumentParser:
     lifecycle.add_commands(sub)
     audit.add_commands(sub)
     privacy_audit.add_commands(sub)
+    run_status.add_commands(sub)
     p = sub.add_parser("pki", help="provision the federation's certificates")
     psub = p.add_subparsers(dest="pki_command", required=True, parser_class=_Parser)
     init = psub.add_parser("init", help="create the CA, its CRL and the server's certificate")

@@ -4,7 +4,7 @@ An experiment is a TOML file with the tables below; every key is optional, unkno
 errors, and command-line flags override the file (`Experiment.override`).
 
     [federation]  rounds, min_sites, sites_per_round, start_sites, round_timeout, max_round_retries,
-                  keep_models, max_examples_per_site
+                  keep_models, max_examples_per_site, allowed_sites
     [task]        name, model, local_epochs, batch_size, lr, weight_decay, initial,
                   classes, image_size, channels, data
     [strategy]    name, proximal_mu, server_lr, beta_1, beta_2, tau, average
@@ -60,6 +60,7 @@ class FederationConfig:
     # min(examples, bound) / bound, masked with its update; a larger bound costs precision at
     # 32 bits (simulations/benchmarks/secagg_weight_precision.py), a smaller one caps big sites.
     max_examples_per_site: int | None = None
+    allowed_sites: tuple[str, ...] | None = None  # `fedcore server`: the only site names that may join
 
 
 class Standardise(enum.StrEnum):

@@ -147,6 +147,7 @@ async def _serve(
         max_payload_bytes=4 * model_bytes + (1 << 20),
         mutual_tls=files is not None,
         audit=audit,
+        allowed_sites=frozenset(a) if (a := experiment.federation.allowed_sites) is not None else None,
         revocations=(
             RevocationList(pki_dir / "crl.pem", files.ca, opened.store.directory / "crl-number")
             if pki_dir is not None and files is not None

@@ -20,6 +20,7 @@ from fedcore.aggregation import wire as stage_wire
 from fedcore.audit import AuditKind, AuditLog
 from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
+from fedcore.pki import SITE_NAME
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server.revocation import RevocationList, certificate_serial
 from fedcore.server.sessions import Outgoing, Pending, SiteSession
@@ -58,10 +59,13 @@ class GrpcTransport(Transport):
         mutual_tls: bool = True,
         audit: AuditLog | None = None,
         revocations: RevocationList | None = None,
+        allowed_sites: frozenset[str] | None = None,
     ) -> None:
         """`audit`: where every connection accepted or refused, and why, is recorded.
-        `revocations`: the CRL checked when a stream opens (see `apply_revocations`)."""
+        `revocations`: the CRL checked when a stream opens (see `apply_revocations`).
+        `allowed_sites`: the only site names that may join (None: any the CA certified)."""
         self.spec = spec
+        self.allowed_sites = allowed_sites
         self.run_id = run_id
         self.max_payload_bytes = max_payload_bytes
         self.heartbeat_timeout = heartbeat_timeout
@@ -199,10 +203,14 @@ class GrpcTransport(Transport):
             names = context.auth_context().get("x509_common_name", [])
             if len(names) != 1:
                 raise ProtocolError("the client certificate names no site")
-            return bytes(names[0]).decode()
-        if not hello.site_name:
+            name = bytes(names[0]).decode(errors="replace")
+        elif not hello.site_name:
             raise ProtocolError("on an insecure connection the Hello must carry a site name")
-        return hello.site_name
+        else:
+            name = hello.site_name
+        if not SITE_NAME.fullmatch(name):  # what `fedcore pki` certifies: no newline, no blank
+            raise ProtocolError(f"the site name {clean_text(name, 80)!r} is not one `fedcore pki` issues")
+        return name
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, why: str, site: str = ""
@@ -239,6 +247,9 @@ class GrpcTransport(Transport):
         if name in self._excluded:
             why = f"excluded from this run: {self._excluded[name]}"
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, why, name)
+        if self.allowed_sites is not None and name not in self.allowed_sites:
+            why = "not among this run's allowed sites ([federation] allowed_sites)"
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, why, name)
         if hello.protocol_version != PROTOCOL_VERSION:
             await self._refuse(
                 context,
@@ -265,13 +276,22 @@ class GrpcTransport(Transport):
 
         session = SiteSession(name, serial=serial)
         async with self._changed:
-            previous = self._sessions.pop(name, None)
-            if previous is not None:  # a reconnect: the old stream is dead or a duplicate
-                previous.fail_pending("reconnected")
-                for task in previous.tasks:
-                    task.cancel()
-            self._sessions[name] = session
-            self._changed.notify_all()
+            previous = self._sessions.get(name)
+            if previous is not None and time.monotonic() - previous.last_seen <= self.heartbeat_timeout:
+                duplicate = True  # one live session per identity: the second is refused, never evicts
+            else:
+                duplicate = False
+                if previous is not None:  # a reconnect: the old stream went silent
+                    del self._sessions[name]
+                    previous.fail_pending("reconnected")
+                    for task in previous.tasks:
+                        task.cancel()
+                self._sessions[name] = session
+                self._changed.notify_all()
+        if duplicate:
+            log.error("site %s connected again from %s while its session is alive: refused", name, peer)
+            why = f"site {name} already has a live session (the same identity in two places?)"
+            await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, why, name)
         if self._finished is not None:  # the run ended while this site was saying hello
             self._end(session)
         log.info("site %s connected from %s (%d connected)", name, peer, len(self._sessions))
