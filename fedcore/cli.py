@@ -199,6 +199,7 @@ def _server(args: argparse.Namespace) -> int:
         resume=args.resume,
         command=_command(args, args.config),
         trackers=[build_tracker(spec) for spec in args.track or ()],
+        metrics=args.metrics,
     )
     if result is None:
         return 0  # stopped by a signal: a clean, requested shutdown
@@ -311,6 +312,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", help="experiment file (TOML)")
     srv.add_argument("--min-sites", type=int, help="sites needed to start and to complete a round")
     srv.add_argument("--insecure", action="store_true", help="plaintext, no site authentication")
+    srv.add_argument(
+        "--metrics", metavar="[HOST:]PORT", help="serve Prometheus /metrics and /healthz (127.0.0.1)"
+    )
     srv.add_argument("-v", "--verbose", action="store_true")
     experiment_flags(srv)
     srv.set_defaults(run=_server)

@@ -25,6 +25,7 @@ from fedcore.engine.run_state import RunState
 from fedcore.engine.run_store import model_digest
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
+from fedcore.server.metrics import ServerMetrics, serve_metrics
 from fedcore.server.revocation import RevocationList
 from fedcore.server.transport import GrpcTransport
 from fedcore.tasks import (
@@ -83,10 +84,14 @@ async def serve(
     resume: bool = False,
     command: dict[str, Any] | None = None,
     trackers: Sequence[Tracker] = (),
+    metrics: str | None = None,
+    on_metrics: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run the federation until every round is done (or the task is cancelled). With
     `resume`, continue the run stored in `state` (ConfigError if the experiment differs);
-    a run already complete returns at once. `command`: how the experiment was given."""
+    a run already complete returns at once. `command`: how the experiment was given.
+    `metrics`: HOST:PORT (or PORT, on 127.0.0.1) to serve Prometheus metrics and /healthz on;
+    `on_metrics` gets the port bound."""
     experiment = with_task_defaults(experiment)
     task = task or task_for(experiment)
     opened = open_run(state, experiment, resume=resume, command=command)  # before listening: the lock
@@ -117,6 +122,7 @@ async def serve(
                 ordered_replies,
                 trackers,
                 audit,
+                (metrics, on_metrics),
             )
         finally:
             for tracker in trackers:
@@ -138,6 +144,7 @@ async def _serve(
     ordered_replies: bool,
     trackers: Sequence[Tracker],
     audit: AuditLog,
+    metrics_at: tuple[str | None, Callable[[int], None] | None],
 ) -> RunResult:
     model_bytes = sum(a.nbytes for a in task.initial_parameters(0).values())
     files = pki.server_files(pki_dir) if pki_dir is not None else None
@@ -172,11 +179,13 @@ async def _serve(
     log.info("listening on %s (port %d, %s)", listen, port, "mutual TLS" if pki_dir else "INSECURE")
     if on_listening:
         on_listening(port)
+    watched = ServerMetrics()
+    transport.on_refused = lambda reason: watched.refused.labels(reason).inc()
     coordinator = Coordinator(
         experiment=experiment,
         task=task,
         transport=transport,
-        store=FanOutStore([opened.store, AuditedRounds(audit), *trackers]),
+        store=FanOutStore([opened.store, AuditedRounds(audit), *trackers, watched]),
         test_data=task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites),
         on_round=on_round,
         ordered_replies=ordered_replies,
@@ -184,6 +193,16 @@ async def _serve(
         resume=opened.state,
         history=opened.history,
     )
+    watched.watch(
+        connected=lambda: len(transport.available()), store_failures=lambda: len(coordinator.store_failures)
+    )
+    listen_metrics, on_metrics = metrics_at
+    http = None
+    if listen_metrics is not None:
+        tls = (pki_dir / "server.crt", pki_dir / "server.key") if pki_dir is not None else None
+        http, metrics_port = serve_metrics(listen_metrics, watched, tls=tls)
+        if on_metrics:
+            on_metrics(metrics_port)
     loop = asyncio.get_running_loop()
     watcher = asyncio.ensure_future(transport.watch_revocations())
     with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # main thread only
@@ -195,6 +214,9 @@ async def _serve(
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.remove_signal_handler(signal.SIGHUP)
         await server.stop(grace=2.0)
+        if http is not None:
+            http.shutdown()
+            http.server_close()
 
 
 class AuditedRounds:

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -66,6 +67,9 @@ class GrpcTransport(Transport):
         `allowed_sites`: the only site names that may join (None: any the CA certified)."""
         self.spec = spec
         self.allowed_sites = allowed_sites
+        self.on_refused: Callable[[str], None] | None = (
+            None  # a refused connection's status, e.g. for metrics
+        )
         self.run_id = run_id
         self.max_payload_bytes = max_payload_bytes
         self.heartbeat_timeout = heartbeat_timeout
@@ -217,6 +221,8 @@ class GrpcTransport(Transport):
     ) -> None:
         if self.audit is not None:
             self.audit.append(AuditKind.CONNECTION_REFUSED, site=site, peer=context.peer(), reason=why)
+        if self.on_refused is not None:
+            self.on_refused(code.name.lower())
         await context.abort(code, why)
 
     async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
