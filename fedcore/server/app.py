@@ -25,6 +25,7 @@ from fedcore.engine.run_state import RunState
 from fedcore.engine.run_store import model_digest
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
+from fedcore.server.limits import connection_cap, server_options
 from fedcore.server.metrics import ServerMetrics, serve_metrics
 from fedcore.server.revocation import RevocationList
 from fedcore.server.transport import GrpcTransport
@@ -86,12 +87,14 @@ async def serve(
     trackers: Sequence[Tracker] = (),
     metrics: str | None = None,
     on_metrics: Callable[[int], None] | None = None,
+    max_connections: int | None = None,
 ) -> RunResult:
     """Run the federation until every round is done (or the task is cancelled). With
     `resume`, continue the run stored in `state` (ConfigError if the experiment differs);
     a run already complete returns at once. `command`: how the experiment was given.
     `metrics`: HOST:PORT (or PORT, on 127.0.0.1) to serve Prometheus metrics and /healthz on;
-    `on_metrics` gets the port bound."""
+    `on_metrics` gets the port bound. `max_connections`: at most this many at once (default,
+    and never more than: what the file-descriptor limit allows, `fedcore.server.limits`)."""
     experiment = with_task_defaults(experiment)
     task = task or task_for(experiment)
     opened = open_run(state, experiment, resume=resume, command=command)  # before listening: the lock
@@ -123,6 +126,7 @@ async def serve(
                 trackers,
                 audit,
                 (metrics, on_metrics),
+                max_connections,
             )
         finally:
             for tracker in trackers:
@@ -145,6 +149,7 @@ async def _serve(
     trackers: Sequence[Tracker],
     audit: AuditLog,
     metrics_at: tuple[str | None, Callable[[int], None] | None],
+    max_connections: int | None,
 ) -> RunResult:
     model_bytes = sum(a.nbytes for a in task.initial_parameters(0).values())
     files = pki.server_files(pki_dir) if pki_dir is not None else None
@@ -161,8 +166,10 @@ async def _serve(
             else None
         ),
     )
-    # Each site holds one stream; the cap keeps a flood of connections from exhausting the server.
-    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_STREAMS)
+    cap = connection_cap(max_connections)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS + server_options(cap), maximum_concurrent_rpcs=MAX_STREAMS
+    )
     server.add_generic_rpc_handlers((transport.handler(),))
     if files is None:
         port = server.add_insecure_port(listen)
@@ -176,7 +183,13 @@ async def _serve(
     # Imports and start-up objects live for the whole run: keep them out of every GC pass.
     gc.freeze()
     await server.start()
-    log.info("listening on %s (port %d, %s)", listen, port, "mutual TLS" if pki_dir else "INSECURE")
+    log.info(
+        "listening on %s (port %d, %s, at most %d connections)",
+        listen,
+        port,
+        "mutual TLS" if pki_dir else "INSECURE",
+        cap,
+    )
     if on_listening:
         on_listening(port)
     watched = ServerMetrics()

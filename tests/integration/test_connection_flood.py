@@ -1,0 +1,61 @@
+"""Anyone can open TCP connections: without a cap, 21,000 idle ones exhausted the server's
+file descriptors and a write then ended the run. On the real server (127.0.0.1) with a small
+cap, 2,000 idle connections (bounded in count and time) are refused past the cap, the
+connected sites keep their sessions, the run completes with the exact model, and the
+server holds at most the cap's sockets for them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from fedcore.client.agent import Outcome
+from fedcore.server.app import serve
+from tests.integration.test_grpc_rounds import SlowBench, agent, experiment
+
+CAP, FLOOD = 64, 2000
+
+
+def test_an_idle_connection_flood_neither_stops_the_run_nor_exhausts_descriptors(tmp_path: Path) -> None:
+    process = psutil.Process()
+    peak: list[int] = []
+
+    async def main() -> tuple[object, list[object]]:
+        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        server = asyncio.ensure_future(
+            serve(
+                experiment(federation__start_sites=2, federation__rounds=4),
+                listen="127.0.0.1:0",
+                state=tmp_path / "state",
+                pki_dir=None,
+                on_listening=listening.set_result,
+                max_connections=CAP,
+            )
+        )
+        port = await listening
+        sites = [asyncio.ensure_future(agent(port, f"site-{k}", SlowBench()).run()) for k in (1, 2)]
+        await asyncio.sleep(1.0)  # both connected and in round 1
+        before = process.num_fds()
+        flood = []
+        for _ in range(FLOOD):  # connect() completes in the kernel's backlog whatever the server does
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            flood.append(s)
+        await asyncio.sleep(1.0)
+        peak.append(process.num_fds() - before - FLOOD)  # the server's side of the flood
+        result = await asyncio.wait_for(server, 60)
+        outcomes = await asyncio.gather(*sites)
+        for s in flood:
+            s.close()
+        return result, outcomes
+
+    result, outcomes = asyncio.run(main())
+    assert outcomes == [Outcome.COMPLETED, Outcome.COMPLETED]
+    assert [r.sites for r in result.records] == [2, 2, 2, 2]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(result.parameters["w"], 0.04, rtol=1e-6)  # type: ignore[attr-defined]
+    assert peak[0] <= CAP + 16, peak
