@@ -3,7 +3,8 @@
 An experiment is a TOML file with the tables below; every key is optional, unknown keys are
 errors, and command-line flags override the file (`Experiment.override`).
 
-    [federation]  rounds, min_sites, sites_per_round, start_sites, round_timeout, max_round_retries,
+    [federation]  rounds, min_sites, sites_per_round, start_sites, round_timeout, quorum, grace,
+                  max_round_retries,
                   keep_models, max_examples_per_site, allowed_sites
     [task]        name, model, local_epochs, batch_size, lr, weight_decay, initial,
                   classes, image_size, channels, data
@@ -50,7 +51,13 @@ class FederationConfig:
     min_sites: int = 2
     sites_per_round: int | None = None  # None: every connected site
     start_sites: int | None = None  # sites connected before round 1 starts (None: min_sites)
-    round_timeout: float = 600.0  # seconds a round may take before late sites are dropped
+    # Seconds an exchange may take before late sites are dropped; None: 4x the last rounds'
+    # longest, at least 60 (600 for the first round)
+    round_timeout: float | None = None
+    # A fraction of an exchange's sites: once it has replied, the others get `grace` seconds
+    # more (None: every site has until the deadline)
+    quorum: float | None = None
+    grace: float = 10.0
     # failed attempts at one round before the run stops (too few replies) or skips the round
     # (its last result rejected with no one to blame: the model stays as it was)
     max_round_retries: int = 3
@@ -254,7 +261,9 @@ def _validate(e: Experiment, source: str) -> None:
         fed.start_sites is None or fed.start_sites >= fed.min_sites,
         f"[federation] start_sites ({fed.start_sites}) must be >= min_sites ({fed.min_sites})",
     )
-    need(fed.round_timeout > 0, "[federation] round_timeout must be > 0 seconds")
+    need(fed.round_timeout is None or fed.round_timeout > 0, "[federation] round_timeout must be > 0 seconds")
+    need(fed.quorum is None or 0 < fed.quorum <= 1, "[federation] quorum is a fraction in (0, 1]")
+    need(fed.grace >= 0, "[federation] grace must be >= 0 seconds")
     need(fed.max_round_retries >= 0, "[federation] max_round_retries must be >= 0")
     t = e.task
     need(t.local_epochs is None or t.local_epochs >= 1, "[task] local_epochs must be >= 1")

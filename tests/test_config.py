@@ -68,7 +68,7 @@ def test_defaults() -> None:
     e = load_experiment()
     assert e == Experiment()
     assert e.federation == FederationConfig(
-        rounds=20, min_sites=2, sites_per_round=None, round_timeout=600.0, max_round_retries=3
+        rounds=20, min_sites=2, sites_per_round=None, round_timeout=None, max_round_retries=3
     )
     assert e.task == TaskConfig(name="breast_cancer")
     assert e.task.model is e.task.local_epochs is e.task.lr is None

@@ -40,7 +40,7 @@ from fedcore.aggregation.statistics import statistics_pipeline_for
 from fedcore.config import Experiment
 from fedcore.engine import faults
 from fedcore.engine.exclusion import Exclusions
-from fedcore.engine.gather import EvaluationMetrics, Traffic, gather, weighted
+from fedcore.engine.gather import Deadlines, EvaluationMetrics, Traffic, gather, weighted
 from fedcore.engine.messages import Config, Instruction, InstructionKind, Reply
 from fedcore.engine.records import RoundRecord, RoundStore, RunResult, record_durably
 from fedcore.engine.run_state import RunState
@@ -93,6 +93,7 @@ class Coordinator:
         self.roster: list[str] = []  # the sites available at the last completed round
         self.resumed_at: int | None = None  # the first round after a resume
         self._committing: asyncio.Future[None] | None = None  # the last round's store write
+        self.deadlines = Deadlines(experiment.federation.round_timeout)
         self.store_failures: list[BaseException] = []  # writes that failed on I/O (then tried again)
         self.commit_wait = 0.0
         faults.warn_if_armed()
@@ -174,6 +175,7 @@ class Coordinator:
             record = await self._round(number, attempt)
             if record is not None:
                 self.round = number
+                self.deadlines.observe(record.seconds)
                 faults.reach(number, "before_commit")
                 await self._commit(record)
                 if self.on_round:
@@ -212,16 +214,12 @@ class Coordinator:
         start = fed.start_sites or fed.min_sites
         if len(self.roster) > start:
             try:
-                async with asyncio.timeout(fed.round_timeout):
+                async with asyncio.timeout(self.deadlines.current()):
                     await self.transport.wait_for_sites(len(self.roster))
                 return
             except TimeoutError:
-                log.warning(
-                    "resumed: %d of the last round's %d sites are back after %.0f s; going on",
-                    len(self.transport.available()),
-                    len(self.roster),
-                    fed.round_timeout,
-                )
+                back, lost = len(self.transport.available()), len(self.roster)
+                log.warning("resumed: %d of the last round's %d sites are back; going on", back, lost)
         await self.transport.wait_for_sites(start)
 
     def _sample(self, available: list[str], info: RoundInfo) -> list[str]:
@@ -373,8 +371,10 @@ class Coordinator:
             sites,
             instruction_for,
             on_reply,
-            deadline=self.experiment.federation.round_timeout,
+            deadline=self.deadlines.current(),
             ordered=self.ordered_replies,
+            quorum=math.ceil(q * len(sites)) if (q := self.experiment.federation.quorum) else None,
+            grace=self.experiment.federation.grace,
         )
 
     async def _evaluate(

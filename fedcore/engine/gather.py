@@ -27,9 +27,13 @@ async def gather(
     *,
     deadline: float,
     ordered: bool = True,
+    quorum: int | None = None,
+    grace: float = 0.0,
 ) -> dict[str, Drop]:
     """Send to every site; hand each good reply to `on_reply`; return the dropped sites
-    with why. Late sites are cancelled at the round's deadline.
+    with why. Late sites are cancelled at the round's deadline, or `grace` seconds after
+    `quorum` sites have replied, whichever is first (one silent site does not hold the
+    round to its deadline).
 
     With `ordered` (the default), replies are handed on in `sites` order whatever
     order they arrive in (early ones wait in a buffer), so the floating-point sum, and so
@@ -73,13 +77,20 @@ async def gather(
 
     tasks = {asyncio.ensure_future(transport.request(s, instruction_for(s))): s for s in sites}
     handled: set[asyncio.Future[Reply]] = set()
+    replied, closing = 0, False
     try:
-        async with asyncio.timeout(deadline):
+        async with asyncio.timeout(deadline) as timeout:
             while len(handled) < len(tasks):
                 done, _ = await asyncio.wait(set(tasks) - handled, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     handled.add(task)
-                    settle(tasks[task], outcome_of(task, tasks[task]))
+                    outcome = outcome_of(task, tasks[task])
+                    replied += isinstance(outcome, Reply) and outcome.refusal is None
+                    settle(tasks[task], outcome)
+                if quorum is not None and replied >= quorum and not closing:
+                    closing = True  # the quorum is in: the others have `grace` seconds left
+                    when = asyncio.get_running_loop().time() + grace
+                    timeout.reschedule(min(when, timeout.when() or when))
     except TimeoutError:
         pass
     finally:
@@ -97,6 +108,28 @@ async def gather(
             settle(site, outcome)
         await asyncio.gather(*tasks, return_exceptions=True)
     return dropped
+
+
+class Deadlines:
+    """How long an exchange may take: the job's `round_timeout` when it sets one, else a
+    multiple of the recent rounds' durations with a floor (the first round gets FIRST):
+    a federation whose rounds take 2 s does not wait 600 s for a site that will not answer."""
+
+    FIRST, FLOOR, MULTIPLE, RECENT = 600.0, 60.0, 4.0, 5
+
+    def __init__(self, fixed: float | None) -> None:
+        self.fixed = fixed
+        self.recent: list[float] = []
+
+    def current(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        if not self.recent:
+            return self.FIRST
+        return max(self.FLOOR, self.MULTIPLE * max(self.recent))
+
+    def observe(self, seconds: float) -> None:
+        self.recent = [*self.recent, seconds][-self.RECENT :]
 
 
 @dataclass
