@@ -157,6 +157,7 @@ async def _serve(
         spec=task_spec(experiment, task),
         run_id=opened.run_id,
         max_payload_bytes=4 * model_bytes + (1 << 20),
+        max_tensors=len(task.initial_parameters(0)) + 1,
         mutual_tls=files is not None,
         audit=audit,
         allowed_sites=frozenset(a) if (a := experiment.federation.allowed_sites) is not None else None,

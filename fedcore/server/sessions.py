@@ -9,11 +9,12 @@ import time
 from dataclasses import dataclass, field
 
 from fedcore.aggregation import wire as stage_wire
-from fedcore.engine import Instruction, Reply
+from fedcore.engine import Instruction, InstructionKind, Reply
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server.site_text import clean_metrics, clean_text
 from fedcore.tensors import PayloadAssembler
+from fedcore.tensors.codec import check_header_like
 from fedcore.wire import config_from_wire, kind_from_wire, refusal_from_wire
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class SiteSession:
     answered: bool = False  # it has sent a result: it took the job, and may no longer decline it
     serial: int | None = None  # of its certificate, under mutual TLS
     ended: str | None = None  # why the server ended it (revoked, excluded): said when closing
+    unknown_replies: int = 0  # replies to requests it was not (or no longer) asked
 
     def fail_pending(self, reason: str) -> None:
         for item in self.pending.values():
@@ -53,15 +55,30 @@ class SiteSession:
                 item.future.set_exception(SiteUnavailable(self.name, reason))
         self.pending.clear()
 
+    def check_header(self, result: pb.Result) -> bool:
+        """Before a byte of the payload is stored: whether the reply answers a live request
+        (False: an unknown or expired one, whose chunks are skipped), and ProtocolError
+        unless its header is what that request can be answered with. The check costs at
+        most the model's tensor count: a header listing 100,000 tensors is refused at once."""
+        pending = self.pending.get(result.request_id)
+        if pending is None:
+            self.unknown_replies += 1
+            if (
+                self.unknown_replies & (self.unknown_replies - 1) == 0
+            ):  # 1, 2, 4, 8 ...: a flood is one line a doubling
+                log.warning(
+                    "site %s answered %d unknown or expired requests; ignored",
+                    self.name,
+                    self.unknown_replies,
+                )
+            return False
+        check_payload_header(pending.instruction, result.payload)
+        return True
+
     def resolve(self, result: pb.Result, assembler: PayloadAssembler) -> None:
         """Resolve the request this complete reply answers."""
         pending = self.pending.get(result.request_id)
-        if pending is None:
-            log.warning(
-                "site %s answered unknown or expired request %d; ignored",
-                self.name,
-                result.request_id,
-            )
+        if pending is None:  # it expired while the payload arrived
             return
         instruction = pending.instruction
         kind = kind_from_wire(result.kind)
@@ -90,3 +107,16 @@ class SiteSession:
         )
         if not pending.future.done():
             pending.future.set_result(reply)
+
+
+def check_payload_header(instruction: Instruction, header: pb.Payload) -> None:
+    """ProtocolError unless `header` announces what `instruction` can be answered with: a
+    model-shaped update for a plain fit (names, dtypes and shapes exactly the model's), else
+    at most one tensor per model tensor and one more (a masked vector, a statistics vector)."""
+    if not header.tensors:
+        return
+    model = instruction.parameters
+    if len(header.tensors) > len(model) + 1:
+        raise ProtocolError(f"a payload of {len(header.tensors)} tensors answers a model of {len(model)}")
+    if instruction.kind is InstructionKind.FIT and instruction.message is None and model:
+        check_header_like(header, model)

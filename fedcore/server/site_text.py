@@ -1,4 +1,4 @@
-"""What a site writes that the server keeps: a refusal or a reason to decline, and the
+"""What a site writes that the server keeps: its name, a refusal or a reason to decline, and the
 names of its metrics. A site is not trusted to keep them short or on one line (a 1 MB
 refusal with newlines forged a thousand log lines; 256 metric names of 14 KB grew
 `metrics.jsonl` by megabytes), so every such text is cut and escaped here, where it
@@ -9,7 +9,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
+
+from fedcore.errors import ProtocolError
+from fedcore.pki import SITE_NAME
+from fedcore.proto.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +43,21 @@ def clean_metrics(site: str, metrics: Mapping[str, float]) -> dict[str, float]:
             len(metrics),
         )
     return kept
+
+
+def site_identity(hello: pb.Hello, certificate: Mapping[str, Any] | None) -> str:
+    """The connecting site's name: its certificate's common name under mutual TLS (its
+    `auth_context`), else the name its Hello gives; ProtocolError unless it is one `fedcore
+    pki` would issue (no blank, newline or control character: a name reaches logs and files)."""
+    if certificate is not None:
+        names = certificate.get("x509_common_name", [])
+        if len(names) != 1:
+            raise ProtocolError("the client certificate names no site")
+        name = bytes(names[0]).decode(errors="replace")
+    else:
+        name = hello.site_name
+        if not name:
+            raise ProtocolError("on an insecure connection the Hello must carry a site name")
+    if not SITE_NAME.fullmatch(name):
+        raise ProtocolError(f"the site name {clean_text(name, 80)!r} is not one `fedcore pki` issues")
+    return name

@@ -21,11 +21,10 @@ from fedcore.aggregation import wire as stage_wire
 from fedcore.audit import AuditKind, AuditLog
 from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
-from fedcore.pki import SITE_NAME
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server.revocation import RevocationList, certificate_serial
 from fedcore.server.sessions import Outgoing, Pending, SiteSession
-from fedcore.server.site_text import clean_text
+from fedcore.server.site_text import clean_text, site_identity
 from fedcore.tasks import TaskSpec
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import (
@@ -56,6 +55,7 @@ class GrpcTransport(Transport):
         spec: TaskSpec,
         run_id: str,
         max_payload_bytes: int,
+        max_tensors: int = 1 << 16,  # the model's tensors and one: no reply needs more
         heartbeat_timeout: float = 30.0,
         mutual_tls: bool = True,
         audit: AuditLog | None = None,
@@ -72,6 +72,7 @@ class GrpcTransport(Transport):
         )
         self.run_id = run_id
         self.max_payload_bytes = max_payload_bytes
+        self.max_tensors = max_tensors
         self.heartbeat_timeout = heartbeat_timeout
         self.mutual_tls = mutual_tls
         self._sessions: dict[str, SiteSession] = {}
@@ -202,20 +203,6 @@ class GrpcTransport(Transport):
 
     # ----- servicer -----
 
-    def _identify(self, hello: pb.Hello, context: grpc.aio.ServicerContext) -> str:
-        if self.mutual_tls:
-            names = context.auth_context().get("x509_common_name", [])
-            if len(names) != 1:
-                raise ProtocolError("the client certificate names no site")
-            name = bytes(names[0]).decode(errors="replace")
-        elif not hello.site_name:
-            raise ProtocolError("on an insecure connection the Hello must carry a site name")
-        else:
-            name = hello.site_name
-        if not SITE_NAME.fullmatch(name):  # what `fedcore pki` certifies: no newline, no blank
-            raise ProtocolError(f"the site name {clean_text(name, 80)!r} is not one `fedcore pki` issues")
-        return name
-
     async def _refuse(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, why: str, site: str = ""
     ) -> None:
@@ -240,7 +227,7 @@ class GrpcTransport(Transport):
         assert first is not None  # abort() raised otherwise
         hello = first.hello
         try:
-            name = self._identify(hello, context)
+            name = site_identity(hello, context.auth_context() if self.mutual_tls else None)
         except ProtocolError as err:
             await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(err))
         serial = None
@@ -283,10 +270,11 @@ class GrpcTransport(Transport):
         session = SiteSession(name, serial=serial)
         async with self._changed:
             previous = self._sessions.get(name)
-            if previous is not None and time.monotonic() - previous.last_seen <= self.heartbeat_timeout:
-                duplicate = True  # one live session per identity: the second is refused, never evicts
-            else:
-                duplicate = False
+            # One live session per identity: a second is refused, never evicts the first.
+            duplicate = (
+                previous is not None and time.monotonic() - previous.last_seen <= self.heartbeat_timeout
+            )
+            if not duplicate:
                 if previous is not None:  # a reconnect: the old stream went silent
                     del self._sessions[name]
                     previous.fail_pending("reconnected")
@@ -379,11 +367,16 @@ class GrpcTransport(Transport):
                 if assembling is not None:
                     raise ProtocolError("a new Result began before the previous payload was complete")
                 result = message.result
-                if result.payload.total_bytes > self.max_payload_bytes:
+                if (
+                    result.payload.total_bytes > self.max_payload_bytes
+                    or len(result.payload.tensors) > self.max_tensors
+                ):
                     raise ProtocolError(
-                        f"payload of {result.payload.total_bytes} bytes exceeds the limit {self.max_payload_bytes}"
+                        f"a payload of {result.payload.total_bytes} bytes in {len(result.payload.tensors)} tensors "
+                        f"exceeds the limit ({self.max_payload_bytes} bytes, {self.max_tensors} tensors)"
                     )
-                assembler = PayloadAssembler(result.payload)
+                live = session.check_header(result)  # before anything is allocated
+                assembler = PayloadAssembler(result.payload, keep=live)
                 assembling = (result, assembler)
             elif body == "chunk":
                 if assembling is None:

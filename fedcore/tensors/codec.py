@@ -137,8 +137,10 @@ class PayloadAssembler:
     payload that arrives in one chunk is kept as it is (no copy); others are gathered into
     one buffer of the announced size."""
 
-    def __init__(self, header: pb.Payload) -> None:
+    def __init__(self, header: pb.Payload, *, keep: bool = True) -> None:
+        """`keep` False: count the chunks and store none (a reply nobody waits for)."""
         self.header = header
+        self.keep = keep
         self._size = expected_bytes(header)
         self._whole: bytes | memoryview | None = None
         self._buffer: bytearray | None = None
@@ -152,7 +154,9 @@ class PayloadAssembler:
         end = self._filled + len(chunk)
         if end > self._size:
             raise ProtocolError(f"more payload bytes than the announced {self._size}")
-        if self._filled == 0 and end == self._size:
+        if not self.keep:
+            pass
+        elif self._filled == 0 and end == self._size:
             self._whole = chunk
         else:
             if self._buffer is None:
@@ -161,6 +165,8 @@ class PayloadAssembler:
         self._filled = end
 
     def arrays(self) -> Arrays:
+        if not self.keep:
+            raise ProtocolError("a skipped payload has no arrays")
         if not self.complete:
             raise ProtocolError(f"payload incomplete: {self._filled} of {self._size} bytes")
         data = self._whole if self._whole is not None else (self._buffer or b"")

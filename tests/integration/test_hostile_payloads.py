@@ -1,0 +1,92 @@
+"""Payload headers are checked against the request they answer before anything is stored
+(real gRPC server on 127.0.0.1): a header listing 100,000 empty tensors (the review's case
+pinned the event loop: 112 rounds per 12 s fell to 2), an update whose shapes are not the
+model's, and a flood of replies to requests never made (17,700/s grew the log by 26 MB)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedcore.client.agent import Outcome
+from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
+from fedcore.tensors import PayloadAssembler
+from fedcore.wire import PROTOCOL_VERSION, payload_messages
+from tests.integration.test_grpc_rounds import PARAMS, agent, experiment, federation
+
+FLOOD = 3000
+
+
+async def _hostile(port: int, name: str, act: str) -> grpc.StatusCode | None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = pb_grpc.FederationStub(channel).Session()
+        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, task=f"bench:{PARAMS}", site_name=name)
+        await call.write(pb.SiteMessage(hello=hello))
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                body = message.WhichOneof("body")
+                if body == "run_end":
+                    return None
+                if body != "instruction":
+                    continue
+                ins = message.instruction
+                assembler = PayloadAssembler(ins.payload)
+                while not assembler.complete:
+                    assembler.add((await call.read()).chunk.data)
+                result = pb.Result(request_id=ins.request_id, round=ins.round, kind=ins.kind, num_examples=1)
+                if act == "many-tensors":
+                    for k in range(100_000):
+                        result.payload.tensors.add(name=f"t{k}", dtype=1, shape=[0])
+                    await call.write(pb.SiteMessage(result=result))
+                elif act == "wrong-shapes":  # the model's bytes, shaped otherwise
+                    header, pieces = payload_messages({"w": np.zeros((PARAMS // 2, 2), np.float32)})
+                    result.payload.CopyFrom(header)
+                    await call.write(pb.SiteMessage(result=result))
+                    for piece in pieces:
+                        await call.write(pb.SiteMessage(chunk=pb.Chunk(data=piece)))
+                elif act == "unknown-ids":  # then an honest answer
+                    for k in range(FLOOD):
+                        stray = pb.Result(request_id=10**9 + k, round=ins.round, kind=ins.kind, refusal="x")
+                        await call.write(pb.SiteMessage(result=stray))
+                    header, pieces = payload_messages({"w": np.full(PARAMS, 0.01, np.float32)})
+                    result.payload.CopyFrom(header)
+                    await call.write(pb.SiteMessage(result=result))
+                    for piece in pieces:
+                        await call.write(pb.SiteMessage(chunk=pb.Chunk(data=piece)))
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+        return None
+
+
+def test_hostile_headers_are_refused_before_anything_is_stored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    acts = ["many-tensors", "wrong-shapes", "unknown-ids"]
+
+    async def sites(port: int) -> list[object]:
+        honest = [asyncio.ensure_future(agent(port, f"site-{k}").run()) for k in (1, 2)]
+        hostile = [asyncio.ensure_future(_hostile(port, f"evil-{a}", a)) for a in acts]
+        return list(await asyncio.gather(*honest, *hostile))
+
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        result, outcomes = asyncio.run(
+            federation(experiment(federation__start_sites=5, federation__rounds=2), tmp_path, sites)
+        )
+    assert time.perf_counter() - started < 30
+    assert outcomes[:2] == [Outcome.COMPLETED, Outcome.COMPLETED]
+    codes = dict(zip(acts, outcomes[2:], strict=True))
+    assert codes["many-tensors"] == codes["wrong-shapes"] == grpc.StatusCode.INVALID_ARGUMENT
+    first = result.records[0]
+    assert set(first.dropped) == {"evil-many-tensors", "evil-wrong-shapes"} and first.sites == 3
+    # The flooding site's own answer still counts: its stray replies were skipped.
+    np.testing.assert_allclose(result.parameters["w"], 0.02, rtol=1e-6)
+    strays = [r for r in caplog.records if "unknown or expired" in r.getMessage()]
+    assert 1 <= len(strays) <= 2 * FLOOD.bit_length()  # a line a doubling, not one a reply
