@@ -37,8 +37,9 @@ class Outgoing:
 @dataclass
 class SiteSession:
     name: str
-    # Unbounded, but an item per instruction whose payload frames are shared by all sites
-    # of the round: a site that stops reading costs a header per round, not a model.
+    # An item per instruction whose payload frames are shared by all sites of the round; a
+    # site that does not read holds at most one model queued (`queued_payloads`) besides the
+    # one in write: another, and it is disconnected.
     outbound: asyncio.Queue[Outgoing | None] = field(default_factory=asyncio.Queue)
     pending: dict[int, Pending] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
@@ -48,6 +49,7 @@ class SiteSession:
     serial: int | None = None  # of its certificate, under mutual TLS
     ended: str | None = None  # why the server ended it (revoked, excluded): said when closing
     unknown_replies: int = 0  # replies to requests it was not (or no longer) asked
+    queued_payloads: int = 0  # items with a payload in `outbound`, not yet taken by the writer
 
     def fail_pending(self, reason: str) -> None:
         for item in self.pending.values():

@@ -135,6 +135,10 @@ class GrpcTransport(Transport):
             if instruction.message is not None:
                 message.secagg.CopyFrom(stage_wire.message_to_wire(instruction.message))
             head = pb.ServerMessage(instruction=message).SerializeToString()
+            if frames and session.queued_payloads:  # one model waits unsent already, another is in write
+                self._disconnect(session, "it does not read its stream (a model is still queued for it)")
+                return await future  # failed with every request pending for it
+            session.queued_payloads += bool(frames)
             session.outbound.put_nowait(Outgoing([head, *frames], request_id))
             return await future
         finally:
@@ -325,6 +329,7 @@ class GrpcTransport(Transport):
 
     async def _write(self, session: SiteSession, context: grpc.aio.ServicerContext) -> None:
         while (item := await session.outbound.get()) is not None:
+            session.queued_payloads -= len(item.messages) > 1
             if item.request_id is not None and item.request_id not in session.pending:
                 continue  # the round gave up on it before it was sent: the site never sees it
             for message in item.messages:

@@ -17,6 +17,7 @@ import pytest
 from fedcore.client.agent import Outcome
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
+from fedcore.tasks.bench import Bench
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import PROTOCOL_VERSION, payload_messages
 from tests.integration.test_grpc_rounds import PARAMS, agent, experiment, federation
@@ -90,3 +91,57 @@ def test_hostile_headers_are_refused_before_anything_is_stored(
     np.testing.assert_allclose(result.parameters["w"], 0.02, rtol=1e-6)
     strays = [r for r in caplog.records if "unknown or expired" in r.getMessage()]
     assert 1 <= len(strays) <= 2 * FLOOD.bit_length()  # a line a doubling, not one a reply
+
+
+async def _deaf(port: int, name: str, gone: asyncio.Event) -> grpc.StatusCode | None:
+    """Says Hello, then heartbeats and never reads: the server's writes to it back up."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = pb_grpc.FederationStub(channel).Session()
+        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, task=f"bench:{BIG}", site_name=name)
+        await call.write(pb.SiteMessage(hello=hello))
+        try:
+            for _ in range(600):  # bounded: at most 60 s
+                await call.write(pb.SiteMessage(heartbeat=pb.Heartbeat()))
+                await asyncio.sleep(0.1)
+                if gone.is_set():
+                    break
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass
+        call.cancel()
+        return None
+
+
+BIG = 1_000_000  # 4 MB a model: beyond what HTTP/2 flow control buffers for a deaf peer
+
+
+def test_a_site_that_does_not_read_is_dropped_before_a_second_model_waits_for_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gone = asyncio.Event()
+
+    async def sites(port: int) -> list[object]:
+        honest = [
+            asyncio.ensure_future(agent(port, f"site-{k}", Bench(BIG), task_name=f"bench:{BIG}").run())
+            for k in (1, 2)
+        ]
+        deaf = asyncio.ensure_future(_deaf(port, "deaf", gone))
+        out = await asyncio.gather(*honest)
+        gone.set()
+        return [*out, await deaf]
+
+    e = experiment(
+        task__name=f"bench:{BIG}",
+        federation__start_sites=3,
+        federation__rounds=5,
+        federation__quorum=0.6,
+        federation__grace=0.5,
+    )
+    with caplog.at_level(logging.WARNING):
+        result, outcomes = asyncio.run(federation(e, tmp_path, sites))
+    assert outcomes[:2] == [Outcome.COMPLETED, Outcome.COMPLETED] and len(result.records) == 5
+    assert any("does not read its stream" in r.getMessage() for r in caplog.records)
+    # gRPC takes what HTTP/2 and its own buffers hold (a model or two here); then one model
+    # waits in the queue, and the next instruction disconnects the site: never sampled after.
+    sampled = [r.round for r in result.records if "deaf" in r.sampled]
+    assert sampled == list(range(1, len(sampled) + 1)) and len(sampled) <= 4 and 5 not in sampled
+    np.testing.assert_allclose(result.parameters["w"], 0.05, rtol=1e-6)
