@@ -16,51 +16,29 @@ import pytest
 
 from fedcore.client.agent import Outcome
 from fedcore.proto.v1 import federation_pb2 as pb
-from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
 from fedcore.tasks.bench import Bench
-from fedcore.tensors import PayloadAssembler
-from fedcore.wire import PROTOCOL_VERSION, payload_messages
 from tests.integration.test_grpc_rounds import PARAMS, agent, experiment, federation
+from tests.support.hostile_site import instructions, result_for, send, session
 
 FLOOD = 3000
 
 
 async def _hostile(port: int, name: str, act: str) -> grpc.StatusCode | None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = pb_grpc.FederationStub(channel).Session()
-        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, task=f"bench:{PARAMS}", site_name=name)
-        await call.write(pb.SiteMessage(hello=hello))
+    async with session(port, name, f"bench:{PARAMS}") as call:
         try:
-            while (message := await call.read()) is not grpc.aio.EOF:
-                body = message.WhichOneof("body")
-                if body == "run_end":
-                    return None
-                if body != "instruction":
-                    continue
-                ins = message.instruction
-                assembler = PayloadAssembler(ins.payload)
-                while not assembler.complete:
-                    assembler.add((await call.read()).chunk.data)
-                result = pb.Result(request_id=ins.request_id, round=ins.round, kind=ins.kind, num_examples=1)
+            async for ins in instructions(call):
+                result = result_for(ins)
                 if act == "many-tensors":
                     for k in range(100_000):
                         result.payload.tensors.add(name=f"t{k}", dtype=1, shape=[0])
                     await call.write(pb.SiteMessage(result=result))
                 elif act == "wrong-shapes":  # the model's bytes, shaped otherwise
-                    header, pieces = payload_messages({"w": np.zeros((PARAMS // 2, 2), np.float32)})
-                    result.payload.CopyFrom(header)
-                    await call.write(pb.SiteMessage(result=result))
-                    for piece in pieces:
-                        await call.write(pb.SiteMessage(chunk=pb.Chunk(data=piece)))
+                    await send(call, result, {"w": np.zeros((PARAMS // 2, 2), np.float32)})
                 elif act == "unknown-ids":  # then an honest answer
                     for k in range(FLOOD):
                         stray = pb.Result(request_id=10**9 + k, round=ins.round, kind=ins.kind, refusal="x")
                         await call.write(pb.SiteMessage(result=stray))
-                    header, pieces = payload_messages({"w": np.full(PARAMS, 0.01, np.float32)})
-                    result.payload.CopyFrom(header)
-                    await call.write(pb.SiteMessage(result=result))
-                    for piece in pieces:
-                        await call.write(pb.SiteMessage(chunk=pb.Chunk(data=piece)))
+                    await send(call, result, {"w": np.full(PARAMS, 0.01, np.float32)})
         except grpc.aio.AioRpcError as err:
             return err.code()
         return None
@@ -95,10 +73,7 @@ def test_hostile_headers_are_refused_before_anything_is_stored(
 
 async def _deaf(port: int, name: str, gone: asyncio.Event) -> grpc.StatusCode | None:
     """Says Hello, then heartbeats and never reads: the server's writes to it back up."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = pb_grpc.FederationStub(channel).Session()
-        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, task=f"bench:{BIG}", site_name=name)
-        await call.write(pb.SiteMessage(hello=hello))
+    async with session(port, name, f"bench:{BIG}") as call:
         try:
             for _ in range(600):  # bounded: at most 60 s
                 await call.write(pb.SiteMessage(heartbeat=pb.Heartbeat()))

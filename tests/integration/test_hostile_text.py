@@ -11,47 +11,30 @@ import json
 import logging
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 from fedcore.client.agent import Outcome
 from fedcore.proto.v1 import federation_pb2 as pb
-from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
-from fedcore.tensors import PayloadAssembler
-from fedcore.wire import PROTOCOL_VERSION, config_to_wire, payload_messages
+from fedcore.wire import config_to_wire
 from tests.integration.test_grpc_rounds import PARAMS, agent, experiment, federation
+from tests.support.hostile_site import instructions, result_for, send, session
 
 FORGED = "\n2026-11-30 12:00:00 ERROR fedcore FORGED: the coordinator approved site evil\x1b[2K"
 
 
 async def _talker(port: int, name: str, act: str) -> None:
     """A site that speaks the protocol and writes what it likes where text goes."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = pb_grpc.FederationStub(channel).Session()
-        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, task=f"bench:{PARAMS}", site_name=name)
-        await call.write(pb.SiteMessage(hello=hello))
-        while (message := await call.read()) is not grpc.aio.EOF:
-            if message.WhichOneof("body") == "run_end":
-                return
-            if message.WhichOneof("body") != "instruction":
-                continue
-            ins = message.instruction
-            assembler = PayloadAssembler(ins.payload)
-            while not assembler.complete:
-                assembler.add((await call.read()).chunk.data)
-            result = pb.Result(request_id=ins.request_id, round=ins.round, kind=ins.kind, num_examples=1)
+    async with session(port, name, f"bench:{PARAMS}") as call:
+        async for ins in instructions(call):
+            result = result_for(ins)
             if act == "refusal":
                 result.refusal = FORGED * (1_000_000 // len(FORGED))  # about 1 MB
                 await call.write(pb.SiteMessage(result=result))
                 continue
             config_to_wire(result.metrics, {f"m{k}_" + "x" * 14_000: 1.0 for k in range(255)} | {"ok": 2.0})
-            step = np.full(PARAMS, 0.01, np.float32)  # an honest bench site's update (a difference)
-            header, pieces = payload_messages({"w": step})
-            result.payload.CopyFrom(header)
-            await call.write(pb.SiteMessage(result=result))
-            for piece in pieces:
-                await call.write(pb.SiteMessage(chunk=pb.Chunk(data=piece)))
+            # an honest bench site's update (a difference)
+            await send(call, result, {"w": np.full(PARAMS, 0.01, np.float32)})
 
 
 def test_long_and_multiline_site_text_is_cut_and_escaped_before_logs_and_files(

@@ -15,18 +15,13 @@ import numpy as np
 import pytest
 
 from fedcore.client.agent import Outcome
-from fedcore.proto.v1 import federation_pb2 as pb
-from fedcore.proto.v1 import federation_pb2_grpc as pb_grpc
-from fedcore.wire import PROTOCOL_VERSION
 from tests.integration.test_grpc_rounds import PARAMS, SlowBench, agent, experiment, federation
+from tests.support.hostile_site import session
 
 
 async def _hello(port: int, name: str) -> tuple[grpc.StatusCode | None, str]:
     """Say Hello as `name`; then hold the stream (heartbeats) until the run ends or the server refuses."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = pb_grpc.FederationStub(channel).Session()
-        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, task=f"bench:{PARAMS}", site_name=name)
-        await call.write(pb.SiteMessage(hello=hello))
+    async with session(port, name, f"bench:{PARAMS}") as call:
         try:
             while (message := await call.read()) is not grpc.aio.EOF:
                 if message.WhichOneof("body") == "run_end":
