@@ -34,6 +34,31 @@ class Outgoing:
     request_id: int | None = None  # skipped if that request was cancelled before its turn
 
 
+MESSAGES_PER_SECOND, MESSAGE_BURST = 200.0, 1000.0  # a site's messages besides payload chunks
+MIN_CHUNK = 1 << 16  # bytes: every chunk but a payload's last (sites send 1 MiB)
+
+
+@dataclass
+class RateLimit:
+    """A token bucket: `burst` messages at once, `rate` a second after that. An honest site
+    sends a heartbeat every 10 s and a few replies a round (fast rounds: tens a second); a flood
+    of heartbeats or replies (the review's took 11.7 s of CPU in 12 s) ends its session."""
+
+    rate: float = MESSAGES_PER_SECOND
+    burst: float = MESSAGE_BURST
+    tokens: float = MESSAGE_BURST
+    stamp: float = field(default_factory=time.monotonic)
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 @dataclass
 class SiteSession:
     name: str
@@ -50,6 +75,7 @@ class SiteSession:
     ended: str | None = None  # why the server ended it (revoked, excluded): said when closing
     unknown_replies: int = 0  # replies to requests it was not (or no longer) asked
     queued_payloads: int = 0  # items with a payload in `outbound`, not yet taken by the writer
+    messages: RateLimit = field(default_factory=RateLimit)
 
     def fail_pending(self, reason: str) -> None:
         for item in self.pending.values():

@@ -23,7 +23,7 @@ from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server.revocation import RevocationList, certificate_serial
-from fedcore.server.sessions import Outgoing, Pending, SiteSession
+from fedcore.server.sessions import MESSAGES_PER_SECOND, MIN_CHUNK, Outgoing, Pending, SiteSession
 from fedcore.server.site_text import clean_text, site_identity
 from fedcore.tasks import TaskSpec
 from fedcore.tensors import PayloadAssembler
@@ -349,11 +349,15 @@ class GrpcTransport(Transport):
             if data is not None:
                 if assembling is None:
                     raise ProtocolError("payload chunk without a Result header")
+                if len(data) < min(MIN_CHUNK, assembling[1].remaining):  # no floods of tiny chunks
+                    raise ProtocolError(f"a payload chunk of {len(data)} bytes before the payload's last")
                 assembling[1].add(data)
                 if assembling[1].complete:
                     session.resolve(*assembling)
                     assembling = None
                 continue
+            if not session.messages.allow():
+                raise ProtocolError(f"more than {MESSAGES_PER_SECOND:.0f} messages a second")
             message = parse(pb.SiteMessage, raw)
             body = message.WhichOneof("body")
             if body == "heartbeat":

@@ -150,6 +150,10 @@ class PayloadAssembler:
     def complete(self) -> bool:
         return self._filled == self._size
 
+    @property
+    def remaining(self) -> int:
+        return self._size - self._filled
+
     def add(self, chunk: bytes | memoryview) -> None:
         end = self._filled + len(chunk)
         if end > self._size:
