@@ -96,6 +96,7 @@ def _status(args: argparse.Namespace) -> int:
         print()
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     state = "finished" if status.finished else "running (or stopped)"
@@ -110,12 +111,12 @@ def _status(args: argparse.Namespace) -> int:
         table.add_column(column, justify="left" if column in ("site", "last drop") else "right")
     for s in status.sites:
         table.add_row(
-            s.site,
+            escape(s.site),
             str(s.sampled),
             str(s.aggregated),
             str(s.last_round or "-"),
             str(s.drops),
-            s.last_drop or "-",
+            escape(s.last_drop or "-"),  # a site's words: never markup
             _num(s.epsilon),
         )
     console.print(table)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedcore import load_experiment, run_simulation
 
 
@@ -56,3 +58,23 @@ def test_status_of_a_directory_without_a_run_says_so(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert out.returncode != 0 and "no run store" in out.stderr
+
+
+def test_a_sites_words_in_the_table_are_never_markup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refusal like "budget [/link] spent" crashed the table (rich markup) and `[link=...]`
+    could plant a terminal hyperlink."""
+    import argparse
+
+    from fedcore import run_status
+
+    status = run_status.RunStatus("r", True, 1, 1, 0.5, 0.1, None, None, 1.0)
+    status.sites = [
+        run_status.SiteStatus("site-1", 1, 0, 1, 1, "refused: budget [/link] spent [link=http://x]y")
+    ]
+    monkeypatch.setattr(run_status, "run_status", lambda _: status)
+    monkeypatch.setenv("COLUMNS", "300")  # the whole cell on one line
+    assert run_status._status(argparse.Namespace(state=str(tmp_path), json=False)) == 0
+    out = capsys.readouterr().out
+    assert "[/link]" in out and "[link=http://x]" in out

@@ -91,3 +91,20 @@ def test_an_error_that_is_not_io_still_ends_the_run(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="a bug"):
         run_simulation(experiment(), tmp_path, observers=[Broken()])
+
+
+def test_a_run_asked_to_stop_gives_up_a_write_that_keeps_failing() -> None:
+    """SIGTERM must not wait for a disk that never comes back: once `stop` is set the write's
+    last I/O error is raised instead of tried again (the review's server ran on after two
+    SIGTERMs)."""
+    import threading
+
+    from fedcore.engine.records import record_durably
+
+    stop, failures = threading.Event(), []
+    store = FlakyStore(round=1, failures=10**9)
+    record = RoundRecord(round=1, sites=1, accuracy=None, loss=None, seconds=0.0)
+    threading.Timer(0.2, stop.set).start()
+    with pytest.raises(OSError):
+        record_durably(store, record, RunState.__new__(RunState), on_failure=failures.append, stop=stop)
+    assert failures and store.got == []

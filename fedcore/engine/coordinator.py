@@ -6,8 +6,7 @@ apply the strategy, evaluate (on the server's held-out split, else federated), r
 attempt that fails (too few inputs, a secure sum aborted) is retried; a round whose last
 attempt's result is rejected with no one to blame (a secure sum out of range) is skipped,
 the model unchanged, so that no site can stop the run; a site that vanishes or misses the
-deadline is data for the round. The Coordinator never looks inside a stage:
-privacy and secure aggregation are stages of the pipeline.
+deadline is data for the round. Privacy and secure aggregation are stages of the pipeline.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -95,6 +95,7 @@ class Coordinator:
         self._committing: asyncio.Future[None] | None = None  # the last round's store write
         self.deadlines = Deadlines(experiment.federation.round_timeout)
         self.store_failures: list[BaseException] = []  # writes that failed on I/O (then tried again)
+        self.stopping = threading.Event()  # set when the run is cancelled: stop retrying writes
         self.commit_wait = 0.0
         faults.warn_if_armed()
         if resume is not None:
@@ -160,6 +161,7 @@ class Coordinator:
             released = self.strategy.released(self.parameters)
             return RunResult(released, self.records, self.stopped, self.commit_wait)
         finally:
+            self.stopping.set()
             if not completed and self._committing is not None:  # the store's write ends first
                 (failed,) = await asyncio.shield(asyncio.gather(self._committing, return_exceptions=True))
                 if isinstance(failed, BaseException):
@@ -173,33 +175,32 @@ class Coordinator:
         fed = self.experiment.federation
         for attempt in range(1, fed.max_round_retries + 2):
             record = await self._round(number, attempt)
+            self.deadlines.observe(record.seconds if record else None)  # None: it failed
             if record is not None:
                 self.round = number
-                self.deadlines.observe(record.seconds)
                 faults.reach(number, "before_commit")
                 await self._commit(record)
                 if self.on_round:
                     self.on_round(record)
                 return record
-        raise RoundFailed(
-            f"round {number} got fewer than {fed.min_sites} replies in {fed.max_round_retries + 1} attempts"
-        )
+        tries = fed.max_round_retries + 1
+        raise RoundFailed(f"round {number} got fewer than {fed.min_sites} replies in {tries} attempts")
 
     async def _commit(self, record: RoundRecord) -> None:
         """Store the round with the run's state, in a thread; an I/O error pauses the run (and
         is alerted), never ends it. A run that accounts privacy waits: the round is durable
         before its model leaves. Otherwise the next round runs meanwhile (a crash before the
         write redoes the round, with the same result); writes stay in order, one at a time."""
-        state, failed = self.checkpoint(), self.store_failures.append
+        state, failed, stop = self.checkpoint(), self.store_failures.append, self.stopping
         await self._settle()
-        write = functools.partial(record_durably, self.store, record, state, on_failure=failed)
+        write = functools.partial(record_durably, self.store, record, state, on_failure=failed, stop=stop)
         self._committing = asyncio.ensure_future(asyncio.to_thread(write))
         if self.pipeline.accounts_privacy:
             await self._settle()
 
     async def _settle(self) -> None:
-        """Wait for the last round's store write (its error, if any, is the run's). The
-        write is a thread that cancellation cannot stop: it stays tracked until it is done."""
+        """Wait for the last round's store write (its error, if any, is the run's); a thread
+        that cancellation cannot stop stays tracked until it is done."""
         if self._committing is not None:
             started = time.perf_counter()
             await asyncio.shield(self._committing)
@@ -207,9 +208,8 @@ class Coordinator:
             self.commit_wait += time.perf_counter() - started
 
     async def _wait_to_start(self) -> None:
-        """Before a run's first round, `start_sites`; after a resume, also the sites of the
-        last round (they reconnect by themselves), so that the redone round samples from
-        the same sites as the lost one, for up to a round's timeout."""
+        """Before round 1, `start_sites`; after a resume, also the last round's sites (they
+        reconnect), so that the redone round samples the same sites, for up to a deadline."""
         fed = self.experiment.federation
         start = fed.start_sites or fed.min_sites
         if len(self.roster) > start:
@@ -351,7 +351,7 @@ class Coordinator:
                 weight = min(weight, self.max_examples) if weight <= MAX_WEIGHT else weight
                 accept(SiteReply(reply.site, reply.update, weight, reply.metrics, reply.message))
                 if reply.kind is InstructionKind.FIT:
-                    traffic.fit[reply.site] = (reply.metrics, reply.num_examples)
+                    traffic.fit[reply.site] = (reply.metrics, int(min(weight, self.max_examples)))
                     traffic.received += sum(a.nbytes for a in (reply.update or {}).values())
 
             return await self._gather(exchange, list(sites), instruction_for, on_reply)
@@ -395,6 +395,6 @@ class Coordinator:
             self._statistics_config,
             exchange="evaluate",
         )
-        metrics = EvaluationMetrics()
+        metrics = EvaluationMetrics(cap=self.max_examples)
         await self._gather("evaluate", sites, lambda s: instruction, metrics.collect)
         return weighted(metrics.accuracy), weighted(metrics.loss), "federated", metrics.means()

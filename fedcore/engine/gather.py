@@ -128,7 +128,12 @@ class Deadlines:
             return self.FIRST
         return max(self.FLOOR, self.MULTIPLE * max(self.recent))
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float | None) -> None:
+        """A completed round's seconds, or None for a failed attempt: then the next deadline
+        doubles (up to FIRST), so that a round legitimately slower than the last is not cut
+        at every attempt."""
+        if seconds is None:
+            seconds = min(self.FIRST, 2 * self.current()) / self.MULTIPLE
         self.recent = [*self.recent, seconds][-self.RECENT :]
 
 
@@ -170,6 +175,7 @@ class EvaluationMetrics:
     loss: list[tuple[float, int]] = field(default_factory=list)
     named: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # the task's own metrics
     replies: int = 0
+    cap: int = MAX_EXAMPLES  # a site's count weighs at most this ([federation] max_examples_per_site)
 
     def collect(self, reply: Reply) -> None:
         accuracy, loss = reply.metrics.get("accuracy"), reply.metrics.get("loss")
@@ -180,14 +186,15 @@ class EvaluationMetrics:
             or not 0 < reply.num_examples <= MAX_EXAMPLES
         ):
             raise ProtocolError("evaluation reply without finite loss, accuracy and examples")
+        examples = min(reply.num_examples, self.cap)
         if math.isfinite(accuracy):  # a hosted client may report no accuracy (NaN)
-            self.accuracy.append((accuracy, reply.num_examples))
-        self.loss.append((loss, reply.num_examples))
+            self.accuracy.append((accuracy, examples))
+        self.loss.append((loss, examples))
         self.replies += 1
         kept = 0  # names are a site's text: checked, and a few per reply
         for name, value in reply.metrics.items():
             if name not in ("loss", "accuracy") and _NAME.match(name) and math.isfinite(value):
-                self.named.setdefault(name, []).append((value, reply.num_examples))
+                self.named.setdefault(name, []).append((value, examples))
                 kept += 1
                 if kept == MAX_NAMED_PER_REPLY:
                     break

@@ -8,7 +8,7 @@ import math
 import os
 import sqlite3
 import tempfile
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,12 +154,13 @@ def record_durably(
     state: RunState,
     *,
     on_failure: Callable[[BaseException], None],
-    sleep: Callable[[float], None] = time.sleep,
+    stop: threading.Event | None = None,
 ) -> None:
     """store.record, tried until it succeeds: an I/O error is reported (`on_failure`: the log
     and the metrics) and the write tried again after a pause, with nothing else done
     meanwhile (the round's model does not leave before it is stored). Other errors (a bug,
-    a round out of order) end the run as before."""
+    a round out of order) end the run as before; so does the last I/O error once `stop` is set
+    (the process is asked to end: SIGTERM must not wait for a disk that never comes back)."""
     for tries in itertools.count():
         try:
             store.record(record, state)
@@ -167,7 +168,10 @@ def record_durably(
         except TRANSIENT_STORE_ERRORS as err:
             log.error("round %d could not be stored (%s); trying again", record.round, err)
             on_failure(err)
-            sleep(STORE_RETRY_SECONDS[min(tries, len(STORE_RETRY_SECONDS) - 1)])
+            if (stop or threading.Event()).wait(
+                STORE_RETRY_SECONDS[min(tries, len(STORE_RETRY_SECONDS) - 1)]
+            ):
+                raise
 
 
 def save_model(path: Path, parameters: Arrays, metadata: dict[str, str] | None = None) -> None:

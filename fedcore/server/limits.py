@@ -3,9 +3,11 @@ without a cap, 21,000 idle TCP connections from anyone (no certificate needed) e
 descriptors in 5.5 s and the next file the server opened failed (EMFILE). gRPC's own quota
 (`grpc.max_allowed_incoming_connections`) refuses connections past the cap at accept, so
 live sessions are never evicted to make room; a connection that has not finished its
-TLS and HTTP/2 handshake within HANDSHAKE_SECONDS is closed, so idle sockets do not hold the
-cap for long. What is not here: a cap per peer address (gRPC has none; a firewall's
-connlimit does it, see server/README.md)."""
+TLS and HTTP/2 handshake within HANDSHAKE_SECONDS is closed, and so is one that holds no
+stream for IDLE_SECONDS (a stream without a Hello is refused after 10 s), so idle sockets do
+not hold the cap for long. What is not here: a cap per peer address (gRPC has none; a
+firewall's connlimit does it, see server/README.md), and the CRL at the TLS handshake (a
+revoked certificate is refused at its Hello)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ log = logging.getLogger(__name__)
 RESERVED_FILES = 256  # descriptors kept for the run store, logs, the audit log, metrics, threads
 MIN_CONNECTIONS = 64
 HANDSHAKE_SECONDS = 5.0
+IDLE_SECONDS = 20.0  # a connection with no stream open this long is closed (a site holds one always)
 
 
 def descriptor_limit() -> int:
@@ -46,4 +49,5 @@ def server_options(cap: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_allowed_incoming_connections", cap),
         ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
+        ("grpc.max_connection_idle_ms", int(IDLE_SECONDS * 1000)),
     ]

@@ -82,7 +82,16 @@ class ServerMetrics:
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per connection, each with a timeout: a client that says nothing (or stalls
+    its TLS handshake, done in its own thread) holds only its own thread, never the accept loop."""
+
     daemon_threads = True
+    timeout_seconds = 10.0
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        sock.settimeout(self.timeout_seconds)
+        return sock, address
 
 
 class _Quiet(WSGIRequestHandler):
@@ -117,7 +126,7 @@ def serve_metrics(
     if tls is not None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(tls[0]), str(tls[1]))
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=httpd.serve_forever, name="fedcore-metrics", daemon=True).start()
     bound = httpd.server_address[1]
     log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, bound)

@@ -8,6 +8,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
 from fedcore.aggregation import wire as stage_wire
 from fedcore.engine import Instruction, InstructionKind, Reply
 from fedcore.errors import ProtocolError, SiteUnavailable
@@ -15,7 +17,7 @@ from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server.site_text import clean_metrics, clean_text
 from fedcore.tensors import PayloadAssembler
 from fedcore.tensors.codec import check_header_like
-from fedcore.wire import config_from_wire, kind_from_wire, refusal_from_wire
+from fedcore.wire import KIND_TO_WIRE, config_from_wire, config_to_wire, kind_from_wire, refusal_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class SiteSession:
     answered: bool = False  # it has sent a result: it took the job, and may no longer decline it
     serial: int | None = None  # of its certificate, under mutual TLS
     ended: str | None = None  # why the server ended it (revoked, excluded): said when closing
+    end_code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED  # ... with this status
     unknown_replies: int = 0  # replies to requests it was not (or no longer) asked
     queued_payloads: int = 0  # items with a payload in `outbound`, not yet taken by the writer
     messages: RateLimit = field(default_factory=RateLimit)
@@ -148,3 +151,20 @@ def check_payload_header(instruction: Instruction, header: pb.Payload) -> None:
         raise ProtocolError(f"a payload of {len(header.tensors)} tensors answers a model of {len(model)}")
     if instruction.kind is InstructionKind.FIT and instruction.message is None and model:
         check_header_like(header, model)
+
+
+def instruction_message(request_id: int, instruction: Instruction, header: pb.Payload) -> bytes:
+    """The serialized ServerMessage that carries `instruction` (its payload's frames follow)."""
+    message = pb.Instruction(
+        request_id=request_id,
+        round=instruction.round,
+        kind=KIND_TO_WIRE[instruction.kind],
+        payload=header,
+        attempt=instruction.attempt,
+        exchange=instruction.exchange,
+    )
+    config_to_wire(message.config, instruction.config)
+    message.plan.extend(stage_wire.plan_to_wire(instruction.plan))
+    if instruction.message is not None:
+        message.secagg.CopyFrom(stage_wire.message_to_wire(instruction.message))
+    return pb.ServerMessage(instruction=message).SerializeToString()

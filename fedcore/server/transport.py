@@ -17,18 +17,16 @@ from collections.abc import Callable
 
 import grpc
 
-from fedcore.aggregation import wire as stage_wire
 from fedcore.audit import AuditKind, AuditLog
 from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server.revocation import RevocationList, certificate_serial
-from fedcore.server.sessions import MESSAGES_PER_SECOND, MIN_CHUNK, Outgoing, Pending, SiteSession
+from fedcore.server.sessions import MIN_CHUNK, Outgoing, Pending, SiteSession, instruction_message
 from fedcore.server.site_text import clean_text, site_identity
 from fedcore.tasks import TaskSpec
 from fedcore.tensors import PayloadAssembler
 from fedcore.wire import (
-    KIND_TO_WIRE,
     PROTOCOL_VERSION,
     SERVER_CHUNK_FIELD,
     SERVICE,
@@ -122,21 +120,10 @@ class GrpcTransport(Transport):
         try:
             session.pending[request_id] = Pending(future, instruction)
             header, frames = self._payload(instruction)
-            message = pb.Instruction(
-                request_id=request_id,
-                round=instruction.round,
-                kind=KIND_TO_WIRE[instruction.kind],
-                payload=header,
-            )
-            config_to_wire(message.config, instruction.config)
-            message.attempt = instruction.attempt
-            message.exchange = instruction.exchange
-            message.plan.extend(stage_wire.plan_to_wire(instruction.plan))
-            if instruction.message is not None:
-                message.secagg.CopyFrom(stage_wire.message_to_wire(instruction.message))
-            head = pb.ServerMessage(instruction=message).SerializeToString()
+            head = instruction_message(request_id, instruction, header)
             if frames and session.queued_payloads:  # one model waits unsent already, another is in write
-                self._disconnect(session, "it does not read its stream (a model is still queued for it)")
+                why = "it does not read its stream (a model is still queued for it)"
+                self._disconnect(session, why, grpc.StatusCode.UNAVAILABLE)
                 return await future  # failed with every request pending for it
             session.queued_payloads += bool(frames)
             session.outbound.put_nowait(Outgoing([head, *frames], request_id))
@@ -191,10 +178,13 @@ class GrpcTransport(Transport):
         if (session := self._sessions.get(site)) is not None:
             self._disconnect(session, f"excluded from this run: {reason}")
 
-    def _disconnect(self, session: SiteSession, why: str) -> None:
-        """End a live session now: its pending requests fail (the round drops it)."""
+    def _disconnect(
+        self, session: SiteSession, why: str, code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED
+    ) -> None:
+        """End a live session now: its pending requests fail (the round drops it). `code`:
+        PERMISSION_DENIED (revoked, excluded: the site stops), UNAVAILABLE (it may come back)."""
         log.warning("site %s: %s; disconnecting it", session.name, why)
-        session.ended = why
+        session.ended, session.end_code = why, code
         session.fail_pending(why)
         for task in session.tasks:
             task.cancel()
@@ -206,6 +196,16 @@ class GrpcTransport(Transport):
             self.apply_revocations()
 
     # ----- servicer -----
+
+    def _alive(self, name: str) -> bool:
+        """One live session per identity: a second is refused, never evicts the first."""
+        previous = self._sessions.get(name)
+        return previous is not None and time.monotonic() - previous.last_seen <= self.heartbeat_timeout
+
+    async def _refuse_duplicate(self, context: grpc.aio.ServicerContext, name: str, peer: str) -> None:
+        log.error("site %s connected again from %s while its session is alive: refused", name, peer)
+        why = f"site {name} already has a live session (the same identity in two places?)"
+        await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, why, name)
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, why: str, site: str = ""
@@ -264,6 +264,8 @@ class GrpcTransport(Transport):
                 f"this run trains task {self.spec.name!r}; the site offered {hello.task!r}",
                 name,
             )
+        if self._alive(name):  # before the Welcome, so that a refused copy backs off
+            await self._refuse_duplicate(context, name, peer)
         welcome = pb.Welcome(run_id=self.run_id, site_name=name, task=self.spec.name)
         config_to_wire(welcome.task_config, self.spec.as_config())
         welcome.task_identity.package = self.spec.package
@@ -274,10 +276,7 @@ class GrpcTransport(Transport):
         session = SiteSession(name, serial=serial)
         async with self._changed:
             previous = self._sessions.get(name)
-            # One live session per identity: a second is refused, never evicts the first.
-            duplicate = (
-                previous is not None and time.monotonic() - previous.last_seen <= self.heartbeat_timeout
-            )
+            duplicate = self._alive(name)  # again: two Hellos may have raced to here
             if not duplicate:
                 if previous is not None:  # a reconnect: the old stream went silent
                     del self._sessions[name]
@@ -287,9 +286,7 @@ class GrpcTransport(Transport):
                 self._sessions[name] = session
                 self._changed.notify_all()
         if duplicate:
-            log.error("site %s connected again from %s while its session is alive: refused", name, peer)
-            why = f"site {name} already has a live session (the same identity in two places?)"
-            await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, why, name)
+            await self._refuse_duplicate(context, name, peer)
         if self._finished is not None:  # the run ended while this site was saying hello
             self._end(session)
         log.info("site %s connected from %s (%d connected)", name, peer, len(self._sessions))
@@ -308,7 +305,7 @@ class GrpcTransport(Transport):
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if not task.cancelled() and (error := task.exception()) is not None:
-                    reason = f"{type(error).__name__}: {error}"
+                    reason = clean_text(f"{type(error).__name__}: {error}")  # may quote the site
                     violation = error if isinstance(error, ProtocolError) else violation
         finally:
             for task in tasks:
@@ -323,9 +320,9 @@ class GrpcTransport(Transport):
             session.closed.set()
             log.info("site %s disconnected: %s (%d connected)", name, reason, len(self._sessions))
         if session.ended is not None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, session.ended)
+            await context.abort(session.end_code, session.ended)
         if violation is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(violation))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, clean_text(str(violation)))
 
     async def _write(self, session: SiteSession, context: grpc.aio.ServicerContext) -> None:
         while (item := await session.outbound.get()) is not None:
@@ -357,7 +354,7 @@ class GrpcTransport(Transport):
                     assembling = None
                 continue
             if not session.messages.allow():
-                raise ProtocolError(f"more than {MESSAGES_PER_SECOND:.0f} messages a second")
+                raise ProtocolError(f"more than {session.messages.rate:.0f} messages a second")
             message = parse(pb.SiteMessage, raw)
             body = message.WhichOneof("body")
             if body == "heartbeat":

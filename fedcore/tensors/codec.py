@@ -22,6 +22,7 @@ Arrays = dict[str, np.ndarray]
 
 CHUNK_BYTES = 1 << 20
 MAX_TENSORS = 100_000
+MAX_NAME = 256  # characters of a tensor name (a model's are short)
 MAX_DIMENSIONS = 32  # numpy's own limit is 64; checked before any arithmetic on a shape
 
 DTYPES: dict[np.dtype[Any], pb.DType] = {
@@ -93,6 +94,8 @@ def expected_bytes(header: pb.Payload) -> int:
     total = 0
     names = set()
     for spec in header.tensors:
+        if len(spec.name) > MAX_NAME:  # before any message quotes it
+            raise ProtocolError(f"a tensor name of {len(spec.name)} characters (limit {MAX_NAME})")
         if spec.dtype not in _BY_CODE:
             raise ProtocolError(f"tensor {spec.name!r} has unknown dtype code {spec.dtype}")
         if len(spec.shape) > MAX_DIMENSIONS:

@@ -50,3 +50,17 @@ def test_the_default_deadline_follows_recent_rounds_with_a_floor() -> None:
         deadlines.observe(1.0)
     assert deadlines.current() == Deadlines.FLOOR  # the slow round is no longer recent
     assert Deadlines(30.0).current() == 30.0  # a job's round_timeout is kept as it is
+
+
+def test_a_failed_attempt_doubles_the_next_deadline_up_to_the_first() -> None:
+    """Rounds of 2 s set the deadline to the 60 s floor; a legitimately slower round would
+    be cut at every attempt if failures did not widen it."""
+    deadlines = Deadlines(None)
+    for _ in range(Deadlines.RECENT):
+        deadlines.observe(2.0)
+    assert deadlines.current() == Deadlines.FLOOR
+    deadlines.observe(None)
+    assert deadlines.current() == 2 * Deadlines.FLOOR
+    for _ in range(10):
+        deadlines.observe(None)
+    assert deadlines.current() == Deadlines.FIRST
