@@ -14,6 +14,7 @@ one (naming the first bad entry), 2 for bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import enum
 import hashlib
@@ -86,10 +87,16 @@ class AuditLog:
                 "prev": self._prev,
             }
             entry["hash"] = _digest(entry)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            with self.path.open("ab") as f:
+                size = f.tell()
+                try:
+                    f.write((json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode())
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError:  # not durable: cut it, so that a retry writes this seq once
+                    with contextlib.suppress(OSError):
+                        f.truncate(size)
+                    raise
             self._seq, self._prev = seq, str(entry["hash"])
             self._write_head()
 

@@ -146,3 +146,39 @@ def test_the_server_and_site_logs_of_a_federation_agree(tmp_path: Path) -> None:
             ]
             if number > 1:
                 assert {c["model_sha256"] for c in trained} == {rounds[number - 1]["model_sha256"]}
+
+
+def test_an_append_that_fails_to_sync_leaves_no_entry_and_the_retry_chains_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's case: fsync failed after the line was written, seq did not advance, and
+    the retried round wrote a second entry of the same seq: the chain no longer verified."""
+    import os
+
+    from fedcore import audit as audit_module
+    from fedcore.engine.records import RoundRecord
+    from fedcore.engine.run_state import RunState
+    from fedcore.server.app import AuditedRounds
+
+    log = AuditLog(tmp_path / "audit.log")
+    log.append(AuditKind.ROUND, round=1)
+    real, failures = os.fsync, [1]
+
+    def fsync(fd: int) -> None:
+        if failures:
+            failures.pop()
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(audit_module.os, "fsync", fsync)
+    rounds = AuditedRounds(log)
+    record = RoundRecord(round=2, sites=1, accuracy=None, loss=None, seconds=0.0)
+    state = RunState.__new__(RunState)
+    object.__setattr__(state, "run_id", "r")
+    object.__setattr__(state, "parameters", {})
+    with pytest.raises(OSError):
+        rounds.record(record, state)
+    rounds.record(record, state)  # the store's retry
+    rounds.record(record, state)  # and once more (another store failed): not entered again
+    assert verify(log.path).intact and verify(log.path).entries == 3  # "log opened" and two rounds
+    assert [e["round"] for e in entries(log.path, AuditKind.ROUND)] == [1, 2]

@@ -239,8 +239,11 @@ class AuditedRounds:
 
     def __init__(self, audit: AuditLog) -> None:
         self.audit = audit
+        self.last = 0  # the last round written: a retried write does not enter it twice
 
     def record(self, record: RoundRecord, state: RunState) -> None:
+        if record.round <= self.last:
+            return
         aggregated = sorted(
             s for s in record.sampled if s not in record.dropped or record.dropped[s].aggregated
         )
@@ -252,6 +255,7 @@ class AuditedRounds:
             model_sha256=model_digest(record.round, state.parameters),
             epsilon=record.epsilon,
         )
+        self.last = record.round
 
 
 def run_server(experiment: Experiment, **kwargs: object) -> RunResult | None:
