@@ -33,7 +33,7 @@ from fedcore.aggregation.base import Aggregate, RoundInfo, StopRun
 from fedcore.aggregation.plans import DistributedNoisePlan, StagePlan
 from fedcore.aggregation.private import PrivateStage
 from fedcore.errors import ConfigError
-from fedcore.privacy import distributed, rotation
+from fedcore.privacy import distributed
 from fedcore.privacy.distributed import DistributedNoise as Noise
 from fedcore.secagg.common import MIN_COHORT
 from fedcore.seeding import derive_seed
@@ -101,7 +101,7 @@ class DistributedNoise(PrivateStage):
 
     def vector_length(self, dimension: int) -> int:
         """The integers a site masks for a `dimension`-parameter model: its encoding and count."""
-        return (rotation.padded(dimension) if self.bits < distributed.PLAIN_BITS else dimension) + 1
+        return distributed.encoded_length(dimension, self.bits) + 1
 
     def noise_multiplier(self) -> float:
         if self.noise is None:

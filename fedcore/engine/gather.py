@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedcore.aggregation import Drop, DropReason
-from fedcore.engine.messages import Instruction, Reply
+from fedcore.engine.messages import METRIC_NAME, Instruction, Reply
 from fedcore.engine.transport import Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
 
@@ -164,7 +163,6 @@ def weighted(values: list[tuple[float, int]]) -> float | None:
 MAX_EXAMPLES = 10**9  # an evaluation reply's example count is bounded like a fit's weight
 MAX_NAMED = 32  # a task's own evaluation metrics kept per round (site-supplied names)
 MAX_NAMED_PER_REPLY = 16
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
@@ -193,7 +191,7 @@ class EvaluationMetrics:
         self.replies += 1
         kept = 0  # names are a site's text: checked, and a few per reply
         for name, value in reply.metrics.items():
-            if name not in ("loss", "accuracy") and _NAME.match(name) and math.isfinite(value):
+            if name not in ("loss", "accuracy") and METRIC_NAME.match(name) and math.isfinite(value):
                 self.named.setdefault(name, []).append((value, examples))
                 kept += 1
                 if kept == MAX_NAMED_PER_REPLY:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from fedcore.aggregation import RefusalCode, StagePlan
@@ -10,6 +11,8 @@ from fedcore.tensors import Arrays
 
 Scalar = int | float | bool | str
 Config = dict[str, Scalar]
+# What a site-supplied metric may be called: its names reach logs, records and files.
+METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
 class InstructionKind(enum.Enum):

@@ -161,6 +161,7 @@ def record_durably(
     meanwhile (the round's model does not leave before it is stored). Other errors (a bug,
     a round out of order) end the run as before; so does the last I/O error once `stop` is set
     (the process is asked to end: SIGTERM must not wait for a disk that never comes back)."""
+    pause = stop or threading.Event()
     for tries in itertools.count():
         try:
             store.record(record, state)
@@ -168,9 +169,7 @@ def record_durably(
         except TRANSIENT_STORE_ERRORS as err:
             log.error("round %d could not be stored (%s); trying again", record.round, err)
             on_failure(err)
-            if (stop or threading.Event()).wait(
-                STORE_RETRY_SECONDS[min(tries, len(STORE_RETRY_SECONDS) - 1)]
-            ):
+            if pause.wait(STORE_RETRY_SECONDS[min(tries, len(STORE_RETRY_SECONDS) - 1)]):
                 raise
 
 

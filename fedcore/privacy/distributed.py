@@ -48,9 +48,8 @@ MAX_ROUNDING_SLACK = 0.1  # beyond it a modular sum needs more bits (10% more no
 MIN_SIGMA = 0.5  # each site's noise, in integer units, at least (Kairouz et al., Theorem 1)
 WRAP_FAILURE = 1e-4  # the chance that a round's modular sum wraps in some coordinate, at most
 PLAIN_BITS = 64  # integers that never wrap: no rotation
-EXACT_INTEGERS = (
-    2.0**40
-)  # the largest scaled clip or sigma a site accepts at 64 bits (floats exact far below)
+# The largest scaled clip or sigma a site accepts at 64 bits (floats are exact far below).
+EXACT_INTEGERS = 2.0**40
 
 
 def largest_integer(bits: int) -> float:
@@ -76,7 +75,7 @@ class DistributedNoise:
 
     def length(self, dimension: int) -> int:
         """Integers a site's encoding of a `dimension`-parameter update has, before its count."""
-        return rotation.padded(dimension) if self.modular else dimension
+        return encoded_length(dimension, self.bits)
 
     @classmethod
     def for_model(
@@ -91,10 +90,9 @@ class DistributedNoise:
     ) -> DistributedNoise:
         """Each of `sites` sites adds sigma so that the sum's std is noise_multiplier x Delta_2;
         ValueError when `bits` are too few for this model, noise and number of sites."""
-        plain = cls(clip_norm, 1.0, 0.0, bits, rotation_seed)
-        d = plain.length(dimension)
+        d = encoded_length(dimension, bits)
         scale = math.sqrt(d) / (ROUNDING_SLACK * clip_norm)
-        if plain.modular:
+        if bits < PLAIN_BITS:
             scale = min(scale, modular_scale(d, clip_norm, noise_multiplier, sites, bits))
             if not math.sqrt(d) <= MAX_ROUNDING_SLACK * clip_norm * scale:
                 raise ValueError(
@@ -111,6 +109,11 @@ class DistributedNoise:
                 "too fine for the accounting; use more bits, fewer sites a round or more noise"
             )
         return cls(clip_norm, scale, sigma, bits, rotation_seed)
+
+
+def encoded_length(dimension: int, bits: int) -> int:
+    """A `dimension`-parameter update's integers at this modulus (padded when rotated)."""
+    return rotation.padded(dimension) if bits < PLAIN_BITS else dimension
 
 
 def modular_scale(length: int, clip_norm: float, noise_multiplier: float, sites: int, bits: int) -> float:

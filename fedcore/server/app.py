@@ -151,13 +151,14 @@ async def _serve(
     metrics_at: tuple[str | None, Callable[[int], None] | None],
     max_connections: int | None,
 ) -> RunResult:
-    model_bytes = sum(a.nbytes for a in task.initial_parameters(0).values())
+    model = task.initial_parameters(0)
+    model_bytes = sum(a.nbytes for a in model.values())
     files = pki.server_files(pki_dir) if pki_dir is not None else None
     transport = GrpcTransport(
         spec=task_spec(experiment, task),
         run_id=opened.run_id,
         max_payload_bytes=4 * model_bytes + (1 << 20),
-        max_tensors=len(task.initial_parameters(0)) + 1,
+        max_tensors=len(model) + 1,
         mutual_tls=files is not None,
         audit=audit,
         allowed_sites=frozenset(a) if (a := experiment.federation.allowed_sites) is not None else None,

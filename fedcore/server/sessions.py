@@ -94,9 +94,8 @@ class SiteSession:
         pending = self.pending.get(result.request_id)
         if pending is None:
             self.unknown_replies += 1
-            if (
-                self.unknown_replies & (self.unknown_replies - 1) == 0
-            ):  # 1, 2, 4, 8 ...: a flood is one line a doubling
+            doubled = self.unknown_replies & (self.unknown_replies - 1) == 0  # 1, 2, 4, 8 ...
+            if doubled:  # a flood is one line a doubling, not one a reply
                 log.warning(
                     "site %s answered %d unknown or expired requests; ignored",
                     self.name,

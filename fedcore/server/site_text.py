@@ -7,10 +7,10 @@ arrives, before any log, record or file sees it."""
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any, Final
 
+from fedcore.engine.messages import METRIC_NAME
 from fedcore.errors import ProtocolError
 from fedcore.pki import SITE_NAME
 from fedcore.proto.v1 import federation_pb2 as pb
@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT: Final = 300  # characters of a refusal or a reason kept (then "...")
 MAX_METRICS: Final = 32  # metrics kept from one reply
-METRIC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,63}")  # what a metric may be called
 
 
 def clean_text(text: str, limit: int = MAX_TEXT) -> str:
@@ -33,7 +32,7 @@ def clean_text(text: str, limit: int = MAX_TEXT) -> str:
 def clean_metrics(site: str, metrics: Mapping[str, float]) -> dict[str, float]:
     """The first MAX_METRICS metrics whose names are short identifiers; the rest are left
     out (and said so, once per reply, without repeating what the site wrote)."""
-    kept = {name: value for name, value in metrics.items() if METRIC_NAME.fullmatch(name)}
+    kept = {name: value for name, value in metrics.items() if METRIC_NAME.match(name)}
     kept = dict(list(kept.items())[:MAX_METRICS])
     if len(kept) < len(metrics):
         log.warning(

@@ -65,9 +65,8 @@ class GrpcTransport(Transport):
         `allowed_sites`: the only site names that may join (None: any the CA certified)."""
         self.spec = spec
         self.allowed_sites = allowed_sites
-        self.on_refused: Callable[[str], None] | None = (
-            None  # a refused connection's status, e.g. for metrics
-        )
+        # Told a refused connection's status (e.g. for metrics).
+        self.on_refused: Callable[[str], None] | None = None
         self.run_id = run_id
         self.max_payload_bytes = max_payload_bytes
         self.max_tensors = max_tensors
