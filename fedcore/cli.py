@@ -200,6 +200,7 @@ def _server(args: argparse.Namespace) -> int:
         command=_command(args, args.config),
         trackers=[build_tracker(spec) for spec in args.track or ()],
         metrics=args.metrics,
+        dashboard=args.dashboard,
         max_connections=args.max_connections,
     )
     if result is None:
@@ -315,6 +316,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--insecure", action="store_true", help="plaintext, no site authentication")
     srv.add_argument(
         "--metrics", metavar="[HOST:]PORT", help="serve Prometheus /metrics and /healthz (127.0.0.1)"
+    )
+    srv.add_argument(
+        "--dashboard", metavar="[HOST:]PORT", help="live web dashboard; its URL: STATE/dashboard.url"
     )
     srv.add_argument("--max-connections", type=int, help="connections at once (default: the fd limit's room)")
     srv.add_argument("-v", "--verbose", action="store_true")

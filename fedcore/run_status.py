@@ -13,17 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.errors import ConfigError
-
-
-@dataclass
-class SiteStatus:
-    site: str
-    sampled: int = 0  # attempts it was sampled for that completed a round
-    aggregated: int = 0  # rounds its update is in
-    last_round: int | None = None  # the last round it was sampled for
-    drops: int = 0
-    last_drop: str | None = None
-    epsilon: float | None = None  # the run's epsilon it last reported (sample-level DP)
+from fedcore.site_status import SiteStatus, tally
 
 
 @dataclass
@@ -57,17 +47,7 @@ def run_status(directory: Path) -> RunStatus:
     planned = info.experiment.get("experiment", {}).get("federation", {}).get("rounds", 0)
     sites: dict[str, SiteStatus] = {}
     for r in stored:
-        for row in r.sites:
-            s = sites.setdefault(row["site"], SiteStatus(row["site"]))
-            s.sampled += 1
-            s.last_round = r.round
-            if row.get("aggregated"):
-                s.aggregated += 1
-            if row.get("dropped"):
-                s.drops += 1
-                s.last_drop = row["dropped"]
-            if row.get("epsilon") is not None:
-                s.epsilon = row["epsilon"]
+        tally(sites, r.round, r.sites)
     return RunStatus(
         run_id=info.run_id,
         finished=info.finished,

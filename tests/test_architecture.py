@@ -15,7 +15,7 @@ PACKAGE = ROOT / "fedcore"
 # Top to bottom: a package may import from its own layer's modules and from any layer below.
 LAYERS = [
     {"cli", "__main__", "__init__", "task_packages", "lifecycle", "privacy_audit", "run_status"},
-    {"server", "client", "simulation", "tracking"},
+    {"server", "client", "simulation", "tracking", "site_status"},
     {"wire"},
     {"engine"},
     {"aggregation"},

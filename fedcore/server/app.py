@@ -13,6 +13,7 @@ import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 
@@ -25,6 +26,7 @@ from fedcore.engine.run_state import RunState
 from fedcore.engine.run_store import model_digest
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
+from fedcore.server.dashboard import Dashboard, serve_dashboard
 from fedcore.server.limits import connection_cap, server_options
 from fedcore.server.metrics import ServerMetrics, serve_metrics
 from fedcore.server.revocation import RevocationList
@@ -87,14 +89,18 @@ async def serve(
     trackers: Sequence[Tracker] = (),
     metrics: str | None = None,
     on_metrics: Callable[[int], None] | None = None,
+    dashboard: str | None = None,
+    on_dashboard: Callable[[int], None] | None = None,
     max_connections: int | None = None,
 ) -> RunResult:
     """Run the federation until every round is done (or the task is cancelled). With
     `resume`, continue the run stored in `state` (ConfigError if the experiment differs);
     a run already complete returns at once. `command`: how the experiment was given.
     `metrics`: HOST:PORT (or PORT, on 127.0.0.1) to serve Prometheus metrics and /healthz on;
-    `on_metrics` gets the port bound. `max_connections`: at most this many at once (default,
-    and never more than: what the file-descriptor limit allows, `fedcore.server.limits`)."""
+    `on_metrics` gets the port bound. `dashboard`, `on_dashboard`: the same for the live web
+    dashboard (its URL, with its token, in STATE/dashboard.url). `max_connections`: at most
+    this many at once (default, and never more than: what the file-descriptor limit allows,
+    `fedcore.server.limits`)."""
     experiment = with_task_defaults(experiment)
     task = task or task_for(experiment)
     opened = open_run(state, experiment, resume=resume, command=command)  # before listening: the lock
@@ -126,6 +132,7 @@ async def serve(
                 trackers,
                 audit,
                 (metrics, on_metrics),
+                (dashboard, on_dashboard),
                 max_connections,
             )
         finally:
@@ -149,6 +156,7 @@ async def _serve(
     trackers: Sequence[Tracker],
     audit: AuditLog,
     metrics_at: tuple[str | None, Callable[[int], None] | None],
+    dashboard_at: tuple[str | None, Callable[[int], None] | None],
     max_connections: int | None,
 ) -> RunResult:
     model = task.initial_parameters(0)
@@ -195,12 +203,22 @@ async def _serve(
     if on_listening:
         on_listening(port)
     watched = ServerMetrics()
+    board = (
+        Dashboard(
+            run_id=opened.run_id,
+            rounds=experiment.federation.rounds,
+            seen=transport.sessions_seen,
+            history=opened.history,
+        )
+        if dashboard_at[0] is not None
+        else None
+    )
     transport.on_refused = lambda reason: watched.refused.labels(reason).inc()
     coordinator = Coordinator(
         experiment=experiment,
         task=task,
         transport=transport,
-        store=FanOutStore([opened.store, AuditedRounds(audit), *trackers, watched]),
+        store=FanOutStore([opened.store, AuditedRounds(audit), *trackers, watched, *filter(None, [board])]),
         test_data=task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites),
         on_round=on_round,
         ordered_replies=ordered_replies,
@@ -211,27 +229,34 @@ async def _serve(
     watched.watch(
         connected=lambda: len(transport.available()), store_failures=lambda: len(coordinator.store_failures)
     )
-    listen_metrics, on_metrics = metrics_at
-    http = None
-    if listen_metrics is not None:
-        tls = (pki_dir / "server.crt", pki_dir / "server.key") if pki_dir is not None else None
-        http, metrics_port = serve_metrics(listen_metrics, watched, tls=tls)
-        if on_metrics:
-            on_metrics(metrics_port)
+    tls = (pki_dir / "server.crt", pki_dir / "server.key") if pki_dir is not None else None
+    endpoints: list[WSGIServer] = []  # the HTTP ones: stopped with the run
     loop = asyncio.get_running_loop()
     watcher = asyncio.ensure_future(transport.watch_revocations())
     with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # main thread only
         loop.add_signal_handler(signal.SIGHUP, lambda: transport.apply_revocations(force=True))
     try:
+        if metrics_at[0] is not None:
+            endpoints.append(_started(serve_metrics(metrics_at[0], watched, tls=tls), metrics_at[1]))
+        if board is not None and dashboard_at[0] is not None:
+            served = serve_dashboard(dashboard_at[0], board, state=opened.store.directory, tls=tls)
+            endpoints.append(_started(served, dashboard_at[1]))
         return await coordinator.run()
     finally:
         watcher.cancel()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.remove_signal_handler(signal.SIGHUP)
         await server.stop(grace=2.0)
-        if http is not None:
+        for http in endpoints:
             http.shutdown()
             http.server_close()
+
+
+def _started(served: tuple[WSGIServer, int], on_port: Callable[[int], None] | None) -> WSGIServer:
+    """An HTTP endpoint now serving, its port told to `on_port`."""
+    if on_port:
+        on_port(served[1])
+    return served[0]
 
 
 class AuditedRounds:

@@ -2,25 +2,20 @@
 of the server's own) fed by every completed round and by the transport, and the HTTP
 endpoint that serves them with `/healthz` for liveness probes (`fedcore server --metrics`).
 The endpoint binds to 127.0.0.1 unless told otherwise and serves TLS with the server's
-certificate under `--pki`."""
+certificate under `--pki` (`fedcore.server.http`)."""
 
 from __future__ import annotations
 
-import logging
-import socketserver
-import ssl
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from fedcore.engine import RoundRecord
 from fedcore.engine.run_state import RunState
-
-log = logging.getLogger(__name__)
+from fedcore.server.http import plain, serve_wsgi
 
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
 
@@ -81,30 +76,6 @@ class ServerMetrics:
         self.store_failures.set_function(store_failures)
 
 
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    """A thread per connection, each with a timeout: a client that says nothing (or stalls
-    its TLS handshake, done in its own thread) holds only its own thread, never the accept loop."""
-
-    daemon_threads = True
-    timeout_seconds = 10.0
-
-    def get_request(self) -> tuple[Any, Any]:
-        sock, address = super().get_request()
-        sock.settimeout(self.timeout_seconds)
-        return sock, address
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # a scrape every few seconds: not news
-        pass
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """HOST:PORT, or PORT alone for 127.0.0.1."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def serve_metrics(
     listen: str, metrics: ServerMetrics, *, tls: tuple[Path, Path] | None = None
 ) -> tuple[WSGIServer, int]:
@@ -114,20 +85,10 @@ def serve_metrics(
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
+            return plain(start_response, "200 OK", "ok")
         if path == "/metrics":
             return exposition(environ, start_response)  # type: ignore[no-any-return]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"/metrics or /healthz\n"]
+        return plain(start_response, "404 Not Found", "/metrics or /healthz")
 
-    host, port = split_listen(listen)
-    httpd = make_server(host, port, app, server_class=_Server, handler_class=_Quiet)
-    if tls is not None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(str(tls[0]), str(tls[1]))
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
-    threading.Thread(target=httpd.serve_forever, name="fedcore-metrics", daemon=True).start()
-    bound = httpd.server_address[1]
-    log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, bound)
-    return httpd, int(bound)
+    httpd, _, bound = serve_wsgi(listen, app, tls=tls, name="metrics")
+    return httpd, bound

@@ -98,6 +98,11 @@ class GrpcTransport(Transport):
     def available(self) -> list[str]:
         return list(self._sessions)
 
+    def sessions_seen(self) -> dict[str, float]:
+        """Each connected site's last message, wall-clock (time.time); safe from any thread."""
+        lag = time.time() - time.monotonic()
+        return {name: s.last_seen + lag for name, s in list(self._sessions.items())}
+
     def declined(self) -> dict[str, str]:
         declines, self._declines = self._declines, {}
         return declines
