@@ -157,6 +157,7 @@ def _logging(verbose: bool) -> None:
 def _server(args: argparse.Namespace) -> int:
     from fedcore.engine import RoundRecord
     from fedcore.server.app import run_server
+    from fedcore.server.limits import ServerLimits
     from fedcore.tracking import build_tracker
 
     experiment = _experiment(args)
@@ -201,7 +202,7 @@ def _server(args: argparse.Namespace) -> int:
         trackers=[build_tracker(spec) for spec in args.track or ()],
         metrics=args.metrics,
         dashboard=args.dashboard,
-        max_connections=args.max_connections,
+        limits=ServerLimits(args.max_connections, args.upload_budget and args.upload_budget << 20),
     )
     if result is None:
         return 0  # stopped by a signal: a clean, requested shutdown
@@ -321,6 +322,9 @@ def _parser() -> argparse.ArgumentParser:
         "--dashboard", metavar="[HOST:]PORT", help="live web dashboard; its URL: STATE/dashboard.url"
     )
     srv.add_argument("--max-connections", type=int, help="connections at once (default: the fd limit's room)")
+    srv.add_argument(
+        "--upload-budget", type=int, metavar="MIB", help="site payloads read at once (default 64)"
+    )
     srv.add_argument("-v", "--verbose", action="store_true")
     experiment_flags(srv)
     srv.set_defaults(run=_server)

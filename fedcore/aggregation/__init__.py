@@ -1,6 +1,7 @@
 """Aggregation as a pipeline of stages, built from the experiment in one place (`builder`)."""
 
 from fedcore.aggregation.base import (
+    MAX_WEIGHT,
     Aggregate,
     Drop,
     DropReason,
@@ -21,6 +22,7 @@ from fedcore.aggregation.plans import StagePlan
 from fedcore.aggregation.site import Contribution, Encoded, Prepared, SiteStages, StageState
 
 __all__ = [
+    "MAX_WEIGHT",
     "Aggregate",
     "Contribution",
     "Drop",

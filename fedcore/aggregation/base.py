@@ -23,6 +23,9 @@ from fedcore.aggregation.plans import StagePlan
 from fedcore.errors import FedcoreError
 from fedcore.tensors import Arrays
 
+# A site's weight is at most this: no site can claim an absurd count and replace the model.
+MAX_WEIGHT = 10**9
+
 
 class StopRun(FedcoreError):
     """A stage says the run must end now (e.g. a target epsilon leaves no room for a round)."""
@@ -108,6 +111,7 @@ class RoundInfo:
     available: int  # sites connected when the round was sampled
     model: Arrays  # the global model the round starts from
     seed: int
+    max_weight: float = MAX_WEIGHT  # the public bound on a site's weight ([federation] max_examples_per_site)
 
     @property
     def dimension(self) -> int:

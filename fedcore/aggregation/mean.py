@@ -1,15 +1,11 @@
-"""The plain leaf: an example-weighted sum, folded as replies arrive (float64 running sums)."""
+"""The plain leaf: an example-weighted sum, folded exactly as replies arrive (`exact_sum`)."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from fedcore.aggregation.base import Aggregate, Leaf, RoundContext, SiteReply, SiteRequest
+from fedcore.aggregation.base import MAX_WEIGHT, Aggregate, Leaf, RoundContext, SiteReply, SiteRequest
+from fedcore.aggregation.exact_sum import ExactSum
 from fedcore.errors import ProtocolError
 from fedcore.tensors import Arrays, check_finite, check_like
-
-# A site's weight is at most this: no site can claim an absurd count and replace the model.
-MAX_WEIGHT = 10**9
 
 
 def checked(reply: SiteReply, model: Arrays) -> Arrays:
@@ -24,31 +20,37 @@ def checked(reply: SiteReply, model: Arrays) -> Arrays:
 
 
 class WeightedMean(Leaf):
-    """Sites send their update as is; the server sums weight x update and the weights.
-    Memory is one model's worth of float64, whatever the number of sites."""
+    """Sites send their update as is; the server sums weight x update and the weights as
+    each reply arrives. Memory is one accumulator (12 bytes a parameter), whatever the
+    number of sites, and the sum does not depend on the order the replies arrive in."""
 
     name = "mean"
 
     async def collect(self, context: RoundContext) -> Aggregate:
         info = context.info
-        sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in info.model.items()}
-        scratch = {k: np.empty(v.shape, dtype=np.float64) for k, v in info.model.items()}
-        aggregate = Aggregate(sum=sums, weight=0.0, count=0, contributors=[])
+        total = ExactSum(info.model, max_weight=info.max_weight, sites=len(info.sampled))
+        contributors: list[str] = []
+        metrics: dict[str, dict[str, float]] = {}
 
         def accept(reply: SiteReply) -> None:
             checked(reply, info.model)
             reply = context.admit(reply)
             assert reply.update is not None
-            for k, v in reply.update.items():
-                np.multiply(v, reply.weight, out=scratch[k])  # no per-site allocation
-                sums[k] += scratch[k]
-            aggregate.weight += reply.weight
-            aggregate.count += 1
-            aggregate.contributors.append(reply.site)
-            aggregate.site_metrics[reply.site] = dict(reply.metrics)
+            total.add(reply.update, reply.weight)
+            contributors.append(reply.site)
+            metrics[reply.site] = dict(reply.metrics)
 
         plan = context.plan(info)
-        aggregate.dropped = await context.exchange(
+        dropped = await context.exchange(
             "fit", info.sampled, lambda site: SiteRequest(train=True, plan=plan), accept
         )
+        aggregate = Aggregate(
+            sum=total.total(),
+            weight=total.weight,
+            count=total.count,
+            contributors=sorted(contributors),
+            dropped=dropped,
+            site_metrics={s: metrics[s] for s in sorted(metrics)},
+        )
+        aggregate.measure(self.section, fraction_bits=total.fraction_bits)
         return aggregate

@@ -47,6 +47,8 @@ class RobustMean(Leaf):
         )
         if not rows:
             return Aggregate(sum=None, weight=0.0, count=0, contributors=[], dropped=dropped)
+        order = sorted(range(len(sites)), key=sites.__getitem__)  # ties (Krum) broken by name, not timing
+        rows, sites = [rows[i] for i in order], [sites[i] for i in order]
         try:
             result = robust.aggregate(
                 self.rule.value, np.stack(rows), trim=self.trim, byzantine=self.byzantine

@@ -115,12 +115,12 @@ class SecureSum(Leaf):
         async def exchange(
             name: str, sites: list[str], make: Callable[[str], SiteRequest], kind: type
         ) -> list[Any]:
-            got: list[Any] = []
+            got: dict[str, Any] = {}
 
             def keep(reply: SiteReply) -> None:
                 if not isinstance(reply.message, kind):
                     raise ProtocolError(f"expected {kind.__name__} in the {name} exchange")
-                got.append(reply.message)
+                got[reply.site] = reply.message
                 if reply.metrics:
                     site_metrics[reply.site] = dict(reply.metrics)
 
@@ -135,7 +135,7 @@ class SecureSum(Leaf):
             # A site lost after its masked input has it in the sum already.
             late = name in ("consistency", "unmask")
             dropped.update({s: dataclasses.replace(d, aggregated=late) for s, d in lost.items()})
-            return got
+            return [got[s] for s in sorted(got)]  # the same state machine input whatever the arrival order
 
         def send(messages: dict[str, Any]) -> Callable[[str], SiteRequest]:
             return lambda site: SiteRequest(train=False, message=messages[site])

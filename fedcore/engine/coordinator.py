@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from fedcore.aggregation import (
+    MAX_WEIGHT,
     Drop,
     Exchange,
     Pipeline,
@@ -35,7 +36,6 @@ from fedcore.aggregation import (
     StopRun,
 )
 from fedcore.aggregation.builder import pipeline_for
-from fedcore.aggregation.mean import MAX_WEIGHT
 from fedcore.aggregation.statistics import statistics_pipeline_for
 from fedcore.config import Experiment
 from fedcore.engine import faults
@@ -65,7 +65,6 @@ class Coordinator:
         strategy: Strategy | None = None,
         pipeline: Pipeline | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
-        ordered_replies: bool = True,
         run_id: str | None = None,
         resume: RunState | None = None,
         history: Sequence[RoundRecord] = (),
@@ -82,7 +81,6 @@ class Coordinator:
         self._statistics_config: Config = {}  # what every instruction carries of them (encoded once)
         self._statistics_pipeline = statistics_pipeline_for(experiment, task, self.pipeline)
         self.on_round = on_round
-        self.ordered_replies = ordered_replies
         self.run_id = run_id or uuid.uuid4().hex
         self.exclusions = Exclusions(transport)  # sites that misbehaved: out for the rest of the run
         self.parameters = task.initial_parameters(derive_seed(experiment.seed, "init"))
@@ -254,9 +252,8 @@ class Coordinator:
         faults.reach(number, faults.Point.BEFORE_SAMPLING)
         started = time.perf_counter()
         available = self.exclusions.allowed(sorted(self.transport.available()))
-        info = RoundInfo(
-            self.run_id, number, attempt, (), len(available), self.parameters, self.experiment.seed
-        )
+        seed, cap = self.experiment.seed, self.max_examples
+        info = RoundInfo(self.run_id, number, attempt, (), len(available), self.parameters, seed, cap)
         info = dataclasses.replace(info, sampled=tuple(self._sample(available, info)))
         self.pipeline.check_round(info)  # before any instruction leaves
         self.transport.sampled(number, attempt, info.sampled)
@@ -372,7 +369,6 @@ class Coordinator:
             instruction_for,
             on_reply,
             deadline=self.deadlines.current(),
-            ordered=self.ordered_replies,
             quorum=math.ceil(q * len(sites)) if (q := self.experiment.federation.quorum) else None,
             grace=self.experiment.federation.grace,
         )

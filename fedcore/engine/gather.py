@@ -25,7 +25,6 @@ async def gather(
     on_reply: Callable[[Reply], None],
     *,
     deadline: float,
-    ordered: bool = True,
     quorum: int | None = None,
     grace: float = 0.0,
 ) -> dict[str, Drop]:
@@ -34,17 +33,12 @@ async def gather(
     `quorum` sites have replied, whichever is first (one silent site does not hold the
     round to its deadline).
 
-    With `ordered` (the default), replies are handed on in `sites` order whatever
-    order they arrive in (early ones wait in a buffer), so the floating-point sum, and so
-    the model, does not depend on timing: the same seed gives the same model with any
-    number of workers. The buffer can hold up to all replies; a deployment that must keep
-    memory at one model turns it off and folds replies as they arrive."""
+    Replies are handed on as they arrive, never buffered: the server holds no reply longer
+    than it takes to fold it. Whatever consumes them must not depend on their order (the
+    plain sum is exact, `aggregation.exact_sum`; lists are sorted by site)."""
     dropped: dict[str, Drop] = {}
-    settled: dict[str, Reply | Drop] = {}  # site -> its reply, or why it has none
-    order = iter(sites)
-    upcoming = next(order, None)
 
-    def hand_on(site: str, outcome: Reply | Drop) -> None:
+    def settle(site: str, outcome: Reply | Drop) -> None:
         if isinstance(outcome, Drop):
             dropped[site] = outcome
         elif outcome.refusal is not None:
@@ -54,16 +48,6 @@ async def gather(
                 on_reply(outcome)
             except Exception as err:  # malformed in a way the checks did not name
                 dropped[site] = Drop(DropReason.BAD_REPLY, exchange, str(err))
-
-    def settle(site: str, outcome: Reply | Drop) -> None:
-        nonlocal upcoming
-        if not ordered:
-            hand_on(site, outcome)
-            return
-        settled[site] = outcome
-        while upcoming is not None and upcoming in settled:
-            hand_on(upcoming, settled.pop(upcoming))
-            upcoming = next(order, None)
 
     def outcome_of(task: asyncio.Future[Reply], site: str) -> Reply | Drop:
         try:
@@ -106,7 +90,7 @@ async def gather(
             handled.add(task)
             settle(site, outcome)
         await asyncio.gather(*tasks, return_exceptions=True)
-    return dropped
+    return dict(sorted(dropped.items()))
 
 
 class Deadlines:
@@ -156,8 +140,9 @@ class Traffic:
 
 
 def weighted(values: list[tuple[float, int]]) -> float | None:
-    total = sum(n for _, n in values)
-    return sum(v * n for v, n in values) / total if total else None
+    """The weighted mean, the same whatever order the replies arrived in (fsum is exact)."""
+    total = math.fsum(n for _, n in values)
+    return math.fsum(v * n for v, n in values) / total if total else None
 
 
 MAX_EXAMPLES = 10**9  # an evaluation reply's example count is bounded like a fit's weight

@@ -27,7 +27,7 @@ from fedcore.engine.run_store import model_digest
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.dashboard import Dashboard, serve_dashboard
-from fedcore.server.limits import connection_cap, server_options
+from fedcore.server.limits import ServerLimits, connection_cap, server_options
 from fedcore.server.metrics import ServerMetrics, serve_metrics
 from fedcore.server.revocation import RevocationList
 from fedcore.server.transport import GrpcTransport
@@ -44,6 +44,10 @@ from fedcore.tracking import Tracker
 from fedcore.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+# Site payloads assembled at once, in bytes, at least (or two updates of a larger model):
+# the server's memory does not grow with the number of sites (`limits.UploadBudget`).
+UPLOAD_BUDGET_FLOOR = 64 << 20
 
 # Sites ping every 10 s (see client.agent); allow it, and detect dead peers within ~30 s.
 SERVER_OPTIONS = [
@@ -83,7 +87,6 @@ async def serve(
     task: Task | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_listening: Callable[[int], None] | None = None,
-    ordered_replies: bool = True,
     resume: bool = False,
     command: dict[str, Any] | None = None,
     trackers: Sequence[Tracker] = (),
@@ -91,16 +94,15 @@ async def serve(
     on_metrics: Callable[[int], None] | None = None,
     dashboard: str | None = None,
     on_dashboard: Callable[[int], None] | None = None,
-    max_connections: int | None = None,
+    limits: ServerLimits | None = None,
 ) -> RunResult:
     """Run the federation until every round is done (or the task is cancelled). With
     `resume`, continue the run stored in `state` (ConfigError if the experiment differs);
     a run already complete returns at once. `command`: how the experiment was given.
     `metrics`: HOST:PORT (or PORT, on 127.0.0.1) to serve Prometheus metrics and /healthz on;
     `on_metrics` gets the port bound. `dashboard`, `on_dashboard`: the same for the live web
-    dashboard (its URL, with its token, in STATE/dashboard.url). `max_connections`: at most
-    this many at once (default, and never more than: what the file-descriptor limit allows,
-    `fedcore.server.limits`)."""
+    dashboard (its URL, with its token, in STATE/dashboard.url). `limits`: connections,
+    upload budget (default UPLOAD_BUDGET_FLOOR, or two updates of a larger model), heartbeat."""
     experiment = with_task_defaults(experiment)
     task = task or task_for(experiment)
     opened = open_run(state, experiment, resume=resume, command=command)  # before listening: the lock
@@ -128,12 +130,11 @@ async def serve(
                 pki_dir,
                 on_round,
                 on_listening,
-                ordered_replies,
                 trackers,
                 audit,
                 (metrics, on_metrics),
                 (dashboard, on_dashboard),
-                max_connections,
+                limits or ServerLimits(),
             )
         finally:
             for tracker in trackers:
@@ -152,12 +153,11 @@ async def _serve(
     pki_dir: Path | None,
     on_round: Callable[[RoundRecord], None] | None,
     on_listening: Callable[[int], None] | None,
-    ordered_replies: bool,
     trackers: Sequence[Tracker],
     audit: AuditLog,
     metrics_at: tuple[str | None, Callable[[int], None] | None],
     dashboard_at: tuple[str | None, Callable[[int], None] | None],
-    max_connections: int | None,
+    limits: ServerLimits,
 ) -> RunResult:
     model = task.initial_parameters(0)
     model_bytes = sum(a.nbytes for a in model.values())
@@ -167,6 +167,8 @@ async def _serve(
         run_id=opened.run_id,
         max_payload_bytes=4 * model_bytes + (1 << 20),
         max_tensors=len(model) + 1,
+        upload_budget=limits.upload_budget or max(UPLOAD_BUDGET_FLOOR, 2 * model_bytes),
+        heartbeat_timeout=limits.heartbeat_timeout,
         mutual_tls=files is not None,
         audit=audit,
         allowed_sites=frozenset(a) if (a := experiment.federation.allowed_sites) is not None else None,
@@ -176,7 +178,7 @@ async def _serve(
             else None
         ),
     )
-    cap = connection_cap(max_connections)
+    cap = connection_cap(limits.max_connections)
     server = grpc.aio.server(
         options=SERVER_OPTIONS + server_options(cap), maximum_concurrent_rpcs=MAX_STREAMS
     )
@@ -221,7 +223,6 @@ async def _serve(
         store=FanOutStore([opened.store, AuditedRounds(audit), *trackers, watched, *filter(None, [board])]),
         test_data=task.test_data(seed=experiment.seed, partitions=experiment.simulation.sites),
         on_round=on_round,
-        ordered_replies=ordered_replies,
         run_id=opened.run_id,
         resume=opened.state,
         history=opened.history,

@@ -11,8 +11,11 @@ revoked certificate is refused at its Hello)."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import resource
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +23,15 @@ RESERVED_FILES = 256  # descriptors kept for the run store, logs, the audit log,
 MIN_CONNECTIONS = 64
 HANDSHAKE_SECONDS = 5.0
 IDLE_SECONDS = 20.0  # a connection with no stream open this long is closed (a site holds one always)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The operator's limits (`fedcore server --max-connections`, `--upload-budget`)."""
+
+    max_connections: int | None = None  # None: what the descriptor limit allows (`connection_cap`)
+    upload_budget: int | None = None  # bytes of payloads assembled at once (None: the server's default)
+    heartbeat_timeout: float = 30.0  # a site silent this long is gone (sites beat every 5 s)
 
 
 def descriptor_limit() -> int:
@@ -51,3 +63,46 @@ def server_options(cap: int) -> list[tuple[str, int]]:
         ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
         ("grpc.max_connection_idle_ms", int(IDLE_SECONDS * 1000)),
     ]
+
+
+class UploadBudget:
+    """Bytes of site payloads the server assembles at once. A site whose payload does not fit
+    waits, first come first served, before its first chunk is read (gRPC's flow control holds
+    the rest at the site), so the server holds at most the budget in partial payloads whatever
+    the number of sites; one payload larger than the whole budget still passes, alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+    def _take(self, size: int) -> None:
+        self.used += size
+        self.peak = max(self.peak, self.used)
+
+    async def acquire(self, size: int) -> None:
+        if not self._waiting and self._fits(size):
+            self._take(size)
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((size, turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # granted as it was cancelled: give it back
+                self.release(size)
+            else:
+                self._waiting.remove((size, turn))
+            raise
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        while self._waiting and self._fits(self._waiting[0][0]):
+            size, turn = self._waiting.popleft()
+            if not turn.done():  # else cancelled while queued: it takes nothing
+                self._take(size)
+                turn.set_result(None)

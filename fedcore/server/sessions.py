@@ -79,6 +79,8 @@ class SiteSession:
     unknown_replies: int = 0  # replies to requests it was not (or no longer) asked
     queued_payloads: int = 0  # items with a payload in `outbound`, not yet taken by the writer
     messages: RateLimit = field(default_factory=RateLimit)
+    upload_held: int = 0  # bytes of the server's upload budget its payload in progress holds
+    upload_progress: float = 0.0  # when that payload last moved
 
     def fail_pending(self, reason: str) -> None:
         for item in self.pending.values():

@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import grpc
 
@@ -21,17 +22,16 @@ from fedcore.audit import AuditKind, AuditLog
 from fedcore.engine import Instruction, Reply, Transport
 from fedcore.errors import ProtocolError, SiteUnavailable
 from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.server.inbound import InboundLimits, read_site
+from fedcore.server.limits import UploadBudget
 from fedcore.server.revocation import RevocationList, certificate_serial
-from fedcore.server.sessions import MIN_CHUNK, Outgoing, Pending, SiteSession, instruction_message
+from fedcore.server.sessions import Outgoing, Pending, SiteSession, instruction_message
 from fedcore.server.site_text import clean_text, site_identity
 from fedcore.tasks import TaskSpec
-from fedcore.tensors import PayloadAssembler
 from fedcore.wire import (
     PROTOCOL_VERSION,
     SERVER_CHUNK_FIELD,
     SERVICE,
-    SITE_CHUNK_FIELD,
-    chunk_data,
     chunk_frame,
     config_to_wire,
     parse,
@@ -59,17 +59,20 @@ class GrpcTransport(Transport):
         audit: AuditLog | None = None,
         revocations: RevocationList | None = None,
         allowed_sites: frozenset[str] | None = None,
+        upload_budget: int | None = None,
     ) -> None:
         """`audit`: where every connection accepted or refused, and why, is recorded.
         `revocations`: the CRL checked when a stream opens (see `apply_revocations`).
-        `allowed_sites`: the only site names that may join (None: any the CA certified)."""
+        `allowed_sites`: the only site names that may join (None: any the CA certified).
+        `upload_budget`: bytes of payloads assembled at once (None: two of the largest)."""
+        self.limits = InboundLimits(
+            max_payload_bytes, max_tensors, UploadBudget(upload_budget or 2 * max_payload_bytes)
+        )
         self.spec = spec
         self.allowed_sites = allowed_sites
         # Told a refused connection's status (e.g. for metrics).
         self.on_refused: Callable[[str], None] | None = None
         self.run_id = run_id
-        self.max_payload_bytes = max_payload_bytes
-        self.max_tensors = max_tensors
         self.heartbeat_timeout = heartbeat_timeout
         self.mutual_tls = mutual_tls
         self._sessions: dict[str, SiteSession] = {}
@@ -102,6 +105,12 @@ class GrpcTransport(Transport):
         """Each connected site's last message, wall-clock (time.time); safe from any thread."""
         lag = time.time() - time.monotonic()
         return {name: s.last_seen + lag for name, s in list(self._sessions.items())}
+
+    def _declined(self, site: str, reason: str) -> None:
+        log.warning("site %s declined the job: %s", site, reason)
+        if self.audit is not None:
+            self.audit.append(AuditKind.JOB_DECLINED, site=site, reason=reason)
+        self._declines[site] = reason
 
     def declined(self) -> dict[str, str]:
         declines, self._declines = self._declines, {}
@@ -297,7 +306,9 @@ class GrpcTransport(Transport):
         if self.audit is not None:
             self.audit.append(AuditKind.CONNECTION_ACCEPTED, site=name, peer=peer, run=self.run_id)
         session.tasks = tasks = [
-            asyncio.ensure_future(self._read(session, context)),
+            asyncio.ensure_future(
+                read_site(session, context, self.limits, partial(self._declined, session.name))
+            ),
             asyncio.ensure_future(self._write(session, context)),
             asyncio.ensure_future(self._watch(session)),
         ]
@@ -339,61 +350,8 @@ class GrpcTransport(Transport):
     async def _watch(self, session: SiteSession) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_timeout / 3)
-            if time.monotonic() - session.last_seen > self.heartbeat_timeout:
-                raise SiteUnavailable(session.name, f"no heartbeat for {self.heartbeat_timeout:.0f} s")
-
-    async def _read(self, session: SiteSession, context: grpc.aio.ServicerContext) -> None:
-        assembling: tuple[pb.Result, PayloadAssembler] | None = None
-        while (raw := await context.read()) is not grpc.aio.EOF:
-            session.last_seen = time.monotonic()
-            data = chunk_data(SITE_CHUNK_FIELD, raw)
-            if data is not None:
-                if assembling is None:
-                    raise ProtocolError("payload chunk without a Result header")
-                if len(data) < min(MIN_CHUNK, assembling[1].remaining):  # no floods of tiny chunks
-                    raise ProtocolError(f"a payload chunk of {len(data)} bytes before the payload's last")
-                assembling[1].add(data)
-                if assembling[1].complete:
-                    session.resolve(*assembling)
-                    assembling = None
-                continue
-            if not session.messages.allow():
-                raise ProtocolError(f"more than {session.messages.rate:.0f} messages a second")
-            message = parse(pb.SiteMessage, raw)
-            body = message.WhichOneof("body")
-            if body == "heartbeat":
-                continue
-            if body == "decline":  # the site's policy refuses this job: recorded, and it leaves
-                if session.answered:
-                    raise ProtocolError("a site that took part in the job cannot decline it")
-                reason = clean_text(message.decline.reason.strip()) or "no reason given"
-                log.warning("site %s declined the job: %s", session.name, reason)
-                if self.audit is not None:
-                    self.audit.append(AuditKind.JOB_DECLINED, site=session.name, reason=reason)
-                self._declines[session.name] = reason
-                return
-            if body == "result":
-                session.answered = True
-                if assembling is not None:
-                    raise ProtocolError("a new Result began before the previous payload was complete")
-                result = message.result
-                if (
-                    result.payload.total_bytes > self.max_payload_bytes
-                    or len(result.payload.tensors) > self.max_tensors
-                ):
-                    raise ProtocolError(
-                        f"a payload of {result.payload.total_bytes} bytes in {len(result.payload.tensors)} tensors "
-                        f"exceeds the limit ({self.max_payload_bytes} bytes, {self.max_tensors} tensors)"
-                    )
-                live = session.check_header(result)  # before anything is allocated
-                assembler = PayloadAssembler(result.payload, keep=live)
-                assembling = (result, assembler)
-            elif body == "chunk":
-                if assembling is None:
-                    raise ProtocolError("payload chunk without a Result header")
-                assembling[1].add(message.chunk.data)
-            else:
-                raise ProtocolError(f"unexpected {body!r} message from a connected site")
-            if assembling is not None and assembling[1].complete:
-                session.resolve(*assembling)
-                assembling = None
+            now, limit = time.monotonic(), self.heartbeat_timeout
+            if now - session.last_seen > limit:
+                raise SiteUnavailable(session.name, f"no heartbeat for {limit:.0f} s")
+            if session.upload_held and now - session.upload_progress > limit:  # it holds others' turn
+                raise SiteUnavailable(session.name, f"its upload stalled for {limit:.0f} s")

@@ -15,6 +15,7 @@ import psutil
 
 from fedcore.client.agent import Outcome
 from fedcore.server.app import serve
+from fedcore.server.limits import ServerLimits
 from tests.integration.test_grpc_rounds import SlowBench, agent, experiment
 
 CAP, FLOOD = 64, 2000
@@ -33,7 +34,7 @@ def test_an_idle_connection_flood_neither_stops_the_run_nor_exhausts_descriptors
                 state=tmp_path / "state",
                 pki_dir=None,
                 on_listening=listening.set_result,
-                max_connections=CAP,
+                limits=ServerLimits(max_connections=CAP),
             )
         )
         port = await listening

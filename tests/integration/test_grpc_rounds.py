@@ -81,9 +81,10 @@ async def federation(
     *,
     pki_dir: Path | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    **server: Any,
 ) -> tuple[RunResult, list[Any]]:
-    """Serve `exp` on a free port (insecurely without `pki_dir`) and run the sites
-    `start_sites(port)` returns."""
+    """Serve `exp` on a free port (insecurely without `pki_dir`; `server`: more of `serve`'s
+    arguments) and run the sites `start_sites(port)` returns."""
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     server = asyncio.ensure_future(
         serve(
@@ -93,6 +94,7 @@ async def federation(
             pki_dir=pki_dir,
             on_listening=listening.set_result,
             on_round=on_round,
+            **server,
         )
     )
     port = await listening

@@ -1,0 +1,109 @@
+"""What one connected site sends the server: heartbeats, declines, and results whose payload
+follows in chunks. Every limit is checked before anything is allocated: the payload's size
+and tensor count, its header against the request it answers, the site's message rate, and
+its turn in the server's upload budget (so partial payloads never exceed the budget,
+whatever the number of sites)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from fedcore.errors import ProtocolError
+from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.server.limits import UploadBudget
+from fedcore.server.sessions import MIN_CHUNK, SiteSession
+from fedcore.server.site_text import clean_text
+from fedcore.tensors import PayloadAssembler
+from fedcore.wire import SITE_CHUNK_FIELD, chunk_data, parse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InboundLimits:
+    max_payload_bytes: int
+    max_tensors: int
+    uploads: UploadBudget
+
+
+async def read_site(
+    session: SiteSession,
+    context: grpc.aio.ServicerContext,
+    limits: InboundLimits,
+    on_decline: Callable[[str], None],
+) -> None:
+    """Read the site's stream until it ends (or it declines the job: `on_decline(reason)`);
+    ProtocolError when it breaks the protocol. Its upload turn is given back however it ends."""
+    try:
+        await _read(session, context, limits, on_decline)
+    finally:
+        limits.uploads.release(session.upload_held)
+        session.upload_held = 0
+
+
+async def _read(
+    session: SiteSession,
+    context: grpc.aio.ServicerContext,
+    limits: InboundLimits,
+    on_decline: Callable[[str], None],
+) -> None:
+    assembling: tuple[pb.Result, PayloadAssembler] | None = None
+
+    def add(data: bytes | memoryview) -> None:
+        nonlocal assembling
+        if assembling is None:
+            raise ProtocolError("payload chunk without a Result header")
+        assembling[1].add(data)
+        session.upload_progress = time.monotonic()
+        if assembling[1].complete:
+            session.resolve(*assembling)
+            assembling = None
+            limits.uploads.release(session.upload_held)  # the reply is the round's to fold now
+            session.upload_held = 0
+
+    while (raw := await context.read()) is not grpc.aio.EOF:
+        session.last_seen = time.monotonic()
+        data = chunk_data(SITE_CHUNK_FIELD, raw)
+        if data is not None:
+            if assembling is not None and len(data) < min(MIN_CHUNK, assembling[1].remaining):
+                raise ProtocolError(f"a payload chunk of {len(data)} bytes before the payload's last")
+            add(data)  # no floods of tiny chunks, above
+            continue
+        if not session.messages.allow():
+            raise ProtocolError(f"more than {session.messages.rate:.0f} messages a second")
+        message = parse(pb.SiteMessage, raw)
+        body = message.WhichOneof("body")
+        if body == "heartbeat":
+            continue
+        if body == "decline":  # the site's policy refuses this job: recorded, and it leaves
+            if session.answered:
+                raise ProtocolError("a site that took part in the job cannot decline it")
+            on_decline(clean_text(message.decline.reason.strip()) or "no reason given")
+            return
+        if body == "chunk":
+            add(message.chunk.data)
+        elif body == "result":
+            session.answered = True
+            if assembling is not None:
+                raise ProtocolError("a new Result began before the previous payload was complete")
+            result = message.result
+            size, tensors = result.payload.total_bytes, len(result.payload.tensors)
+            if size > limits.max_payload_bytes or tensors > limits.max_tensors:
+                raise ProtocolError(
+                    f"a payload of {size} bytes in {tensors} tensors exceeds the limit "
+                    f"({limits.max_payload_bytes} bytes, {limits.max_tensors} tensors)"
+                )
+            live = session.check_header(result)  # before anything is allocated
+            if live and size:  # wait for its turn in the upload budget before reading a byte
+                await limits.uploads.acquire(size)
+                session.upload_held, session.upload_progress = size, time.monotonic()
+            assembling = (result, PayloadAssembler(result.payload, keep=live))
+            if assembling[1].complete:  # nothing follows
+                add(b"")
+        else:
+            raise ProtocolError(f"unexpected {body!r} message from a connected site")

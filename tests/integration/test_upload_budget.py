@@ -1,0 +1,111 @@
+"""The server's memory does not grow with the number of sites (real gRPC on 127.0.0.1): site
+payloads are read within an upload budget, each reply is folded as it arrives, and a site
+that holds a turn in the budget without sending is dropped, not left to stall the others."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedcore.client.agent import Outcome
+from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.server import transport as transport_module
+from fedcore.server.limits import ServerLimits, UploadBudget
+from fedcore.tasks.bench import Bench
+from fedcore.wire import payload_messages
+from tests.integration.test_grpc_rounds import agent, experiment, federation
+from tests.support.hostile_site import instructions, result_for, session
+
+PARAMS = 250_000  # 1 MB an update
+UPDATE = PARAMS * 4
+
+
+@pytest.fixture
+def budgets(monkeypatch: pytest.MonkeyPatch) -> list[UploadBudget]:
+    """Every upload budget a server makes, to read its peak afterwards."""
+    made: list[UploadBudget] = []
+
+    class Watched(UploadBudget):
+        def __init__(self, limit: int) -> None:
+            super().__init__(limit)
+            made.append(self)
+
+    monkeypatch.setattr(transport_module, "UploadBudget", Watched)
+    return made
+
+
+def sites_of(count: int):  # type: ignore[no-untyped-def]
+    async def start(port: int) -> list[object]:
+        task = f"bench:{PARAMS}"
+        return list(
+            await asyncio.gather(*(agent(port, f"site-{k}", Bench(PARAMS), task).run() for k in range(count)))
+        )
+
+    return start
+
+
+def test_payloads_in_flight_stay_within_the_budget(tmp_path: Path, budgets: list[UploadBudget]) -> None:
+    sites, rounds = 8, 2
+    e = experiment(task__name=f"bench:{PARAMS}", federation__start_sites=sites, federation__rounds=rounds)
+    limits = ServerLimits(upload_budget=UPDATE)  # one update at a time
+    result, outcomes = asyncio.run(federation(e, tmp_path, sites_of(sites), limits=limits))
+    assert outcomes == [Outcome.COMPLETED] * sites
+    assert all(r.sites == sites for r in result.records)
+    np.testing.assert_allclose(result.parameters["w"], 0.01 * rounds, rtol=1e-6)
+    (budget,) = budgets
+    assert budget.peak == UPDATE and budget.used == 0  # never two at once, all given back
+
+
+async def _stalling(port: int, gone: asyncio.Event) -> grpc.StatusCode | None:
+    """Takes its turn in the budget (a header and a first chunk), then only heartbeats."""
+    async with session(port, "staller", f"bench:{PARAMS}") as call:
+        try:
+            async for ins in instructions(call):
+                header, pieces = payload_messages({"w": np.full(PARAMS, 0.01, np.float32)})
+                result = result_for(ins)
+                result.payload.CopyFrom(header)
+                await call.write(pb.SiteMessage(result=result))
+                await call.write(pb.SiteMessage(chunk=pb.Chunk(data=bytes(pieces[0])[: 1 << 17])))
+                for _ in range(300):  # bounded: 30 s at most
+                    await call.write(pb.SiteMessage(heartbeat=pb.Heartbeat()))
+                    await asyncio.sleep(0.1)
+                    if gone.is_set():
+                        break
+                break
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+        except asyncio.InvalidStateError:
+            return await call.code()
+        call.cancel()
+        return None
+
+
+def test_a_site_that_holds_its_upload_turn_without_sending_is_dropped(
+    tmp_path: Path, budgets: list[UploadBudget], caplog: pytest.LogCaptureFixture
+) -> None:
+    gone = asyncio.Event()
+
+    async def start(port: int) -> list[object]:
+        staller = asyncio.ensure_future(_stalling(port, gone))
+        await asyncio.sleep(0.5)  # it is first in line for the budget
+        honest = await sites_of(3)(port)
+        gone.set()
+        return [*honest, await staller]
+
+    e = experiment(task__name=f"bench:{PARAMS}", federation__start_sites=4, federation__rounds=2)
+    limits = ServerLimits(upload_budget=UPDATE, heartbeat_timeout=2.0)
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        result, outcomes = asyncio.run(federation(e, tmp_path, start, limits=limits))
+    assert outcomes[:3] == [Outcome.COMPLETED] * 3
+    first = result.records[0]
+    assert set(first.dropped) == {"staller"} and "upload stalled" in first.dropped["staller"].detail
+    assert time.perf_counter() - started < 20  # dropped after ~2 s, not at the round's deadline
+    np.testing.assert_allclose(result.parameters["w"], 0.02, rtol=1e-6)
+    assert budgets[0].used == 0
