@@ -323,7 +323,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-connections", type=int, help="connections at once (default: the fd limit's room)")
     srv.add_argument(
-        "--upload-budget", type=int, metavar="MIB", help="site payloads read at once (default 64)"
+        "--upload-budget", type=int, metavar="MIB", help="site payloads read at once (default 16)"
     )
     srv.add_argument("-v", "--verbose", action="store_true")
     experiment_flags(srv)

@@ -20,7 +20,7 @@ from fedcore.tensors import Arrays, chunks, encode
 PROTOCOL_VERSION = 5  # 2: signed SecAgg+ keys and the consistency check; 3: seed commitments, share digests, the nonce reveal; 4: public DP-SGD sampling rate and steps; 5: distributed DP's modular, rotated sum
 SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 SESSION_METHOD = f"/{SERVICE}/Session"
-MAX_MESSAGE_BYTES = 4 << 20  # every message is far smaller: payloads travel in 1 MiB chunks
+MAX_MESSAGE_BYTES = 4 << 20  # every message is far smaller: payloads travel in 256 KiB chunks
 MAX_CONFIG_ENTRIES = 256
 
 M = TypeVar("M", bound=Message)

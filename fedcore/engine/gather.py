@@ -58,18 +58,20 @@ async def gather(
             log.exception("site %s failed", site)
             return Drop(DropReason.FAILED, exchange, f"{type(err).__name__}: {err}")
 
-    tasks = {asyncio.ensure_future(transport.request(s, instruction_for(s))): s for s in sites}
-    handled: set[asyncio.Future[Reply]] = set()
+    # A finished task holds its reply: each is forgotten once handed on, so the replies
+    # folded so far are not kept alive until the round ends.
+    waiting = {asyncio.ensure_future(transport.request(s, instruction_for(s))): s for s in sites}
     replied, closing = 0, False
     try:
         async with asyncio.timeout(deadline) as timeout:
-            while len(handled) < len(tasks):
-                done, _ = await asyncio.wait(set(tasks) - handled, return_when=asyncio.FIRST_COMPLETED)
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    handled.add(task)
-                    outcome = outcome_of(task, tasks[task])
+                    site = waiting.pop(task)
+                    outcome = outcome_of(task, site)
                     replied += isinstance(outcome, Reply) and outcome.refusal is None
-                    settle(tasks[task], outcome)
+                    settle(site, outcome)
+                del done, outcome
                 if quorum is not None and replied >= quorum and not closing:
                     closing = True  # the quorum is in: the others have `grace` seconds left
                     when = asyncio.get_running_loop().time() + grace
@@ -79,17 +81,14 @@ async def gather(
     finally:
         # Every task is accounted for exactly once: finished ones (even those that
         # finished as the deadline struck) by their outcome, the rest as late.
-        for task, site in tasks.items():
-            if task in handled:
-                continue
+        for task, site in waiting.items():
             if task.done():
                 outcome = outcome_of(task, site)
             else:
                 task.cancel()
                 outcome = Drop(DropReason.DEADLINE, exchange)
-            handled.add(task)
             settle(site, outcome)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*waiting, return_exceptions=True)
     return dict(sorted(dropped.items()))
 
 

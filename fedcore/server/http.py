@@ -31,6 +31,11 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         sock.settimeout(self.timeout_seconds)
         return sock, address
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A peer that speaks plain HTTP to TLS, or hangs up mid-request: one line, no traceback
+        # on the operator's stderr (anyone who can reach the port could fill it).
+        log.debug("web request from %s failed", client_address, exc_info=True)
+
 
 class _Server6(_Server):
     address_family = socket.AF_INET6

@@ -37,7 +37,7 @@ class Outgoing:
 
 
 MESSAGES_PER_SECOND, MESSAGE_BURST = 200.0, 1000.0  # a site's messages besides payload chunks
-MIN_CHUNK = 1 << 16  # bytes: every chunk but a payload's last (sites send 1 MiB)
+MIN_CHUNK = 1 << 16  # bytes: every chunk but a payload's last (sites send 256 KiB)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from fedcore.proto.v1 import federation_pb2 as pb
 
 Arrays = dict[str, np.ndarray]
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 18  # 256 KiB: what gRPC holds per stream in flight scales with it (1 MiB: +~1 MiB a site)
 MAX_TENSORS = 100_000
 MAX_NAME = 256  # characters of a tensor name (a model's are short)
 MAX_DIMENSIONS = 32  # numpy's own limit is 64; checked before any arithmetic on a shape

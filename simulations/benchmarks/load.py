@@ -2,8 +2,9 @@
 
 The server is its own process (`python -m fedcore server --pki ...`), so its memory is its
 own: the peak is the kernel's high-water mark (VmHWM in /proc/PID/status), and the baseline
-is its resident memory once every site is connected, before round 1 (the interpreter,
-imports, the model and its encoded frames, every session). What a round adds on top of it is
+is its resident memory once it listens, before any site connects (the interpreter, imports
+and the model; the sites' processes start then), so the rest includes
+every session's buffers as well as the rounds. What a round adds on top of it is
 reported in model copies (float32 bytes of the model). Sites are real `SiteAgent`s on the
 `bench:PARAMS` task (a fixed +0.01 update), many to a process: `round_overhead.py`'s site
 host. Progress and the baseline come from the server's own Prometheus endpoint.
@@ -18,6 +19,7 @@ import datetime as dt
 import json
 import os
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -59,11 +61,13 @@ def memory(pid: int) -> dict[str, int]:
     return out
 
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int, ca: Path) -> dict[str, float]:
+    """The server's own metrics (served over TLS with its certificate under --pki)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+        context = ssl.create_default_context(cafile=str(ca))
+        with urllib.request.urlopen(f"https://localhost:{port}/metrics", timeout=2, context=context) as reply:
             text = reply.read().decode()
-    except OSError:
+    except OSError:  # not listening yet
         return {}
     values = {}
     for line in text.splitlines():
@@ -74,7 +78,7 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def run_workload(
-    sites: int, params: int, rounds: int, processes: int, tmp: Path, progress: Any
+    sites: int, params: int, rounds: int, processes: int, budget: int | None, tmp: Path, progress: Any
 ) -> dict[str, Any]:
     label = f"{sites} x {params:,}"
     setup = progress.add_task(f"{label}: certificates", total=sites)
@@ -92,7 +96,8 @@ def run_workload(
     port, metrics_port = free_port(), free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "fedcore", "server", "--config", str(config), "--state", str(tmp / "state"),
-         "--pki", str(pki_dir), "--listen", f"127.0.0.1:{port}", "--metrics", str(metrics_port)],
+         "--pki", str(pki_dir), "--listen", f"127.0.0.1:{port}", "--metrics", str(metrics_port),
+         *(["--upload-budget", str(budget)] if budget else [])],
         stdout=subprocess.DEVNULL, stderr=(tmp / "server.log").open("w"),
     )  # fmt: skip
     host = [
@@ -103,10 +108,7 @@ def run_workload(
         "--params",
         str(params),
     ]
-    hosts = [
-        subprocess.Popen([*host, *(str(kits[i]) for i in part)], stderr=(tmp / f"sites-{n}.log").open("w"))
-        for n, part in enumerate(np.array_split(np.arange(sites), processes))
-    ]
+    hosts: list[subprocess.Popen[bytes]] = []  # started once the server's baseline is read
     connecting = progress.add_task(f"{label}: sites connecting", total=sites)
     running = progress.add_task(f"{label}: rounds", total=rounds)
     samples: dict[str, Any] = {"baseline": None, "hwm": 0}
@@ -115,17 +117,25 @@ def run_workload(
         while server.poll() is None:
             if time.perf_counter() - started > 3600:
                 raise TimeoutError(f"{label}: no end after an hour")
-            seen = scrape(metrics_port)
+            seen = scrape(metrics_port, pki_dir / "ca.crt")
             try:
                 mem = memory(server.pid)
             except (FileNotFoundError, ProcessLookupError):
+                break
+            if "VmHWM" not in mem:  # exiting
                 break
             samples["hwm"] = max(samples["hwm"], mem["VmHWM"])
             connected, done = int(seen.get("fedcore_sites_connected", 0)), int(seen.get("fedcore_round", 0))
             progress.update(connecting, completed=connected)
             progress.update(running, completed=done)
-            if samples["baseline"] is None and connected == sites and done == 0:
+            if samples["baseline"] is None and seen:  # listening; no site yet (they start after)
                 samples["baseline"] = mem["VmRSS"]
+                hosts += [
+                    subprocess.Popen(
+                        [*host, *(str(kits[i]) for i in part)], stderr=(tmp / f"sites-{n}.log").open("w")
+                    )
+                    for n, part in enumerate(np.array_split(np.arange(sites), processes))
+                ]
             time.sleep(0.2)
         codes = [h.wait(timeout=120) for h in hosts]
     finally:
@@ -160,9 +170,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         "sites x params",
         "model",
         "s / round",
-        "server RSS at start",
+        "server RSS listening",
         "server peak RSS",
-        "peak - start",
+        "peak - listening",
     ):
         table.add_column(name, justify="right")
     for row in report["workloads"]:
@@ -172,7 +182,8 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{row['median_seconds']:.2f}",
             f"{row['server_baseline_rss_mib']:.0f} MiB",
             f"{row['server_peak_rss_mib']:.0f} MiB",
-            f"{row['round_memory_model_copies']:.1f} model copies",
+            f"{row['server_peak_rss_mib'] - row['server_baseline_rss_mib']:.0f} MiB = "
+            f"{row['round_memory_model_copies']:.1f} models",
         )
     console.print(table)
 
@@ -187,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
         "--rounds", type=int, default=3, help="rounds per workload (default 3; round 1 is warm-up)"
     )
     ap.add_argument("--processes", type=int, default=4, help="site-hosting processes (default 4)")
+    ap.add_argument(
+        "--upload-budget", type=int, metavar="MIB", help="the server's (default: its own default)"
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     chosen = [tuple(int(x) for x in w.split("x")) for w in args.workload] if args.workload else None
@@ -198,7 +212,15 @@ def main(argv: list[str] | None = None) -> None:
         for sites, params in workloads:
             with tempfile.TemporaryDirectory(prefix="fedcore-load-") as tmp:
                 rows.append(
-                    run_workload(sites, params, args.rounds, min(args.processes, sites), Path(tmp), progress)
+                    run_workload(
+                        sites,
+                        params,
+                        args.rounds,
+                        min(args.processes, sites),
+                        args.upload_budget,
+                        Path(tmp),
+                        progress,
+                    )
                 )
     report = {
         "benchmark": "load",
