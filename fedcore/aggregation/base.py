@@ -142,6 +142,20 @@ class Aggregate:
             raise ValueError("the aggregate carries no weight")
         return {k: v / self.weight for k, v in self.sum.items()}
 
+    def take_mean(self) -> Arrays:
+        """The mean, made in place of the sum (which is then gone): no second float64 model."""
+        if self.sum is None:
+            raise ValueError("the aggregate is still encoded: a stage did not decode it")
+        if not self.weight > 0:
+            raise ValueError("the aggregate carries no weight")
+        mean, self.sum = self.sum, None
+        for k, v in mean.items():
+            if v.dtype == np.float64 and v.flags.writeable:
+                v /= self.weight
+            else:
+                mean[k] = v / self.weight
+        return mean
+
     def measure(self, section: Section, **values: Any) -> None:
         self.measurements.setdefault(section.value, {}).update(values)
 

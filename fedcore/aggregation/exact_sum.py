@@ -12,8 +12,13 @@ The integer total of a coordinate is held in two limbs, `high * 2**31 + low` wit
 fold, so the pair is a function of the total alone). That leaves about 94 bits for a value:
 `GUARD` bits of headroom above the model's scale, the weight bound and the site count take
 what they need, and the rest is precision. With 1,000 sites and weights up to 100,000, a
-coordinate's mean is exact to about 2**-46 of the model's scale (float32 resolves 2**-24);
+coordinate's mean is exact to about 2**-36 of the model's scale (float32 resolves 2**-24);
 `fraction_bits` is recorded with each round.
+
+A small vector (at most SMALL values: a linear model, the statistics exchange's counts and
+sums of squares) is not put on a grid: every weighted reply is kept and each coordinate is
+summed by `math.fsum`, which is exact and correctly rounded whatever the magnitudes and the
+order, at a memory of sites x SMALL values.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import numpy as np
 from fedcore.errors import ProtocolError
 from fedcore.tensors import Arrays
 
-GUARD = 20  # an update may be up to 2**GUARD times the model's scale; larger is refused
+GUARD = 30  # an update may be up to 2**GUARD times the model's scale; larger is refused
 LOW_BITS = 31
 BLOCK = 1 << 16  # values folded at a time: temporaries stay small whatever the model
+SMALL = 1024
 
 
 def model_scale(model: Arrays) -> float:
@@ -49,8 +55,12 @@ class ExactSum:
         # |high| per value <= 2**(GUARD + weight_bits + fraction_bits - LOW_BITS); n of them < 2**62.
         self.fraction_bits = 62 + LOW_BITS - GUARD - weight_bits - site_bits
         self.sites = sites
-        self.high = {k: np.zeros(v.shape, dtype=np.int64) for k, v in model.items()}
-        self.low = {k: np.zeros(v.shape, dtype=np.uint32) for k, v in model.items()}
+        self.small = sum(v.size for v in model.values()) <= SMALL
+        self.kept: list[dict[str, np.ndarray]] = []  # a small vector's weighted replies
+        grid = {} if self.small else model
+        self.high = {k: np.zeros(v.shape, dtype=np.int64) for k, v in grid.items()}
+        self.low = {k: np.zeros(v.shape, dtype=np.uint32) for k, v in grid.items()}
+        self.shapes = {k: v.shape for k, v in model.items()}
         self.weights: list[float] = []
 
     @property
@@ -67,6 +77,10 @@ class ExactSum:
             raise ProtocolError(f"a weight of {weight} is outside (0, {self.max_weight}]")
         if self.count == self.sites:
             raise ProtocolError(f"more than the {self.sites} replies the grid was sized for")
+        if self.small:
+            self.kept.append({k: v.astype(np.float64) * weight for k, v in update.items()})
+            self.weights.append(weight)
+            return
         for name, values in update.items():
             if values.size and max(float(np.max(values)), -float(np.min(values))) > self.limit:
                 raise ProtocolError(
@@ -86,13 +100,31 @@ class ExactSum:
                 low[part] = rest & ((1 << LOW_BITS) - 1)
         self.weights.append(weight)
 
-    def total(self) -> Arrays:
-        """The sum of weight x update as float64 (one rounding of the exact total)."""
+    def total(self, *, final: bool = False) -> Arrays:
+        """The sum of weight x update as float64 (one rounding of the exact total). `final`:
+        the last read: each tensor's limbs are freed as it is converted, so the conversion
+        does not hold the accumulator and the whole float64 sum at once (a 512 MiB model:
+        -1.5 GiB at the peak)."""
+        if self.small:
+            return {
+                k: np.array(
+                    [math.fsum(c) for c in zip(*(r[k].ravel() for r in self.kept), strict=True)]
+                ).reshape(shape)
+                if self.kept
+                else np.zeros(shape)
+                for k, shape in self.shapes.items()
+            }
         step = self.scale * 2.0**-self.fraction_bits
         out = {}
-        for name, high in self.high.items():
-            value = high.astype(np.float64) * 2.0**LOW_BITS
-            value += self.low[name]
+        for name in list(self.high):
+            high, low = (
+                (self.high.pop(name), self.low.pop(name)) if final else (self.high[name], self.low[name])
+            )
+            value = high.astype(np.float64)
+            del high
+            value *= 2.0**LOW_BITS
+            value += low
+            del low
             value *= step
             out[name] = value
         return out

@@ -45,12 +45,13 @@ class WeightedMean(Leaf):
             "fit", info.sampled, lambda site: SiteRequest(train=True, plan=plan), accept
         )
         aggregate = Aggregate(
-            sum=total.total(),
+            sum=total.total(final=True),
             weight=total.weight,
             count=total.count,
             contributors=sorted(contributors),
             dropped=dropped,
             site_metrics={s: metrics[s] for s in sorted(metrics)},
         )
-        aggregate.measure(self.section, fraction_bits=total.fraction_bits)
+        if not total.small:
+            aggregate.measure(self.section, fraction_bits=total.fraction_bits)
         return aggregate

@@ -274,7 +274,7 @@ class Coordinator:
             )
             return None
         if skipped is None:
-            self.parameters = self.strategy.apply(self.parameters, aggregate.mean)
+            self.parameters = self.strategy.apply(self.parameters, aggregate.take_mean())
         else:  # no one to blame (e.g. a sum out of range): the run goes on from the same model
             log.error("round %d skipped after %d attempts: %s", number, attempt, skipped)
         accuracy, loss, evaluation, named = await self._evaluate(number, sorted(aggregate.contributors))

@@ -6,6 +6,7 @@ whatever the number of sites)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -24,11 +25,40 @@ from fedcore.wire import SITE_CHUNK_FIELD, chunk_data, parse
 log = logging.getLogger(__name__)
 
 
+# An upload that holds a turn in the budget must keep at least this pace (2 Mbit/s), after a
+# grace of the heartbeat timeout: a site dripping a chunk now and then cannot keep the turn.
+MIN_UPLOAD_RATE = 256 << 10  # bytes a second
+
+
 @dataclass(frozen=True)
 class InboundLimits:
     max_payload_bytes: int
     max_tensors: int
     uploads: UploadBudget
+    grace: float = 30.0  # seconds (the heartbeat timeout)
+
+
+async def take_turn(session: SiteSession, limits: InboundLimits, request_id: int, size: int) -> bool:
+    """Wait in line for `size` bytes of the upload budget; False if the request expired while
+    waiting (the payload is then skipped, never stored). Waiting is not silence: a site in
+    line is not reading its stream, so its heartbeats are not seen (`upload_waiting`)."""
+    turn = asyncio.ensure_future(limits.uploads.acquire(size))
+    session.upload_waiting = True
+    try:
+        while not turn.done():
+            await asyncio.wait({turn}, timeout=1.0)
+            if not turn.done() and request_id not in session.pending:
+                turn.cancel()  # gives the turn back if it was granted meanwhile
+                await asyncio.gather(turn, return_exceptions=True)
+                return False
+    finally:
+        session.upload_waiting = False
+        if not turn.done():  # this reader was cancelled (the session ends)
+            turn.cancel()
+    turn.result()
+    session.upload_held = size
+    session.upload_deadline = time.monotonic() + limits.grace + size / MIN_UPLOAD_RATE
+    return True
 
 
 async def read_site(
@@ -59,7 +89,10 @@ async def _read(
         if assembling is None:
             raise ProtocolError("payload chunk without a Result header")
         assembling[1].add(data)
-        session.upload_progress = time.monotonic()
+        if session.upload_held and assembling[0].request_id not in session.pending:
+            assembling[1].skip()  # the round gave up on it: store no more, and free its turn
+            limits.uploads.release(session.upload_held)
+            session.upload_held = 0
         if assembling[1].complete:
             session.resolve(*assembling)
             assembling = None
@@ -100,8 +133,7 @@ async def _read(
                 )
             live = session.check_header(result)  # before anything is allocated
             if live and size:  # wait for its turn in the upload budget before reading a byte
-                await limits.uploads.acquire(size)
-                session.upload_held, session.upload_progress = size, time.monotonic()
+                live = await take_turn(session, limits, result.request_id, size)
             assembling = (result, PayloadAssembler(result.payload, keep=live))
             if assembling[1].complete:  # nothing follows
                 add(b"")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import resource
 from dataclasses import dataclass
@@ -96,7 +97,9 @@ class UploadBudget:
             if turn.done() and not turn.cancelled():  # granted as it was cancelled: give it back
                 self.release(size)
             else:
-                self._waiting.remove((size, turn))
+                with contextlib.suppress(ValueError):  # release() may have dropped it already
+                    self._waiting.remove((size, turn))
+                self.release(0)  # those behind it may fit now
             raise
 
     def release(self, size: int) -> None:

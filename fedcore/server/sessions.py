@@ -80,7 +80,8 @@ class SiteSession:
     queued_payloads: int = 0  # items with a payload in `outbound`, not yet taken by the writer
     messages: RateLimit = field(default_factory=RateLimit)
     upload_held: int = 0  # bytes of the server's upload budget its payload in progress holds
-    upload_progress: float = 0.0  # when that payload last moved
+    upload_deadline: float = 0.0  # when that payload must be complete (`inbound.MIN_UPLOAD_RATE`)
+    upload_waiting: bool = False  # in line for the budget: not reading, so heartbeats unseen
 
     def fail_pending(self, reason: str) -> None:
         for item in self.pending.values():

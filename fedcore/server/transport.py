@@ -66,7 +66,10 @@ class GrpcTransport(Transport):
         `allowed_sites`: the only site names that may join (None: any the CA certified).
         `upload_budget`: bytes of payloads assembled at once (None: two of the largest)."""
         self.limits = InboundLimits(
-            max_payload_bytes, max_tensors, UploadBudget(upload_budget or 2 * max_payload_bytes)
+            max_payload_bytes,
+            max_tensors,
+            UploadBudget(upload_budget or 2 * max_payload_bytes),
+            heartbeat_timeout,
         )
         self.spec = spec
         self.allowed_sites = allowed_sites
@@ -351,7 +354,7 @@ class GrpcTransport(Transport):
         while True:
             await asyncio.sleep(self.heartbeat_timeout / 3)
             now, limit = time.monotonic(), self.heartbeat_timeout
-            if now - session.last_seen > limit:
+            if now - session.last_seen > limit and not session.upload_waiting:
                 raise SiteUnavailable(session.name, f"no heartbeat for {limit:.0f} s")
-            if session.upload_held and now - session.upload_progress > limit:  # it holds others' turn
-                raise SiteUnavailable(session.name, f"its upload stalled for {limit:.0f} s")
+            if session.upload_held and now > session.upload_deadline:  # it holds others' turn
+                raise SiteUnavailable(session.name, "its upload stalled (slower than 256 KiB/s)")

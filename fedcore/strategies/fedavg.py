@@ -16,7 +16,12 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def apply(self, current: Arrays, mean_update: Arrays) -> Arrays:
-        return {k: (v.astype(np.float64) + mean_update[k]).astype(v.dtype) for k, v in current.items()}
+        out = {}
+        for k, v in current.items():  # one float64 temporary at a time
+            total = v.astype(np.float64)
+            total += mean_update[k]
+            out[k] = total.astype(v.dtype)
+        return out
 
 
 class FedProx(FedAvg):

@@ -171,6 +171,10 @@ class PayloadAssembler:
             self._buffer[self._filled : end] = chunk
         self._filled = end
 
+    def skip(self) -> None:
+        """Store nothing more (what came so far is dropped); the rest is still counted."""
+        self.keep, self._buffer, self._whole = False, None, None
+
     def arrays(self) -> Arrays:
         if not self.keep:
             raise ProtocolError("a skipped payload has no arrays")

@@ -83,3 +83,39 @@ def test_the_metrics_endpoint_matches_the_records(tmp_path: Path) -> None:
     )
     assert seen['fedcore_connections_refused_total{"reason": "unauthenticated"}'] == 1
     assert refused[0] is not None
+
+
+def test_many_idle_connections_hold_a_bounded_number_of_threads() -> None:
+    """Anyone who can reach the port may dial it: 200 connections that never send a byte hold
+    at most `max_connections` threads (and descriptors); once they go, scrapes are served."""
+    import socket
+    import threading
+
+    from fedcore.server.http import _Server
+    from fedcore.server.metrics import ServerMetrics, serve_metrics
+
+    httpd, port = serve_metrics("127.0.0.1:0", ServerMetrics())
+    before = threading.active_count()
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        for _ in range(50):  # bounded: the accept loop takes them in turn
+            if threading.active_count() >= before + _Server.max_connections:
+                break
+            threading.Event().wait(0.05)
+        assert threading.active_count() <= before + _Server.max_connections
+    finally:
+        for s in idle:
+            s.close()
+    for _ in range(100):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+                assert reply.status == 200
+            break
+        except OSError:
+            threading.Event().wait(0.1)
+    else:
+        raise AssertionError("the endpoint did not come back")
+    httpd.shutdown()
+    httpd.server_close()

@@ -63,7 +63,9 @@ def test_payloads_in_flight_stay_within_the_budget(tmp_path: Path, budgets: list
 
 
 async def _stalling(port: int, gone: asyncio.Event) -> grpc.StatusCode | None:
-    """Takes its turn in the budget (a header and a first chunk), then only heartbeats."""
+    """Takes its turn in the budget (a header), then drips: 64 KiB every 0.8 s, with heartbeats.
+    The review's attack: under a check of silence alone it held the turn for ever, and the
+    honest sites waiting in line (heartbeats unread) were dropped for "no heartbeat"."""
     async with session(port, "staller", f"bench:{PARAMS}") as call:
         try:
             async for ins in instructions(call):
@@ -71,10 +73,11 @@ async def _stalling(port: int, gone: asyncio.Event) -> grpc.StatusCode | None:
                 result = result_for(ins)
                 result.payload.CopyFrom(header)
                 await call.write(pb.SiteMessage(result=result))
-                await call.write(pb.SiteMessage(chunk=pb.Chunk(data=bytes(pieces[0])[: 1 << 17])))
-                for _ in range(300):  # bounded: 30 s at most
+                data = b"".join(bytes(p) for p in pieces)
+                for k in range(40):  # bounded: 32 s at most
+                    await call.write(pb.SiteMessage(chunk=pb.Chunk(data=data[k << 16 : (k + 1) << 16])))
                     await call.write(pb.SiteMessage(heartbeat=pb.Heartbeat()))
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.8)
                     if gone.is_set():
                         break
                 break
@@ -86,7 +89,7 @@ async def _stalling(port: int, gone: asyncio.Event) -> grpc.StatusCode | None:
         return None
 
 
-def test_a_site_that_holds_its_upload_turn_without_sending_is_dropped(
+def test_a_site_that_holds_its_upload_turn_dripping_is_dropped_and_those_in_line_are_not(
     tmp_path: Path, budgets: list[UploadBudget], caplog: pytest.LogCaptureFixture
 ) -> None:
     gone = asyncio.Event()
@@ -99,13 +102,15 @@ def test_a_site_that_holds_its_upload_turn_without_sending_is_dropped(
         return [*honest, await staller]
 
     e = experiment(task__name=f"bench:{PARAMS}", federation__start_sites=4, federation__rounds=2)
-    limits = ServerLimits(upload_budget=UPDATE, heartbeat_timeout=2.0)
+    # The honest sites wait in line longer than the heartbeat timeout: not a reason to drop them.
+    limits = ServerLimits(upload_budget=UPDATE, heartbeat_timeout=1.0)
     started = time.perf_counter()
     with caplog.at_level(logging.WARNING):
         result, outcomes = asyncio.run(federation(e, tmp_path, start, limits=limits))
     assert outcomes[:3] == [Outcome.COMPLETED] * 3
     first = result.records[0]
     assert set(first.dropped) == {"staller"} and "upload stalled" in first.dropped["staller"].detail
+    assert first.sites == 3
     assert time.perf_counter() - started < 20  # dropped after ~2 s, not at the round's deadline
     np.testing.assert_allclose(result.parameters["w"], 0.02, rtol=1e-6)
     assert budgets[0].used == 0
