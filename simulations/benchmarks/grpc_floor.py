@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"{args.sites} x {args.params:,}: bare grpcio, {label} ...")
             try:
                 seconds = asyncio.run(
-                    asyncio.wait_for(serve_rounds(args.sites, args.params, args.rounds, pki_dir, Path(tmp)), 300)
+                    asyncio.wait_for(
+                        serve_rounds(args.sites, args.params, args.rounds, pki_dir, Path(tmp)), 300
+                    )
                 )
             except TimeoutError:
                 console.print(f"{label}: no result within 300 s")
