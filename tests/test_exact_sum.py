@@ -165,3 +165,15 @@ def test_the_plain_leaf_gives_the_same_model_for_every_arrival_order(path: str) 
         order = sites[:]
         random.Random(seed).shuffle(order)
         assert run(order) == first
+
+
+def test_the_largest_values_allowed_do_not_wrap(path: str) -> None:
+    """Every site at the weight bound with every value at the guard: the limbs hold the total."""
+    sites, bound = 4, 10**9
+    model = {"w": np.ones(2048, np.float32)}
+    edge = np.full(2048, 2.0**GUARD, np.float32)
+    edge[1::2] *= -1
+    total = ExactSum(model, max_weight=bound, sites=sites)
+    for _ in range(sites):
+        total.add({"w": edge}, float(bound))
+    np.testing.assert_array_equal(total.total()["w"], edge.astype(np.float64) * bound * sites)
