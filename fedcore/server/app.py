@@ -45,9 +45,6 @@ from fedcore.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-# Site payloads assembled at once, in bytes, at least (or two updates of a larger model):
-# the server's memory does not grow with the number of sites (`limits.UploadBudget`).
-UPLOAD_BUDGET_FLOOR = 16 << 20
 
 # Sites ping every 10 s (see client.agent); allow it, and detect dead peers within ~30 s.
 SERVER_OPTIONS = [
@@ -105,7 +102,7 @@ async def serve(
     `metrics`: HOST:PORT (or PORT, on 127.0.0.1) to serve Prometheus metrics and /healthz on;
     `on_metrics` gets the port bound. `dashboard`, `on_dashboard`: the same for the live web
     dashboard (its URL, with its token, in STATE/dashboard.url). `limits`: connections,
-    upload budget (default UPLOAD_BUDGET_FLOOR, or two updates of a larger model), heartbeat."""
+    upload budget (`ServerLimits.budget_for`), heartbeat."""
     experiment = with_task_defaults(experiment)
     task = task or task_for(experiment)
     opened = open_run(state, experiment, resume=resume, command=command)  # before listening: the lock
@@ -170,7 +167,7 @@ async def _serve(
         run_id=opened.run_id,
         max_payload_bytes=4 * model_bytes + (1 << 20),
         max_tensors=len(model) + 1,
-        upload_budget=limits.upload_budget or max(UPLOAD_BUDGET_FLOOR, 2 * model_bytes),
+        upload_budget=limits.budget_for(model_bytes),
         heartbeat_timeout=limits.heartbeat_timeout,
         mutual_tls=files is not None,
         audit=audit,

@@ -26,6 +26,11 @@ HANDSHAKE_SECONDS = 5.0
 IDLE_SECONDS = 20.0  # a connection with no stream open this long is closed (a site holds one always)
 
 
+# Site payloads assembled at once, in bytes, at least: the server's memory does not grow with
+# the number of sites (`UploadBudget`), and small updates still upload many at a time.
+UPLOAD_BUDGET_FLOOR = 16 << 20
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     """The operator's limits (`fedcore server --max-connections`, `--upload-budget`)."""
@@ -33,6 +38,10 @@ class ServerLimits:
     max_connections: int | None = None  # None: what the descriptor limit allows (`connection_cap`)
     upload_budget: int | None = None  # bytes of payloads assembled at once (None: the server's default)
     heartbeat_timeout: float = 30.0  # a site silent this long is gone (sites beat every 5 s)
+
+    def budget_for(self, update_bytes: int) -> int:
+        """The upload budget: as asked, else UPLOAD_BUDGET_FLOOR or two updates of a larger model."""
+        return self.upload_budget or max(UPLOAD_BUDGET_FLOOR, 2 * update_bytes)
 
 
 def descriptor_limit() -> int:

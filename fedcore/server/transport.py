@@ -59,16 +59,16 @@ class GrpcTransport(Transport):
         audit: AuditLog | None = None,
         revocations: RevocationList | None = None,
         allowed_sites: frozenset[str] | None = None,
-        upload_budget: int | None = None,
+        upload_budget: int,
     ) -> None:
         """`audit`: where every connection accepted or refused, and why, is recorded.
         `revocations`: the CRL checked when a stream opens (see `apply_revocations`).
         `allowed_sites`: the only site names that may join (None: any the CA certified).
-        `upload_budget`: bytes of payloads assembled at once (None: two of the largest)."""
+        `upload_budget`: bytes of payloads assembled at once (`ServerLimits.budget_for`)."""
         self.limits = InboundLimits(
             max_payload_bytes,
             max_tensors,
-            UploadBudget(upload_budget or 2 * max_payload_bytes),
+            UploadBudget(upload_budget),
             heartbeat_timeout,
         )
         self.spec = spec

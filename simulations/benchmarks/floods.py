@@ -45,7 +45,7 @@ from fedcore.wire import PROTOCOL_VERSION, config_to_wire, payload_messages
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from environment import environment  # noqa: E402
-from load import free_port, memory  # noqa: E402
+from load import free_port, memory, site_host, start_server  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "floods.json"
 HONEST = 4
@@ -221,25 +221,10 @@ def run(
     honest = [pki.add_site(pki_dir, f"site-{k}") for k in range(HONEST)]
     evil = [pki.add_site(pki_dir, f"evil-{k}") for k in range(hostile)]
     task = f"bench:{params}"
-    config = tmp / "job.toml"
-    config.write_text(
-        f'[task]\nname = "{task}"\n\n[federation]\nrounds = {rounds}\nmin_sites = {HONEST}\n'
-        f"start_sites = {HONEST}\nquorum = 0.5\ngrace = 2.0\n"
-    )
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "fedcore", "server", "--config", str(config), "--state", str(tmp / "state"),
-         "--pki", str(pki_dir), "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp / "server.log").open("w"),
-    )  # fmt: skip
-    host = [
-        sys.executable,
-        str(HERE / "round_overhead.py"),
-        "--host-sites",
-        str(port),
-        "--params",
-        str(params),
-    ]
+    job = f"rounds = {rounds}\nmin_sites = {HONEST}\nstart_sites = {HONEST}\nquorum = 0.5\ngrace = 2.0\n"
+    server = start_server(tmp, pki_dir, port, params, job)
+    host = site_host(port, params)
     sites: subprocess.Popen[bytes] | None = None
     peak = 0
     wall: list[float] = []  # from the honest sites' start to the run's end: failed attempts too

@@ -77,6 +77,31 @@ def scrape(port: int, ca: Path) -> dict[str, float]:
     return values
 
 
+def start_server(tmp: Path, pki_dir: Path, port: int, params: int, federation: str, *flags: str) -> Any:
+    """`fedcore server` in its own process on `bench:PARAMS` with mutual TLS; `federation`:
+    the job's [federation] lines. Its log goes to TMP/server.log, its state to TMP/state."""
+    config = tmp / "job.toml"
+    config.write_text(f'[task]\nname = "bench:{params}"\n\n[federation]\n{federation}')
+    argv = ["--config", str(config), "--state", str(tmp / "state"), "--pki", str(pki_dir)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedcore", "server", *argv, "--listen", f"127.0.0.1:{port}", *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp / "server.log").open("w"),
+    )
+
+
+def site_host(port: int, params: int) -> list[str]:
+    """The command that hosts real SiteAgents (their kits follow): `round_overhead.py`'s."""
+    return [
+        sys.executable,
+        str(HERE / "round_overhead.py"),
+        "--host-sites",
+        str(port),
+        "--params",
+        str(params),
+    ]
+
+
 def run_workload(
     sites: int, params: int, rounds: int, processes: int, budget: int | None, tmp: Path, progress: Any
 ) -> dict[str, Any]:
@@ -88,26 +113,11 @@ def run_workload(
     for k in range(sites):
         kits.append(pki.add_site(pki_dir, f"site-{k}"))
         progress.advance(setup)
-    config = tmp / "load.toml"
-    config.write_text(
-        f'[task]\nname = "bench:{params}"\n\n[federation]\nrounds = {rounds}\nmin_sites = {sites}\n'
-        f"start_sites = {sites}\nkeep_models = 1\n"
-    )
     port, metrics_port = free_port(), free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "fedcore", "server", "--config", str(config), "--state", str(tmp / "state"),
-         "--pki", str(pki_dir), "--listen", f"127.0.0.1:{port}", "--metrics", str(metrics_port),
-         *(["--upload-budget", str(budget)] if budget else [])],
-        stdout=subprocess.DEVNULL, stderr=(tmp / "server.log").open("w"),
-    )  # fmt: skip
-    host = [
-        sys.executable,
-        str(HERE / "round_overhead.py"),
-        "--host-sites",
-        str(port),
-        "--params",
-        str(params),
-    ]
+    budget_flag = ["--upload-budget", str(budget)] if budget else []
+    job = f"rounds = {rounds}\nmin_sites = {sites}\nstart_sites = {sites}\nkeep_models = 1\n"
+    server = start_server(tmp, pki_dir, port, params, job, "--metrics", str(metrics_port), *budget_flag)
+    host = site_host(port, params)
     hosts: list[subprocess.Popen[bytes]] = []  # started once the server's baseline is read
     connecting = progress.add_task(f"{label}: sites connecting", total=sites)
     running = progress.add_task(f"{label}: rounds", total=rounds)

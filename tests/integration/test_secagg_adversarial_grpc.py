@@ -76,7 +76,10 @@ class DishonestServer:
     async def _start(self, kits: dict[str, pki.TlsFiles]) -> tuple[int, list[asyncio.Future[Any]]]:
         task = Bench(PARAMS)
         self.transport = GrpcTransport(
-            spec=task_spec(self.experiment, task), run_id="evil", max_payload_bytes=1 << 22
+            spec=task_spec(self.experiment, task),
+            run_id="evil",
+            max_payload_bytes=1 << 22,
+            upload_budget=1 << 23,
         )
         self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers((self.transport.handler(),))
