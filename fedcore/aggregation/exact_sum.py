@@ -102,9 +102,8 @@ class ExactSum:
 
     def total(self, *, final: bool = False) -> Arrays:
         """The sum of weight x update as float64 (one rounding of the exact total). `final`:
-        the last read: each tensor's limbs are freed as it is converted, so the conversion
-        does not hold the accumulator and the whole float64 sum at once (a 512 MiB model:
-        -1.5 GiB at the peak)."""
+        the last read: the accumulator becomes the total (its high limb holds it, its low one is
+        freed), so the conversion never holds the accumulator and a float64 sum at once."""
         if self.small:
             return {
                 k: np.array(
@@ -120,11 +119,16 @@ class ExactSum:
             high, low = (
                 (self.high.pop(name), self.low.pop(name)) if final else (self.high[name], self.low[name])
             )
-            value = high.astype(np.float64)
-            del high
-            value *= 2.0**LOW_BITS
-            value += low
-            del low
-            value *= step
+            # Final: the float64 total is written over its own int64 limb, block by block
+            # (each block is read before it is overwritten): no second model-sized array.
+            value = high.view(np.float64) if final else np.empty(high.shape)
+            whole, rest, into = high.reshape(-1), low.reshape(-1), value.reshape(-1)
+            for start in range(0, whole.size, BLOCK):
+                part = slice(start, start + BLOCK)
+                block = whole[part].astype(np.float64)
+                block *= 2.0**LOW_BITS
+                block += rest[part]
+                block *= step
+                into[part] = block
             out[name] = value
         return out

@@ -71,7 +71,7 @@ async def gather(
                     outcome = outcome_of(task, site)
                     replied += isinstance(outcome, Reply) and outcome.refusal is None
                     settle(site, outcome)
-                del done, outcome
+                del done, outcome, task  # the server's upload budget counts a reply until it is gone
                 if quorum is not None and replied >= quorum and not closing:
                     closing = True  # the quorum is in: the others have `grace` seconds left
                     when = asyncio.get_running_loop().time() + grace

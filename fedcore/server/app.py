@@ -159,14 +159,15 @@ async def _serve(
     dashboard_at: tuple[str | None, Callable[[int], None] | None],
     limits: ServerLimits,
 ) -> RunResult:
-    model = task.initial_parameters(0)
-    model_bytes = sum(a.nbytes for a in model.values())
+    model = task.initial_parameters(0)  # only its size: the coordinator makes the run's own
+    model_bytes, tensors = sum(a.nbytes for a in model.values()), len(model)
+    del model
     files = pki.server_files(pki_dir) if pki_dir is not None else None
     transport = GrpcTransport(
         spec=task_spec(experiment, task),
         run_id=opened.run_id,
         max_payload_bytes=4 * model_bytes + (1 << 20),
-        max_tensors=len(model) + 1,
+        max_tensors=tensors + 1,
         upload_budget=limits.budget_for(model_bytes),
         heartbeat_timeout=limits.heartbeat_timeout,
         mutual_tls=files is not None,

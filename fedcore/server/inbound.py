@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +62,12 @@ async def take_turn(session: SiteSession, limits: InboundLimits, request_id: int
     return True
 
 
+def _give_back(loop: asyncio.AbstractEventLoop, budget: UploadBudget, size: int) -> None:
+    """A reply's turn, once the round is done with it (whichever thread dropped it last)."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(budget.release, size)
+
+
 async def read_site(
     session: SiteSession,
     context: grpc.aio.ServicerContext,
@@ -94,10 +101,13 @@ async def _read(
             limits.uploads.release(session.upload_held)
             session.upload_held = 0
         if assembling[1].complete:
-            session.resolve(*assembling)
+            held, session.upload_held = session.upload_held, 0
+            reply = session.resolve(*assembling)
             assembling = None
-            limits.uploads.release(session.upload_held)  # the reply is the round's to fold now
-            session.upload_held = 0
+            if reply is None or not held:  # not wanted any more (or nothing held): freed now
+                limits.uploads.release(held)
+            else:  # a reply waiting to be folded is in the budget too: its turn ends with it
+                weakref.finalize(reply, _give_back, asyncio.get_running_loop(), limits.uploads, held)
 
     while (raw := await context.read()) is not grpc.aio.EOF:
         session.last_seen = time.monotonic()

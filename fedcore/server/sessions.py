@@ -28,11 +28,20 @@ class Pending:
     instruction: Instruction
 
 
+class EncodedModel:
+    """A model as payload frames, encoded once for every site in a round. The transport keeps
+    only a weak reference: the frames live while some site's writer still has them to send."""
+
+    def __init__(self, source: object, header: pb.Payload, frames: list[bytes]) -> None:
+        self.source, self.header, self.frames = source, header, frames
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """Serialized messages written back to back: a header and its whole payload, never part."""
 
-    messages: list[bytes]
+    head: bytes
+    payload: EncodedModel | None = None
     request_id: int | None = None  # skipped if that request was cancelled before its turn
 
 
@@ -108,11 +117,12 @@ class SiteSession:
         check_payload_header(pending.instruction, result.payload)
         return True
 
-    def resolve(self, result: pb.Result, assembler: PayloadAssembler) -> None:
-        """Resolve the request this complete reply answers."""
+    def resolve(self, result: pb.Result, assembler: PayloadAssembler) -> Reply | None:
+        """Resolve the request this complete reply answers; the Reply, or None if the request
+        expired (the reply is dropped)."""
         pending = self.pending.get(result.request_id)
         if pending is None:  # it expired while the payload arrived
-            return
+            return None
         instruction = pending.instruction
         kind = kind_from_wire(result.kind)
         if result.round != instruction.round or kind is not instruction.kind:
@@ -138,8 +148,10 @@ class SiteSession:
             refusal=clean_text(result.refusal) if result.refusal else None,
             refusal_code=refusal_from_wire(result.refusal_code) if result.refusal else None,
         )
-        if not pending.future.done():
-            pending.future.set_result(reply)
+        if pending.future.done():
+            return None
+        pending.future.set_result(reply)
+        return reply
 
 
 def check_payload_header(instruction: Instruction, header: pb.Payload) -> None:

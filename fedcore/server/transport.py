@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -25,7 +26,7 @@ from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server.inbound import InboundLimits, read_site
 from fedcore.server.limits import UploadBudget
 from fedcore.server.revocation import RevocationList, certificate_serial
-from fedcore.server.sessions import Outgoing, Pending, SiteSession, instruction_message
+from fedcore.server.sessions import EncodedModel, Outgoing, Pending, SiteSession, instruction_message
 from fedcore.server.site_text import clean_text, site_identity
 from fedcore.tasks import TaskSpec
 from fedcore.wire import (
@@ -82,7 +83,7 @@ class GrpcTransport(Transport):
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
         self._finished: pb.RunEnd | None = None
-        self._encoded: tuple[object, pb.Payload, list[bytes]] | None = None
+        self._encoded: weakref.ref[EncodedModel] | None = None
         self._declines: dict[str, str] = {}  # since the coordinator last asked
         self._excluded: dict[str, str] = {}  # misbehaved: refused for the rest of the run
         self.audit = audit
@@ -119,13 +120,16 @@ class GrpcTransport(Transport):
         declines, self._declines = self._declines, {}
         return declines
 
-    def _payload(self, instruction: Instruction) -> tuple[pb.Payload, list[bytes]]:
-        # Every site gets the same global model in a round: encode it once.
-        if self._encoded is None or self._encoded[0] is not instruction.parameters:
+    def _payload(self, instruction: Instruction) -> EncodedModel:
+        # Every site gets the same global model in a round: encode it once, and let it go
+        # once every site has it (it is not held while the round aggregates).
+        encoded = self._encoded() if self._encoded is not None else None
+        if encoded is None or encoded.source is not instruction.parameters:
             header, pieces = payload_messages(instruction.parameters)
             frames = [chunk_frame(SERVER_CHUNK_FIELD, p) for p in pieces]
-            self._encoded = (instruction.parameters, header, frames)
-        return self._encoded[1], self._encoded[2]
+            encoded = EncodedModel(instruction.parameters, header, frames)
+            self._encoded = weakref.ref(encoded)
+        return encoded
 
     async def request(self, site: str, instruction: Instruction) -> Reply:
         session = self._sessions.get(site)
@@ -135,14 +139,16 @@ class GrpcTransport(Transport):
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         try:
             session.pending[request_id] = Pending(future, instruction)
-            header, frames = self._payload(instruction)
-            head = instruction_message(request_id, instruction, header)
-            if frames and session.queued_payloads:  # one model waits unsent already, another is in write
+            encoded = self._payload(instruction)
+            head = instruction_message(request_id, instruction, encoded.header)
+            payload = encoded if encoded.frames else None
+            if payload and session.queued_payloads:  # one model waits unsent already, another is in write
                 why = "it does not read its stream (a model is still queued for it)"
                 self._disconnect(session, why, grpc.StatusCode.UNAVAILABLE)
                 return await future  # failed with every request pending for it
-            session.queued_payloads += bool(frames)
-            session.outbound.put_nowait(Outgoing([head, *frames], request_id))
+            session.queued_payloads += payload is not None
+            session.outbound.put_nowait(Outgoing(head, payload, request_id))
+            del encoded, payload  # held by the queue only
             return await future
         finally:
             session.pending.pop(request_id, None)
@@ -162,7 +168,7 @@ class GrpcTransport(Transport):
 
     def _end(self, session: SiteSession) -> None:
         assert self._finished is not None
-        session.outbound.put_nowait(Outgoing([pb.ServerMessage(run_end=self._finished).SerializeToString()]))
+        session.outbound.put_nowait(Outgoing(pb.ServerMessage(run_end=self._finished).SerializeToString()))
         session.outbound.put_nowait(None)
 
     def apply_revocations(self, *, force: bool = False) -> None:
@@ -344,11 +350,17 @@ class GrpcTransport(Transport):
 
     async def _write(self, session: SiteSession, context: grpc.aio.ServicerContext) -> None:
         while (item := await session.outbound.get()) is not None:
-            session.queued_payloads -= len(item.messages) > 1
-            if item.request_id is not None and item.request_id not in session.pending:
-                continue  # the round gave up on it before it was sent: the site never sees it
-            for message in item.messages:
-                await context.write(message)
+            session.queued_payloads -= item.payload is not None
+            await self._send(session, context, item)
+            del item  # not held while the next is awaited: a model's frames go once all have them
+
+    @staticmethod
+    async def _send(session: SiteSession, context: grpc.aio.ServicerContext, item: Outgoing) -> None:
+        if item.request_id is not None and item.request_id not in session.pending:
+            return  # the round gave up on it before it was sent: the site never sees it
+        await context.write(item.head)
+        for frame in item.payload.frames if item.payload is not None else ():
+            await context.write(frame)
 
     async def _watch(self, session: SiteSession) -> None:
         while True:

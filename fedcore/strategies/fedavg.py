@@ -9,6 +9,8 @@ import numpy as np
 from fedcore.strategies.base import Strategy
 from fedcore.tensors import Arrays
 
+BLOCK = 1 << 16  # values added at a time
+
 
 class FedAvg(Strategy):
     """The next model is the example-weighted mean of the sites' models."""
@@ -17,10 +19,12 @@ class FedAvg(Strategy):
 
     def apply(self, current: Arrays, mean_update: Arrays) -> Arrays:
         out = {}
-        for k, v in current.items():  # one float64 temporary at a time
-            total = v.astype(np.float64)
-            total += mean_update[k]
-            out[k] = total.astype(v.dtype)
+        for k, v in current.items():  # in blocks: no float64 temporary of a whole tensor
+            flat, step, into = v.reshape(-1), np.asarray(mean_update[k]).reshape(-1), np.empty_like(v)
+            for start in range(0, flat.size, BLOCK):
+                part = slice(start, start + BLOCK)
+                into.reshape(-1)[part] = flat[part].astype(np.float64) + step[part]
+            out[k] = into
         return out
 
 

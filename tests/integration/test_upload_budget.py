@@ -5,8 +5,10 @@ that holds a turn in the budget without sending is dropped, not left to stall th
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+import weakref
 from pathlib import Path
 
 import grpc
@@ -14,9 +16,11 @@ import numpy as np
 import pytest
 
 from fedcore.client.agent import Outcome
+from fedcore.engine import Reply
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server import transport as transport_module
 from fedcore.server.limits import ServerLimits, UploadBudget
+from fedcore.server.sessions import EncodedModel, SiteSession
 from fedcore.tasks.bench import Bench
 from fedcore.wire import payload_messages
 from tests.integration.test_grpc_rounds import agent, experiment, federation
@@ -40,6 +44,40 @@ def budgets(monkeypatch: pytest.MonkeyPatch) -> list[UploadBudget]:
     return made
 
 
+def test_a_reply_holds_its_turn_until_the_round_is_done_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A complete reply waiting to be folded is still in memory: another upload may start only
+    once it is gone (the 3 x 512 MiB run had held three payloads within a budget of two)."""
+    live: list[weakref.ref[Reply]] = []
+    uncovered: list[int] = []  # bytes of live replies beyond the budget's count, at each new turn
+    resolve = SiteSession.resolve
+
+    def tracked(self: SiteSession, *args: object) -> Reply | None:
+        reply = resolve(self, *args)  # type: ignore[arg-type]
+        if reply is not None:
+            live.append(weakref.ref(reply))
+        return reply
+
+    class Checked(UploadBudget):
+        def _take(self, size: int) -> None:
+            replies = [r for ref in live if (r := ref()) is not None]
+            held = sum(a.nbytes for r in replies for a in (r.update or {}).values())
+            del replies
+            uncovered.append(max(0, held - self.used))
+            super()._take(size)
+
+    monkeypatch.setattr(SiteSession, "resolve", tracked)
+    monkeypatch.setattr(transport_module, "UploadBudget", Checked)
+    sites, rounds = 6, 2
+    e = experiment(task__name=f"bench:{PARAMS}", federation__start_sites=sites, federation__rounds=rounds)
+    limits = ServerLimits(upload_budget=UPDATE)
+    result, outcomes = asyncio.run(federation(e, tmp_path, sites_of(sites), limits=limits))
+    assert outcomes == [Outcome.COMPLETED] * sites and len(uncovered) == sites * rounds
+    assert uncovered == [0] * len(uncovered)
+    np.testing.assert_allclose(result.parameters["w"], 0.01 * rounds, rtol=1e-6)
+
+
 def sites_of(count: int):  # type: ignore[no-untyped-def]
     async def start(port: int) -> list[object]:
         task = f"bench:{PARAMS}"
@@ -54,8 +92,16 @@ def test_payloads_in_flight_stay_within_the_budget(tmp_path: Path, budgets: list
     sites, rounds = 8, 2
     e = experiment(task__name=f"bench:{PARAMS}", federation__start_sites=sites, federation__rounds=rounds)
     limits = ServerLimits(upload_budget=UPDATE)  # one update at a time
-    result, outcomes = asyncio.run(federation(e, tmp_path, sites_of(sites), limits=limits))
+    encoded_after_round: list[int] = []  # the round's model as frames, once every site has it: gone
+
+    def count_encoded(record: object) -> None:
+        encoded_after_round.append(sum(isinstance(o, EncodedModel) for o in gc.get_objects()))
+
+    result, outcomes = asyncio.run(
+        federation(e, tmp_path, sites_of(sites), limits=limits, on_round=count_encoded)
+    )
     assert outcomes == [Outcome.COMPLETED] * sites
+    assert encoded_after_round == [0] * rounds
     assert all(r.sites == sites for r in result.records)
     np.testing.assert_allclose(result.parameters["w"], 0.01 * rounds, rtol=1e-6)
     (budget,) = budgets
