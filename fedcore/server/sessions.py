@@ -29,11 +29,13 @@ class Pending:
 
 
 class EncodedModel:
-    """A model as payload frames, encoded once for every site in a round. The transport keeps
-    only a weak reference: the frames live while some site's writer still has them to send."""
+    """A model's payload header and chunk pieces (views into its arrays), made once for every
+    site in a round; each chunk's frame is built as it is written, so the server never holds
+    the model a second time. The transport keeps only a weak reference: it lives while some
+    site's writer still has it to send."""
 
-    def __init__(self, source: object, header: pb.Payload, frames: list[bytes]) -> None:
-        self.source, self.header, self.frames = source, header, frames
+    def __init__(self, source: object, header: pb.Payload, pieces: list[bytes | memoryview]) -> None:
+        self.source, self.header, self.pieces = source, header, pieces
 
 
 @dataclass(frozen=True)

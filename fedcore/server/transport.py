@@ -121,13 +121,11 @@ class GrpcTransport(Transport):
         return declines
 
     def _payload(self, instruction: Instruction) -> EncodedModel:
-        # Every site gets the same global model in a round: encode it once, and let it go
-        # once every site has it (it is not held while the round aggregates).
+        # Every site gets the same global model in a round: cut it once, and let it go once
+        # every site has it.
         encoded = self._encoded() if self._encoded is not None else None
         if encoded is None or encoded.source is not instruction.parameters:
-            header, pieces = payload_messages(instruction.parameters)
-            frames = [chunk_frame(SERVER_CHUNK_FIELD, p) for p in pieces]
-            encoded = EncodedModel(instruction.parameters, header, frames)
+            encoded = EncodedModel(instruction.parameters, *payload_messages(instruction.parameters))
             self._encoded = weakref.ref(encoded)
         return encoded
 
@@ -141,7 +139,7 @@ class GrpcTransport(Transport):
             session.pending[request_id] = Pending(future, instruction)
             encoded = self._payload(instruction)
             head = instruction_message(request_id, instruction, encoded.header)
-            payload = encoded if encoded.frames else None
+            payload = encoded if encoded.pieces else None
             if payload and session.queued_payloads:  # one model waits unsent already, another is in write
                 why = "it does not read its stream (a model is still queued for it)"
                 self._disconnect(session, why, grpc.StatusCode.UNAVAILABLE)
@@ -352,15 +350,15 @@ class GrpcTransport(Transport):
         while (item := await session.outbound.get()) is not None:
             session.queued_payloads -= item.payload is not None
             await self._send(session, context, item)
-            del item  # not held while the next is awaited: a model's frames go once all have them
+            del item  # not held while the next is awaited: a model's pieces go once all have them
 
     @staticmethod
     async def _send(session: SiteSession, context: grpc.aio.ServicerContext, item: Outgoing) -> None:
         if item.request_id is not None and item.request_id not in session.pending:
             return  # the round gave up on it before it was sent: the site never sees it
         await context.write(item.head)
-        for frame in item.payload.frames if item.payload is not None else ():
-            await context.write(frame)
+        for piece in item.payload.pieces if item.payload is not None else ():
+            await context.write(chunk_frame(SERVER_CHUNK_FIELD, piece))
 
     async def _watch(self, session: SiteSession) -> None:
         while True:
