@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedcore.audit import AuditKind, AuditLog, key_signer
 from fedcore.engine import Instruction, InstructionKind, Reply
-from fedcore.engine.run_store import model_digest
+from fedcore.engine.model_file import model_digest
 from fedcore.proto.v1 import federation_pb2 as pb
 
 

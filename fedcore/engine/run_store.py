@@ -25,20 +25,18 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load, save
 
+from fedcore.engine.model_file import load_ordered, model_pieces, sha256_of
 from fedcore.engine.records import RoundRecord, finite, site_rows
-from fedcore.engine.run_state import RunState, safetensors_metadata
+from fedcore.engine.run_state import RunState
 from fedcore.engine.state_files import append_lines, atomic_write, lock
 from fedcore.errors import ConfigError
-from fedcore.tensors import Arrays
 
 BLOB_PIECE = 1 << 20  # bytes written to a stored model at a time
 
 SCHEMA_VERSION = 1
 # A stored model's safetensors metadata, one JSON value (safetensors writes several keys in
 # no fixed order): its round, and its tensors' order (safetensors sorts them; a model's is not).
-MODEL_METADATA = "fedcore.model"
 
 _SCHEMA = (  # sites.position keeps each round's rows in the order the views list them
     "CREATE TABLE runs (id INTEGER PRIMARY KEY CHECK (id = 1), run_id TEXT NOT NULL,"
@@ -74,14 +72,6 @@ class StoredRound:
 def _dumps(value: Any) -> str:
     """The one JSON text stored and written to the views (NaN/infinity -> null, strict JSON)."""
     return json.dumps(finite(value), allow_nan=False)
-
-
-def load_ordered(blob: bytes) -> dict[str, np.ndarray]:
-    """A safetensors buffer's tensors in the order they were saved in (safetensors sorts them)."""
-    arrays: dict[str, np.ndarray] = load(blob)
-    about = json.loads(safetensors_metadata(blob).get(MODEL_METADATA, "{}"))
-    names = about.get("names") or sorted(arrays)
-    return {name: arrays[name] for name in names}
 
 
 class SqliteRunStore:
@@ -205,7 +195,7 @@ class SqliteRunStore:
             raise ValueError(f"record says round {record['round']} but is committed as round {round}")
         line = _dumps(record)
         site_lines = [_dumps(row) for row in sites]
-        blob = model_blob(round, model)
+        pieces = model_pieces(round, model)
         with self._mutex:
             with self._transaction():
                 last = self._last_round()
@@ -230,9 +220,9 @@ class SqliteRunStore:
                 )
                 self._db.execute(
                     "INSERT INTO models (round, sha256, data) VALUES (?, ?, zeroblob(?))",
-                    (round, hashlib.sha256(blob).hexdigest(), len(blob)),
+                    (round, sha256_of(pieces), sum(len(memoryview(p).cast("B")) for p in pieces)),
                 )
-                write_in_place(self._db, round, blob)
+                write_in_place(self._db, round, pieces)
                 if self.keep_models is not None:
                     self._db.execute("DELETE FROM models WHERE round <= ?", (round - self.keep_models,))
                 self._db.execute(
@@ -241,11 +231,11 @@ class SqliteRunStore:
                 )
             stale, self._views_stale = self._views_stale, True  # stays True if the views fail below
         if stale:
-            self.reconcile_views(latest=blob)
+            self.reconcile_views(latest=pieces)
         else:
             append_lines(self.metrics_path, [line])
             append_lines(self.sites_path, site_lines)
-            atomic_write(self.model_path, blob, durable=False)  # the very bytes stored
+            atomic_write(self.model_path, pieces, durable=False)  # the very bytes stored
         self._views_stale = False
 
     def record(self, record: RoundRecord, state: RunState) -> None:
@@ -307,12 +297,12 @@ class SqliteRunStore:
                 f"(stored {stored}, computed {computed}); run.db is damaged or was modified"
             )
 
-    def reconcile_views(self, *, latest: bytes | None = None) -> None:
+    def reconcile_views(self, *, latest: list[bytes | memoryview] | None = None) -> None:
         """Make the views hold exactly the committed rounds, each once, in order.
 
         A crash can land between a commit and its view append, or mid-line. Files that
         already match are left untouched (byte for byte); others are replaced atomically.
-        `latest`: the last committed model's bytes when the caller holds them (not read again).
+        `latest`: the last committed model's pieces when the caller holds them (not read again).
         """
         with self._mutex:
             lines = [text for (text,) in self._db.execute("SELECT record FROM rounds ORDER BY round")]
@@ -360,28 +350,16 @@ class SqliteRunStore:
         self.close()
 
 
-def write_in_place(db: sqlite3.Connection, round: int, blob: bytes) -> None:
-    """Fill a model row's zeroblob in pieces: bound as a parameter, SQLite copies a blob twice
-    on the way in (+1 GiB measured for a 512 MiB model), written through incremental I/O not at all."""
-    view = memoryview(blob)
+def write_in_place(db: sqlite3.Connection, round: int, pieces: list[bytes | memoryview]) -> None:
+    """Fill a model row's zeroblob: bound as a parameter, SQLite copies a blob twice on the way
+    in (+1 GiB measured for a 512 MiB model); written through incremental I/O, not at all."""
     with db.blobopen("models", "data", round) as stored:  # the row id is the round
-        for start in range(0, len(view), BLOB_PIECE):
-            stored.write(view[start : start + BLOB_PIECE])
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            for start in range(0, len(view), BLOB_PIECE):
+                stored.write(view[start : start + BLOB_PIECE])
 
 
 def file_sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def model_blob(round: int, model: Arrays) -> bytes:
-    """A round's model as the store keeps it (safetensors); its SHA-256 is the model's
-    identity in lineage and audit logs."""
-    return save(
-        {k: np.ascontiguousarray(v) for k, v in model.items()},
-        metadata={MODEL_METADATA: json.dumps({"round": round, "names": list(model)})},
-    )
-
-
-def model_digest(round: int, model: Arrays) -> str:
-    return hashlib.sha256(model_blob(round, model)).hexdigest()

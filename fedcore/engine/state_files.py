@@ -24,14 +24,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data` so that a crash leaves the old file or the new, never a
-    mix. `durable`: also fsync, so that the new file survives a power cut (the views need
-    not: the store rebuilds them when it opens)."""
+def atomic_write(path: Path, data: bytes | list[bytes | memoryview], *, durable: bool = True) -> None:
+    """Replace `path` with `data` (or its pieces, one after another) so that a crash leaves
+    the old file or the new, never a mix. `durable`: also fsync, so that the new file survives
+    a power cut (the views need not: the store rebuilds them when it opens)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                f.write(piece)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

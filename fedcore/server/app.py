@@ -21,9 +21,9 @@ from fedcore import pki
 from fedcore.audit import AuditKind, AuditLog, key_signer
 from fedcore.config import Experiment
 from fedcore.engine import Coordinator, RoundRecord, RunResult
+from fedcore.engine.model_file import model_digest
 from fedcore.engine.records import FanOutStore
 from fedcore.engine.run_state import RunState
-from fedcore.engine.run_store import model_digest
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.dashboard import Dashboard, serve_dashboard
