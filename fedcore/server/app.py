@@ -27,7 +27,7 @@ from fedcore.engine.run_state import RunState
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
 from fedcore.server.dashboard import Dashboard, serve_dashboard
-from fedcore.server.limits import ServerLimits, connection_cap, server_options
+from fedcore.server.limits import ServerLimits, cap_malloc_arenas, connection_cap, server_options
 from fedcore.server.metrics import ServerMetrics, serve_metrics
 from fedcore.server.revocation import RevocationList
 from fedcore.server.transport import GrpcTransport
@@ -288,6 +288,7 @@ class AuditedRounds:
 
 def run_server(experiment: Experiment, **kwargs: object) -> RunResult | None:
     """`serve` with SIGTERM and Ctrl-C stopping the run cleanly; None when stopped early."""
+    cap_malloc_arenas()  # a server process: before gRPC's threads allocate
 
     async def main() -> RunResult | None:
         current = asyncio.current_task()

@@ -4,7 +4,8 @@ The server is its own process (`python -m fedcore server --pki ...`), so its mem
 own: the peak is the kernel's high-water mark (VmHWM in /proc/PID/status), and the baseline
 is its resident memory once it listens, before any site connects (the interpreter, imports
 and the model; the sites' processes start then), so the rest includes
-every session's buffers as well as the rounds. What a round adds on top of it is
+every session's buffers as well as the rounds; "connected" is the memory once every site
+holds its session, before round 1, so that the rounds' own share shows apart. What a round adds on top of it is
 reported in model copies (float32 bytes of the model). Sites are real `SiteAgent`s on the
 `bench:PARAMS` task (a fixed +0.01 update), many to a process: `round_overhead.py`'s site
 host. Progress and the baseline come from the server's own Prometheus endpoint.
@@ -121,7 +122,7 @@ def run_workload(
     hosts: list[subprocess.Popen[bytes]] = []  # started once the server's baseline is read
     connecting = progress.add_task(f"{label}: sites connecting", total=sites)
     running = progress.add_task(f"{label}: rounds", total=rounds)
-    samples: dict[str, Any] = {"baseline": None, "hwm": 0}
+    samples: dict[str, Any] = {"baseline": None, "connected": None, "hwm": 0}
     started = time.perf_counter()
     try:
         while server.poll() is None:
@@ -137,6 +138,8 @@ def run_workload(
             samples["hwm"] = max(samples["hwm"], mem["VmHWM"])
             connected, done = int(seen.get("fedcore_sites_connected", 0)), int(seen.get("fedcore_round", 0))
             progress.update(connecting, completed=connected)
+            if samples["connected"] is None and connected == sites and done == 0:  # sessions, no round yet
+                samples["connected"] = mem["VmRSS"]
             progress.update(running, completed=done)
             if samples["baseline"] is None and seen:  # listening; no site yet (they start after)
                 samples["baseline"] = mem["VmRSS"]
@@ -168,8 +171,11 @@ def run_workload(
         "seconds_per_round": seconds,
         "median_seconds": statistics.median(seconds[1:] or seconds),
         "server_baseline_rss_mib": baseline / 2**20,
+        "server_connected_rss_mib": (samples["connected"] or 0) / 2**20,
         "server_peak_rss_mib": samples["hwm"] / 2**20,
         "round_memory_model_copies": (samples["hwm"] - baseline) / model_bytes,
+        "rounds_over_sessions_model_copies": (samples["hwm"] - (samples["connected"] or baseline))
+        / model_bytes,
         "total_seconds": time.perf_counter() - started,
     }
 
@@ -181,8 +187,10 @@ def render(report: dict[str, Any], console: Console) -> None:
         "model",
         "s / round",
         "server RSS listening",
+        "all sites connected",
         "server peak RSS",
         "peak - listening",
+        "peak - connected",
     ):
         table.add_column(name, justify="right")
     for row in report["workloads"]:
@@ -191,9 +199,12 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{row['model_mib']:.0f} MiB",
             f"{row['median_seconds']:.2f}",
             f"{row['server_baseline_rss_mib']:.0f} MiB",
+            f"{row['server_connected_rss_mib']:.0f} MiB",
             f"{row['server_peak_rss_mib']:.0f} MiB",
             f"{row['server_peak_rss_mib'] - row['server_baseline_rss_mib']:.0f} MiB = "
             f"{row['round_memory_model_copies']:.1f} models",
+            f"{row['server_peak_rss_mib'] - row['server_connected_rss_mib']:.0f} MiB = "
+            f"{row['rounds_over_sessions_model_copies']:.1f} models",
         )
     console.print(table)
 
