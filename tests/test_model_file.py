@@ -27,7 +27,8 @@ DTYPES = [
 
 def library(round: int, model: dict[str, np.ndarray]) -> bytes:
     about = json.dumps({"round": round, "names": list(model)})
-    return save({k: np.ascontiguousarray(v) for k, v in model.items()}, metadata={MODEL_METADATA: about})
+    contiguous = {k: np.ascontiguousarray(v).reshape(v.shape) for k, v in model.items()}
+    return save(contiguous, metadata={MODEL_METADATA: about})
 
 
 def models() -> list[dict[str, np.ndarray]]:
@@ -50,6 +51,7 @@ def test_the_pieces_are_the_file_safetensors_writes(model: dict[str, np.ndarray]
     loaded = load_ordered(expected)
     assert list(loaded) == list(model)  # the order the model was given in
     for name, value in model.items():
+        assert loaded[name].shape == value.shape and loaded[name].dtype == value.dtype.newbyteorder("=")
         np.testing.assert_array_equal(loaded[name], value)
     assert set(load(expected)) == set(model)
 
@@ -60,6 +62,8 @@ def test_the_tensors_are_not_copied() -> None:
     assert len(pieces) == 2 and np.shares_memory(np.frombuffer(pieces[1], np.uint8), w)
 
 
-def test_a_dtype_safetensors_cannot_store_is_refused() -> None:
+def test_what_safetensors_cannot_store_is_refused() -> None:
     with pytest.raises(ValueError, match="no dtype"):
         model_pieces(1, {"c": np.ones(2, np.complex64)})
+    with pytest.raises(ValueError, match="__metadata__"):
+        model_pieces(1, {"__metadata__": np.ones(2)})

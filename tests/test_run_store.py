@@ -312,3 +312,15 @@ def test_a_committed_round_survives_kill_9_right_after_commit(tmp_path: Path) ->
         np.testing.assert_array_equal(store.model(2)["w"], np.full(3, 2, dtype=np.float32))
         store.reconcile_views()
         assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n{"round": 2}\n'
+
+
+def test_a_missing_model_row_is_reported_as_damage(tmp_path: Path) -> None:
+    new_store(tmp_path, 2).close()
+    with sqlite3.connect(tmp_path / "run.db") as db:
+        db.execute("DELETE FROM models WHERE round = 2")
+    db.close()
+    with (
+        SqliteRunStore(tmp_path) as store,
+        pytest.raises(StoreCorrupted, match="round 2 has no stored model"),
+    ):
+        store.reconcile_views()

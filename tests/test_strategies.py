@@ -105,6 +105,17 @@ def test_fedavg_weights_by_examples_not_by_sites() -> None:
     np.testing.assert_array_equal(out["w"], np.array([0.75, 0.25], np.float32))
 
 
+def test_fedavg_adds_tensors_of_any_memory_order_and_size() -> None:
+    # Blockwise: a transposed (Fortran-order) tensor and one of several blocks come out exact.
+    rng = np.random.default_rng(3)
+    global_ = {"t": rng.standard_normal((300, 500)).astype(np.float32).T, "big": np.ones(200_001, np.float32)}
+    mean = {"t": rng.standard_normal((500, 300)), "big": np.full(200_001, 0.25)}
+    out = FedAvg().apply(global_, mean)
+    for k, v in global_.items():
+        assert out[k].shape == v.shape and out[k].dtype == v.dtype
+        np.testing.assert_array_equal(out[k], (v.astype(np.float64) + mean[k]).astype(np.float32))
+
+
 def test_fedavg_keeps_each_tensors_dtype() -> None:
     global_ = {"w": np.ones(3, np.float32), "h": np.ones(3, np.float16), "d": np.ones(3, np.float64)}
     out = FedAvg().apply(global_, {k: np.full(3, 0.5) for k in global_})

@@ -48,7 +48,9 @@ def model_pieces(round: int, model: Arrays) -> list[bytes | memoryview]:
     """The model's safetensors file as pieces to be written one after another."""
     arrays = {}
     for name, value in model.items():
-        array = np.ascontiguousarray(value)
+        if name == "__metadata__":
+            raise ValueError("a tensor cannot be named __metadata__ (safetensors' header entry)")
+        array = np.ascontiguousarray(value).reshape(np.shape(value))  # (it makes 0-d arrays 1-d)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         if array.dtype not in _NAMES:

@@ -315,6 +315,8 @@ class SqliteRunStore:
             data = "".join(line + "\n" for line in expected).encode()
             if not path.exists() or path.read_bytes() != data:
                 atomic_write(path, data, durable=False)
+        if last and digest is None:
+            raise StoreCorrupted(f"state directory {self.directory}: round {last} has no stored model")
         if last and latest is None:
             self._check_stored(last, digest[0])  # never publish a tampered model, nor keep one
         if last and (not self.model_path.exists() or file_sha256(self.model_path) != digest[0]):

@@ -102,7 +102,11 @@ async def _read(
             session.upload_held = 0
         if assembling[1].complete:
             held, session.upload_held = session.upload_held, 0
-            reply = session.resolve(*assembling)
+            try:
+                reply = session.resolve(*assembling)
+            except BaseException:  # a reply that breaks the protocol: its turn ends with it
+                limits.uploads.release(held)
+                raise
             assembling = None
             if reply is None or not held:  # not wanted any more (or nothing held): freed now
                 limits.uploads.release(held)

@@ -24,7 +24,7 @@ from fedcore.server.sessions import EncodedModel, SiteSession
 from fedcore.tasks.bench import Bench
 from fedcore.wire import payload_messages
 from tests.integration.test_grpc_rounds import agent, experiment, federation
-from tests.support.hostile_site import instructions, result_for, session
+from tests.support.hostile_site import instructions, result_for, send, session
 
 PARAMS = 250_000  # 1 MB an update
 UPDATE = PARAMS * 4
@@ -160,3 +160,36 @@ def test_a_site_that_holds_its_upload_turn_dripping_is_dropped_and_those_in_line
     assert time.perf_counter() - started < 20  # dropped after ~2 s, not at the round's deadline
     np.testing.assert_allclose(result.parameters["w"], 0.02, rtol=1e-6)
     assert budgets[0].used == 0
+
+
+async def _misdated(port: int) -> grpc.StatusCode | None:
+    """Answers a live request, but for the next round, with a whole update: the reply breaks
+    the protocol only once its payload is complete (the attacker review's budget leak: its turn
+    was never given back, and every honest upload after it waited until its request expired)."""
+    async with session(port, "misdated", f"bench:{PARAMS}") as call:
+        try:
+            async for ins in instructions(call):
+                result = result_for(ins)
+                result.round = ins.round + 1
+                await send(call, result, {"w": np.full(PARAMS, 0.01, np.float32)})
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+        return None
+
+
+def test_a_reply_that_breaks_the_protocol_gives_its_turn_back(
+    tmp_path: Path, budgets: list[UploadBudget]
+) -> None:
+    async def start(port: int) -> list[object]:
+        return list(await asyncio.gather(sites_of(3)(port), _misdated(port)))
+
+    e = experiment(
+        task__name=f"bench:{PARAMS}", federation__start_sites=4, federation__rounds=3, federation__min_sites=3
+    )
+    result, (honest, misdated) = asyncio.run(
+        federation(e, tmp_path, start, limits=ServerLimits(upload_budget=UPDATE))
+    )
+    assert honest == [Outcome.COMPLETED] * 3 and misdated == grpc.StatusCode.INVALID_ARGUMENT
+    assert [r.sites for r in result.records] == [3, 3, 3]
+    (budget,) = budgets
+    assert budget.used == 0

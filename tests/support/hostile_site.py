@@ -50,4 +50,4 @@ async def send(call: grpc.aio.StreamStreamCall, result: pb.Result, update: dict[
     result.payload.CopyFrom(header)
     await call.write(pb.SiteMessage(result=result))
     for piece in pieces:
-        await call.write(pb.SiteMessage(chunk=pb.Chunk(data=piece)))
+        await call.write(pb.SiteMessage(chunk=pb.Chunk(data=bytes(piece))))
