@@ -42,6 +42,7 @@ from fedcore.wire import (
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+DOWNLOAD_FRAMES = 64  # x 256 KiB: 16 MiB of the model in gRPC's hands at once, for all sites
 
 
 class GrpcTransport(Transport):
@@ -78,6 +79,7 @@ class GrpcTransport(Transport):
         self.on_refused: Callable[[str], None] | None = None
         self.run_id = run_id
         self.heartbeat_timeout = heartbeat_timeout
+        self._sending = asyncio.Semaphore(DOWNLOAD_FRAMES)  # payload frames in write at once
         self.mutual_tls = mutual_tls
         self._sessions: dict[str, SiteSession] = {}
         self._changed = asyncio.Condition()
@@ -352,13 +354,22 @@ class GrpcTransport(Transport):
             await self._send(session, context, item)
             del item  # not held while the next is awaited: a model's pieces go once all have them
 
-    @staticmethod
-    async def _send(session: SiteSession, context: grpc.aio.ServicerContext, item: Outgoing) -> None:
+    async def _send(self, session: SiteSession, context: grpc.aio.ServicerContext, item: Outgoing) -> None:
         if item.request_id is not None and item.request_id not in session.pending:
             return  # the round gave up on it before it was sent: the site never sees it
         await context.write(item.head)
         for piece in item.payload.pieces if item.payload is not None else ():
-            await context.write(chunk_frame(SERVER_CHUNK_FIELD, piece))
+            # A write ends once HTTP/2 flow control lets the chunk go: until then its frame
+            # (and gRPC's copy) is held. At most DOWNLOAD_FRAMES are, whatever the number of
+            # sites (1,000 sites had held one each: 250 MiB); a site that takes no chunk for
+            # the heartbeat timeout gives its place up and is gone.
+            async with self._sending:
+                try:
+                    async with asyncio.timeout(self.heartbeat_timeout):
+                        await context.write(chunk_frame(SERVER_CHUNK_FIELD, piece))
+                except TimeoutError:
+                    why = f"it took no payload chunk for {self.heartbeat_timeout:.0f} s"
+                    raise SiteUnavailable(session.name, why) from None
 
     async def _watch(self, session: SiteSession) -> None:
         while True:

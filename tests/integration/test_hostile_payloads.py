@@ -17,6 +17,8 @@ import pytest
 
 from fedcore.client.agent import Outcome
 from fedcore.proto.v1 import federation_pb2 as pb
+from fedcore.server import transport as transport_module
+from fedcore.server.limits import ServerLimits
 from fedcore.server.sessions import MESSAGE_BURST
 from fedcore.tasks.bench import Bench
 from fedcore.wire import payload_messages
@@ -140,3 +142,44 @@ def test_a_site_that_does_not_read_is_dropped_before_a_second_model_waits_for_it
     sampled = [r.round for r in result.records if "deaf" in r.sampled]
     assert sampled == list(range(1, len(sampled) + 1)) and len(sampled) <= 4 and 5 not in sampled
     np.testing.assert_allclose(result.parameters["w"], 0.05, rtol=1e-6)
+
+
+def test_a_site_that_does_not_read_cannot_hold_the_downloads_of_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Payload frames in write are bounded for all sites together (DOWNLOAD_FRAMES; 1,000 sites
+    had held a 256 KiB frame each). gRPC takes a whole model for a deaf site (round 1); the
+    next one blocks in write, holding the only place here: the deaf site keeps it for the
+    heartbeat timeout at most, then is gone, and the honest sites' downloads go on (without the timeout, round 2 fails)."""
+    monkeypatch.setattr(transport_module, "DOWNLOAD_FRAMES", 1)
+    gone = asyncio.Event()
+    timeout = 3.0
+
+    async def sites(port: int) -> list[object]:
+        deaf = asyncio.ensure_future(_deaf(port, "deaf", gone))
+        await asyncio.sleep(0.5)
+        honest = [
+            asyncio.ensure_future(agent(port, f"site-{k}", Bench(BIG), task_name=f"bench:{BIG}").run())
+            for k in (1, 2)
+        ]
+        out = await asyncio.gather(*honest)
+        gone.set()
+        return [*out, await deaf]
+
+    e = experiment(
+        task__name=f"bench:{BIG}",
+        federation__start_sites=3,
+        federation__rounds=3,
+        federation__quorum=0.6,
+        federation__grace=0.5,
+    )
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO):
+        result, outcomes = asyncio.run(
+            federation(e, tmp_path, sites, limits=ServerLimits(heartbeat_timeout=timeout))
+        )
+    assert outcomes[:2] == [Outcome.COMPLETED, Outcome.COMPLETED] and len(result.records) == 3
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "site deaf disconnected: SiteUnavailable: site deaf: it took no payload chunk for 3 s" in said
+    assert time.perf_counter() - started < 3 * timeout + 10
+    np.testing.assert_allclose(result.parameters["w"], 0.03, rtol=1e-6)
