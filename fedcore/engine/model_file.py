@@ -23,25 +23,14 @@ from fedcore.tensors import Arrays
 
 MODEL_METADATA = "fedcore.model"
 
-# safetensors' dtype names, in the order it lays tensors out (`Dtype`'s order, descending).
-_LAYOUT = ["U64", "I64", "F64", "F32", "U32", "I32", "F16", "U16", "I16", "I8", "U8", "BOOL"]
-_NAMES = {
-    np.dtype(t): n
-    for t, n in [
-        (np.uint64, "U64"),
-        (np.int64, "I64"),
-        (np.float64, "F64"),
-        (np.float32, "F32"),
-        (np.uint32, "U32"),
-        (np.int32, "I32"),
-        (np.float16, "F16"),
-        (np.uint16, "U16"),
-        (np.int16, "I16"),
-        (np.int8, "I8"),
-        (np.uint8, "U8"),
-        (np.bool_, "BOOL"),
-    ]
-}
+# safetensors' dtype names, in the order it lays tensors out (its `Dtype` enum's, descending).
+_LAYOUT = [
+    (np.uint64, "U64"), (np.int64, "I64"), (np.float64, "F64"), (np.float32, "F32"),
+    (np.uint32, "U32"), (np.int32, "I32"), (np.float16, "F16"), (np.uint16, "U16"),
+    (np.int16, "I16"), (np.int8, "I8"), (np.uint8, "U8"), (np.bool_, "BOOL"),
+]  # fmt: skip
+_NAMES = {np.dtype(t): name for t, name in _LAYOUT}
+_RANK = {np.dtype(t): rank for rank, (t, _) in enumerate(_LAYOUT)}
 
 
 def model_pieces(round: int, model: Arrays) -> list[bytes | memoryview]:
@@ -56,7 +45,7 @@ def model_pieces(round: int, model: Arrays) -> list[bytes | memoryview]:
         if array.dtype not in _NAMES:
             raise ValueError(f"tensor {name!r}: safetensors has no dtype for {array.dtype}")
         arrays[name] = array
-    order = sorted(arrays, key=lambda n: (_LAYOUT.index(_NAMES[arrays[n].dtype]), n.encode()))
+    order = sorted(arrays, key=lambda n: (_RANK[arrays[n].dtype], n.encode()))
     about = json.dumps({"round": round, "names": list(model)})
     header: dict[str, object] = {"__metadata__": {MODEL_METADATA: about}}
     offset = 0

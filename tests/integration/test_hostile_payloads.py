@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fedcore.client.agent import Outcome
+from fedcore.config import Experiment
 from fedcore.proto.v1 import federation_pb2 as pb
 from fedcore.server import transport as transport_module
 from fedcore.server.limits import ServerLimits
@@ -111,28 +112,44 @@ async def _deaf(port: int, name: str, gone: asyncio.Event) -> grpc.StatusCode | 
 BIG = 1_000_000  # 4 MB a model: beyond what HTTP/2 flow control buffers for a deaf peer
 
 
+def deaf_and_two_honest(gone: asyncio.Event, *, deaf_first: bool):  # type: ignore[no-untyped-def]
+    """The sites: a deaf one (connected first, or with the others) and two honest ones; the
+    deaf one stops once the honest ones are done (`gone`)."""
+
+    async def sites(port: int) -> list[object]:
+        if deaf_first:
+            deaf = asyncio.ensure_future(_deaf(port, "deaf", gone))
+            await asyncio.sleep(0.5)
+        honest = [
+            asyncio.ensure_future(agent(port, f"site-{k}", Bench(BIG), task_name=f"bench:{BIG}").run())
+            for k in (1, 2)
+        ]
+        if not deaf_first:
+            deaf = asyncio.ensure_future(_deaf(port, "deaf", gone))
+        out = await asyncio.gather(*honest)
+        gone.set()
+        return [*out, await deaf]
+
+    return sites
+
+
+def deaf_experiment(*, rounds: int) -> Experiment:
+    return experiment(
+        task__name=f"bench:{BIG}",
+        federation__start_sites=3,
+        federation__rounds=rounds,
+        federation__quorum=0.6,
+        federation__grace=0.5,
+    )
+
+
 def test_a_site_that_does_not_read_is_dropped_before_a_second_model_waits_for_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     gone = asyncio.Event()
 
-    async def sites(port: int) -> list[object]:
-        honest = [
-            asyncio.ensure_future(agent(port, f"site-{k}", Bench(BIG), task_name=f"bench:{BIG}").run())
-            for k in (1, 2)
-        ]
-        deaf = asyncio.ensure_future(_deaf(port, "deaf", gone))
-        out = await asyncio.gather(*honest)
-        gone.set()
-        return [*out, await deaf]
-
-    e = experiment(
-        task__name=f"bench:{BIG}",
-        federation__start_sites=3,
-        federation__rounds=5,
-        federation__quorum=0.6,
-        federation__grace=0.5,
-    )
+    sites = deaf_and_two_honest(gone, deaf_first=False)
+    e = deaf_experiment(rounds=5)
     with caplog.at_level(logging.WARNING):
         result, outcomes = asyncio.run(federation(e, tmp_path, sites))
     assert outcomes[:2] == [Outcome.COMPLETED, Outcome.COMPLETED] and len(result.records) == 5
@@ -155,24 +172,8 @@ def test_a_site_that_does_not_read_cannot_hold_the_downloads_of_others(
     gone = asyncio.Event()
     timeout = 3.0
 
-    async def sites(port: int) -> list[object]:
-        deaf = asyncio.ensure_future(_deaf(port, "deaf", gone))
-        await asyncio.sleep(0.5)
-        honest = [
-            asyncio.ensure_future(agent(port, f"site-{k}", Bench(BIG), task_name=f"bench:{BIG}").run())
-            for k in (1, 2)
-        ]
-        out = await asyncio.gather(*honest)
-        gone.set()
-        return [*out, await deaf]
-
-    e = experiment(
-        task__name=f"bench:{BIG}",
-        federation__start_sites=3,
-        federation__rounds=3,
-        federation__quorum=0.6,
-        federation__grace=0.5,
-    )
+    sites = deaf_and_two_honest(gone, deaf_first=True)
+    e = deaf_experiment(rounds=3)
     started = time.perf_counter()
     with caplog.at_level(logging.INFO):
         result, outcomes = asyncio.run(
