@@ -75,7 +75,7 @@ class RateLimit:
 @dataclass
 class SiteSession:
     name: str
-    # An item per instruction whose payload frames are shared by all sites of the round; a
+    # An item per instruction, its payload the round's `EncodedModel` (shared by all sites); a
     # site that does not read holds at most one model queued (`queued_payloads`) besides the
     # one in write: another, and it is disconnected.
     outbound: asyncio.Queue[Outgoing | None] = field(default_factory=asyncio.Queue)
