@@ -107,8 +107,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         table.add_row(label, f"{seconds:.3f}", f"{seconds / per_round:.0%}")
     console.print(table)
     console.print(
-        f"site processes' CPU: {report['site_processes_cpu_seconds_per_round']:.2f} s a round (2 processes, 2 cores); "
-        f"median round without the profiler's cost: see round_overhead.py"
+        f"site processes' CPU: {report['site_processes_cpu_seconds_per_round']:.2f} s a round "
+        "(2 processes on the same 2 cores; their start-up included, spread over the rounds)"
     )
     top = Table(title="Top functions by own time (server loop)")
     top.add_column("function")
