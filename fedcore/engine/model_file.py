@@ -39,9 +39,8 @@ def model_pieces(round: int, model: Arrays) -> list[bytes | memoryview]:
     for name, value in model.items():
         if name == "__metadata__":
             raise ValueError("a tensor cannot be named __metadata__ (safetensors' header entry)")
-        array = np.ascontiguousarray(value).reshape(np.shape(value))  # (it makes 0-d arrays 1-d)
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
+        value = np.asarray(value)  # little-endian, C order: a copy only when it is not already
+        array = np.asarray(value, dtype=value.dtype.newbyteorder("<"), order="C")
         if array.dtype not in _NAMES:
             raise ValueError(f"tensor {name!r}: safetensors has no dtype for {array.dtype}")
         arrays[name] = array

@@ -220,7 +220,7 @@ class SqliteRunStore:
                 )
                 self._db.execute(
                     "INSERT INTO models (round, sha256, data) VALUES (?, ?, zeroblob(?))",
-                    (round, sha256_of(pieces), sum(len(memoryview(p).cast("B")) for p in pieces)),
+                    (round, sha256_of(pieces), sum(memoryview(p).nbytes for p in pieces)),
                 )
                 write_in_place(self._db, round, pieces)
                 if self.keep_models is not None:

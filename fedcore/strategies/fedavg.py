@@ -19,17 +19,12 @@ class FedAvg(Strategy):
 
     def apply(self, current: Arrays, mean_update: Arrays) -> Arrays:
         out = {}
-        for k, v in current.items():  # in blocks: no float64 temporary of a whole tensor (C order:
-            # `into.reshape(-1)` must be a view, whatever the order `v` comes in)
-            flat, step, into = (
-                v.reshape(-1),
-                np.asarray(mean_update[k]).reshape(-1),
-                np.empty(v.shape, v.dtype),
-            )
+        for k, v in current.items():  # in blocks: no float64 temporary of a whole tensor
+            out[k] = np.empty(v.shape, v.dtype)  # C order, whatever `v`'s: its flat view is a view
+            flat, step, into = v.reshape(-1), np.asarray(mean_update[k]).reshape(-1), out[k].reshape(-1)
             for start in range(0, flat.size, BLOCK):
                 part = slice(start, start + BLOCK)
-                into.reshape(-1)[part] = flat[part].astype(np.float64) + step[part]
-            out[k] = into
+                into[part] = flat[part].astype(np.float64) + step[part]
         return out
 
 

@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         "s / round",
         "vs none",
         "slowest round",
+        "whole run",
         "server peak RSS",
         "exact model",
         "hostile dropped",
