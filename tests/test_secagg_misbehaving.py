@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import math
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -386,3 +387,19 @@ def test_the_commitment_digests_and_complaints_travel_on_the_wire() -> None:
         assert from_wire(to_wire(shares), site=a) == shares
     answer = UnmaskShares(a, {b: b"s"}, {c: b"k"}, frozenset({c, d}))
     assert from_wire(to_wire(answer), site=a) == answer
+
+
+def test_the_server_sum_is_the_same_in_any_arrival_order_and_a_second_masked_input_is_named() -> None:
+    """The server folds masked inputs as they arrive (`MaskedSum`): any order gives the exact
+    sum. A site that sends two cannot be taken back out of the sum: the attempt fails, named."""
+    p, inputs, ids = setup()
+    for seed in range(3):
+        shuffled = lambda messages, seed=seed: random.Random(seed).sample(messages, len(messages))  # noqa: E731
+        out = run(p, inputs, ids, tamper={"masked_input": shuffled})
+        assert out.rejected == {} and out.cohort == set(p.participants)
+        np.testing.assert_array_equal(out.total, exact(inputs, out.cohort))
+    liar = p.participants[2]
+    twice = lambda messages: [*messages, *(m for m in messages if m.site == liar)]  # noqa: E731
+    with pytest.raises(ProtocolAbort) as abort:
+        run(p, inputs, ids, tamper={"masked_input": twice})
+    assert abort.value.aborted.reason is AbortReason.BAD_MESSAGE and abort.value.aborted.culprit == liar

@@ -113,16 +113,29 @@ class SecureSum(Leaf):
         site_metrics: dict[str, dict[str, float]] = {}
 
         async def exchange(
-            name: str, sites: list[str], make: Callable[[str], SiteRequest], kind: type
+            name: str,
+            sites: list[str],
+            make: Callable[[str], SiteRequest],
+            kind: type,
+            fold: Callable[[Any], None] | None = None,
         ) -> list[Any]:
+            """The replies, sorted by site; or, with `fold`, each handed to it as it arrives
+            and none kept (the masked inputs: the server holds their sum, not one a site)."""
             got: dict[str, Any] = {}
 
             def keep(reply: SiteReply) -> None:
-                if not isinstance(reply.message, kind):
+                message = reply.message
+                if not isinstance(message, kind):
                     raise ProtocolError(f"expected {kind.__name__} in the {name} exchange")
-                got[reply.site] = reply.message
-                if reply.metrics:
-                    site_metrics[reply.site] = dict(reply.metrics)
+                if getattr(message, "site", None) != reply.site:  # a site speaks for itself only: dropped
+                    raise ProtocolError(f"{kind.__name__} in another site's name")
+                metrics = dict(reply.metrics or {})  # what can raise, before the fold
+                if fold is not None:
+                    fold(message)
+                    message = None
+                got[reply.site] = message
+                if metrics:
+                    site_metrics[reply.site] = metrics
 
             started = time.perf_counter()
             lost = await context.exchange(name, sites, make, keep)
@@ -150,13 +163,15 @@ class SecureSum(Leaf):
             shares = await exchange("share_keys", sorted(forwarded), send(forwarded), ShareKeys)
             routed, server3 = server2.collect(shares)
             plan = context.plan(info)
-            masked = await exchange(
+            summing = server3.summing()
+            await exchange(
                 "masked_input",
                 sorted(routed),
                 lambda s: SiteRequest(train=True, message=routed[s], plan=plan),
                 MaskedInput,
+                fold=summing.add,
             )
-            agree, server4 = server3.collect(masked)
+            agree, server4 = summing.close()
             context.before_release(len(server4.cohort))  # before any sum is decrypted
             # A site whose message was malformed is left out by name, not the round aborted.
             bad = {

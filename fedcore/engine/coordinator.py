@@ -346,10 +346,13 @@ class Coordinator:
                 # A count is a site's claim: at most the public bound (absurd: refused as malformed).
                 weight = float(reply.num_examples)
                 weight = min(weight, self.max_examples) if weight <= MAX_WEIGHT else weight
+                if fit := reply.kind is InstructionKind.FIT:  # what can raise, before anything is folded
+                    counted = int(min(weight, self.max_examples))
+                    received = sum(a.nbytes for a in (reply.update or {}).values())
                 accept(SiteReply(reply.site, reply.update, weight, reply.metrics, reply.message))
-                if reply.kind is InstructionKind.FIT:
-                    traffic.fit[reply.site] = (reply.metrics, int(min(weight, self.max_examples)))
-                    traffic.received += sum(a.nbytes for a in (reply.update or {}).values())
+                if fit:
+                    traffic.fit[reply.site] = (reply.metrics, counted)
+                    traffic.received += received
 
             return await self._gather(exchange, list(sites), instruction_for, on_reply)
 

@@ -41,6 +41,8 @@ async def gather(
     def settle(site: str, outcome: Reply | Drop) -> None:
         if isinstance(outcome, Drop):
             dropped[site] = outcome
+        elif outcome.site != site:  # a reply speaks for the site asked, never for another
+            dropped[site] = Drop(DropReason.BAD_REPLY, exchange, "a reply in another site's name")
         elif outcome.refusal is not None:
             dropped[site] = Drop(DropReason.REFUSED, exchange, outcome.refusal, outcome.refusal_code)
         else:

@@ -10,7 +10,7 @@ reported in model copies (float32 bytes of the model). Sites are real `SiteAgent
 `bench:PARAMS` task (a fixed +0.01 update), many to a process: `round_overhead.py`'s site
 host. Progress and the baseline come from the server's own Prometheus endpoint.
 
-    python simulations/benchmarks/load.py [--quick] [--workload 1000x100000 ...] [--rounds R]
+    python simulations/benchmarks/load.py [--quick] [--workload 1000x100000 ... [--secure]] [--rounds R]
 """
 
 from __future__ import annotations
@@ -40,8 +40,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from environment import environment, rounds_progress  # noqa: E402
 
-WORKLOADS = [(1000, 100_000), (1000, 1_000_000), (200, 1_000_000), (3, 128 << 20)]  # last: 512 MiB
-QUICK = [(50, 100_000)]
+# (sites, params, SecAgg+); 128 << 20 params: 512 MiB
+WORKLOADS = [
+    (1000, 100_000, False),
+    (1000, 1_000_000, False),
+    (200, 1_000_000, False),
+    (3, 128 << 20, False),
+    (100, 1_000_000, True),
+]
+QUICK = [(50, 100_000, False)]
 DEFAULT_OUT = HERE / "results" / "load.json"
 STEP = 0.01
 
@@ -104,9 +111,16 @@ def site_host(port: int, params: int) -> list[str]:
 
 
 def run_workload(
-    sites: int, params: int, rounds: int, processes: int, budget: int | None, tmp: Path, progress: Any
+    sites: int,
+    params: int,
+    rounds: int,
+    processes: int,
+    budget: int | None,
+    secure: bool,
+    tmp: Path,
+    progress: Any,
 ) -> dict[str, Any]:
-    label = f"{sites} x {params:,}"
+    label = f"{sites} x {params:,}" + (" SecAgg+" if secure else "")
     setup = progress.add_task(f"{label}: certificates", total=sites)
     pki_dir = tmp / "pki"
     pki.init(pki_dir, ["localhost"])
@@ -117,6 +131,7 @@ def run_workload(
     port, metrics_port = free_port(), free_port()
     budget_flag = ["--upload-budget", str(budget)] if budget else []
     job = f"rounds = {rounds}\nmin_sites = {sites}\nstart_sites = {sites}\nkeep_models = 1\n"
+    job += "\n[secure_aggregation]\nenabled = true\n" if secure else ""
     server = start_server(tmp, pki_dir, port, params, job, "--metrics", str(metrics_port), *budget_flag)
     host = site_host(port, params)
     hosts: list[subprocess.Popen[bytes]] = []  # started once the server's baseline is read
@@ -167,6 +182,7 @@ def run_workload(
     return {
         "sites": sites,
         "params": params,
+        "secure_aggregation": secure,
         "model_mib": model_bytes / 2**20,
         "seconds_per_round": seconds,
         "median_seconds": statistics.median(seconds[1:] or seconds),
@@ -195,7 +211,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         table.add_column(name, justify="right")
     for row in report["workloads"]:
         table.add_row(
-            f"{row['sites']} x {row['params']:,}",
+            f"{row['sites']} x {row['params']:,}" + (" SecAgg+" if row.get("secure_aggregation") else ""),
             f"{row['model_mib']:.0f} MiB",
             f"{row['median_seconds']:.2f}",
             f"{row['server_baseline_rss_mib']:.0f} MiB",
@@ -222,15 +238,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--upload-budget", type=int, metavar="MIB", help="the server's (default: its own default)"
     )
+    ap.add_argument(
+        "--secure",
+        action="store_true",
+        help="--workload runs SecAgg+ rounds (the server holds the masked sum)",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
-    chosen = [tuple(int(x) for x in w.split("x")) for w in args.workload] if args.workload else None
+    chosen = [(*map(int, w.split("x")), args.secure) for w in args.workload or []]
     workloads = chosen or (QUICK if args.quick else WORKLOADS)
     console = Console()
     load_before = os.getloadavg()
     rows = []
     with rounds_progress(console) as progress:
-        for sites, params in workloads:
+        for sites, params, secure in workloads:
             with tempfile.TemporaryDirectory(prefix="fedcore-load-") as tmp:
                 rows.append(
                     run_workload(
@@ -239,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                         args.rounds,
                         min(args.processes, sites),
                         args.upload_budget,
+                        secure,
                         Path(tmp),
                         progress,
                     )

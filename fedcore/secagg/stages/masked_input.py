@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcore.errors import SecurityError
-from fedcore.secagg.common import AbortReason, RoundParams, need
+from fedcore.secagg.common import AbortReason, ProtocolAbort, RoundParams, need
 from fedcore.secagg.packing import pack, packed, unpack
 from fedcore.secagg.primitives import KeyPair, add_masks, decrypt
 from fedcore.secagg.shamir import SHARE_BYTES
@@ -27,7 +27,6 @@ from fedcore.secagg.stages.messages import (
     RoutedShares,
     dealt,
     dtype,
-    one_per_site,
     pairwise_mask,
 )
 
@@ -102,31 +101,75 @@ class ServerMaskedInput:
     rejected: dict[str, str] = field(default_factory=dict)  # left out so far, and why
 
     def collect(self, messages: list[MaskedInput]) -> tuple[dict[str, ConsistencyRequest], ServerConsistency]:
-        """Sum the masked inputs; ask every site that sent one to sign the survivor set. A
-        site whose vector is malformed or sent twice is left out, as if it had dropped before
-        its masked input (its neighbours' shares remove its pairwise masks)."""
-        p = self.params
-        received, rejected = one_per_site(messages, MaskedInput, p.participants, "masked input")
-        vectors: dict[str, np.ndarray] = {}
-        for site, m in received.items():
-            if site not in self.shared:  # routed no shares: an honest site declines
-                rejected[site] = "a masked input it was not asked for"
-            elif packed(p.bits):
-                try:
-                    vectors[site] = unpack(m.vector, p.bits, p.length)
-                except ValueError:
-                    rejected[site] = "a masked input of the wrong length or type"
-            elif m.vector.shape != (p.length,) or m.vector.dtype != dtype(p):
-                rejected[site] = "a masked input of the wrong length or type"
-            else:
-                vectors[site] = m.vector
-        total = np.zeros(p.length, dtype=dtype(p))
-        survivors = {s for s in vectors if s not in rejected}
-        for site in sorted(survivors):
-            total += vectors[site]
-        need(len(survivors) >= p.threshold, AbortReason.TOO_FEW_SURVIVORS, f"{len(survivors)} masked inputs")
-        cohort = frozenset(survivors)
-        requests = {site: ConsistencyRequest(site, cohort) for site in sorted(survivors)}
+        """Sum the masked inputs; ask every site that sent one to sign the survivor set
+        (`summing`, all at once)."""
+        running = self.summing()
+        for message in messages:
+            running.add(message)
+        return running.close()
+
+    def summing(self) -> MaskedSum:
+        """The sum of the masked inputs, folded one at a time as they arrive."""
+        return MaskedSum(self, np.zeros(self.params.length, dtype=dtype(self.params)))
+
+
+@dataclass
+class MaskedSum:
+    """The server's running sum of masked inputs: it holds one vector, not one a site, and
+    the sum is the same whatever the order they arrive in (addition modulo 2**bits). A site
+    whose vector is malformed is left out, as if it had dropped before its masked input (its
+    neighbours' shares remove its pairwise masks). A site that sends two fails the attempt,
+    named: the first is in the sum already, and nothing is kept to take it back out (over
+    the network a site answers a request once, under its own name: `SecureSum`)."""
+
+    stage: ServerMaskedInput
+    total: np.ndarray
+    added: set[str] = field(default_factory=set)
+    rejected: dict[str, str] = field(default_factory=dict)
+    twice: set[str] = field(default_factory=set)
+
+    def add(self, message: object) -> None:
+        p = self.stage.params
+        site = str(getattr(message, "site", ""))
+        need(site in p.participants, AbortReason.BAD_MESSAGE, f"masked input from {site!r}")
+        if site in self.added or site in self.rejected:
+            self.twice.add(site)
+            return
+        if not isinstance(message, MaskedInput):
+            self.rejected[site] = f"{type(message).__name__} in place of masked input"
+            return
+        vector = self._vector(site, message)
+        if vector is not None:
+            self.total += vector  # uint wraps: modulo 2**32 or 2**64, which 2**bits divides
+            self.added.add(site)
+
+    def _vector(self, site: str, message: MaskedInput) -> np.ndarray | None:
+        p = self.stage.params
+        if site not in self.stage.shared:  # routed no shares: an honest site declines
+            self.rejected[site] = "a masked input it was not asked for"
+        elif packed(p.bits):
+            try:
+                return unpack(message.vector, p.bits, p.length)
+            except ValueError:
+                self.rejected[site] = "a masked input of the wrong length or type"
+        elif message.vector.shape != (p.length,) or message.vector.dtype != dtype(p):
+            self.rejected[site] = "a masked input of the wrong length or type"
+        else:
+            return message.vector
+        return None
+
+    def close(self) -> tuple[dict[str, ConsistencyRequest], ServerConsistency]:
+        """Ask every site in the sum to sign the survivor set."""
+        s = self.stage
+        if self.twice:
+            raise ProtocolAbort(AbortReason.BAD_MESSAGE, "masked input sent twice", min(self.twice))
+        need(
+            len(self.added) >= s.params.threshold,
+            AbortReason.TOO_FEW_SURVIVORS,
+            f"{len(self.added)} masked inputs",
+        )
+        cohort = frozenset(self.added)
+        requests = {site: ConsistencyRequest(site, cohort) for site in sorted(cohort)}
         return requests, ServerConsistency(
-            p, self.keys, self.shared, self.dealt, cohort, total, {**self.rejected, **rejected}
+            s.params, s.keys, s.shared, s.dealt, cohort, self.total, {**s.rejected, **self.rejected}
         )
