@@ -157,7 +157,7 @@ def _logging(verbose: bool) -> None:
 def _server(args: argparse.Namespace) -> int:
     from fedcore.engine import RoundRecord
     from fedcore.server.app import run_server
-    from fedcore.server.limits import ServerLimits
+    from fedcore.server.limits import PER_ADDRESS, ServerLimits
     from fedcore.tracking import build_tracker
 
     experiment = _experiment(args)
@@ -202,7 +202,11 @@ def _server(args: argparse.Namespace) -> int:
         trackers=[build_tracker(spec) for spec in args.track or ()],
         metrics=args.metrics,
         dashboard=args.dashboard,
-        limits=ServerLimits(args.max_connections, args.upload_budget and args.upload_budget << 20),
+        limits=ServerLimits(
+            args.max_connections,
+            args.upload_budget and args.upload_budget << 20,
+            per_address=PER_ADDRESS if args.max_per_address is None else args.max_per_address,
+        ),
     )
     if result is None:
         return 0  # stopped by a signal: a clean, requested shutdown
@@ -322,6 +326,9 @@ def _parser() -> argparse.ArgumentParser:
         "--dashboard", metavar="[HOST:]PORT", help="live web dashboard; its URL: STATE/dashboard.url"
     )
     srv.add_argument("--max-connections", type=int, help="connections at once (default: the fd limit's room)")
+    srv.add_argument(
+        "--max-per-address", type=int, help="connections without a session, an address (32; 0: none)"
+    )
     srv.add_argument(
         "--upload-budget", type=int, metavar="MIB", help="site payloads read at once (default 16)"
     )

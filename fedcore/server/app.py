@@ -26,6 +26,7 @@ from fedcore.engine.records import FanOutStore
 from fedcore.engine.run_state import RunState
 from fedcore.engine.runs import OpenedRun, open_run
 from fedcore.seeding import derive_seed
+from fedcore.server.address_cap import AddressCap
 from fedcore.server.dashboard import Dashboard, serve_dashboard
 from fedcore.server.limits import ServerLimits, cap_malloc_arenas, connection_cap, server_options
 from fedcore.server.metrics import ServerMetrics, serve_metrics
@@ -235,6 +236,9 @@ async def _serve(
     endpoints: list[WSGIServer] = []  # the HTTP ones: stopped with the run
     loop = asyncio.get_running_loop()
     watcher = asyncio.ensure_future(transport.watch_revocations())
+    shed = lambda count: watched.refused.labels("address_cap").inc(count)  # noqa: E731
+    per_address = 0 if listen.startswith("unix") else limits.per_address  # TCP's alone
+    capping = asyncio.ensure_future(AddressCap(port, per_address, transport.session_peers, shed).run())
     with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # main thread only
         loop.add_signal_handler(signal.SIGHUP, lambda: transport.apply_revocations(force=True))
     try:
@@ -246,6 +250,7 @@ async def _serve(
         return await coordinator.run()
     finally:
         watcher.cancel()
+        capping.cancel()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.remove_signal_handler(signal.SIGHUP)
         await server.stop(grace=2.0)

@@ -5,9 +5,8 @@ descriptors in 5.5 s and the next file the server opened failed (EMFILE). gRPC's
 live sessions are never evicted to make room; a connection that has not finished its
 TLS and HTTP/2 handshake within HANDSHAKE_SECONDS is closed, and so is one that holds no
 stream for IDLE_SECONDS (a stream without a Hello is refused after 10 s), so idle sockets do
-not hold the cap for long. What is not here: a cap per peer address (gRPC has none; a
-firewall's connlimit does it, see server/README.md), and the CRL at the TLS handshake (a
-revoked certificate is refused at its Hello)."""
+not hold the cap for long. The cap per peer address is `address_cap`'s. What is not here:
+the CRL at the TLS handshake (a revoked certificate is refused at its Hello)."""
 
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ log = logging.getLogger(__name__)
 RESERVED_FILES = 256  # descriptors kept for the run store, logs, the audit log, metrics, threads
 MIN_CONNECTIONS = 64
 HANDSHAKE_SECONDS = 5.0
+PER_ADDRESS = 32  # connections without a session from one address (`address_cap`)
 IDLE_SECONDS = 20.0  # a connection with no stream open this long is closed (a site holds one always)
 
 
@@ -41,6 +41,7 @@ class ServerLimits:
     max_connections: int | None = None  # None: what the descriptor limit allows (`connection_cap`)
     upload_budget: int | None = None  # bytes of payloads assembled at once (None: the server's default)
     heartbeat_timeout: float = 30.0  # a site silent this long is gone (sites beat every 5 s)
+    per_address: int = PER_ADDRESS  # connections without a session, an address (0: no cap)
 
     def budget_for(self, update_bytes: int) -> int:
         """The upload budget: as asked, else UPLOAD_BUDGET_FLOOR or two updates of a larger model."""

@@ -85,6 +85,7 @@ class SiteSession:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     answered: bool = False  # it has sent a result: it took the job, and may no longer decline it
     serial: int | None = None  # of its certificate, under mutual TLS
+    peer: str = ""  # its connection's address, as gRPC names it ("ipv4:10.0.0.7:52110")
     ended: str | None = None  # why the server ended it (revoked, excluded): said when closing
     end_code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED  # ... with this status
     unknown_replies: int = 0  # replies to requests it was not (or no longer) asked

@@ -107,6 +107,10 @@ class GrpcTransport(Transport):
     def available(self) -> list[str]:
         return list(self._sessions)
 
+    def session_peers(self) -> set[str]:
+        """The live sessions' peers; safe from any thread."""
+        return {s.peer for s in list(self._sessions.values())}
+
     def sessions_seen(self) -> dict[str, float]:
         """Each connected site's last message, wall-clock (time.time); safe from any thread."""
         lag = time.time() - time.monotonic()
@@ -295,7 +299,7 @@ class GrpcTransport(Transport):
         welcome.task_identity.code_hash = self.spec.code_hash
         await context.write(pb.ServerMessage(welcome=welcome).SerializeToString())
 
-        session = SiteSession(name, serial=serial)
+        session = SiteSession(name, serial=serial, peer=peer)
         async with self._changed:
             previous = self._sessions.get(name)
             duplicate = self._alive(name)  # again: two Hellos may have raced to here

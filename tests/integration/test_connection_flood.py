@@ -2,7 +2,9 @@
 file descriptors and a write then ended the run. On the real server (127.0.0.1) with a small
 cap, 2,000 idle connections (bounded in count and time) are refused past the cap, the
 connected sites keep their sessions, the run completes with the exact model, and the
-server holds at most the cap's sockets for them."""
+server holds at most the cap's sockets for them. And one address cannot take the whole cap:
+past `per_address` connections without a session it is shut down, while the sites' own
+sessions from that same address are kept."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from fedcore.server.limits import ServerLimits
 from tests.integration.test_grpc_rounds import SlowBench, agent, experiment
 
 CAP, FLOOD = 64, 2000
+PER_ADDRESS, ADDRESS_FLOOD = 8, 200
 
 
 def test_an_idle_connection_flood_neither_stops_the_run_nor_exhausts_descriptors(tmp_path: Path) -> None:
@@ -60,3 +63,49 @@ def test_an_idle_connection_flood_neither_stops_the_run_nor_exhausts_descriptors
     assert [r.sites for r in result.records] == [2, 2, 2, 2]  # type: ignore[attr-defined]
     np.testing.assert_allclose(result.parameters["w"], 0.04, rtol=1e-6)  # type: ignore[attr-defined]
     assert peak[0] <= CAP + 16, peak
+
+
+def test_one_address_cannot_hold_the_cap_and_its_honest_sessions_are_kept(tmp_path: Path) -> None:
+    """The flood comes from 127.0.0.1, the address the two sites' sessions come from (one
+    NAT): the server keeps at most PER_ADDRESS of the flood's connections, not the cap's 64,
+    and the sites finish the run exactly."""
+    process = psutil.Process()
+    held: list[int] = []
+
+    async def main() -> tuple[object, list[object]]:
+        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        server = asyncio.ensure_future(
+            serve(
+                experiment(federation__start_sites=2, federation__rounds=4),
+                listen="127.0.0.1:0",
+                state=tmp_path / "state",
+                pki_dir=None,
+                on_listening=listening.set_result,
+                limits=ServerLimits(max_connections=CAP, per_address=PER_ADDRESS),
+            )
+        )
+        port = await listening
+        sites = [asyncio.ensure_future(agent(port, f"site-{k}", SlowBench()).run()) for k in (1, 2)]
+        await asyncio.sleep(1.0)  # both connected and in round 1
+        before = process.num_fds()
+        flood = []
+        for _ in range(ADDRESS_FLOOD):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            flood.append(s)
+        await asyncio.sleep(2.0)  # the flood accepted up to the cap, and swept
+        held.append(process.num_fds() - before - ADDRESS_FLOOD)  # the server's side of the flood
+        result = await asyncio.wait_for(server, 60)
+        outcomes = await asyncio.gather(*sites)
+        for s in flood:
+            s.close()
+        return result, outcomes
+
+    result, outcomes = asyncio.run(main())
+    assert outcomes == [Outcome.COMPLETED, Outcome.COMPLETED]
+    assert [r.sites for r in result.records] == [2, 2, 2, 2]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(result.parameters["w"], 0.04, rtol=1e-6)  # type: ignore[attr-defined]
+    assert held[0] <= PER_ADDRESS + 8, held  # without the per-address cap: the cap's 64
+    # The sites' sessions were never cut: no round lost a site or needed a second attempt.
+    assert all(r.attempt == 1 and not r.dropped for r in result.records)  # type: ignore[attr-defined]
