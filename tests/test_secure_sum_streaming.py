@@ -15,10 +15,10 @@ import numpy as np
 from fedcore import load_experiment
 from fedcore.aggregation import DropReason
 from fedcore.config import Experiment
-from fedcore.engine import Coordinator, Instruction, MemoryStore, Reply, Transport
+from fedcore.engine import Coordinator, Instruction, Reply, Transport
 from fedcore.secagg.stages.messages import MaskedInput
 from fedcore.simulation.runners import make_site, site_name
-from fedcore.tasks import build_task
+from tests.test_site_replay import breast_cancer_run
 
 
 def experiment(sites: int, need: int | None = None) -> Experiment:
@@ -78,14 +78,7 @@ class Sites(Transport):
 
 
 def run(e: Experiment, transport: Sites) -> Coordinator:
-    task = build_task("breast_cancer")
-    coordinator = Coordinator(
-        experiment=e,
-        task=task,
-        transport=transport,
-        store=MemoryStore(),
-        test_data=task.test_data(seed=e.seed, partitions=e.simulation.sites),
-    )
+    coordinator = breast_cancer_run(e, transport)
     asyncio.run(coordinator.run())
     return coordinator
 

@@ -46,6 +46,18 @@ def fit(e: Experiment, site: Site, parameters: dict[str, np.ndarray], attempt: i
     return site.handle(instruction)
 
 
+def breast_cancer_run(e: Experiment, transport: Transport) -> Coordinator:
+    """A run of `breast_cancer` over `transport`, kept in memory."""
+    task = build_task("breast_cancer")
+    return Coordinator(
+        experiment=e,
+        task=task,
+        transport=transport,
+        store=MemoryStore(),
+        test_data=task.test_data(seed=e.seed, partitions=e.simulation.sites),
+    )
+
+
 def test_the_same_dp_fit_is_resent_uncharged_and_another_model_is_trained_and_charged() -> None:
     e = experiment(privacy__mode="sample", privacy__secure_rng=True)  # fresh noise: a retrain would differ
     site = make_site(e, 1, live=True)
@@ -97,14 +109,7 @@ def test_a_retried_secure_round_gets_fresh_noise_and_is_charged_and_accounted() 
         federation__min_sites=5,
     )
     transport = LiveSites(e, drops={(1, "site-5", "masked_input")})
-    task = build_task("breast_cancer")
-    coordinator = Coordinator(
-        experiment=e,
-        task=task,
-        transport=transport,
-        store=MemoryStore(),
-        test_data=task.test_data(seed=e.seed, partitions=5),
-    )
+    coordinator = breast_cancer_run(e, transport)
     result = asyncio.run(coordinator.run())
     assert result.records[0].attempt == 2 and result.records[0].sites == 5
     ledgers = {name: spent(site) for name, site in transport.sites.items()}

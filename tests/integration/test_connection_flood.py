@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -24,11 +25,16 @@ CAP, FLOOD = 64, 2000
 PER_ADDRESS, ADDRESS_FLOOD = 8, 200
 
 
-def test_an_idle_connection_flood_neither_stops_the_run_nor_exhausts_descriptors(tmp_path: Path) -> None:
+def flooded_run(
+    tmp_path: Path, limits: ServerLimits, count: int, settle: float
+) -> tuple[Any, list[object], int]:
+    """Two sites connect and start round 1; then `count` idle connections from 127.0.0.1
+    (their address). The run's result, the sites' outcomes, and how many of the flood's
+    connections the server held `settle` seconds later."""
     process = psutil.Process()
-    peak: list[int] = []
+    held: list[int] = []
 
-    async def main() -> tuple[object, list[object]]:
+    async def main() -> tuple[Any, list[object]]:
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         server = asyncio.ensure_future(
             serve(
@@ -37,7 +43,7 @@ def test_an_idle_connection_flood_neither_stops_the_run_nor_exhausts_descriptors
                 state=tmp_path / "state",
                 pki_dir=None,
                 on_listening=listening.set_result,
-                limits=ServerLimits(max_connections=CAP),
+                limits=limits,
             )
         )
         port = await listening
@@ -45,13 +51,13 @@ def test_an_idle_connection_flood_neither_stops_the_run_nor_exhausts_descriptors
         await asyncio.sleep(1.0)  # both connected and in round 1
         before = process.num_fds()
         flood = []
-        for _ in range(FLOOD):  # connect() completes in the kernel's backlog whatever the server does
+        for _ in range(count):  # connect() completes in the kernel's backlog whatever the server does
             s = socket.socket()
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", port))
             flood.append(s)
-        await asyncio.sleep(1.0)
-        peak.append(process.num_fds() - before - FLOOD)  # the server's side of the flood
+        await asyncio.sleep(settle)
+        held.append(process.num_fds() - before - count)  # the server's side of the flood
         result = await asyncio.wait_for(server, 60)
         outcomes = await asyncio.gather(*sites)
         for s in flood:
@@ -59,53 +65,27 @@ def test_an_idle_connection_flood_neither_stops_the_run_nor_exhausts_descriptors
         return result, outcomes
 
     result, outcomes = asyncio.run(main())
+    return result, outcomes, held[0]
+
+
+def test_an_idle_connection_flood_neither_stops_the_run_nor_exhausts_descriptors(tmp_path: Path) -> None:
+    limits = ServerLimits(max_connections=CAP, per_address=0)  # the total cap alone
+    result, outcomes, held = flooded_run(tmp_path, limits, FLOOD, 1.0)
     assert outcomes == [Outcome.COMPLETED, Outcome.COMPLETED]
-    assert [r.sites for r in result.records] == [2, 2, 2, 2]  # type: ignore[attr-defined]
-    np.testing.assert_allclose(result.parameters["w"], 0.04, rtol=1e-6)  # type: ignore[attr-defined]
-    assert peak[0] <= CAP + 16, peak
+    assert [r.sites for r in result.records] == [2, 2, 2, 2]
+    np.testing.assert_allclose(result.parameters["w"], 0.04, rtol=1e-6)
+    assert held <= CAP + 16, held
 
 
 def test_one_address_cannot_hold_the_cap_and_its_honest_sessions_are_kept(tmp_path: Path) -> None:
     """The flood comes from 127.0.0.1, the address the two sites' sessions come from (one
     NAT): the server keeps at most PER_ADDRESS of the flood's connections, not the cap's 64,
     and the sites finish the run exactly."""
-    process = psutil.Process()
-    held: list[int] = []
-
-    async def main() -> tuple[object, list[object]]:
-        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        server = asyncio.ensure_future(
-            serve(
-                experiment(federation__start_sites=2, federation__rounds=4),
-                listen="127.0.0.1:0",
-                state=tmp_path / "state",
-                pki_dir=None,
-                on_listening=listening.set_result,
-                limits=ServerLimits(max_connections=CAP, per_address=PER_ADDRESS),
-            )
-        )
-        port = await listening
-        sites = [asyncio.ensure_future(agent(port, f"site-{k}", SlowBench()).run()) for k in (1, 2)]
-        await asyncio.sleep(1.0)  # both connected and in round 1
-        before = process.num_fds()
-        flood = []
-        for _ in range(ADDRESS_FLOOD):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            flood.append(s)
-        await asyncio.sleep(2.0)  # the flood accepted up to the cap, and swept
-        held.append(process.num_fds() - before - ADDRESS_FLOOD)  # the server's side of the flood
-        result = await asyncio.wait_for(server, 60)
-        outcomes = await asyncio.gather(*sites)
-        for s in flood:
-            s.close()
-        return result, outcomes
-
-    result, outcomes = asyncio.run(main())
+    limits = ServerLimits(max_connections=CAP, per_address=PER_ADDRESS)
+    result, outcomes, held = flooded_run(tmp_path, limits, ADDRESS_FLOOD, 2.0)  # accepted, and swept
     assert outcomes == [Outcome.COMPLETED, Outcome.COMPLETED]
-    assert [r.sites for r in result.records] == [2, 2, 2, 2]  # type: ignore[attr-defined]
-    np.testing.assert_allclose(result.parameters["w"], 0.04, rtol=1e-6)  # type: ignore[attr-defined]
-    assert held[0] <= PER_ADDRESS + 8, held  # without the per-address cap: the cap's 64
+    assert [r.sites for r in result.records] == [2, 2, 2, 2]
+    np.testing.assert_allclose(result.parameters["w"], 0.04, rtol=1e-6)
+    assert held <= PER_ADDRESS + 8, held  # without the per-address cap: the cap's 64
     # The sites' sessions were never cut: no round lost a site or needed a second attempt.
-    assert all(r.attempt == 1 and not r.dropped for r in result.records)  # type: ignore[attr-defined]
+    assert all(r.attempt == 1 and not r.dropped for r in result.records)
