@@ -2,11 +2,13 @@
 server's connections in all (`limits.server_options`) but not per address, so one address
 could hold every place with idle or half-open connections and keep new sites out until
 each timed out. gRPC gives Python no hook at accept, so the server sweeps its own TCP
-connections (Linux: /proc/net/tcp and tcp6) twice a second: past `per_address`
-connections without a session from one address, the oldest are shut down (gRPC then closes
-them). A connection that holds a site's session is never touched and not counted: honest
-sites behind the same address as an attacker (one NAT) keep their sessions, and a site
-still in its handshake competes only with that address's other newcomers."""
+connections (Linux: /proc/net/tcp and tcp6) twice a second, whenever it has more sockets
+than sessions and one address's cap: past `per_address` connections without a session
+from one address (an IPv6 /64), those seen longest are shut down (gRPC then closes them),
+and only once an earlier sweep has seen them (a handshake under way is left to finish).
+A connection that holds a site's session is never touched and not counted: honest sites
+behind the same address as an attacker (one NAT) keep their sessions, and a site still in
+its handshake competes only with that address's other newcomers."""
 
 from __future__ import annotations
 
