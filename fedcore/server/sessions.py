@@ -28,14 +28,16 @@ class Pending:
     instruction: Instruction
 
 
+@dataclass(eq=False)
 class EncodedModel:
     """A model's payload header and chunk pieces (views into its arrays), made once for every
     site in a round; each chunk's frame is built as it is written, so the server never holds
     the model a second time. The transport keeps only a weak reference: it lives while some
     site's writer still has it to send."""
 
-    def __init__(self, source: object, header: pb.Payload, pieces: list[bytes | memoryview]) -> None:
-        self.source, self.header, self.pieces = source, header, pieces
+    source: object  # the model it was cut from
+    header: pb.Payload
+    pieces: list[bytes | memoryview]
 
 
 @dataclass(frozen=True)
